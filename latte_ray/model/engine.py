@@ -1,0 +1,249 @@
+"""The engine: one loaded LattePipeline that turns (prompt, negative prompt, seed) into uint8 frames.
+
+Why not call `LattePipeline.__call__` on a batch: with `mask_feature=True` the stock pipeline cuts text
+padding for a batch of one but attends to (zeroed) padding for larger batches, so a prompt's video would
+depend on its batch. Here every prompt is padded to the same length and its padding is masked out of
+cross-attention, which is what a batch of one computes - now with one static shape for torch.compile.
+Everything else (latents, scheduler, guidance, VAE decode, post-processing) is the pipeline's own code.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from latte_ray.model.loading import DTYPES, load_pipeline
+from latte_ray.spec import PipelineSpec
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("the pipeline spec asks for device 'cuda' but no CUDA device is visible")
+    return torch.device(device)
+
+
+@dataclass
+class TextBatch:
+    """Encoded prompts, padded to the spec's text length; `keep` is how many tokens each attends to."""
+
+    embeds: torch.Tensor  # (B, L, D)
+    negative_embeds: torch.Tensor  # (B, L, D)
+    keep: torch.Tensor  # (B,) int
+    tokens: list[int]
+    truncated: list[bool]
+
+    def to_numpy(self) -> dict[str, np.ndarray]:
+        return {
+            "prompt_embeds": self.embeds.float().cpu().numpy(),
+            "negative_prompt_embeds": self.negative_embeds.float().cpu().numpy(),
+            "keep": self.keep.cpu().numpy().astype(np.int32),
+            "prompt_tokens": np.array(self.tokens, dtype=np.int32),
+            "prompt_truncated": np.array(self.truncated, dtype=bool),
+        }
+
+    @classmethod
+    def from_numpy(cls, batch: dict[str, np.ndarray], device: torch.device, dtype: torch.dtype) -> "TextBatch":
+        return cls(
+            embeds=torch.as_tensor(np.stack(list(batch["prompt_embeds"]))).to(device, dtype),
+            negative_embeds=torch.as_tensor(np.stack(list(batch["negative_prompt_embeds"]))).to(device, dtype),
+            keep=torch.as_tensor(np.asarray(batch["keep"], dtype=np.int64)),
+            tokens=[int(t) for t in batch["prompt_tokens"]],
+            truncated=[bool(t) for t in batch["prompt_truncated"]],
+        )
+
+
+class LatteEngine:
+    """Owns one pipeline on one device: loaded, optionally compiled, warmed up, then reused."""
+
+    def __init__(
+        self,
+        spec: PipelineSpec,
+        cache_dir: str | None = None,
+        storage_options: dict | None = None,
+        with_text_encoder: bool = True,
+        with_denoiser: bool = True,
+    ):
+        self.spec = spec
+        self.sampling = spec.sampling
+        self.device = pick_device(spec.model.device)
+        self.dtype = DTYPES[spec.model.dtype]
+        started = time.perf_counter()
+        pipe = load_pipeline(
+            spec.model, cache_dir, storage_options, with_text_encoder=with_text_encoder,
+            scheduler=spec.sampling.scheduler,
+        )
+        if not with_denoiser:
+            pipe.transformer = pipe.vae = None
+        pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe
+        self.transformer = pipe.transformer
+        if with_denoiser:
+            self._check_model_shapes()
+            self._configure_denoiser()
+        self.load_seconds = time.perf_counter() - started
+
+    # ---- setup -------------------------------------------------------------------------------
+
+    def _check_model_shapes(self) -> None:
+        model_frames = self.pipe.transformer.config.video_length
+        if model_frames != self.sampling.video_length:
+            raise ValueError(
+                f"sampling.video_length is {self.sampling.video_length} but the model was trained for "
+                f"{model_frames} frames (transformer.config.video_length)"
+            )
+
+    def _configure_denoiser(self) -> None:
+        pipe, model = self.pipe, self.spec.model
+        if model.attention == "default":
+            from diffusers.models.attention_processor import AttnProcessor
+
+            pipe.transformer.set_attn_processor(AttnProcessor())
+        if model.channels_last:
+            pipe.vae.to(memory_format=torch.channels_last)
+        if model.cache is not None:
+            from latte_ray.model.acceleration import enable_cache
+
+            enable_cache(pipe, model.cache)
+        if model.compile.enabled:
+            self._compile()
+
+    def _compile(self) -> None:
+        import os
+
+        opts = self.spec.model.compile
+        if opts.cache_dir:
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", opts.cache_dir)
+        self.transformer = torch.compile(
+            self.pipe.transformer, mode=opts.mode, fullgraph=opts.fullgraph, dynamic=False
+        )
+        if opts.vae_decode:
+            self.pipe.vae.decode = torch.compile(self.pipe.vae.decode, mode=opts.mode, dynamic=False)
+        started = time.perf_counter()
+        batch = self.spec.execution.batch_size
+        self.generate(["warm-up"] * batch, [self.sampling.negative_prompt] * batch, list(range(batch)), steps=2)
+        self.warmup_seconds = time.perf_counter() - started
+        log.info("compiled and warmed up in %.1fs", self.warmup_seconds)
+
+    # ---- text --------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode_text(self, prompts: list[str], negative_prompts: list[str]) -> TextBatch:
+        """T5 embeddings of prompts and negative prompts, each padded to the same fixed length."""
+        pipe, s = self.pipe, self.sampling
+        length = s.max_sequence_length
+        prompts = pipe._text_preprocessing(list(prompts), clean_caption=s.clean_caption)
+        negatives = pipe._text_preprocessing(list(negative_prompts), clean_caption=s.clean_caption)
+        pos, pos_mask = self._t5(prompts, length)
+        neg, _ = self._t5(negatives, length)
+        full = [len(ids) for ids in pipe.tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+        keep = pos_mask.sum(dim=1).cpu() if s.mask_feature else torch.full((len(prompts),), length)
+        return TextBatch(
+            embeds=pos.to(self.dtype),
+            negative_embeds=neg.to(self.dtype),
+            keep=keep,
+            tokens=[min(n, length) for n in full],
+            truncated=[n > length for n in full],
+        )
+
+    def _t5(self, texts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.pipe.tokenizer(
+            texts, padding="max_length", max_length=length, truncation=True,
+            return_attention_mask=True, add_special_tokens=True, return_tensors="pt",
+        )
+        mask = tok.attention_mask.to(self.device)
+        hidden = self.pipe.text_encoder(tok.input_ids.to(self.device), attention_mask=mask)[0]
+        return hidden, mask
+
+    # ---- denoise + decode --------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(
+        self, prompts: list[str], negative_prompts: list[str], seeds: list[int], steps: int | None = None
+    ) -> tuple[np.ndarray, TextBatch]:
+        text = self.encode_text(prompts, negative_prompts)
+        return self.denoise(text, seeds, steps=steps), text
+
+    @torch.inference_mode()
+    def denoise(self, text: TextBatch, seeds: list[int], steps: int | None = None) -> np.ndarray:
+        """uint8 frames (B, F, H, W, 3); row i depends only on (text row i, seeds[i], spec)."""
+        pipe, s = self.pipe, self.sampling
+        n = len(seeds)
+        text, seeds = self._pad_batch(text, list(seeds))
+        batch = len(seeds)
+        cfg = s.guidance_scale > 1.0
+        embeds = torch.cat([text.negative_embeds, text.embeds]) if cfg else text.embeds
+        keep = torch.cat([text.keep, text.keep]) if cfg else text.keep
+        positions = torch.arange(embeds.shape[1])
+        bias = torch.zeros(keep.shape[0], 1, embeds.shape[1], dtype=embeds.dtype)
+        bias.masked_fill_(positions[None, None, :] >= keep[:, None, None], float("-inf"))
+        # The spatial blocks see (batch * frames) sequences; give each frame its video's mask.
+        bias = bias.repeat_interleave(s.video_length, dim=0).to(self.device)
+
+        timesteps, _ = _retrieve_timesteps(pipe.scheduler, steps or s.num_inference_steps, self.device)
+        generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+        latents = pipe.prepare_latents(
+            batch, pipe.transformer.config.in_channels, s.video_length, s.height, s.width,
+            embeds.dtype, self.device, generators,
+        )
+        extra = pipe.prepare_extra_step_kwargs(generators, s.eta)
+        learned_sigma = getattr(pipe.scheduler.config, "variance_type", None) in ("learned", "learned_range")
+        for t in timesteps:
+            pipe._current_timestep = t
+            model_input = torch.cat([latents] * 2) if cfg else latents
+            model_input = pipe.scheduler.scale_model_input(model_input, t)
+            timestep = t[None].to(self.device).expand(model_input.shape[0])
+            noise = self.transformer(
+                hidden_states=model_input,
+                encoder_hidden_states=embeds,
+                encoder_attention_mask=bias,
+                timestep=timestep,
+                enable_temporal_attentions=s.enable_temporal_attentions,
+                return_dict=False,
+            )[0]
+            if cfg:
+                uncond, cond = noise.chunk(2)
+                noise = uncond + s.guidance_scale * (cond - uncond)
+            if not learned_sigma:
+                noise = noise.chunk(2, dim=1)[0]
+            latents = pipe.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+        pipe._current_timestep = None
+        _reset_cache_state(pipe)
+
+        video = pipe.decode_latents(latents, s.video_length, decode_chunk_size=s.decode_chunk_size)
+        video = pipe.video_processor.postprocess_video(video=video, output_type="pt")  # (B, F, C, H, W) in [0, 1]
+        frames = (video * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2)
+        return frames[:n].cpu().numpy()
+
+    def _pad_batch(self, text: TextBatch, seeds: list[int]) -> tuple[TextBatch, list[int]]:
+        """Compiled graphs are built for one batch size: pad a short batch by repeating its first row."""
+        want = self.spec.execution.batch_size
+        if not self.spec.model.compile.enabled or len(seeds) >= want:
+            return text, seeds
+        extra = want - len(seeds)
+        pad = lambda x: torch.cat([x, x[:1].expand(extra, *x.shape[1:])])  # noqa: E731
+        return (
+            TextBatch(pad(text.embeds), pad(text.negative_embeds), pad(text.keep), text.tokens, text.truncated),
+            seeds + [seeds[0]] * extra,
+        )
+
+
+def _retrieve_timesteps(scheduler, steps: int, device: torch.device):
+    from diffusers.pipelines.latte.pipeline_latte import retrieve_timesteps
+
+    return retrieve_timesteps(scheduler, steps, device)
+
+
+def _reset_cache_state(pipe) -> None:
+    """Cache hooks keep per-video state; clear it so the next batch starts fresh."""
+    reset = getattr(pipe.transformer, "_reset_stateful_cache", None)
+    if reset is not None and getattr(pipe.transformer, "is_cache_enabled", False):
+        reset()

@@ -1,0 +1,175 @@
+"""A tiny random-weight LattePipeline, built entirely offline.
+
+It has the real Latte architecture (T5 text encoder, Latte 3D transformer, KL VAE, DDIM) at toy size, so the
+whole pipeline can run end to end on a CPU in well under a second per 16-frame 128x128 video. Weights are
+random but fixed by the seed, so every process builds exactly the same model; `ensure_tiny_model` saves it
+once to a node-local cache so that workers load it like any other diffusers model folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, LattePipeline, LatteTransformer3DModel
+from filelock import FileLock
+from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+TINY_MODEL_VERSION = "v1"
+
+VIDEO_LENGTH = 16
+RESOLUTION = 128
+VAE_CHANNELS = (8, 16, 16, 16)  # four blocks: a VAE scale factor of 8, so 128 px -> 16 latent px
+TEXT_DIM = 32  # T5 d_model, which is also the transformer's caption_channels
+
+
+def ensure_tiny_model(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The tiny model's folder in the cache, built on first use; safe to call from many processes at once."""
+    if cache_dir is None:
+        cache_dir = os.environ.get("LATTE_RAY_CACHE") or "~/.cache/latte-ray"
+    path = Path(cache_dir).expanduser().resolve() / f"tiny-latte-{TINY_MODEL_VERSION}"
+    if path.is_dir():  # the folder only ever appears complete (save_tiny_model renames it into place)
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.with_name(path.name + ".lock"))):
+        if not path.is_dir():  # another process may have built it while we waited
+            save_tiny_model(path)
+    return path
+
+
+def save_tiny_model(path: str | os.PathLike) -> Path:
+    """Build the tiny pipeline and save it to `path` (safetensors only), atomically."""
+    path = Path(path).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A unique sibling on the same filesystem, so the final rename is atomic. Not tempfile.mkdtemp: its
+    # 0700 mode would follow the folder into place and hide the model from other users of the node.
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    tmp.mkdir()
+    try:
+        build_tiny_pipeline().save_pretrained(tmp, safe_serialization=True)
+        if path.exists():  # os.replace cannot overwrite a non-empty folder: move the old one aside first
+            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def build_tiny_pipeline(seed: int = 0) -> LattePipeline:
+    """A random-weight LattePipeline; the same seed gives the same weights in any process."""
+    torch.manual_seed(seed)
+    tokenizer = build_tiny_tokenizer()
+    text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=TEXT_DIM,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            dropout_rate=0.0,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        block_out_channels=VAE_CHANNELS,
+        down_block_types=("DownEncoderBlock2D",) * len(VAE_CHANNELS),
+        up_block_types=("UpDecoderBlock2D",) * len(VAE_CHANNELS),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=RESOLUTION,
+        mid_block_add_attention=False,
+    )
+    vae_scale_factor = 2 ** (len(VAE_CHANNELS) - 1)
+    heads, head_dim = 2, 16
+    transformer = LatteTransformer3DModel(
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=4,
+        out_channels=8,  # Latte predicts noise and variance; the pipeline keeps the first half
+        num_layers=1,
+        cross_attention_dim=heads * head_dim,
+        attention_bias=True,
+        sample_size=RESOLUTION // vae_scale_factor,
+        patch_size=2,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        caption_channels=TEXT_DIM,
+        video_length=VIDEO_LENGTH,
+    )
+    scheduler = DDIMScheduler()
+    pipe = LattePipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# Whole words get a better score than their spelling so the Unigram model prefers them; anything else falls
+# back to single characters, so prompt lengths in tokens track their lengths in words and letters.
+_WORDS = """
+a an the and or but of in on at to from with without by for into onto over under above below between
+through across along around behind beside near far up down out off inside outside before after during
+while then than as like is are was were be been being has have had do does did will would can could
+should may might must it its this that these those there here he she they we you i me him her them us
+my your his their our who what which when where why how all some any each every many much more most
+few little other another such no not only very too so just also again still ever never always often
+one two three four five six seven eight nine ten hundred thousand first second last next new old big
+small large tiny huge long short tall high low wide narrow deep thick thin heavy light dark bright
+fast slow quick young ancient modern beautiful pretty ugly clean dirty empty full quiet loud calm wild
+hot cold warm cool wet dry soft hard smooth rough sharp round flat golden silver wooden stone glass
+red orange yellow green blue purple pink brown black white gray grey colorful vivid pale neon
+man woman boy girl child children baby person people family friend crowd dancer runner musician chef
+dog cat bird horse cow sheep fish whale dolphin shark lion tiger bear wolf fox deer rabbit panda
+monkey elephant giraffe zebra turtle frog snake butterfly bee owl eagle penguin duck chicken
+car bus train plane boat ship bike bicycle truck rocket robot drone camera phone computer book
+house home city town village street road bridge tower castle building room kitchen garden park farm
+forest jungle desert mountain hill valley river lake sea ocean beach island sky cloud clouds sun moon
+star stars rain snow storm wind fog fire smoke water ice wave waves tree trees flower flowers grass
+leaf leaves rock sand field space planet galaxy night day morning evening sunset sunrise light shadow
+walk walks walking run runs running jump jumps jumping fly flies flying swim swims swimming dance
+dances dancing sing sings singing play plays playing eat eats eating drink sit sits sitting stand
+stands standing ride rides riding drive drives driving move moves moving turn turns turning look
+looks looking watch watches watching smile smiles smiling laugh fall falls falling rise rises
+rising float floats floating glow glows glowing shine shines shining burn burns burning flow flows
+flowing spin spins spinning grow grows growing open opens close closes wave waving hold holds
+holding cook cooks cooking paint paints painting read reads reading write writes writing explore
+slowly quickly gently softly together alone toward towards away back forward camera pan zoom shot
+view scene video film movie cinematic realistic photorealistic detailed style animation cartoon
+painting drawing sketch oil watercolor portrait landscape closeup close aerial wide angle motion
+background foreground 4k hd high quality lighting golden hour dramatic soft studio time lapse slow
+"""
+_SUFFIXES = ["s", "es", "ed", "ing", "ly", "er", "est", "y", "n't", "'s"]
+_CHARS = (
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    ".,;:!?'\"-_()[]{}<>/\\|@#$%^&*+=~`"
+)
+
+
+def build_tiny_tokenizer() -> T5Tokenizer:
+    """A T5 Unigram tokenizer over a fixed vocabulary (no sentencepiece model, no download, no training)."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -20.0)]
+    pieces += [("▁" + w, -3.0) for w in _WORDS.split()]
+    pieces += [(s, -4.0) for s in _SUFFIXES]
+    pieces += [("▁" + c, -10.0) for c in _CHARS] + [(c, -10.0) for c in _CHARS]
+    # Keep the first score of a repeated piece (e.g. "▁a" is a word and a letter); dicts keep insertion
+    # order, so the ids are the same in every process.
+    scores: dict[str, float] = {}
+    for piece, score in pieces:
+        scores.setdefault(piece, score)
+    return T5Tokenizer(vocab=list(scores.items()), extra_ids=0, model_max_length=512)

@@ -1,0 +1,213 @@
+"""Specs: what to generate with (PipelineSpec) and what to run (RunSpec).
+
+Both are pydantic models with described fields; unknown keys are errors that name the key. The spec hash
+covers every field that can change a video's pixels or bytes and nothing else (batch size, concurrency and
+GPU placement are excluded: outputs are batch-invariant).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
+DEFAULT_PIPELINE = "tiny-cpu"
+TINY_SOURCE = "tiny"
+
+
+class SpecError(ValueError):
+    """A spec or input that is malformed; raised before any model is loaded."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CompileSpec(_Strict):
+    enabled: bool = Field(False, description="torch.compile the transformer once per actor, then warm up.")
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode."
+    )
+    vae_decode: bool = Field(False, description="Also compile the VAE decoder.")
+    fullgraph: bool = Field(False, description="Ask torch.compile for a single graph (errors on graph breaks).")
+    cache_dir: str | None = Field(
+        None, description="Inductor cache folder (TORCHINDUCTOR_CACHE_DIR); reuse across actors and runs."
+    )
+
+
+class CacheSpec(_Strict):
+    kind: Literal["faster_cache", "pyramid_attention_broadcast"] = Field(
+        ..., description="diffusers cache hook applied with transformer.enable_cache."
+    )
+    spatial_attention_block_skip_range: int = Field(2, ge=1, description="Reuse spatial attention every N steps.")
+    spatial_attention_timestep_skip_range: tuple[int, int] = Field(
+        (-1, 681), description="Timestep window in which attention outputs are reused."
+    )
+
+
+class ModelSpec(_Strict):
+    source: str = Field(
+        TINY_SOURCE,
+        description="'tiny' (offline random-weight model, built on first use), a hub id, a local folder, "
+        "or an fsspec URL of a save_pretrained folder (e.g. s3://bucket/models/latte-1/).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when source is a hub id.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weights and compute dtype.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks cuda when one is visible.")
+    channels_last: bool = Field(False, description="Put the VAE in channels_last memory format.")
+    attention: Literal["sdpa", "default"] = Field("sdpa", description="Attention backend.")
+    compile: CompileSpec = Field(default_factory=CompileSpec)
+    cache: CacheSpec | None = Field(None, description="Optional cache acceleration; off when null.")
+
+    @field_validator("source")
+    @classmethod
+    def _source_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("model.source must not be empty")
+        return v
+
+
+class SamplingSpec(_Strict):
+    num_inference_steps: int = Field(50, ge=1, le=1000, description="Denoising steps.")
+    guidance_scale: float = Field(7.5, ge=0.0, le=50.0, description="Classifier-free guidance scale.")
+    height: int = Field(512, ge=8, le=4096, description="Frame height in pixels (multiple of 8).")
+    width: int = Field(512, ge=8, le=4096, description="Frame width in pixels (multiple of 8).")
+    video_length: int = Field(16, ge=1, le=256, description="Frames per video; must equal the model's.")
+    negative_prompt: str = Field("", description="Default negative prompt for rows without one.")
+    scheduler: Literal["ddim", "ddpm", "dpm++", "euler", "pndm"] | None = Field(
+        None, description="Override the model's scheduler (null keeps the one it was saved with)."
+    )
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta.")
+    max_sequence_length: int = Field(120, ge=1, le=512, description="Text tokens; prompts are padded to it.")
+    mask_feature: bool = Field(True, description="Attend only to a prompt's own tokens (Latte's default).")
+    clean_caption: bool = Field(False, description="diffusers caption cleaning (needs bs4 and ftfy).")
+    decode_chunk_size: int = Field(16, ge=1, description="Frames per VAE decode call.")
+    enable_temporal_attentions: bool = Field(True, description="Latte temporal attention blocks.")
+
+    @model_validator(mode="after")
+    def _multiple_of_8(self) -> "SamplingSpec":
+        for name in ("height", "width"):
+            if getattr(self, name) % 8:
+                raise ValueError(f"sampling.{name} must be a multiple of 8, got {getattr(self, name)}")
+        return self
+
+
+class VideoSpec(_Strict):
+    fps: int = Field(8, ge=1, le=120, description="Frames per second of the mp4.")
+    codec: Literal["libx264", "libx264rgb", "libx265", "libvpx-vp9", "mpeg4"] = Field(
+        "libx264", description="Encoder; libx264rgb with crf 0 is lossless (bit-exact round trip)."
+    )
+    crf: int = Field(18, ge=0, le=63, description="Constant rate factor (0 = lossless for x264).")
+    pix_fmt: str | None = Field(None, description="Pixel format; default yuv420p, rgb24 for libx264rgb.")
+    preset: str = Field("medium", description="x264/x265 preset.")
+
+    @property
+    def resolved_pix_fmt(self) -> str:
+        if self.pix_fmt:
+            return self.pix_fmt
+        return "rgb24" if self.codec == "libx264rgb" else "yuv420p"
+
+
+class ExecutionSpec(_Strict):
+    batch_size: int = Field(1, ge=1, le=256, description="Prompts per generation call (batch-invariant).")
+    concurrency: int | tuple[int, int] = Field(
+        1, description="Generation actors: a fixed size or (min, max) for an autoscaling pool."
+    )
+    num_gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs each generation actor holds.")
+    num_cpus_per_actor: float = Field(0.25, gt=0.0, description="CPUs each generation actor holds (fractional ok).")
+    num_cpus_per_cpu_task: float = Field(0.25, gt=0.0, description="CPUs each encode/write task holds.")
+    cpu_stage_max_actors: int = Field(4, ge=1, description="Most actors in each CPU stage's autoscaling pool.")
+    text_encode_stage: bool = Field(False, description="Run T5 in its own actor stage; generators skip it.")
+    max_restarts: int = Field(-1, description="Ray restarts of a crashed actor (-1 = unlimited).")
+
+    @field_validator("concurrency")
+    @classmethod
+    def _concurrency(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        lo, hi = (v, v) if isinstance(v, int) else v
+        if lo < 1 or hi < lo:
+            raise ValueError(f"concurrency must be >= 1 or (min, max) with 1 <= min <= max, got {v}")
+        return v
+
+
+class PipelineSpec(_Strict):
+    name: str = Field("unnamed", description="Human-readable name, recorded in run.json.")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    video: VideoSpec = Field(default_factory=VideoSpec)
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
+
+    def spec_hash(self) -> str:
+        """Hash of everything that determines a video's bytes (not batch size, concurrency or placement)."""
+        payload = self.model_dump(mode="json", exclude={"name": True, "execution": True})
+        payload["model"]["compile"].pop("cache_dir", None)
+        payload["model"].pop("device", None)
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def with_overrides(self, **execution: object) -> "PipelineSpec":
+        """A copy with execution fields replaced (None values are ignored)."""
+        changes = {k: v for k, v in execution.items() if v is not None}
+        if not changes:
+            return self
+        merged = {**self.execution.model_dump(), **changes}
+        return self.model_copy(update={"execution": ExecutionSpec.model_validate(merged)})
+
+
+def resolve_pipeline_path(name_or_path: str | Path) -> Path:
+    """A spec file path, or the name of one in pipelines/ ('tiny-cpu' -> pipelines/tiny-cpu.yaml)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = PIPELINES_DIR / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    known = sorted(p.stem for p in PIPELINES_DIR.glob("*.yaml"))
+    raise SpecError(f"pipeline spec {str(name_or_path)!r} not found (a .yaml path or one of {known})")
+
+
+def load_pipeline_spec(name_or_path: str | Path = DEFAULT_PIPELINE) -> PipelineSpec:
+    path = resolve_pipeline_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from e
+    return parse_pipeline_spec(raw, origin=str(path))
+
+
+def parse_pipeline_spec(raw: object, origin: str = "spec") -> PipelineSpec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{origin}: a pipeline spec must be a mapping, got {type(raw).__name__}")
+    try:
+        return PipelineSpec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(f"{origin}: invalid pipeline spec:\n{_format_errors(e)}") from None
+
+
+def _format_errors(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(root)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"  - {field}: {msg}")
+    return "\n".join(lines)
+
+
+class RunSpec(_Strict):
+    """One run: which prompts, which pipeline, where the outputs go."""
+
+    pipeline: PipelineSpec
+    prompts: list[str] = Field(..., min_length=1, description="Prompt table URLs: files, folders or globs.")
+    output: str = Field(..., description="Output prefix (fsspec URL or local path).")
+    storage_options: dict[str, str] = Field(
+        default_factory=dict, description="fsspec options (endpoint_url, key, secret, ...); never recorded."
+    )
+    seed: int = Field(0, ge=0, description="Run seed; rows without a seed derive theirs from it and their id.")
+    resume: bool = Field(True, description="Skip ids that already have an ok manifest row.")
+    retry_errors: bool = Field(True, description="On resume, generate ids whose last row is an error again.")
+    limit: int | None = Field(None, ge=1, description="Generate at most this many rows (for smoke tests).")
+    cache_dir: str | None = Field(None, description="Node-local cache for models (default ~/.cache/latte-ray).")

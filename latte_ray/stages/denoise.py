@@ -1,0 +1,86 @@
+"""Denoise stage (GPU actors): each actor loads one engine in __init__, then turns batches into frames.
+
+It only generates: frames leave as raw uint8 bytes for the CPU encode stage. A batch that raises is
+retried one row at a time, so one bad prompt becomes one error row and its neighbours still finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+
+from latte_ray.spec import PipelineSpec
+
+log = logging.getLogger(__name__)
+
+
+class DenoiseStage:
+    def __init__(self, spec_json: str, cache_dir: str | None = None, storage_options: dict | None = None):
+        from latte_ray.model.engine import LatteEngine
+
+        self.spec = PipelineSpec.model_validate_json(spec_json)
+        self.text_encoded = self.spec.execution.text_encode_stage
+        self.engine = LatteEngine(
+            self.spec, cache_dir=cache_dir, storage_options=storage_options, with_text_encoder=not self.text_encoded
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["id"])
+        s = self.spec.sampling
+        out = {k: v for k, v in batch.items() if k not in ("prompt_embeds", "negative_prompt_embeds", "keep")}
+        out["frames"] = np.array([b""] * n, dtype=object)
+        out.setdefault("prompt_tokens", np.zeros(n, dtype=np.int32))
+        out.setdefault("prompt_truncated", np.zeros(n, dtype=bool))
+        out["started_at"] = np.full(n, _now(), dtype="datetime64[us]")
+        out["generate_seconds"] = np.zeros(n, dtype=np.float64)
+        out["status"] = np.array(batch["status"], dtype=object)
+        out["error"] = np.array(batch["error"], dtype=object)
+
+        todo = [i for i in range(n) if out["status"][i] == "pending"]
+        groups = [todo] if todo else []
+        while groups:
+            rows = groups.pop(0)
+            started = time.perf_counter()
+            try:
+                frames, tokens, truncated = self._generate(batch, rows)
+            except Exception as e:  # noqa: BLE001 - any failure becomes data, not a crashed run
+                if len(rows) > 1:
+                    groups = [[i] for i in rows] + groups
+                    continue
+                out["status"][rows[0]] = "error"
+                out["error"][rows[0]] = f"generation failed: {type(e).__name__}: {e}"[:2000]
+                log.warning("row %s failed: %s", batch["id"][rows[0]], e)
+                continue
+            per_video = (time.perf_counter() - started) / len(rows)
+            for j, i in enumerate(rows):
+                out["frames"][i] = frames[j].tobytes()
+                out["prompt_tokens"][i] = tokens[j]
+                out["prompt_truncated"][i] = truncated[j]
+                out["generate_seconds"][i] = per_video
+                out["status"][i] = "generated"
+        out["num_frames"] = np.full(n, s.video_length, dtype=np.int32)
+        out["height"] = np.full(n, s.height, dtype=np.int32)
+        out["width"] = np.full(n, s.width, dtype=np.int32)
+        return out
+
+    def _generate(self, batch: dict[str, np.ndarray], rows: list[int]):
+        seeds = [int(batch["seed"][i]) for i in rows]
+        if self.text_encoded:
+            from latte_ray.model.engine import TextBatch
+
+            sub = {k: batch[k][rows] for k in ("prompt_embeds", "negative_prompt_embeds", "keep",
+                                                "prompt_tokens", "prompt_truncated")}
+            text = TextBatch.from_numpy(sub, self.engine.device, self.engine.dtype)
+            frames = self.engine.denoise(text, seeds)
+        else:
+            prompts = [str(batch["prompt"][i]) for i in rows]
+            negatives = [str(batch["negative_prompt"][i]) for i in rows]
+            frames, text = self.engine.generate(prompts, negatives, seeds)
+        return frames, text.tokens, text.truncated
+
+
+def _now() -> np.datetime64:
+    return np.datetime64(datetime.now(timezone.utc).replace(tzinfo=None), "us")
