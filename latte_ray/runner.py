@@ -137,7 +137,7 @@ def build_plan(run: RunSpec, in_fs, files: list[str], skip_ids):
     cpu_pool = ray.data.ActorPoolStrategy(min_size=1, max_size=ex.cpu_stage_max_actors)
     ds = ray.data.read_parquet(
         files, filesystem=_arrow_filesystem(in_fs), include_paths=True,
-        ray_remote_args={"num_cpus": ex.num_cpus_per_cpu_task},
+        num_cpus=ex.num_cpus_per_cpu_task,
     )
     ds = ds.map_batches(
         PrepareStage,

@@ -1,0 +1,98 @@
+"""The command line: help everywhere, the two-command demo, fail-fast errors, error rows."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import click
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from latte_ray import runner
+from latte_ray.cli import app
+from latte_ray.spec import RunSpec, load_pipeline_spec
+from latte_ray.storage import OutputLayout, filesystem, latest_rows, read_manifest
+from tests.conftest import REPO, write_prompts
+
+CLI = [sys.executable, "-m", "latte_ray.cli"]
+
+
+def test_every_command_and_option_has_help():
+    group = typer.main.get_command(app)
+    assert {"run", "tiny-model"} <= set(group.commands)
+    for name, command in group.commands.items():
+        assert command.help, f"command {name} has no help"
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert param.help, f"{name} {param.opts} has no help"
+        result = CliRunner().invoke(app, [name, "--help"])
+        assert result.exit_code == 0, result.output
+
+
+def test_demo_runs_with_no_arguments(tmp_path, model_cache):
+    """`latte-ray run` alone: the embedded default on the shipped example table into ./outputs/demo."""
+    env = {**os.environ, "LATTE_RAY_CACHE": str(model_cache), "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(CLI + ["run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "6 ok, 0 error" in proc.stdout
+    assert "outputs/demo/videos/" in proc.stdout and "outputs/demo/manifest/" in proc.stdout
+    videos = sorted((tmp_path / "outputs" / "demo" / "videos").rglob("*.mp4"))
+    assert len(videos) == 6 and all(v.stat().st_size > 1000 for v in videos)
+    assert (tmp_path / "outputs" / "demo" / "run.json").exists()
+
+
+@pytest.mark.parametrize(
+    "columns, message",
+    [
+        ({"text": ["a cat"]}, "no 'prompt' column"),
+        ({"prompt": [1, 2]}, "column 'prompt' has type int64"),
+        (None, "not a readable Parquet file"),
+    ],
+)
+def test_malformed_tables_fail_before_any_model_loads(tmp_path, columns, message):
+    table = tmp_path / "prompts.parquet"
+    if columns is None:
+        table.write_text("not parquet at all")
+    else:
+        write_prompts(table, columns)
+    empty_cache = tmp_path / "cache"
+    empty_cache.mkdir()
+    env = {**os.environ, "LATTE_RAY_CACHE": str(empty_cache), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(CLI + ["run", "--prompts", str(table), "--output", str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr and str(table) in proc.stderr
+    assert list(empty_cache.iterdir()) == [], "a model was built or loaded for a malformed table"
+
+
+def test_invalid_spec_fails_naming_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nmodel:\n  source: tiny\n  compile: {enabled: true, mod: fast}\n")
+    result = CliRunner().invoke(app, ["run", "--pipeline", str(bad), "--output", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "model.compile.mod: unknown key" in result.output
+
+
+def test_bad_rows_become_error_rows_and_the_rest_completes(tmp_path, ray_local):
+    table = write_prompts(tmp_path / "p.parquet", {
+        "id": ["good", "null", "empty", "blank"],
+        "prompt": pa.array(["a red balloon", None, "", "   \t"], pa.string()),
+    })
+    spec = load_pipeline_spec("tiny-cpu")
+    spec = spec.model_copy(update={"sampling": spec.sampling.model_copy(update={"num_inference_steps": 2})})
+    out = tmp_path / "out"
+    summary = runner.run(RunSpec(pipeline=spec, prompts=[str(table)], output=str(out)))
+    assert (summary.ok, summary.error) == (1, 3)
+    fs, root = filesystem(str(out))
+    rows = {r["id"]: r for r in latest_rows(read_manifest(fs, OutputLayout(str(out), root))).to_pylist()}
+    assert rows["good"]["status"] == "ok" and Path(rows["good"]["video_uri"]).exists()
+    assert rows["null"]["status"] == "error" and "prompt is null" in rows["null"]["error"]
+    assert "prompt is empty" in rows["empty"]["error"] and "prompt is empty" in rows["blank"]["error"]
+    assert all("p.parquet" in rows[k]["error"] and f"id={k}" in rows[k]["error"] for k in ("null", "empty", "blank"))
+    assert not any(rows[k]["video_uri"] for k in ("null", "empty", "blank"))
