@@ -76,6 +76,8 @@ def run(
     retry_errors: bool = RetryOpt,
     limit: Optional[int] = LimitOpt,
     cache_dir: Optional[str] = CacheOpt,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the tables, count new vs already-done rows and estimate GPU-hours and wall time; load no model, start no Ray, write nothing."),
+    gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="With --dry-run: GPUs to estimate wall time for (generation actors for a CPU spec). Default 1."),
 ) -> None:
     """Generate one mp4 per prompt and a Parquet manifest. With no options: the tiny demo into ./outputs/demo."""
     from latte_ray import runner
@@ -83,6 +85,11 @@ def run(
     try:
         spec = build_run_spec(pipeline, prompts or [str(EXAMPLE_PROMPTS)], output, storage_option, batch_size,
                               concurrency, seed, resume, retry_errors, limit, cache_dir)
+        if dry_run:
+            from latte_ray.dryrun import plan
+
+            typer.echo("\n".join(plan(spec, gpus).lines()))
+            return
         summary = runner.run(spec)
     except SpecError as e:
         _fail(e)
@@ -93,6 +100,126 @@ def run(
     typer.echo(f"manifest: {output.rstrip('/')}/manifest/*.parquet")
     if summary.error and not summary.ok:
         raise typer.Exit(1)
+
+
+@app.command()
+def synth(
+    recipe: str = typer.Option(..., "--recipe", help="Recipe YAML (local path or fsspec URL): prompt templates x attribute lists; see pipelines/synth-example.yaml."),
+    output: str = typer.Option(..., "--output", "-o", help="Dataset prefix (local folder or fsspec URL): prompts/, videos/, manifest/, dataset/ go under it."),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help="Override the recipe's pipeline spec (a YAML path or a name in pipelines/)."),
+    storage_option: Optional[list[str]] = StorageOpt,
+    min_motion: Optional[float] = typer.Option(None, "--min-motion", min=0.0, help="Export only videos whose motion_score (mean frame-to-frame change, 0-1) is at least this."),
+    drop_blank: Optional[bool] = typer.Option(None, "--drop-blank/--keep-blank", help="Leave videos with any blank (near-uniform) frame out of the export (default: the recipe's export.drop_blank)."),
+    export_only: bool = typer.Option(False, "--export-only", help="Skip generation; re-export what the output already holds (e.g. with other filters)."),
+    cache_dir: Optional[str] = CacheOpt,
+) -> None:
+    """Build a synthetic video dataset: expand the recipe, generate (resumable), export WebDataset shards + a Parquet index."""
+    from latte_ray.synth import synthesize
+
+    try:
+        summary = synthesize(recipe, output, pipeline=pipeline, storage_options=parse_storage_options(storage_option),
+                             min_motion=min_motion, drop_blank=drop_blank, cache_dir=cache_dir,
+                             generate=not export_only)
+    except SpecError as e:
+        _fail(e)
+    typer.echo("\n".join(summary.lines()))
+    if summary.run is not None and summary.run.error and not summary.run.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    output: str = typer.Argument(..., help="A run's output prefix (local folder or fsspec URL)."),
+    dest: Optional[str] = typer.Option(None, "--dest", help="Where to write index.html and its PNGs (default OUTPUT/report/)."),
+    storage_option: Optional[list[str]] = StorageOpt,
+    samples: int = typer.Option(12, "--samples", min=1, help="Videos on the contact sheet (evenly spaced by id)."),
+) -> None:
+    """Write an HTML report of a run: counts, throughput over time, errors, and a contact sheet."""
+    from latte_ray.report import write_report
+
+    try:
+        result = write_report(output, parse_storage_options(storage_option), dest=dest, samples=samples)
+    except SpecError as e:
+        _fail(e)
+    c = result.counts
+    typer.echo(f"report: {c['ok']} ok, {c['error']} error of {c['prompts']} prompts -> {result.url}")
+
+
+@app.command()
+def backfill(
+    pipeline: str = PipelineOpt,
+    prompts: list[str] = typer.Option(..., "--prompts", help="Input tables: Parquet files, folders or globs, e.g. 's3://bucket/prompts/date=2026-11-*/' (repeatable)."),
+    output: str = typer.Option(..., "--output", "-o", help="Output prefix shared by every backfill over these inputs (local folder or fsspec URL)."),
+    storage_option: Optional[list[str]] = StorageOpt,
+    batch_size: Optional[int] = BatchOpt,
+    concurrency: Optional[str] = ConcurrencyOpt,
+    seed: int = SeedOpt,
+    retry_errors: bool = RetryOpt,
+    limit: Optional[int] = LimitOpt,
+    cache_dir: Optional[str] = CacheOpt,
+) -> None:
+    """Generate every row of the input tables that lacks an ok row in OUTPUT; a second backfill does nothing.
+
+    The same operation as `run` with resume forced on, over a set of tables (e.g. every date partition so
+    far): duplicates across tables are generated once, and when nothing is left no model is loaded.
+    """
+    from latte_ray import runner
+
+    try:
+        spec = build_run_spec(pipeline, prompts, output, storage_option, batch_size, concurrency, seed, True,
+                              retry_errors, limit, cache_dir)
+        summary = runner.run(spec)
+    except SpecError as e:
+        _fail(e)
+    if summary.ok == 0 and summary.error == 0:
+        typer.echo(f"backfill: nothing to do ({summary.skipped_done} rows already done) -> {output}")
+        return
+    typer.echo(summary.line())
+    for err in summary.errors[:5]:
+        typer.echo(f"  error: {err}")
+    if summary.error and not summary.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    output: str = typer.Argument(..., help="A run's output prefix (local folder or fsspec URL)."),
+    prompts: Optional[list[str]] = typer.Option(None, "--prompts", help="Input tables to count pending ids against (files, folders or globs; repeatable)."),
+    storage_option: Optional[list[str]] = StorageOpt,
+    seed: Optional[int] = typer.Option(None, "--seed", help="The run seed (ids of rows without an id column depend on it); default: the one in OUTPUT/run.json."),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help="The run's pipeline spec (its default negative prompt enters derived ids); default: the one in OUTPUT/run.json."),
+    top: int = typer.Option(5, "--top", min=0, help="How many of the most common errors to list."),
+    as_json: bool = typer.Option(False, "--json", help="Print the status as one JSON object."),
+) -> None:
+    """ok / error / pending counts (per id, against the input with --prompts), the most common errors and throughput so far."""
+    import json
+
+    from latte_ray.status import status as output_status
+
+    try:
+        options = parse_storage_options(storage_option)
+        negative, run_seed = _run_defaults(output, options, pipeline, seed) if prompts else ("", 0)
+        result = output_status(output, options, prompts=prompts, run_seed=run_seed, default_negative=negative,
+                               top=top)
+    except SpecError as e:
+        _fail(e)
+    typer.echo(json.dumps(result.as_dict(), indent=2) if as_json else "\n".join(result.lines()))
+
+
+def _run_defaults(output: str, options: dict, pipeline: str | None, seed: int | None) -> tuple[str, int]:
+    """The default negative prompt and run seed a run used (both enter derived ids): given, or run.json's."""
+    import json
+
+    from latte_ray.storage import OutputLayout, filesystem
+
+    fs, root = filesystem(output, options)
+    try:
+        record = json.loads(fs.cat_file(OutputLayout(url=output.rstrip("/"), root=root.rstrip("/")).run_json))
+    except FileNotFoundError:
+        record = {}
+    negative = (load_pipeline_spec(pipeline).sampling.negative_prompt if pipeline
+                else record.get("pipeline", {}).get("sampling", {}).get("negative_prompt", ""))
+    return negative, seed if seed is not None else int(record.get("seed", 0))
 
 
 @app.command("tiny-model")

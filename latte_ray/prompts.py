@@ -73,7 +73,8 @@ def _parquet_in(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
 
 
 def check_prompt_schema(fs: fsspec.AbstractFileSystem, files: list[str]) -> pa.Schema:
-    """Read every file's footer; fail naming the file and field if any table is malformed."""
+    """Read every file's footer; fail naming the file and field if any table is malformed. Returns the
+    tables' unified schema."""
 
     def schema_of(path: str) -> pa.Schema:
         try:
@@ -86,13 +87,18 @@ def check_prompt_schema(fs: fsspec.AbstractFileSystem, files: list[str]) -> pa.S
         for name, (checks, wanted) in _COLUMN_RULES.items():
             if name in schema.names:
                 typ = schema.field(name).type
+                if pa.types.is_dictionary(typ):  # e.g. pandas categoricals: judge the values
+                    typ = typ.value_type
                 if not (pa.types.is_null(typ) or any(check(typ) for check in checks)):
                     raise SpecError(f"prompts: {path!r} column {name!r} has type {typ}; expected {wanted}")
         return schema
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         schemas = list(pool.map(schema_of, files))
-    return schemas[0]
+    try:  # Ray Data reads all tables as one dataset: their columns must be compatible
+        return pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise SpecError(f"prompts: the tables' schemas conflict: {e}") from e
 
 
 def derive_id(prompt: str, negative_prompt: str, seed: int | None, run_seed: int) -> str:

@@ -13,12 +13,13 @@ import json
 import logging
 import platform
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 
 from latte_ray.prompts import check_prompt_schema, resolve_prompt_files
-from latte_ray.spec import RunSpec
+from latte_ray.spec import RunSpec, SpecError
 from latte_ray.storage import OutputLayout, filesystem, is_local, read_manifest, write_atomic
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class RunSummary:
     ok: int = 0
     error: int = 0
     skipped_done: int = 0
+    duplicates: int = 0  # extra copies of identical input rows, generated once
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
 
@@ -41,7 +43,8 @@ class RunSummary:
 
     def line(self) -> str:
         return (
-            f"latte-ray: {self.ok} ok, {self.error} error, {self.skipped_done} already done; "
+            f"latte-ray: {self.ok} ok, {self.error} error, {self.skipped_done} already done"
+            f"{f', {self.duplicates} duplicate rows skipped' if self.duplicates else ''}; "
             f"{self.seconds:.1f}s ({self.videos_per_second:.2f} videos/s) -> {self.output}"
         )
 
@@ -79,9 +82,20 @@ def run_record(run: RunSpec, files: list[str], started: datetime) -> dict:
 def done_ids(run: RunSpec, layout: OutputLayout, out_fs) -> "object":
     """Ids to skip on resume: those with an ok row, plus errored ids unless errors are retried.
 
-    Resume is an anti-join against our own manifest rather than Ray Data's CheckpointConfig: the manifest
-    is already the commit record (it must exist for correctness), so a second checkpoint store could only
-    disagree with it; and the manifest also answers `status` and reports without Ray.
+    Resume is an anti-join against our own manifest, not Ray Data's `CheckpointConfig`. What Ray 2.60's
+    `ray.data.checkpoint` offers (read in ray/data/checkpoint and ray/data/_internal/planner/planner.py):
+    - it is only honoured when the plan ends in a `Write` (ds.write_*) or `streaming_split`; our plan ends
+      in map_batches iterated by the driver, so the planner would warn and silently disable it;
+    - it filters at the read, on an id column of the input, but our ids are often derived in the prepare
+      stage (hash of prompt, negative prompt and seed), so there is no input column to filter on;
+    - it keeps its own checkpoint files (deleted on success by default) next to the manifest, which must
+      exist anyway as the commit record: two records of "done" can only disagree, and "done" is not even
+      the same thing (a row that ended in an error row is finished for Ray but retried by us);
+    - it loads every checkpointed id into one block and sorts it as a numpy array of strings, which is
+      what we do too, more compactly.
+    The run itself uses the key form of this set (`workplan.done_keys`: 128-bit keys, 16 bytes per id,
+    built in a Ray task so the driver never holds it, and looked up by binary search); this string form
+    serves `run --dry-run`. Measured with benchmarks/resume_scale.py (see the README).
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -123,8 +137,20 @@ def _arrow_filesystem(fs):
     return PyFileSystem(FSSpecHandler(fs))
 
 
-def build_plan(run: RunSpec, in_fs, files: list[str], skip_ids):
-    """The Ray Data dataset whose rows are the manifest rows of this run."""
+def read_input(run: RunSpec, in_fs, files: list[str]):
+    """The input tables as a Ray Data dataset, with each row's file and a deterministic row hash (the
+    pre-pass and the main pass read through this one function so that their row hashes agree)."""
+    import ray
+
+    return ray.data.read_parquet(
+        files, filesystem=_arrow_filesystem(in_fs), include_paths=True, include_row_hash=True,
+        num_cpus=run.pipeline.execution.num_cpus_per_cpu_task,
+    )
+
+
+def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = ""):
+    """The Ray Data dataset whose rows are the manifest rows of this run (`work`: a workplan.WorkPlan;
+    when none of its rows needs a model, only error rows are written and no generation actor starts)."""
     import ray
     import pyarrow.parquet as pq  # noqa: F401  (pyarrow must be importable on workers)
 
@@ -135,14 +161,12 @@ def build_plan(run: RunSpec, in_fs, files: list[str], skip_ids):
     spec_json = spec.model_dump_json()
     # CPU stages are small autoscaling actor pools: encoders and writers keep their state between batches.
     cpu_pool = ray.data.ActorPoolStrategy(min_size=1, max_size=ex.cpu_stage_max_actors)
-    ds = ray.data.read_parquet(
-        files, filesystem=_arrow_filesystem(in_fs), include_paths=True,
-        num_cpus=ex.num_cpus_per_cpu_task,
-    )
+    ds = read_input(run, in_fs, files)
     ds = ds.map_batches(
         PrepareStage,
         fn_constructor_kwargs={
-            "default_negative": spec.sampling.negative_prompt, "run_seed": run.seed, "skip_ids": skip_ids,
+            "default_negative": spec.sampling.negative_prompt, "run_seed": run.seed,
+            **(work.refs if work is not None else {}),
         },
         batch_format="pyarrow",
         compute=cpu_pool,
@@ -150,6 +174,13 @@ def build_plan(run: RunSpec, in_fs, files: list[str], skip_ids):
     )
     if run.limit:
         ds = ds.limit(run.limit)
+    if work is not None and not work.generate:
+        return ds.map_batches(
+            WriteStage,
+            fn_constructor_kwargs={"output_url": run.output, "spec_json": spec_json,
+                                   "storage_options": run.storage_options, "run_id": run_id},
+            batch_format="numpy", compute=cpu_pool, num_cpus=ex.num_cpus_per_cpu_task,
+        )
     # Small blocks, one generation batch each, so every actor in the pool gets work.
     ds = ds.repartition(target_num_rows_per_block=ex.batch_size)
     if ex.text_encode_stage:
@@ -184,7 +215,7 @@ def build_plan(run: RunSpec, in_fs, files: list[str], skip_ids):
     ds = ds.map_batches(
         WriteStage,
         fn_constructor_kwargs={"output_url": run.output, "spec_json": spec_json,
-                               "storage_options": run.storage_options},
+                               "storage_options": run.storage_options, "run_id": run_id},
         batch_format="numpy", compute=cpu_pool, num_cpus=ex.num_cpus_per_cpu_task,
     )
     return ds
@@ -197,15 +228,24 @@ def run(run: RunSpec) -> RunSummary:
     check_prompt_schema(in_fs, files)
     out_fs, root = filesystem(run.output, run.storage_options)
     layout = OutputLayout(url=run.output.rstrip("/"), root=root.rstrip("/"))
-    skip = done_ids(run, layout, out_fs) if run.resume else None
-    write_atomic(out_fs, layout.run_json, json.dumps(run_record(run, files, started_wall), indent=2).encode())
+    record = json.dumps(run_record(run, files, started_wall), indent=2).encode()
+    try:
+        write_atomic(out_fs, layout.run_json, record)
+    except Exception as e:  # noqa: BLE001 - an unusable output fails before any work, naming the URL
+        raise SpecError(f"output: cannot write {layout.url}/run.json: {type(e).__name__}: {e}") from e
 
     init_ray()
-    import ray
+    from latte_ray.workplan import plan_work
 
-    skip_ref = ray.put(skip) if skip is not None and len(skip) else None
-    ds = build_plan(run, in_fs, files, skip_ref)
-    summary = RunSummary(output=run.output, skipped_done=len(skip) if skip is not None else 0)
+    # Pre-pass: global dedupe and resume, decided before any actor starts (see workplan.py).
+    work = plan_work(run, in_fs, files, lambda subset: read_input(run, in_fs, subset))
+    summary = RunSummary(output=run.output, skipped_done=work.done, duplicates=work.duplicates)
+    if work.todo == 0:
+        summary.seconds = time.perf_counter() - started
+        log.info("nothing to do: %s", work.line())
+        return summary
+    run_id = f"{started_wall:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    ds = build_plan(run, in_fs, files, work, run_id)
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
         for status, error in zip(batch["status"].to_pylist(), batch["error"].to_pylist()):
             if status == "ok":

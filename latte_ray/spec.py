@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
 DEFAULT_PIPELINE = "tiny-cpu"
 TINY_SOURCE = "tiny"
+NULL_SOURCE = "null"  # benchmark tool: an engine that returns frames instantly (latte_ray/model/null.py)
 
 
 class SpecError(ValueError):
@@ -38,6 +39,10 @@ class CompileSpec(_Strict):
     cache_dir: str | None = Field(
         None, description="Inductor cache folder (TORCHINDUCTOR_CACHE_DIR); reuse across actors and runs."
     )
+    backend: Literal["inductor", "aot_eager", "eager"] = Field(
+        "inductor", description="torch.compile backend; 'eager'/'aot_eager' trace with dynamo but generate no "
+        "kernels (for checking graphs and recompiles cheaply)."
+    )
 
 
 class CacheSpec(_Strict):
@@ -48,13 +53,17 @@ class CacheSpec(_Strict):
     spatial_attention_timestep_skip_range: tuple[int, int] = Field(
         (-1, 681), description="Timestep window in which attention outputs are reused."
     )
+    attention_weight: float = Field(
+        0.5, ge=0.0, le=1.0, description="faster_cache only: weight of the extrapolated attention output."
+    )
 
 
 class ModelSpec(_Strict):
     source: str = Field(
         TINY_SOURCE,
         description="'tiny' (offline random-weight model, built on first use), a hub id, a local folder, "
-        "or an fsspec URL of a save_pretrained folder (e.g. s3://bucket/models/latte-1/).",
+        "or an fsspec URL of a save_pretrained folder (e.g. s3://bucket/models/latte-1/). 'null' is a "
+        "benchmark tool: no model, frames returned instantly, to measure the data plane alone.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when source is a hub id.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weights and compute dtype.")
@@ -124,6 +133,10 @@ class ExecutionSpec(_Strict):
     cpu_stage_max_actors: int = Field(4, ge=1, description="Most actors in each CPU stage's autoscaling pool.")
     text_encode_stage: bool = Field(False, description="Run T5 in its own actor stage; generators skip it.")
     max_restarts: int = Field(-1, description="Ray restarts of a crashed actor (-1 = unlimited).")
+    seconds_per_video: float | None = Field(
+        None, gt=0, description="Seconds one actor takes per video on its device, for `run --dry-run` "
+        "estimates (null: estimate from the output's manifest when it has finished videos).",
+    )
 
     @field_validator("concurrency")
     @classmethod

@@ -12,6 +12,7 @@ manifest part that records it. A video without a manifest row does not count and
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import os
 import uuid
@@ -22,6 +23,9 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
+
+from latte_ray import faults
+from latte_ray.spec import SpecError
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -42,6 +46,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("guidance_scale", pa.float64()),
         ("spec_hash", pa.string()),
         ("model", pa.string()),
+        ("cache", pa.string()),  # cache acceleration kind (faster_cache, ...), null when off
         ("prompt_tokens", pa.int32()),
         ("prompt_truncated", pa.bool_()),
         ("started_at", pa.timestamp("us", tz="UTC")),
@@ -54,19 +59,72 @@ MANIFEST_SCHEMA = pa.schema(
     ]
 )
 
-_SECRET_OPTION_KEYS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key"}
+_SECRET_OPTION_KEYS = {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
+                       "aws_session_token"}
 
 
 def storage_options_for(url: str, options: dict | None = None) -> dict:
-    """fsspec options for a URL: explicit options win, then the standard AWS environment for s3://."""
+    """fsspec options for a URL: explicit options win, then the standard AWS environment for s3://.
+
+    For s3:// the endpoint comes from `endpoint_url` or AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, the region
+    from `region` or AWS_REGION (botocore itself reads only AWS_DEFAULT_REGION), and `aws_access_key_id`-style
+    names are accepted for s3fs's key/secret/token. Credentials that are not given are left to botocore's own
+    chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, instance and pod roles). String values, as
+    `--storage-option key=value` gives them, are converted to the type of the filesystem's own default
+    (anon=true -> True, max_concurrency=8 -> 8).
+    """
     opts = dict(options or {})
-    if url.startswith(("s3://", "s3a://")):
-        endpoint = opts.pop("endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-            "AWS_ENDPOINT_URL"
+    protocol = fsspec.utils.get_protocol(url)
+    if protocol in ("s3", "s3a"):
+        for alias, name in _S3_ALIASES.items():
+            if alias in opts:
+                opts.setdefault(name, opts.pop(alias))
+        client = dict(opts.pop("client_kwargs", None) or {})
+        endpoint = (
+            opts.pop("endpoint_url", None)
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
         )
         if endpoint:
-            opts["client_kwargs"] = {**opts.get("client_kwargs", {}), "endpoint_url": endpoint}
-    return opts
+            client["endpoint_url"] = endpoint
+        region = opts.pop("region", None)
+        if not region and not os.environ.get("AWS_DEFAULT_REGION"):
+            region = os.environ.get("AWS_REGION")
+        if region:
+            client["region_name"] = region
+        if client:
+            opts["client_kwargs"] = client
+    return _typed_options(protocol, opts)
+
+
+_S3_ALIASES = {"aws_access_key_id": "key", "aws_secret_access_key": "secret", "aws_session_token": "token",
+               "region_name": "region"}
+
+
+def _typed_options(protocol: str, opts: dict) -> dict:
+    try:
+        params = inspect.signature(fsspec.get_filesystem_class(protocol).__init__).parameters
+    except (ValueError, ImportError):
+        return opts
+    typed = {}
+    for key, value in opts.items():
+        default = params[key].default if key in params else None
+        if isinstance(value, str) and isinstance(default, (bool, int)):
+            try:
+                value = _parse_bool(value) if isinstance(default, bool) else int(value)
+            except ValueError:
+                raise SpecError(f"storage option {key!r}: expected {type(default).__name__}, got {value!r}") from None
+        typed[key] = value
+    return typed
+
+
+def _parse_bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
 
 
 def redact_options(options: dict | None) -> dict:
@@ -122,12 +180,17 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     Object stores publish an object only when its PUT (or multipart upload) completes. On local disk
     the bytes go to a temp name in the same folder, are fsynced, and are renamed into place.
     """
+    faults.point("write", path)
     parent = path.rsplit("/", 1)[0]
     if is_local(fs):
         os.makedirs(parent, exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         with open(tmp, "wb") as f:
-            f.write(data)
+            half = len(data) // 2
+            f.write(data[:half])
+            f.flush()
+            faults.point("mid_write", path)
+            f.write(data[half:])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -145,8 +208,12 @@ def manifest_part_bytes(rows: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def write_manifest_part(fs: fsspec.AbstractFileSystem, layout: OutputLayout, rows: pa.Table) -> str:
-    path = f"{layout.manifest_dir}/part-{uuid.uuid4().hex}.parquet"
+def write_manifest_part(
+    fs: fsspec.AbstractFileSystem, layout: OutputLayout, rows: pa.Table, name: str | None = None
+) -> str:
+    """Write one manifest part. A retried batch passes the same `name`, so it replaces its part instead
+    of adding a second copy of its rows."""
+    path = f"{layout.manifest_dir}/part-{name or uuid.uuid4().hex}.parquet"
     write_atomic(fs, path, manifest_part_bytes(rows))
     return path
 
@@ -166,7 +233,13 @@ def read_manifest(
     tables = []
     for path in manifest_files(fs, layout):
         with fs.open(path, "rb") as f:
-            tables.append(pq.read_table(f, columns=cols).cast(schema))
+            part = pq.ParquetFile(f)
+            present = [c for c in cols if c in part.schema_arrow.names]
+            table = part.read(columns=present)
+        for c in cols:  # a column added after this part was written reads as nulls
+            if c not in present:
+                table = table.append_column(schema.field(c), pa.nulls(table.num_rows, schema.field(c).type))
+        tables.append(table.select(cols).cast(schema))
     if not tables:
         return schema.empty_table()
     return pa.concat_tables(tables)

@@ -24,13 +24,23 @@ def model_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local(model_cache):
+def faults_file(tmp_path_factory) -> Path:
+    """A fault-rules file every Ray worker of the session reads (latte_ray/faults.py); empty = no faults.
+    Tests write rules into it (the `faults` fixture in test_resume.py) and clear it afterwards."""
+    path = tmp_path_factory.mktemp("faults") / "rules.txt"
+    path.write_text("")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_local(model_cache, faults_file):
     """A real local Ray, started once (after LATTE_RAY_CACHE is set) and shut down at the end."""
     import ray
 
     from latte_ray.runner import init_ray
 
     os.environ.pop("RAY_ADDRESS", None)
+    os.environ["LATTE_RAY_FAULTS"] = f"@{faults_file}"  # inherited by Ray's workers
     init_ray()
     yield ray
     ray.shutdown()
@@ -41,3 +51,99 @@ def write_prompts(path: Path, columns: dict, schema: pa.Schema | None = None) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(columns, schema=schema), path)
     return path
+
+
+# ------------------------------------------------------------------ loopback S3 (moto's standalone server)
+
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class S3Server:
+    """A real S3 HTTP endpoint on 127.0.0.1. moto accepts any credentials; it keeps objects in memory."""
+
+    endpoint: str
+    log: Path  # the server's request log (one line per HTTP request)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The standard AWS environment for this endpoint, with dummy credentials. With moto the region
+        goes in AWS_DEFAULT_REGION, not in s3fs client_kwargs (bucket creation would fail)."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def storage_options(self, key: str = "testing", secret: str = "testing") -> dict[str, str]:
+        """fsspec options for RunSpec.storage_options: they reach Ray workers, unlike env set after Ray started."""
+        return {"endpoint_url": self.endpoint, "key": key, "secret": secret}
+
+    def make_bucket(self, name: str) -> str:
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
+                     aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=name)
+        return name
+
+    def requests(self, method: str, path_part: str) -> int:
+        """How many `METHOD /...path_part...` requests the server has answered so far."""
+        return sum(1 for line in self.log.read_text(errors="replace").splitlines()
+                   if f"{method} /" in line and path_part in line)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's standalone S3 server as a subprocess on a free loopback port (as s3fs's own tests run it)."""
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    moto = Path(sys.executable).with_name("moto_server")
+    cmd = [str(moto)] if moto.exists() else [sys.executable, "-m", "moto.server"]
+    for _attempt in range(3):  # another process may take the port between picking and binding it
+        port = free_port()
+        endpoint = f"http://127.0.0.1:{port}"
+        with open(log, "ab") as out:
+            proc = subprocess.Popen([*cmd, "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
+        try:
+            if _wait_answering(endpoint, proc, timeout=60):
+                break
+        except BaseException:
+            _stop(proc)
+            raise
+        _stop(proc)
+    else:
+        pytest.fail(f"moto S3 server did not start; see {log}")
+    try:
+        yield S3Server(endpoint=endpoint, log=log)
+    finally:
+        _stop(proc)
+
+
+def _wait_answering(endpoint: str, proc: subprocess.Popen, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            urllib.request.urlopen(endpoint, timeout=2).close()
+            return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -44,6 +44,9 @@ port="$(free_port "${RAY_PORT:-6379}")"
 dashboard_port="$(free_port "${RAY_DASHBOARD_PORT:-8265}")"
 
 export RAY_AUTH_MODE=disabled
+# On Linux Ray replaces --node-ip-address 127.0.0.1 with the host's own IP; single-node mode keeps every
+# Ray service on loopback.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 args=(start --head
   --node-ip-address 127.0.0.1
   --port "$port"

@@ -70,20 +70,23 @@ class LatteEngine:
         storage_options: dict | None = None,
         with_text_encoder: bool = True,
         with_denoiser: bool = True,
+        pipe=None,
     ):
+        """`pipe`: an already built LattePipeline to use instead of loading spec.model.source
+        (benchmarks/gpu.py passes full-size random weights this way)."""
         self.spec = spec
         self.sampling = spec.sampling
         self.device = pick_device(spec.model.device)
         self.dtype = DTYPES[spec.model.dtype]
         started = time.perf_counter()
-        pipe = load_pipeline(
-            spec.model, cache_dir, storage_options, with_text_encoder=with_text_encoder,
-            scheduler=spec.sampling.scheduler,
-        )
-        if not with_denoiser:
-            pipe.transformer = pipe.vae = None
+        if pipe is None:
+            pipe = load_pipeline(
+                spec.model, cache_dir, storage_options, with_text_encoder=with_text_encoder,
+                scheduler=spec.sampling.scheduler, with_denoiser=with_denoiser,
+            )
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
+        pipe._current_timestep = None  # read by cache hooks through pipe.current_timestep; set per step
         self.pipe = pipe
         self.transformer = pipe.transformer
         if with_denoiser:
@@ -112,26 +115,36 @@ class LatteEngine:
         if model.cache is not None:
             from latte_ray.model.acceleration import enable_cache
 
-            enable_cache(pipe, model.cache)
+            enable_cache(pipe, model.cache, self.sampling.guidance_scale)
         if model.compile.enabled:
             self._compile()
 
     def _compile(self) -> None:
-        import os
+        """Compile for the one shape this actor will see, then run it once so no batch pays for compiling.
 
+        Shapes are static: text is always padded to max_sequence_length and a short batch is padded to
+        batch_size (_pad_batch), so no prompt and no last batch triggers a recompile.
+        """
         opts = self.spec.model.compile
         if opts.cache_dir:
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", opts.cache_dir)
+            set_inductor_cache_dir(opts.cache_dir)
+        kwargs = {"mode": opts.mode} if opts.backend == "inductor" else {}
         self.transformer = torch.compile(
-            self.pipe.transformer, mode=opts.mode, fullgraph=opts.fullgraph, dynamic=False
+            self.pipe.transformer, backend=opts.backend, fullgraph=opts.fullgraph, dynamic=False, **kwargs
         )
         if opts.vae_decode:
-            self.pipe.vae.decode = torch.compile(self.pipe.vae.decode, mode=opts.mode, dynamic=False)
+            self.pipe.vae.decode = torch.compile(self.pipe.vae.decode, backend=opts.backend, dynamic=False, **kwargs)
         started = time.perf_counter()
-        batch = self.spec.execution.batch_size
-        self.generate(["warm-up"] * batch, [self.sampling.negative_prompt] * batch, list(range(batch)), steps=2)
+        self.denoise(self._warmup_text(), list(range(self.spec.execution.batch_size)), steps=2)
         self.warmup_seconds = time.perf_counter() - started
         log.info("compiled and warmed up in %.1fs", self.warmup_seconds)
+
+    def _warmup_text(self) -> TextBatch:
+        """Stand-in embeddings of the real shape (works without a text encoder in this actor)."""
+        batch, length = self.spec.execution.batch_size, self.sampling.max_sequence_length
+        width = self.pipe.transformer.config.caption_channels
+        zeros = torch.zeros(batch, length, width, dtype=self.dtype, device=self.device)
+        return TextBatch(zeros, zeros, torch.full((batch,), length), [length] * batch, [False] * batch)
 
     # ---- text --------------------------------------------------------------------------------
 
@@ -188,6 +201,7 @@ class LatteEngine:
         # The spatial blocks see (batch * frames) sequences; give each frame its video's mask.
         bias = bias.repeat_interleave(s.video_length, dim=0).to(self.device)
 
+        _reset_cache_state(pipe)  # also after a batch that raised mid-loop
         timesteps, _ = _retrieve_timesteps(pipe.scheduler, steps or s.num_inference_steps, self.device)
         generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
         latents = pipe.prepare_latents(
@@ -243,7 +257,33 @@ def _retrieve_timesteps(scheduler, steps: int, device: torch.device):
 
 
 def _reset_cache_state(pipe) -> None:
-    """Cache hooks keep per-video state; clear it so the next batch starts fresh."""
-    reset = getattr(pipe.transformer, "_reset_stateful_cache", None)
-    if reset is not None and getattr(pipe.transformer, "is_cache_enabled", False):
-        reset()
+    """Cache hooks (FasterCache, PAB) keep per-video state (step counters, cached attention outputs): clear
+    it so a video never depends on the batch before it. diffusers' CacheMixin._reset_stateful_cache walks
+    the transformer's HookRegistry and resets every stateful hook."""
+    if getattr(pipe.transformer, "is_cache_enabled", False):
+        pipe.transformer._reset_stateful_cache()
+
+
+def set_inductor_cache_dir(path: str) -> str:
+    """Point inductor's caches at `path`. Overwrites the variable, which torch itself sets to its default on
+    first use, and clears inductor's memoized cache paths so the new folder is used from now on."""
+    import os
+
+    from torch._inductor.utils import clear_caches
+
+    path = os.path.abspath(os.path.expanduser(path))
+    os.makedirs(path, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    clear_caches()
+    return path
+
+
+def make_engine(spec: PipelineSpec, **kwargs):
+    """The spec's engine: LatteEngine, or the benchmark NullEngine for `model.source: null`."""
+    from latte_ray.spec import NULL_SOURCE
+
+    if spec.model.source == NULL_SOURCE:
+        from latte_ray.model.null import NullEngine
+
+        return NullEngine(spec)
+    return LatteEngine(spec, **kwargs)

@@ -8,16 +8,22 @@ safetensors only and no remote code is ever trusted.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import shutil
+import socket
+import time
 import uuid
 from pathlib import Path
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from latte_ray.spec import TINY_SOURCE, ModelSpec
 from latte_ray.storage import filesystem
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SCHEDULERS = {
@@ -37,6 +43,10 @@ def is_remote(source: str) -> bool:
     return "://" in source and not source.startswith("file://")
 
 
+class ModelSourceError(RuntimeError):
+    """The spec's model.source cannot be turned into a loadable pipeline (names the source and why)."""
+
+
 def resolve_model_dir(model: ModelSpec, cache_dir: str | None = None, storage_options: dict | None = None) -> str:
     """A local folder (or hub id) that `from_pretrained` can read."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -49,32 +59,81 @@ def resolve_model_dir(model: ModelSpec, cache_dir: str | None = None, storage_op
     local = Path(model.source.removeprefix("file://")).expanduser()
     if local.is_dir():
         return str(local)
-    return model.source  # a hub id: from_pretrained resolves it (and fails clearly when offline)
+    if model.source.startswith(("/", "./", "../", "~", "file://")):
+        raise ModelSourceError(f"model.source {model.source!r}: no such folder on this node")
+    return model.source  # a hub id: from_pretrained resolves it (load_pipeline explains failures)
+
+
+# Pickled weights are never loaded (safetensors only), so they are not copied either.
+_SKIP_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".msgpack", ".h5")
+MIRROR_RECORD = ".latte-ray-mirror.json"
 
 
 def mirror_to_local(url: str, cache: Path, storage_options: dict | None = None) -> Path:
-    """Copy a remote model folder into the node-local cache once; concurrent callers wait on a lock."""
+    """Copy a remote `save_pretrained` folder into the node-local cache, once per node.
+
+    Concurrent callers (actors on one node, or several processes) serialize on a file lock; the one that
+    holds it downloads into a temp folder, checks every file's size against the listing, and renames the
+    folder into place, so a reader sees the whole model or nothing. A mirror URL is treated as immutable:
+    publish a new model version under a new prefix. Storage options are used, never recorded.
+    """
     key = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
     target = cache / "models" / key
-    if (target / "model_index.json").exists():
+    if (target / MIRROR_RECORD).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if (target / "model_index.json").exists():
+    lock = FileLock(str(target) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for another process to mirror %s", url)
+        lock.acquire()
+    try:
+        if (target / MIRROR_RECORD).exists():
             return target
-        fs, root = filesystem(url, storage_options)
-        root = root.rstrip("/")
-        if not fs.exists(f"{root}/model_index.json"):
-            raise FileNotFoundError(f"model mirror {url!r} has no model_index.json")
+        for stale in target.parent.glob(f".{key}.tmp-*"):  # left by a process that died holding the lock
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = target.parent / f".{key}.tmp-{uuid.uuid4().hex}"
-        for remote in fs.find(root):
-            rel = remote[len(root) + 1 :]
-            dest = tmp / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(remote, str(dest))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)  # the folder appears whole, with model_index.json, or not at all
+        try:
+            files = _download(url, tmp, storage_options)
+            (tmp / MIRROR_RECORD).write_text(json.dumps({
+                "source": url, "files": len(files), "bytes": sum(files.values()), "pid": os.getpid(),
+                "host": socket.gethostname(), "finished_at": time.time(),
+            }))
+            shutil.rmtree(target, ignore_errors=True)  # only a partial copy from an older version can be here
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("mirrored %s (%d files, %d bytes) to %s", url, len(files), sum(files.values()), target)
+    finally:
+        lock.release()
     return target
+
+
+def _download(url: str, dest: Path, storage_options: dict | None) -> dict[str, int]:
+    """Fetch every file under `url` into `dest`; returns {relative path: size}. Raises on any mismatch."""
+    fs, root = filesystem(url, storage_options)
+    root = root.rstrip("/")
+    try:
+        listing = fs.find(root, detail=True)
+    except Exception as e:
+        raise ModelSourceError(f"model.source {url!r}: cannot list it: {type(e).__name__}: {e}") from e
+    files = {
+        path[len(root) + 1 :]: int(info.get("size") or 0)
+        for path, info in listing.items()
+        if info.get("type") != "directory" and not path.endswith("/") and not path.endswith(_SKIP_SUFFIXES)
+    }
+    if "model_index.json" not in files:
+        raise ModelSourceError(f"model.source {url!r}: no model_index.json there (not a save_pretrained folder)")
+    rels = sorted(files)
+    for rel in rels:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+    fs.get([f"{root}/{rel}" for rel in rels], [str(dest / rel) for rel in rels])
+    for rel in rels:
+        got = (dest / rel).stat().st_size if (dest / rel).exists() else -1
+        if got != files[rel]:
+            raise ModelSourceError(f"model.source {url!r}: {rel} arrived with {got} bytes, expected {files[rel]}")
+    return files
 
 
 def load_pipeline(
@@ -83,6 +142,7 @@ def load_pipeline(
     storage_options: dict | None = None,
     with_text_encoder: bool = True,
     scheduler: str | None = None,
+    with_denoiser: bool = True,
 ):
     """LattePipeline in the spec's dtype, on CPU; the engine moves it to its device."""
     from diffusers import LattePipeline
@@ -91,14 +151,31 @@ def load_pipeline(
 
     path = resolve_model_dir(model, cache_dir, storage_options)
     extra = {} if with_text_encoder else {"text_encoder": None}
-    pipe = LattePipeline.from_pretrained(
-        path,
-        dtype=DTYPES[model.dtype],
-        use_safetensors=True,
-        revision=model.revision if not Path(path).is_dir() else None,
-        **extra,
-    )
+    if not with_denoiser:  # a text-encode actor: tokenizer and T5 only, transformer and VAE never loaded
+        extra.update(transformer=None, vae=None)
+    is_hub_id = not Path(path).is_dir()
+    try:
+        pipe = LattePipeline.from_pretrained(
+            path,
+            dtype=DTYPES[model.dtype],
+            use_safetensors=True,
+            revision=model.revision if is_hub_id else None,
+            **extra,
+        )
+    except OSError as e:
+        if not is_hub_id:
+            raise
+        offline = " HF_HUB_OFFLINE is set, so nothing is downloaded." if _hub_offline() else ""
+        raise ModelSourceError(
+            f"model.source {model.source!r} is not 'tiny', a folder on this node or a URL, so it was loaded as "
+            f"a Hugging Face Hub id, and that failed.{offline} Use a reachable hub id, a local folder, or an "
+            f"s3:// mirror of a save_pretrained folder. Cause: {e}"
+        ) from e
     if scheduler:
         cls = getattr(diffusers, _SCHEDULERS[scheduler])
         pipe.scheduler = cls.from_config(pipe.scheduler.config)
     return pipe
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")

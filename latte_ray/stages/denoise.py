@@ -12,6 +12,8 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from latte_ray import faults
+from latte_ray.metrics import StageMetrics
 from latte_ray.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
@@ -19,11 +21,12 @@ log = logging.getLogger(__name__)
 
 class DenoiseStage:
     def __init__(self, spec_json: str, cache_dir: str | None = None, storage_options: dict | None = None):
-        from latte_ray.model.engine import LatteEngine
+        from latte_ray.model.engine import make_engine
 
         self.spec = PipelineSpec.model_validate_json(spec_json)
         self.text_encoded = self.spec.execution.text_encode_stage
-        self.engine = LatteEngine(
+        self.metrics = StageMetrics(self.spec.name)
+        self.engine = make_engine(
             self.spec, cache_dir=cache_dir, storage_options=storage_options, with_text_encoder=not self.text_encoded
         )
 
@@ -32,14 +35,16 @@ class DenoiseStage:
         s = self.spec.sampling
         out = {k: v for k, v in batch.items() if k not in ("prompt_embeds", "negative_prompt_embeds", "keep")}
         out["frames"] = np.array([b""] * n, dtype=object)
-        out.setdefault("prompt_tokens", np.zeros(n, dtype=np.int32))
-        out.setdefault("prompt_truncated", np.zeros(n, dtype=bool))
+        # Copies: columns from the text-encode stage arrive as read-only views of Arrow buffers.
+        out["prompt_tokens"] = np.array(batch.get("prompt_tokens", np.zeros(n)), dtype=np.int32)
+        out["prompt_truncated"] = np.array(batch.get("prompt_truncated", np.zeros(n)), dtype=bool)
         out["started_at"] = np.full(n, _now(), dtype="datetime64[us]")
         out["generate_seconds"] = np.zeros(n, dtype=np.float64)
         out["status"] = np.array(batch["status"], dtype=object)
         out["error"] = np.array(batch["error"], dtype=object)
 
         todo = [i for i in range(n) if out["status"][i] == "pending"]
+        faults.point("denoise", map(str, batch["id"]))
         groups = [todo] if todo else []
         while groups:
             rows = groups.pop(0)
@@ -55,6 +60,7 @@ class DenoiseStage:
                 log.warning("row %s failed: %s", batch["id"][rows[0]], e)
                 continue
             per_video = (time.perf_counter() - started) / len(rows)
+            self.metrics.generated(per_video, len(rows))
             for j, i in enumerate(rows):
                 out["frames"][i] = frames[j].tobytes()
                 out["prompt_tokens"][i] = tokens[j]
@@ -67,6 +73,7 @@ class DenoiseStage:
         return out
 
     def _generate(self, batch: dict[str, np.ndarray], rows: list[int]):
+        faults.point("generate", [str(batch["id"][i]) for i in rows])
         seeds = [int(batch["seed"][i]) for i in rows]
         if self.text_encoded:
             from latte_ray.model.engine import TextBatch

@@ -1,28 +1,71 @@
-"""Prepare stage (CPU tasks): validate rows, give them ids and seeds, drop ids that are already done."""
+"""Prepare stage (CPU actors): validate rows, give them ids and seeds, apply the work plan.
+
+The work plan (latte_ray/workplan.py) arrives as small sorted key arrays in Ray's object store, shared
+zero-copy by every prepare actor on a node: ids already done (dropped), ids repeated with different
+content (error rows naming the id), and ids repeated with identical content together with the one copy
+of each that is generated.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
 
+from latte_ray.keys import contains, id_keys
 from latte_ray.prompts import prepare_rows
 
 
+def _resolve(value):
+    if value is None:
+        return None
+    import ray
+
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+
+
 class PrepareStage:
-    def __init__(self, default_negative: str, run_seed: int, skip_ids: object = None):
+    def __init__(self, default_negative: str, run_seed: int, skip: object = None, conflicts: object = None,
+                 dups: object = None, winners: object = None):
         self.default_negative = default_negative
         self.run_seed = run_seed
-        if skip_ids is not None and not isinstance(skip_ids, pa.Array):
-            import ray
-
-            skip_ids = ray.get(skip_ids)  # an ObjectRef: one copy in the object store, shared by all tasks
-        self.skip_ids = skip_ids  # ids to leave out (resume), or None
+        self.skip = _resolve(skip)  # sorted id keys to leave out (resume), or None
+        self.conflicts = _resolve(conflicts)  # {"keys": sorted id keys, "copies": uint32}, or None
+        self.dups = _resolve(dups)  # sorted id keys with identical copies, or None
+        self.winners = _resolve(winners)  # sorted row keys (row_hash, hi, lo) of the copies to keep
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         rows = prepare_rows(batch, self.default_negative, self.run_seed)
-        if self.skip_ids is not None and len(self.skip_ids):
-            import pyarrow.compute as pc
+        if self.skip is None and self.conflicts is None and self.dups is None:
+            return rows
+        keys = id_keys(rows["id"])
+        keep = np.ones(len(keys), bool)
+        if self.skip is not None:
+            keep &= ~contains(self.skip, keys)
+        if self.conflicts is not None:
+            self._mark_conflicts(batch, rows, keys)
+        if self.dups is not None:
+            from latte_ray.workplan import ROW_KEY_DTYPE
 
-            keep = ~pc.is_in(pa.array(rows["id"], pa.string()), value_set=self.skip_ids).to_numpy(zero_copy_only=False)
-            rows = {k: v[keep] for k, v in rows.items()}
-        return rows
+            copy = contains(self.dups, keys)
+            row_keys = np.empty(len(keys), ROW_KEY_DTYPE)
+            row_keys["row_hash"] = batch["row_hash"].to_numpy().astype(np.uint64)
+            row_keys["hi"], row_keys["lo"] = keys["hi"], keys["lo"]
+            keep &= ~copy | contains(self.winners, row_keys)
+        return {k: v[keep] for k, v in rows.items()}
+
+    def _mark_conflicts(self, batch: pa.Table, rows: dict[str, np.ndarray], keys: np.ndarray) -> None:
+        table = self.conflicts["keys"]
+        hit = contains(table, keys)
+        if not hit.any():
+            return
+        paths = batch["path"].to_pylist() if "path" in batch.column_names else [""] * len(keys)
+        for i in np.flatnonzero(hit):
+            copies = int(self.conflicts["copies"][np.searchsorted(table, keys[i])])
+            video_id = rows["id"][i]
+            message = (f"id {video_id!r} appears {copies} times in the input with different prompt, "
+                       f"negative_prompt or seed; none of its copies is generated")
+            if rows["status"][i] == "error":
+                rows["error"][i] = f"{rows['error'][i]}; {message}"
+            else:
+                rows["error"][i] = f"{paths[i]}: row id={video_id}: {message}"
+            rows["status"][i] = "error"

@@ -2,46 +2,74 @@
 
 The manifest part is the commit: it is written only after every video it names is fully stored, so a
 crash at any instant leaves recorded videos whole and unrecorded ones ignored (rewritten on resume).
+Storage writes are retried with backoff; a video that still cannot be stored becomes an error row. The
+part's name is a hash of the run and the batch's ids, so a batch that Ray retries (its writer died after
+committing) replaces its own part rather than recording its ids twice.
 """
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
 
+from latte_ray import faults, retry
+from latte_ray.metrics import StageMetrics
 from latte_ray.spec import PipelineSpec
 from latte_ray.storage import MANIFEST_SCHEMA, OutputLayout, filesystem, write_atomic, write_manifest_part
 
 
 class WriteStage:
-    def __init__(self, output_url: str, spec_json: str, storage_options: dict | None = None):
+    def __init__(self, output_url: str, spec_json: str, storage_options: dict | None = None, run_id: str = ""):
+        self.run_id = run_id
         self.fs, root = filesystem(output_url, storage_options)
         self.layout = OutputLayout(url=output_url.rstrip("/"), root=root.rstrip("/"))
         spec = PipelineSpec.model_validate_json(spec_json)
+        self.metrics = StageMetrics(spec.name)
         self.constants = {
             "fps": spec.video.fps,
             "steps": spec.sampling.num_inference_steps,
             "guidance_scale": spec.sampling.guidance_scale,
             "spec_hash": spec.spec_hash(),
             "model": spec.model.source,
+            "cache": spec.model.cache.kind if spec.model.cache else None,
         }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["id"])
         status = np.array(batch["status"], dtype=object)
+        batch = {**batch, "error": np.array(batch["error"], dtype=object)}
         uris = np.array([""] * n, dtype=object)
         for i in range(n):
             if status[i] != "encoded":
                 continue
-            key = self.layout.video_key(str(batch["id"][i]))
-            write_atomic(self.fs, self.layout.path(key), batch["video"][i])
+            video_id = str(batch["id"][i])
+            key = self.layout.video_key(video_id)
+            path, data = self.layout.path(key), batch["video"][i]
+            try:
+                retry.call(lambda: write_atomic(self.fs, path, data), f"write {path}", retry.VIDEO)
+            except Exception as e:  # noqa: BLE001 - one unstorable video is an error row, not a failed run
+                status[i] = "error"
+                notes = "".join(f" ({note})" for note in getattr(e, "__notes__", []))
+                batch["error"][i] = f"storing the video failed: {type(e).__name__}: {e}{notes}"[:2000]
+                continue
+            faults.point("after_video", video_id)
             uris[i] = self.layout.uri(key)
             status[i] = "ok"
         rows = self._manifest_rows(batch, status, uris)
-        write_manifest_part(self.fs, self.layout, rows)
+        name = self._part_name(batch["id"])
+        retry.call(lambda: write_manifest_part(self.fs, self.layout, rows, name), "write manifest part",
+                   retry.MANIFEST)
+        self.metrics.committed(status, sum(len(batch["video"][i]) for i in range(n) if status[i] == "ok"))
         return rows
+
+    def _part_name(self, ids) -> str | None:
+        if not self.run_id:
+            return None
+        joined = "\0".join([self.run_id, *map(str, ids)])
+        return hashlib.sha256(joined.encode()).hexdigest()[:32]
 
     def _manifest_rows(self, batch: dict[str, np.ndarray], status: np.ndarray, uris: np.ndarray) -> pa.Table:
         n = len(status)

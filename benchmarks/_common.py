@@ -1,0 +1,117 @@
+"""Helpers shared by the benchmarks (not a test suite: each benchmark prints ratios/rates from one run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def machine() -> str:
+    """One line describing where the numbers came from (cores, memory, load at the time)."""
+    import torch
+
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{os.cpu_count()} CPUs ({cpu}), {mem_gb:.0f} GiB, {gpu}; torch {torch.__version__}; "
+            f"Python {platform.python_version()}; load average {load}")
+
+
+def rss_mb(field: str = "VmRSS") -> float:
+    """This process's resident set size in MB: VmRSS now, or VmHWM, its peak. Read from /proc: unlike
+    getrusage's ru_maxrss, VmHWM is not inherited from the parent across fork + exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def tiny_spec(**overrides):
+    """pipelines/tiny-cpu.yaml with dotted overrides, e.g. {"sampling.num_inference_steps": 50}."""
+    from latte_ray.spec import load_pipeline_spec, parse_pipeline_spec
+
+    raw = json.loads(load_pipeline_spec("tiny-cpu").model_dump_json())
+    for dotted, value in overrides.items():
+        node = raw
+        *path, leaf = dotted.split(".")
+        for key in path:
+            node = node[key]
+        node[leaf] = value
+    return parse_pipeline_spec(raw)
+
+
+def write_prompt_table(path: Path, n: int, with_ids: bool = True) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    words = "a red fox runs through snowy woods at dawn while birds circle above the frozen river".split()
+    prompts = [" ".join(words[: 3 + i % (len(words) - 3)]) + f" #{i}" for i in range(n)]
+    cols = {"prompt": prompts, "seed": list(range(n))}
+    if with_ids:
+        cols = {"id": [f"v{i:08d}" for i in range(n)], **cols}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(cols), path, row_group_size=65_536)
+    return path
+
+
+class MotoServer:
+    """moto's standalone S3 server on a free 127.0.0.1 port, stopped on exit (by its own PID)."""
+
+    def __enter__(self) -> "MotoServer":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{port}"
+        exe = Path(sys.executable).with_name("moto_server")
+        cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "moto.server"]
+        self.proc = subprocess.Popen([*cmd, "-H", "127.0.0.1", "-p", str(port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(self.endpoint, timeout=2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.__exit__()
+                    raise RuntimeError("moto_server did not start")
+                time.sleep(0.1)
+        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+        return self
+
+    def make_bucket(self, name: str) -> None:
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
+                     aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=name)
+
+    @property
+    def storage_options(self) -> dict[str, str]:
+        return {"endpoint_url": self.endpoint, "key": "testing", "secret": "testing"}
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

@@ -1,0 +1,99 @@
+"""plane: the data plane alone. A null engine returns frames instantly (spec `model.source: null`), so
+what is measured is Ray Data scheduling, mp4 encoding, video uploads and manifest commits.
+
+Runs the real plan twice, to a local folder and to a loopback S3 (moto_server started here, on 127.0.0.1),
+and prints videos/s and the per-video cost in ms of each, next to the parts measured in isolation in this
+process (encode one video, put one object). Target: >= 50 videos/s to S3.
+
+    .venv/bin/python benchmarks/plane.py [--videos 600] [--batch-size 16] [--preset medium]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from _common import MotoServer, machine, tiny_spec, write_prompt_table
+
+
+def run_plane(spec, table: Path, output: str, storage_options: dict) -> tuple[float, float]:
+    """(videos/s from run start, videos/s from the first committed batch to the last)."""
+    from latte_ray import runner
+    from latte_ray.spec import RunSpec
+    from latte_ray.storage import OutputLayout, filesystem, read_manifest
+
+    started = time.perf_counter()
+    summary = runner.run(RunSpec(pipeline=spec, prompts=[str(table)], output=output,
+                                 storage_options=storage_options))
+    seconds = time.perf_counter() - started
+    assert summary.error == 0, summary.errors
+    fs, root = filesystem(output, storage_options)
+    stamps = sorted(t.timestamp() for t in read_manifest(
+        fs, OutputLayout(output, root), columns=["finished_at"])["finished_at"].to_pylist())
+    first_batch = stamps.count(stamps[0])
+    steady = (len(stamps) - first_batch) / (stamps[-1] - stamps[0]) if stamps[-1] > stamps[0] else float("nan")
+    return summary.ok / seconds, steady
+
+
+def parts_in_isolation(spec, s3: MotoServer, n: int = 40) -> dict[str, float]:
+    """ms per video for encoding and for one object PUT (local atomic write, S3), in this process."""
+    from latte_ray.model.null import NullEngine
+    from latte_ray.stages.encode import encode_mp4
+    from latte_ray.storage import filesystem, write_atomic
+
+    frames = NullEngine(spec).denoise(None, list(range(n)))
+    t = time.perf_counter()
+    blobs = [encode_mp4(f, spec.video) for f in frames]
+    encode_ms = (time.perf_counter() - t) / n * 1000
+    out = {"encode": encode_ms, "mp4 KB": sum(map(len, blobs)) / n / 1024}
+    local = Path(tempfile.mkdtemp(prefix="latte-ray-plane-put-"))
+    for name, (fs, root) in {"local write": filesystem(str(local)),
+                             "S3 put": filesystem("s3://plane/put-test", s3.storage_options)}.items():
+        t = time.perf_counter()
+        for i, blob in enumerate(blobs):
+            write_atomic(fs, f"{root}/{i:02x}/{uuid.uuid4().hex}.mp4", blob)
+        out[name] = (time.perf_counter() - t) / n * 1000
+    shutil.rmtree(local, ignore_errors=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--videos", type=int, default=600)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--preset", default="medium", help="x264 preset of the benchmark spec (tiny-cpu: medium)")
+    ap.add_argument("--cpu-actors", type=int, default=4, help="max actors per CPU stage (encode, write)")
+    args = ap.parse_args()
+
+    spec = tiny_spec(**{"model.source": "null", "video.preset": args.preset,
+                        "execution.batch_size": args.batch_size, "execution.cpu_stage_max_actors": args.cpu_actors})
+    s = spec.sampling
+    work = Path(tempfile.mkdtemp(prefix="latte-ray-plane-"))
+    print(f"machine: {machine()}")
+    print(f"videos: {args.videos} x {s.video_length} frames {s.width}x{s.height}, {spec.video.codec} "
+          f"crf {spec.video.crf} preset {spec.video.preset}; batch {args.batch_size}, "
+          f"CPU stages up to {args.cpu_actors} actors")
+    try:
+        table = write_prompt_table(work / "prompts.parquet", args.videos)
+        with MotoServer() as s3:
+            s3.make_bucket("plane")
+            parts = parts_in_isolation(spec, s3)
+            print("in isolation, per video: " + ", ".join(
+                f"{k} {v:.1f}" + ("" if k == "mp4 KB" else " ms") for k, v in parts.items()))
+            for name, output, options in (("local disk", str(work / "out"), {}),
+                                          ("loopback S3", "s3://plane/run", s3.storage_options)):
+                rate, steady = run_plane(spec, table, output, options)
+                print(f"{name}: {rate:.1f} videos/s end to end ({1000 / rate:.1f} ms/video), "
+                      f"{steady:.1f} videos/s steady ({1000 / steady:.1f} ms/video)")
+        print(f"machine after: load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""`latte-ray report OUTPUT`: a static HTML report of a run, from its manifest and videos alone.
+
+    DEST/index.html          counts, run record, stats, error table (every value HTML-escaped)
+    DEST/throughput.png      videos finished per minute over time, and the cumulative count
+    DEST/contact_sheet.png   first, middle and last frame of an evenly spaced sample of ok videos
+
+DEST defaults to OUTPUT/report/. Works on a finished run or one in progress (the manifest is the truth).
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from latte_ray.storage import OutputLayout, filesystem, latest_rows, read_manifest, write_atomic
+
+log = logging.getLogger(__name__)
+
+THUMB = 128  # contact sheet cell (frames are scaled to fit, letterboxed)
+LABEL = 16  # text strip above each row of the contact sheet
+PAD = 6
+MAX_ERRORS = 200
+_COLUMNS = ["id", "prompt", "status", "error", "bytes", "started_at", "finished_at", "generate_seconds",
+            "mean_brightness", "motion_score", "blank_frames", "frozen_frames"]
+
+
+@dataclass
+class Report:
+    url: str  # of index.html
+    counts: dict[str, object]
+    sampled: list[str]  # ids on the contact sheet, top to bottom
+
+
+def write_report(output: str, storage_options: dict | None = None, dest: str | None = None,
+                 samples: int = 12) -> Report:
+    fs, root = filesystem(output, storage_options)
+    layout = OutputLayout(url=output.rstrip("/"), root=root.rstrip("/"))
+    attempts = read_manifest(fs, layout, columns=_COLUMNS)
+    latest = latest_rows(attempts)
+    run_record = json.loads(fs.cat_file(layout.run_json)) if fs.exists(layout.run_json) else {}
+
+    counts = count(attempts, latest)
+    ok = latest.filter(pc.equal(latest["status"], "ok")).sort_by("id")
+    sampled = _spread(ok["id"].to_pylist(), samples)
+    sheet = contact_sheet(fs, layout, ok, sampled)
+    chart = throughput_chart(attempts)
+
+    dest = (dest or f"{layout.url}/report").rstrip("/")
+    dest_fs, dest_root = filesystem(dest, storage_options)
+    dest_root = dest_root.rstrip("/")
+    write_atomic(dest_fs, f"{dest_root}/contact_sheet.png", sheet)
+    write_atomic(dest_fs, f"{dest_root}/throughput.png", chart)
+    page = render_html(output, run_record, counts, latest, sampled)
+    write_atomic(dest_fs, f"{dest_root}/index.html", page.encode())
+    return Report(url=f"{dest}/index.html", counts=counts, sampled=sampled)
+
+
+def count(attempts: pa.Table, latest: pa.Table) -> dict[str, object]:
+    status = latest["status"]
+    ok_rows = latest.filter(pc.equal(status, "ok"))
+    ok_attempts = attempts.filter(pc.equal(attempts["status"], "ok"))
+    span = 0.0
+    if attempts.num_rows:
+        start = pc.min(pc.fill_null(attempts["started_at"], pc.min(attempts["finished_at"]))).as_py()
+        span = (pc.max(attempts["finished_at"]).as_py() - start).total_seconds()
+    gen = ok_attempts["generate_seconds"]
+    return {
+        "prompts": latest.num_rows,
+        "ok": ok_rows.num_rows,
+        "error": latest.num_rows - ok_rows.num_rows,
+        "attempts": attempts.num_rows,
+        "retried ids": int(pc.sum(pc.greater(pc.value_counts(attempts["id"]).field("counts"), 1)).as_py() or 0)
+        if attempts.num_rows else 0,
+        "video bytes": int(pc.sum(ok_rows["bytes"]).as_py() or 0),
+        "wall seconds (first start to last finish)": round(span, 1),
+        "videos per minute": round(ok_rows.num_rows / span * 60, 2) if span else 0.0,
+        "mean generation seconds per video": round(pc.mean(gen).as_py() or 0.0, 3) if len(gen) else 0.0,
+        "mean brightness (0-1)": round(pc.mean(ok_rows["mean_brightness"]).as_py() or 0.0, 4) if ok_rows.num_rows else 0.0,
+        "median motion score (0-1)": round(float(np.median(ok_rows["motion_score"].to_numpy(zero_copy_only=False)
+                                                          .astype(float))), 4) if ok_rows.num_rows else 0.0,
+        "videos with blank frames": int(pc.sum(pc.greater(ok_rows["blank_frames"], 0)).as_py() or 0),
+        "videos with frozen frames": int(pc.sum(pc.greater(ok_rows["frozen_frames"], 0)).as_py() or 0),
+    }
+
+
+def _spread(ids: list[str], k: int) -> list[str]:
+    if len(ids) <= k:
+        return ids
+    return [ids[i] for i in sorted(set(np.linspace(0, len(ids) - 1, k).round().astype(int).tolist()))]
+
+
+def sheet_size(rows: int) -> tuple[int, int]:
+    return PAD + 3 * (THUMB + PAD), PAD + max(rows, 1) * (LABEL + THUMB + PAD)
+
+
+def contact_sheet(fs, layout: OutputLayout, ok: pa.Table, ids: list[str]) -> bytes:
+    """PNG: one row per video (first, middle, last frame), labelled with its id and motion score."""
+    from PIL import Image, ImageDraw, ImageOps
+
+    from latte_ray.stages.encode import decode_mp4
+
+    sheet = Image.new("RGB", sheet_size(len(ids)), (24, 24, 24))
+    draw = ImageDraw.Draw(sheet)
+    motion = dict(zip(ok["id"].to_pylist(), ok["motion_score"].to_pylist()))
+    if not ids:
+        draw.text((PAD, PAD), "no finished videos", fill=(220, 220, 220))
+    for row, video_id in enumerate(ids):
+        y = PAD + row * (LABEL + THUMB + PAD)
+        label = f"{video_id[:40]}  motion {motion.get(video_id) or 0:.3f}"
+        try:
+            frames = decode_mp4(fs.cat_file(layout.path(layout.video_key(video_id))))
+        except Exception as e:  # noqa: BLE001 - one unreadable video must not sink the report
+            draw.text((PAD, y), f"{label}: unreadable ({type(e).__name__})", fill=(255, 120, 120))
+            continue
+        draw.text((PAD, y), label, fill=(220, 220, 220))
+        for col, index in enumerate((0, len(frames) // 2, len(frames) - 1)):
+            thumb = ImageOps.pad(Image.fromarray(frames[index]), (THUMB, THUMB), color=(0, 0, 0))
+            sheet.paste(thumb, (PAD + col * (THUMB + PAD), y + LABEL))
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+_BIN_SECONDS = [1, 5, 10, 30, 60, 300, 600, 1800, 3600, 6 * 3600, 86400]
+
+
+def throughput_chart(attempts: pa.Table) -> bytes:
+    """PNG: ok videos finished per minute (bars, per time bin) and cumulative ok videos (line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = attempts.filter(pc.equal(attempts["status"], "ok"))
+    fig, ax = plt.subplots(figsize=(8, 3.2), dpi=100)
+    if ok.num_rows:
+        start = pc.min(pc.fill_null(attempts["started_at"], pc.min(attempts["finished_at"]))).as_py()
+        t = np.sort(np.array([(f - start).total_seconds() for f in ok["finished_at"].to_pylist()]))
+        width = next((b for b in _BIN_SECONDS if t[-1] / b <= 60), _BIN_SECONDS[-1])
+        edges = np.arange(0, t[-1] + width, width)
+        if len(edges) < 2:
+            edges = np.array([0, width])
+        per_bin, _ = np.histogram(t, bins=edges)
+        unit, scale = ("min", 60) if t[-1] >= 120 else ("s", 1)
+        ax.bar(edges[:-1] / scale, per_bin * 60 / width, width=width / scale, align="edge", color="#4c78a8", edgecolor="white",
+               label=f"videos/min ({width}s bins)")
+        ax.set_xlabel(f"time since start ({unit})")
+        ax.set_ylabel("videos per minute")
+        cumulative = ax.twinx()
+        cumulative.step(t / scale, np.arange(1, len(t) + 1), where="post", color="#f58518")
+        cumulative.set_ylabel("videos finished")
+        ax.set_title(f"{ok.num_rows} videos in {t[-1]:.0f} s")
+    else:
+        ax.set_title("no finished videos yet")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def render_html(output: str, run_record: dict, counts: dict, latest: pa.Table, sampled: list[str]) -> str:
+    e = html.escape
+    errors = latest.filter(pc.not_equal(latest["status"], "ok")).sort_by([("finished_at", "descending")])
+    shown = errors.slice(0, MAX_ERRORS).to_pylist()
+    run_rows = {
+        "output": output,
+        "pipeline": (run_record.get("pipeline") or {}).get("name", ""),
+        "spec hash": run_record.get("spec_hash", ""),
+        "model": ((run_record.get("pipeline") or {}).get("model") or {}).get("source", ""),
+        "last started": run_record.get("started_at", ""),
+        "versions": ", ".join(f"{k} {v}" for k, v in (run_record.get("versions") or {}).items()),
+    }
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>latte-ray report</title><style>"
+        "body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
+        "td.err{font-family:monospace;white-space:pre-wrap;max-width:60em}</style></head><body>",
+        f"<h1>latte-ray report: {e(output)}</h1>",
+        "<h2>Counts</h2><table id='counts'>",
+        *(f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>" for k, v in counts.items()),
+        "</table><h2>Run</h2><table id='run'>",
+        *(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in run_rows.items()),
+        "</table><h2>Throughput</h2><img src='throughput.png' alt='throughput over time'>",
+        f"<h2>Contact sheet</h2><p>First, middle and last frame of {len(sampled)} videos, evenly spaced by id.</p>"
+        "<img src='contact_sheet.png' alt='contact sheet'>",
+        f"<h2>Errors</h2><p>{errors.num_rows} prompts whose latest attempt failed"
+        + (f" (showing the latest {MAX_ERRORS})" if errors.num_rows > MAX_ERRORS else "") + ".</p>",
+        "<table id='errors'><tr><th>id</th><th>finished</th><th>prompt</th><th>error</th></tr>",
+        *(f"<tr><td>{e(str(r['id']))}</td><td>{e(str(r['finished_at']))}</td>"
+          f"<td>{e((r['prompt'] or '')[:200])}</td><td class='err'>{e((r['error'] or '')[:2000])}</td></tr>"
+          for r in shown),
+        "</table></body></html>",
+    ]
+    return "\n".join(parts)

@@ -1,0 +1,137 @@
+"""`latte-ray status`: where an output stands, read from its manifest alone (no Ray, no model).
+
+Counts are per id (storage.latest_rows: an id is ok if any attempt succeeded, else its latest attempt
+counts), so retries and crashed-and-resumed attempts are never counted twice. With the input tables
+(`--prompts`) it also counts the ids that have no row yet (pending). Throughput is ok videos per second
+of generation wall time, where generation wall time is the union of the rows' [started_at, finished_at]
+intervals, so gaps between runs (a crash, a night without nodes) do not dilute it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow.compute as pc
+
+from latte_ray.keys import contains, id_keys, key_set
+from latte_ray.storage import OutputLayout, filesystem, latest_rows, read_manifest
+
+RECENT_SECONDS = 600.0
+_PREFIX = re.compile(r"^.*?row id=[^:]*: ")
+_NUMBER = re.compile(r"\d+")
+
+
+@dataclass
+class Status:
+    output: str
+    ok: int = 0
+    error: int = 0
+    pending: int | None = None  # input ids without a manifest row; None without --prompts
+    input_ids: int | None = None
+    input_files: int | None = None
+    attempts: int = 0  # manifest rows (every attempt)
+    top_errors: list[tuple[str, int]] = field(default_factory=list)
+    busy_seconds: float = 0.0
+    videos_per_second: float = 0.0
+    recent_videos_per_second: float = 0.0  # over the last RECENT_SECONDS of the manifest
+    first_started: str | None = None
+    last_finished: str | None = None
+    eta_seconds: float | None = None
+
+    def lines(self) -> list[str]:
+        total = f" of {self.input_ids} input ids ({self.input_files} files)" if self.input_ids is not None else ""
+        pending = f", {self.pending} pending" if self.pending is not None else ""
+        out = [f"{self.output}: {self.ok} ok, {self.error} error{pending}{total}; {self.attempts} manifest rows"]
+        if self.ok:
+            out.append(
+                f"throughput: {self.videos_per_second:.3g} videos/s over {self.busy_seconds:.0f} s of generation "
+                f"({self.first_started} .. {self.last_finished}); last {RECENT_SECONDS / 60:.0f} min: "
+                f"{self.recent_videos_per_second:.3g} videos/s"
+            )
+        if self.eta_seconds is not None:
+            out.append(f"eta: {self.eta_seconds / 3600:.2f} h for the pending ids at the overall rate")
+        if self.top_errors:
+            out.append("most common errors:")
+            out += [f"  {count:>7}  {message}" for message, count in self.top_errors]
+        return out
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def error_kind(message: str | None, video_id: str) -> str:
+    """An error message without its file, row and id, numbers folded, so that like errors group."""
+    text = _PREFIX.sub("", message or "(no message)")
+    text = text.replace(repr(video_id), "<id>").replace(video_id, "<id>") if video_id else text
+    return _NUMBER.sub("N", text)[:300]
+
+
+def status(output: str, storage_options: dict | None = None, prompts: list[str] | None = None,
+           run_seed: int = 0, default_negative: str = "", top: int = 5) -> Status:
+    fs, root = filesystem(output, storage_options)
+    layout = OutputLayout(url=output.rstrip("/"), root=root.rstrip("/"))
+    manifest = read_manifest(fs, layout, columns=["id", "status", "error", "started_at", "finished_at"])
+    result = Status(output=output, attempts=manifest.num_rows)
+    latest = latest_rows(manifest)
+    ok_mask = pc.equal(latest["status"], "ok").to_numpy(zero_copy_only=False)
+    ids = latest["id"].to_pylist()
+    if prompts:
+        wanted = _input_ids(prompts, storage_options, run_seed, default_negative, result)
+        present = contains(wanted, id_keys(ids))
+        ok_mask, ids = ok_mask[present], [i for i, p in zip(ids, present) if p]
+        errors = [e for e, p in zip(latest["error"].to_pylist(), present) if p]
+        result.pending = int(len(wanted) - len(ids))
+    else:
+        errors = latest["error"].to_pylist()
+    result.ok = int(ok_mask.sum())
+    result.error = int(len(ids) - result.ok)
+    kinds = Counter(error_kind(e, i) for e, i, ok in zip(errors, ids, ok_mask) if not ok)
+    result.top_errors = kinds.most_common(top)
+    _throughput(manifest, result)
+    return result
+
+
+def _input_ids(prompts, storage_options, run_seed, default_negative, result: Status) -> np.ndarray:
+    from latte_ray.prompts import check_prompt_schema, resolve_prompt_files
+    from latte_ray.workplan import scan_keys
+
+    in_fs, files = resolve_prompt_files(prompts, storage_options)
+    check_prompt_schema(in_fs, files)
+    scanned = scan_keys(in_fs, files, 0, default_negative, run_seed)
+    keys = np.empty(len(scanned["hi"]), dtype=id_keys([]).dtype)
+    keys["hi"], keys["lo"] = scanned["hi"], scanned["lo"]
+    wanted = key_set(keys)
+    result.input_ids, result.input_files = int(len(wanted)), len(files)
+    return wanted
+
+
+def _throughput(manifest, result: Status) -> None:
+    ok = manifest.filter(pc.equal(manifest["status"], "ok"))
+    ok = ok.filter(pc.and_(pc.is_valid(ok["started_at"]), pc.is_valid(ok["finished_at"])))
+    if ok.num_rows == 0:
+        return
+    start = ok["started_at"].cast("int64").to_numpy() / 1e6
+    end = ok["finished_at"].cast("int64").to_numpy() / 1e6
+    order = np.argsort(start)
+    busy, cur_start, cur_end = 0.0, start[order[0]], end[order[0]]
+    for s, e in zip(start[order[1:]], end[order[1:]]):
+        if s > cur_end:
+            busy += cur_end - cur_start
+            cur_start, cur_end = s, e
+        else:
+            cur_end = max(cur_end, e)
+    busy += cur_end - cur_start
+    ids_ok = len(set(ok["id"].to_pylist()))
+    result.busy_seconds = float(busy)
+    result.videos_per_second = ids_ok / busy if busy > 0 else 0.0
+    last = end.max()
+    recent = end >= last - RECENT_SECONDS
+    window = min(RECENT_SECONDS, last - start[recent].min())
+    result.recent_videos_per_second = float(recent.sum() / window) if window > 0 else 0.0
+    result.first_started = ok["started_at"][int(order[0])].as_py().isoformat(timespec="seconds")
+    result.last_finished = ok["finished_at"][int(np.argmax(end))].as_py().isoformat(timespec="seconds")
+    if result.pending and result.videos_per_second:
+        result.eta_seconds = result.pending / result.videos_per_second
