@@ -35,6 +35,14 @@ def machine() -> str:
             f"Python {platform.python_version()}; load average {load}")
 
 
+def same_priority_as_baseline() -> str:
+    """Run Ray's workers at nice 0, like this process and the bare baselines. Ray starts workers at nice 15
+    (RAY_worker_niceness), which on a dedicated node changes nothing but on a shared machine hands their CPU
+    to every other tenant and would measure the neighbours, not latte-ray. Must run before ray.init."""
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    return f"Ray workers at nice {os.environ['RAY_worker_niceness']} (Ray's default: 15)"
+
+
 def rss_mb(field: str = "VmRSS") -> float:
     """This process's resident set size in MB: VmRSS now, or VmHWM, its peak. Read from /proc: unlike
     getrusage's ru_maxrss, VmHWM is not inherited from the parent across fork + exec."""

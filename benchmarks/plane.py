@@ -74,7 +74,7 @@ def main() -> None:
                         "execution.batch_size": args.batch_size, "execution.cpu_stage_max_actors": args.cpu_actors})
     s = spec.sampling
     work = Path(tempfile.mkdtemp(prefix="latte-ray-plane-"))
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; {same_priority_as_baseline()}")
     print(f"videos: {args.videos} x {s.video_length} frames {s.width}x{s.height}, {spec.video.codec} "
           f"crf {spec.video.crf} preset {spec.video.preset}; batch {args.batch_size}, "
           f"CPU stages up to {args.cpu_actors} actors")

@@ -95,10 +95,23 @@ def check_prompt_schema(fs: fsspec.AbstractFileSystem, files: list[str]) -> pa.S
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         schemas = list(pool.map(schema_of, files))
-    try:  # Ray Data reads all tables as one dataset: their columns must be compatible
-        return pa.unify_schemas(schemas, promote_options="permissive")
+    try:  # Ray Data reads all tables as one dataset, cast to one schema: their columns must be compatible
+        unified = pa.unify_schemas(schemas, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise SpecError(f"prompts: the tables' schemas conflict: {e}") from e
+    for path, schema in zip(files, schemas):
+        for name in _COLUMN_RULES:
+            if name in schema.names and _lossy(schema.field(name).type, unified.field(name).type):
+                raise SpecError(
+                    f"prompts: {path!r} column {name!r} has type {schema.field(name).type} but other tables make "
+                    f"it {unified.field(name).type}: values above 2**63-1 could not be read; use one type"
+                )
+    return unified
+
+
+def _lossy(source: pa.DataType, target: pa.DataType) -> bool:
+    """Would reading `source` values as `target` fail for some values (uint64 read as int64)?"""
+    return pa.types.is_unsigned_integer(source) and source.bit_width == 64 and source != target
 
 
 def derive_id(prompt: str, negative_prompt: str, seed: int | None, run_seed: int) -> str:

@@ -100,7 +100,7 @@ def _input_ids(prompts, storage_options, run_seed, default_negative, result: Sta
 
     in_fs, files = resolve_prompt_files(prompts, storage_options)
     check_prompt_schema(in_fs, files)
-    scanned = scan_keys(in_fs, files, 0, default_negative, run_seed)
+    scanned = scan_keys(in_fs, [(i, path, 0, 1) for i, path in enumerate(files)], default_negative, run_seed)
     keys = np.empty(len(scanned["hi"]), dtype=id_keys([]).dtype)
     keys["hi"], keys["lo"] = scanned["hi"], scanned["lo"]
     wanted = key_set(keys)

@@ -1,6 +1,6 @@
 """Decide, before anything is generated, which input rows this run generates: global dedupe and resume.
 
-1. Key scan (Ray tasks, one per group of files, streaming each table with pyarrow): every input row goes
+1. Key scan (Ray tasks over files or row groups, streaming each table with pyarrow): every input row goes
    through the same `prepare_rows` as in the prepare stage and is reduced to its id's 128-bit key, a
    64-bit hash of its content (prompt, negative prompt, seed) and its file's index: 28 bytes per row.
 2. One reduce task sorts those keys together with the done set (ids with an ok row, streamed from the
@@ -61,24 +61,36 @@ class WorkPlan:
 # ---- 1. key scan ---------------------------------------------------------------------------------
 
 
-def scan_keys(fs, files: list[str], first_index: int, default_negative: str, run_seed: int) -> dict[str, np.ndarray]:
-    """(hi, lo, content, file) for every row of `files`, read in record batches of the key columns."""
+def scan_keys(fs, units: list[tuple[int, str, int, int]], default_negative: str, run_seed: int) -> dict[str, np.ndarray]:
+    """(hi, lo, content, file, valid) for every row of the given units of work. A unit (file index, path,
+    part, parts) is the row groups of one file whose index modulo `parts` is `part`, so that one large
+    table is scanned by several tasks."""
     parts = []
-    for offset, path in enumerate(files):
+    for index, path, part, n_parts in units:
         with fs.open(path, "rb") as f:
             table_file = pq.ParquetFile(f)
             columns = [c for c in KEY_COLUMNS if c in table_file.schema_arrow.names]
-            for batch in table_file.iter_batches(batch_size=SCAN_BATCH_ROWS, columns=columns):
-                table = pa.Table.from_batches([batch])
-                rows = prepare_rows(table, default_negative, run_seed)
+            groups = [g for g in range(table_file.num_row_groups) if g % n_parts == part]
+            if not groups:
+                continue
+            for batch in table_file.iter_batches(batch_size=SCAN_BATCH_ROWS, row_groups=groups, columns=columns):
+                rows = prepare_rows(pa.Table.from_batches([batch]), default_negative, run_seed)
                 keys = id_keys(rows["id"])
                 parts.append({
                     "hi": keys["hi"], "lo": keys["lo"],
                     "content": content_keys(rows["prompt"], rows["negative_prompt"], rows["seed"]),
-                    "file": np.full(len(keys), first_index + offset, np.uint32),
+                    "file": np.full(len(keys), index, np.uint32),
                     "valid": rows["status"] == "pending",
                 })
     return _concat(parts)
+
+
+def scan_units(files: list[str], tasks: int = MAX_SCAN_TASKS) -> list[list[tuple[int, str, int, int]]]:
+    """Units of work per scan task: whole files spread over `tasks`, or each file split by row groups."""
+    splits = max(1, tasks // max(1, len(files)))
+    units = [(i, path, part, splits) for i, path in enumerate(files) for part in range(splits)]
+    return [chunk.tolist() for chunk in np.array_split(np.array(units, dtype=object), min(len(units), tasks))
+            if len(chunk)]
 
 
 def _concat(parts: list[dict]) -> dict[str, np.ndarray]:
@@ -210,9 +222,9 @@ def plan_work(run, in_fs, files: list[str], read_input) -> WorkPlan:
     ex = run.pipeline.execution
     negative, seed = run.pipeline.sampling.negative_prompt, run.seed
     cpu = ex.num_cpus_per_cpu_task
-    chunks = np.array_split(np.arange(len(files)), min(len(files), MAX_SCAN_TASKS))
     scan = ray.remote(scan_keys).options(num_cpus=cpu)
-    scans = [scan.remote(in_fs, [files[i] for i in chunk], int(chunk[0]), negative, seed) for chunk in chunks if len(chunk)]
+    tasks = min(MAX_SCAN_TASKS, max(1, int(ray.cluster_resources().get("CPU", 1))))
+    scans = [scan.remote(in_fs, units, negative, seed) for units in scan_units(files, tasks)]
     reduce = ray.remote(_reduce_task).options(num_returns=4, num_cpus=cpu)
     skip_ref, conflicts_ref, dups_ref, counts_ref = reduce.remote(run, *scans)
     counts = ray.get(counts_ref)

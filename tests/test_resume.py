@@ -16,11 +16,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
 from latte_ray import faults, retry, runner
 from latte_ray.cli import app
+from latte_ray.crashes import MAX_CRASHES
 from latte_ray.keys import id_keys, key_set
 from latte_ray.spec import RunSpec
 from latte_ray.stages.encode import EncodeStage
@@ -116,17 +118,21 @@ def test_a_video_that_cannot_be_stored_becomes_an_error_row(tmp_path, monkeypatc
 FAILURE_RULES = """
 point=denoise match=die-once action=exit times=1
 point=generate match=poison action=error
+point=generate match=pill action=exit
 point=write match=*/videos/*/flaky-* action=oserror times=2
 point=write match=*/manifest/* action=oserror times=2
 """
-FAILURE_IDS = [f"row-{i}" for i in range(6)] + ["die-once", "poison", "flaky-1", "flaky-2"]
+FAILURE_IDS = [f"row-{i}" for i in range(6)] + ["die-once", "poison", "pill", "flaky-1", "flaky-2"]
+FAILING = {"poison", "pill"}
 
 
 @pytest.fixture(scope="module")
 def failures_run(tmp_path_factory, ray_local, faults_file):
-    """One run in which an actor dies mid-batch, a prompt always fails, and storage fails transiently."""
+    """One run in which an actor dies mid-batch, a prompt always raises, a prompt always kills its worker,
+    and storage fails transiently."""
     tmp = tmp_path_factory.mktemp("failures")
-    table = write_prompts(tmp / "prompts.parquet", {"id": FAILURE_IDS, "prompt": [f"a scene {i}" for i in FAILURE_IDS]})
+    table = write_prompts(tmp / "prompts" / "date=2026-11-01" / "part-0.parquet",
+                          {"id": FAILURE_IDS, "prompt": [f"a scene {i}" for i in FAILURE_IDS]})
     state = Path(f"{faults_file}.state")
     shutil.rmtree(state, ignore_errors=True)
     faults_file.write_text(FAILURE_RULES)
@@ -150,7 +156,7 @@ def test_an_actor_that_dies_mid_batch_is_restarted_and_its_batch_retried(failure
 
 
 def test_transient_storage_errors_are_retried_with_backoff(failures_run):
-    assert failures_run.fired.get(2) == 2 and failures_run.fired.get(3) == 2
+    assert failures_run.fired.get(3) == 2 and failures_run.fired.get(4) == 2
     rows = manifest(failures_run.out)
     assert {r["id"]: r["status"] for r in rows if r["id"].startswith("flaky")} == {"flaky-1": "ok", "flaky-2": "ok"}
     assert not [r for r in rows if r["error"] and "storage" in r["error"]]
@@ -161,11 +167,18 @@ def test_a_failing_row_is_retried_alone_and_becomes_an_error_row(failures_run):
     assert row["status"] == "error"
     # the last attempt was "poison" alone: its batch was split and retried row by row
     assert "generation failed: InjectedFault: injected fault at generate (poison)" in row["error"]
-    assert failures_run.summary.ok == len(FAILURE_IDS) - 1 and failures_run.summary.error == 1
+    assert failures_run.summary.ok == len(FAILURE_IDS) - 2 and failures_run.summary.error == 2
+
+
+def test_a_row_that_kills_its_worker_every_time_becomes_an_error_row(failures_run):
+    """Ray would retry it forever; the crash ledger isolates it and gives up after MAX_CRASHES deaths."""
+    (row,) = [r for r in manifest(failures_run.out) if r["id"] == "pill"]
+    assert row["status"] == "error"
+    assert f"generation killed its worker process {MAX_CRASHES} times" in row["error"]
 
 
 def test_exactly_once_after_failures(failures_run):
-    assert_exactly_once(failures_run.out, set(FAILURE_IDS) - {"poison"}, errors={"poison"})
+    assert_exactly_once(failures_run.out, set(FAILURE_IDS) - FAILING, errors=FAILING)
 
 
 def test_status_counts_per_id_against_the_input(failures_run):
@@ -174,124 +187,106 @@ def test_status_counts_per_id_against_the_input(failures_run):
                                       "--prompts", str(later), "--json"])
     assert result.exit_code == 0, result.output
     status = json.loads(result.output)
-    assert (status["ok"], status["error"], status["pending"], status["input_ids"]) == (9, 1, 2, 12)
-    assert status["top_errors"][0][1] == 1 and "injected fault at generate (<id>)" in status["top_errors"][0][0]
+    assert (status["ok"], status["error"], status["pending"], status["input_ids"]) == (9, 2, 2, 13)
+    kinds = dict(status["top_errors"])
+    assert kinds["generation failed: InjectedFault: injected fault at generate (<id>)"] == 1
+    assert kinds[f"generation killed its worker process N times (a crash or out of memory); not tried again in this run"] == 1
     assert status["videos_per_second"] > 0 and status["busy_seconds"] > 0 and status["eta_seconds"] > 0
     text = CliRunner().invoke(app, ["status", str(failures_run.out)])
-    assert text.exit_code == 0 and "9 ok, 1 error;" in text.output and "throughput:" in text.output
+    assert text.exit_code == 0 and "9 ok, 2 error;" in text.output and "throughput:" in text.output
 
 
-def test_resume_skips_done_ids_and_retries_errors(failures_run):
-    """Runs last on this output: re-running does nothing without --retry-errors, then retries only poison."""
-    out, table = failures_run.out, failures_run.table
-    parts = sorted(p.name for p in (out / "manifest").glob("*.parquet"))
-    summary = runner.run(RunSpec(pipeline=fast_spec(), prompts=[str(table)], output=str(out), retry_errors=False))
+def test_rerun_without_retrying_errors_does_nothing(failures_run):
+    parts = sorted(p.name for p in (failures_run.out / "manifest").glob("*.parquet"))
+    summary = runner.run(RunSpec(pipeline=fast_spec(), prompts=[str(failures_run.table)],
+                                 output=str(failures_run.out), retry_errors=False))
     assert (summary.ok, summary.error, summary.skipped_done) == (0, 0, len(FAILURE_IDS))
-    assert sorted(p.name for p in (out / "manifest").glob("*.parquet")) == parts  # nothing was written
-    summary = runner.run(RunSpec(pipeline=fast_spec(), prompts=[str(table)], output=str(out)))
-    assert (summary.ok, summary.error, summary.skipped_done) == (1, 0, len(FAILURE_IDS) - 1)
-    assert_exactly_once(out, set(FAILURE_IDS))
+    assert sorted(p.name for p in (failures_run.out / "manifest").glob("*.parquet")) == parts
+
+
+def test_backfill_generates_only_what_lacks_an_ok_row_and_then_nothing(failures_run):
+    """Over the date partitions so far: the error row is retried, a new partition is generated except for
+    a row it repeats from an old one, and a second backfill does nothing (no model is loaded)."""
+    tmp, out = failures_run.tmp, failures_run.out
+    write_prompts(tmp / "prompts" / "date=2026-11-02" / "part-0.parquet",
+                  {"id": ["new-1", "row-0", "new-2"], "prompt": ["a new day", "a scene row-0", "a new night"]})
+    args = ["backfill", "--pipeline", str(write_spec(tmp / "spec.yaml", fast_spec())),
+            "--prompts", f"{tmp}/prompts/date=2026-11-*/", "--output", str(out)]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "4 ok, 0 error, 10 already done" in first.output  # poison and pill (retried), new-1, new-2
+    parts = sorted(p.name for p in (out / "manifest").glob("*.parquet"))
+    second = CliRunner().invoke(app, args)
+    assert second.exit_code == 0, second.output
+    assert "nothing to do (14 rows already done)" in second.output
+    assert sorted(p.name for p in (out / "manifest").glob("*.parquet")) == parts
+    assert_exactly_once(out, set(FAILURE_IDS) | {"new-1", "new-2"})
 
 
 # --------------------------------------------------------------- commit protocol: crash, resume
 
 
-@pytest.fixture
-def crash_setup(tmp_path, model_cache):
-    spec = fast_spec()
-    ids = [f"c-{i}" for i in range(9)] + ["crash-here"]
-    table = write_prompts(tmp_path / "prompts.parquet", {"id": ids, "prompt": [f"a boat {i}" for i in ids]})
-    args = ["run", "--pipeline", str(write_spec(tmp_path / "spec.yaml", spec)), "--prompts", str(table),
-            "--output", str(tmp_path / "out")]
-    return SimpleNamespace(spec=spec, ids=set(ids), table=table, args=args, out=tmp_path / "out", tmp=tmp_path,
-                           model_cache=model_cache)
-
-
-def _crash(setup, rules: str, name: str) -> None:
-    """A CLI run that a kill-run fault SIGKILLs (driver, Ray and workers at once) at the given point."""
-    env = cli_env(setup.model_cache, **{faults.ENV: rules, faults.KILL_ENV: "1"})
-    proc = start_cli(setup.args, env, setup.tmp / f"{name}.log")
+def _crash(args: list[str], env: dict, log: Path) -> None:
+    """A CLI run that a kill-run fault SIGKILLs (driver, Ray daemons and workers at once)."""
+    proc = start_cli(args, {**env, faults.KILL_ENV: "1"}, log)
     try:
         code = proc.wait(timeout=400)
     finally:
         kill_run(proc)
-    assert code == -signal.SIGKILL, (setup.tmp / f"{name}.log").read_text()[-3000:]
+    assert code == -signal.SIGKILL, log.read_text()[-3000:]
 
 
-def test_crashes_between_video_and_row_and_inside_a_manifest_write_then_resume(crash_setup, ray_local):
-    s = crash_setup
-    layout = OutputLayout(str(s.out), str(s.out))
-    # (a) the run dies right after crash-here's video is stored, before the manifest part that records it
-    _crash(s, "point=after_video match=crash-here action=kill-run", "after-video")
-    video = s.out / layout.video_key("crash-here")
+def _parts(out: Path) -> set[str]:
+    return {p.name for p in (out / "manifest").glob("*.parquet")} if (out / "manifest").exists() else set()
+
+
+def test_crash_at_each_commit_point_then_resume(tmp_path, model_cache, ray_local):
+    """Two crashed runs on one output, then one resume:
+    (a) run 1 dies (all its processes, SIGKILL) after a video is stored and before the manifest part that
+        records it;
+    (b) in run 2 a writer process dies (os._exit) half-way through writing a manifest part; Ray restarts
+        it and retries the batch;
+    (c) then run 2's driver is SIGKILLed mid-run, and the Ray it started;
+    the resume leaves every id with exactly one ok row and a whole, matching video."""
+    spec = fast_spec()
+    ids = [f"k-{i:02d}" for i in range(60)]
+    ids.insert(3, "crash-here")
+    table = write_prompts(tmp_path / "prompts.parquet", {"id": ids, "prompt": [f"a kite {i}" for i in ids]})
+    out = tmp_path / "out"
+    args = ["run", "--pipeline", str(write_spec(tmp_path / "spec.yaml", spec)), "--prompts", str(table),
+            "--output", str(out)]
+    env = cli_env(model_cache)
+    video = out / OutputLayout(str(out), str(out)).video_key("crash-here")
+
+    # (a)
+    _crash(args, {**env, faults.ENV: "point=after_video match=crash-here action=kill-run"}, tmp_path / "a.log")
     assert video.exists() and video.stat().st_size > 0
-    rows_a = manifest(s.out)
+    rows_a = manifest(out)
     assert "crash-here" not in {r["id"] for r in rows_a}  # stored but not committed: it does not count
 
-    # (b) the resumed run dies half-way through writing its first manifest part
-    _crash(s, "point=mid_write match=*/manifest/part-* action=kill-run", "mid-manifest")
-    temps = [p for p in (s.out / "manifest").iterdir() if ".tmp-" in p.name]
-    assert temps and all(0 < p.stat().st_size for p in temps)  # the partial part exists, under a temp name
-    assert manifest(s.out) == rows_a  # and is invisible: readers only see whole parts
-
-    summary = runner.run(RunSpec(pipeline=s.spec, prompts=[str(s.table)], output=str(s.out)))
-    assert summary.ok + summary.skipped_done == len(s.ids) and summary.skipped_done == len(rows_a)
-    rows = assert_exactly_once(s.out, s.ids)
-    (redone,) = [r for r in rows if r["id"] == "crash-here"]
-    assert video.read_bytes() and Path(redone["video_uri"]) == video
-
-
-def test_driver_killed_mid_run_then_resume(crash_setup, ray_local):
-    s = crash_setup
-    ids = {f"k-{i}" for i in range(60)}  # enough work that the run is still going when it is killed
-    table = write_prompts(s.tmp / "many.parquet", {"id": sorted(ids), "prompt": [f"a kite {i}" for i in sorted(ids)]})
-    args = [table if a == str(s.table) else a for a in s.args]
-    proc = start_cli([str(a) for a in args], cli_env(s.model_cache), s.tmp / "driver.log")
-
-    def parts() -> list[Path]:
-        return list((s.out / "manifest").glob("*.parquet")) if (s.out / "manifest").exists() else []
-
+    # (b) and (c)
+    before = _parts(out)
+    state = tmp_path / "faults-state"
+    rules = "point=mid_write match=*/manifest/part-* action=exit times=1"
+    proc = start_cli(args, {**env, faults.ENV: rules, faults.STATE_ENV: str(state)}, tmp_path / "bc.log")
     try:
         deadline = time.monotonic() + 400
-        while len(parts()) < 2:
-            assert proc.poll() is None, (s.tmp / "driver.log").read_text()[-3000:]
+        while len(_parts(out) - before) < 3:
+            assert proc.poll() is None, (tmp_path / "bc.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no manifest parts appeared"
             time.sleep(0.1)
-        os.kill(proc.pid, signal.SIGKILL)  # the driver alone; then the Ray it started
+        os.kill(proc.pid, signal.SIGKILL)  # the driver alone ...
     finally:
-        kill_run(proc)
-    committed = {r["id"] for r in manifest(s.out) if r["status"] == "ok"}
-    assert 2 <= len(committed) < len(ids)
-    summary = runner.run(RunSpec(pipeline=s.spec, prompts=[str(table)], output=str(s.out)))
+        kill_run(proc)  # ... then every process of the Ray it started (asserts that none survives)
+    assert faults.fired(str(state)) == {0: 1}
+    temps = [p for p in (out / "manifest").iterdir() if ".tmp-" in p.name]
+    assert len(temps) == 1 and temps[0].stat().st_size > 0  # the half-written part, under its temp name ...
+    with pytest.raises(Exception):
+        pq.read_table(temps[0])  # ... is partial; readers only list whole parts (assert_exactly_once)
+    committed = {r["id"] for r in manifest(out) if r["status"] == "ok"}
+    assert len(rows_a) + 2 <= len(committed) < len(ids)
+
+    summary = runner.run(RunSpec(pipeline=spec, prompts=[str(table)], output=str(out)))
     assert summary.skipped_done == len(committed) and summary.ok == len(ids) - len(committed)
-    assert_exactly_once(s.out, ids)
-
-
-# ------------------------------------------------------------------------------------- backfill
-
-
-def test_backfill_generates_only_what_lacks_an_ok_row_and_then_nothing(tmp_path, ray_local):
-    spec = write_spec(tmp_path / "spec.yaml", fast_spec())
-    prompts = tmp_path / "prompts"
-    write_prompts(prompts / "date=2026-11-01" / "part-0.parquet", {"id": ["d1-a", "d1-b", "d1-c"], "prompt": ["a", "b", "c"]})
-    write_prompts(prompts / "date=2026-11-02" / "part-0.parquet", {"id": ["d2-a", "d2-b"], "prompt": ["d", "e"]})
-    out = tmp_path / "out"
-    args = ["backfill", "--pipeline", str(spec), "--prompts", f"{prompts}/date=2026-11-*/", "--output", str(out)]
-
-    first = CliRunner().invoke(app, args)
-    assert first.exit_code == 0, first.output
-    assert "5 ok, 0 error, 0 already done" in first.output
-
-    # a new partition arrives, repeating one row of an old one
-    write_prompts(prompts / "date=2026-11-03" / "part-0.parquet",
-                  {"id": ["d3-a", "d1-a", "d3-b"], "prompt": ["f", "a", "g"]})
-    second = CliRunner().invoke(app, args)
-    assert second.exit_code == 0, second.output
-    assert "2 ok, 0 error, 6 already done" in second.output
-    parts = sorted(p.name for p in (out / "manifest").glob("*.parquet"))
-
-    third = CliRunner().invoke(app, args)
-    assert third.exit_code == 0, third.output
-    assert "nothing to do (8 rows already done)" in third.output
-    assert sorted(p.name for p in (out / "manifest").glob("*.parquet")) == parts
-    assert_exactly_once(out, {"d1-a", "d1-b", "d1-c", "d2-a", "d2-b", "d3-a", "d3-b"})
+    rows = assert_exactly_once(out, set(ids))
+    assert [Path(r["video_uri"]) for r in rows if r["id"] == "crash-here"] == [video]

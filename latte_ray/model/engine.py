@@ -135,7 +135,10 @@ class LatteEngine:
         if opts.vae_decode:
             self.pipe.vae.decode = torch.compile(self.pipe.vae.decode, backend=opts.backend, dynamic=False, **kwargs)
         started = time.perf_counter()
-        self.denoise(self._warmup_text(), list(range(self.spec.execution.batch_size)), steps=2)
+        # Cache hooks branch on the step (inside their window or not, reuse or recompute), and each branch is
+        # its own graph: with a cache, warm up over the full schedule so every branch is compiled now.
+        steps = self.sampling.num_inference_steps if self.spec.model.cache else 2
+        self.denoise(self._warmup_text(), list(range(self.spec.execution.batch_size)), steps=steps)
         self.warmup_seconds = time.perf_counter() - started
         log.info("compiled and warmed up in %.1fs", self.warmup_seconds)
 
@@ -195,11 +198,18 @@ class LatteEngine:
         cfg = s.guidance_scale > 1.0
         embeds = torch.cat([text.negative_embeds, text.embeds]) if cfg else text.embeds
         keep = torch.cat([text.keep, text.keep]) if cfg else text.keep
+        if not self.spec.model.compile.enabled:
+            # Eager shapes may vary: attend over the batch's longest prompt, not all max_sequence_length
+            # tokens. Dropped columns are masked anyway, so each video is unchanged; a batch of one becomes
+            # exactly the stock pipeline's call (padding cut, no mask).
+            embeds = embeds[:, : int(keep.max())]
         positions = torch.arange(embeds.shape[1])
         bias = torch.zeros(keep.shape[0], 1, embeds.shape[1], dtype=embeds.dtype)
         bias.masked_fill_(positions[None, None, :] >= keep[:, None, None], float("-inf"))
         # The spatial blocks see (batch * frames) sequences; give each frame its video's mask.
         bias = bias.repeat_interleave(s.video_length, dim=0).to(self.device)
+        if not self.spec.model.compile.enabled and not bool((keep < embeds.shape[1]).any()):
+            bias = None  # nothing to mask: lets attention use its unmasked kernels
 
         _reset_cache_state(pipe)  # also after a batch that raised mid-loop
         timesteps, _ = _retrieve_timesteps(pipe.scheduler, steps or s.num_inference_steps, self.device)

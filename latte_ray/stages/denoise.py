@@ -1,7 +1,9 @@
 """Denoise stage (GPU actors): each actor loads one engine in __init__, then turns batches into frames.
 
 It only generates: frames leave as raw uint8 bytes for the CPU encode stage. A batch that raises is
-retried one row at a time, so one bad prompt becomes one error row and its neighbours still finish.
+retried one row at a time, so one bad prompt becomes one error row and its neighbours still finish. A
+batch whose earlier attempt killed the process is also run one row at a time, and a row that killed it
+MAX_CRASHES times becomes an error row (latte_ray/crashes.py).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from datetime import datetime, timezone
 import numpy as np
 
 from latte_ray import faults
+from latte_ray.crashes import MAX_CRASHES, CrashLedger
 from latte_ray.metrics import StageMetrics
 from latte_ray.spec import PipelineSpec
 
@@ -26,6 +29,7 @@ class DenoiseStage:
         self.spec = PipelineSpec.model_validate_json(spec_json)
         self.text_encoded = self.spec.execution.text_encode_stage
         self.metrics = StageMetrics(self.spec.name)
+        self.crashes = CrashLedger(self.spec.spec_hash())
         self.engine = make_engine(
             self.spec, cache_dir=cache_dir, storage_options=storage_options, with_text_encoder=not self.text_encoded
         )
@@ -44,10 +48,20 @@ class DenoiseStage:
         out["error"] = np.array(batch["error"], dtype=object)
 
         todo = [i for i in range(n) if out["status"][i] == "pending"]
-        faults.point("denoise", map(str, batch["id"]))
-        groups = [todo] if todo else []
+        ids = [str(x) for x in batch["id"]]
+        crashed = self.crashes.begin(ids)  # > 0: earlier attempts at this batch died with their process
+        faults.point("denoise", ids)
+        groups = ([[i] for i in todo] if crashed else [todo]) if todo else []
         while groups:
             rows = groups.pop(0)
+            watched = [ids[rows[0]]] if crashed and len(rows) == 1 else None
+            if watched and (died := self.crashes.begin(watched)) >= MAX_CRASHES:
+                self.crashes.end(watched)
+                out["status"][rows[0]] = "error"
+                out["error"][rows[0]] = (f"generation killed its worker process {died} times (a crash or out of "
+                                         f"memory); not tried again in this run")
+                log.warning("row %s killed its worker %d times", ids[rows[0]], died)
+                continue
             started = time.perf_counter()
             try:
                 frames, tokens, truncated = self._generate(batch, rows)
@@ -59,6 +73,9 @@ class DenoiseStage:
                 out["error"][rows[0]] = f"generation failed: {type(e).__name__}: {e}"[:2000]
                 log.warning("row %s failed: %s", batch["id"][rows[0]], e)
                 continue
+            finally:
+                if watched:
+                    self.crashes.end(watched)
             per_video = (time.perf_counter() - started) / len(rows)
             self.metrics.generated(per_video, len(rows))
             for j, i in enumerate(rows):
@@ -67,6 +84,7 @@ class DenoiseStage:
                 out["prompt_truncated"][i] = truncated[j]
                 out["generate_seconds"][i] = per_video
                 out["status"][i] = "generated"
+        self.crashes.end(ids)
         out["num_frames"] = np.full(n, s.video_length, dtype=np.int32)
         out["height"] = np.full(n, s.height, dtype=np.int32)
         out["width"] = np.full(n, s.width, dtype=np.int32)

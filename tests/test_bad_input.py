@@ -1,0 +1,279 @@
+"""A corpus of bad input: each case gets a clear error naming the row (file and id) or the field, good rows
+next to bad ones are unaffected, and no id can write outside the output prefix.
+
+Table-level cases go through runner.run and fail before any Ray work or model load. All row-level cases
+sit in one mixed input (two tables, read as one dataset) that goes through one real run; then each case
+is checked on the manifest.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from latte_ray import runner
+from latte_ray.prompts import MAX_PROMPT_CHARS, check_prompt_schema, resolve_prompt_files
+from latte_ray.spec import RunSpec, SpecError
+from tests.conftest import write_prompts
+from tests.invariants import assert_exactly_once, fast_spec, manifest
+
+# ------------------------------------------------------------------------------- table-level cases
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _table(columns: dict, schema: pa.Schema | None = None):
+    def make(tmp: Path) -> tuple[list[str], str]:
+        path = write_prompts(tmp / "t.parquet", columns, schema)
+        return [str(path)], str(path)
+    return make
+
+
+def _bytes(data: bytes, name: str = "t.parquet"):
+    def make(tmp: Path) -> tuple[list[str], str]:
+        (tmp / name).write_bytes(data)
+        return [str(tmp / name)], str(tmp / name)
+    return make
+
+
+def _truncated(tmp: Path) -> tuple[list[str], str]:
+    whole = tmp / "whole.parquet"
+    write_prompts(whole, {"prompt": [f"prompt {i}" for i in range(1000)]})
+    data = whole.read_bytes()
+    whole.unlink()
+    (tmp / "t.parquet").write_bytes(data[: len(data) // 2])
+    return [str(tmp / "t.parquet")], str(tmp / "t.parquet")
+
+
+def _good_and_bad(tmp: Path) -> tuple[list[str], str]:
+    write_prompts(tmp / "in" / "a-good.parquet", {"prompt": ["fine"]})
+    write_prompts(tmp / "in" / "b-bad.parquet", {"text": ["no prompt column"]})
+    return [str(tmp / "in")], str(tmp / "in" / "b-bad.parquet")
+
+
+def _mixed_seed_signedness(tmp: Path) -> tuple[list[str], str]:
+    write_prompts(tmp / "in" / "a.parquet", {"prompt": ["x"], "seed": pa.array([-1], pa.int64())})
+    write_prompts(tmp / "in" / "b.parquet", {"prompt": ["y"], "seed": pa.array([2**64 - 1], pa.uint64())})
+    return [str(tmp / "in")], str(tmp / "in" / "b.parquet")
+
+
+def _conflicting_schemas(tmp: Path) -> tuple[list[str], str]:
+    write_prompts(tmp / "in" / "a.parquet", {"id": pa.array([1], pa.int64()), "prompt": ["x"]})
+    write_prompts(tmp / "in" / "b.parquet", {"id": ["one"], "prompt": ["y"]})
+    return [str(tmp / "in")], "id"
+
+
+def _missing(tmp: Path) -> tuple[list[str], str]:
+    return [str(tmp / "nope" / "prompts.parquet")], str(tmp / "nope" / "prompts.parquet")
+
+
+def _empty_glob(tmp: Path) -> tuple[list[str], str]:
+    return [str(tmp / "date=*" / "*.parquet")], str(tmp / "date=*")
+
+
+def _folder_without_tables(tmp: Path) -> tuple[list[str], str]:
+    (tmp / "in").mkdir()
+    (tmp / "in" / "notes.txt").write_text("hello")
+    return [str(tmp / "in")], str(tmp / "in")
+
+
+def _unreachable(tmp: Path) -> tuple[list[str], str]:
+    return [f"s3://bucket-{_closed_port()}/prompts/"], "cannot list"
+
+
+TABLE_CASES = {
+    "no prompt column": (_table({"text": ["a cat"]}), "no 'prompt' column"),
+    "prompt int64": (_table({"prompt": [1, 2]}), "column 'prompt' has type int64"),
+    "prompt float": (_table({"prompt": [1.5]}), "column 'prompt' has type double"),
+    "prompt bool": (_table({"prompt": [True]}), "column 'prompt' has type bool"),
+    "prompt list": (_table({"prompt": [["a", "b"]]}), "column 'prompt' has type list<element: string>"),
+    "prompt struct": (_table({"prompt": [{"text": "a"}]}), "column 'prompt' has type struct<text: string>"),
+    "seed string": (_table({"prompt": ["a"], "seed": ["42"]}), "column 'seed' has type string; expected integer"),
+    "seed float": (_table({"prompt": ["a"], "seed": [4.2]}), "column 'seed' has type double"),
+    "id float": (_table({"prompt": ["a"], "id": [1.5]}), "column 'id' has type double"),
+    "id list": (_table({"prompt": ["a"], "id": [["x"]]}), "column 'id' has type list<element: string>"),
+    "negative int": (_table({"prompt": ["a"], "negative_prompt": [3]}), "column 'negative_prompt' has type int64"),
+    "csv, not parquet": (_bytes(b"id,prompt\n1,a cat\n"), "not a readable Parquet file"),
+    "empty file": (_bytes(b""), "not a readable Parquet file"),
+    "parquet magic, garbage inside": (_bytes(b"PAR1" + b"\x00garbage" * 20 + b"PAR1"), "not a readable Parquet file"),
+    "truncated parquet": (_truncated, "not a readable Parquet file"),
+    "one bad table among good ones": (_good_and_bad, "no 'prompt' column"),
+    "seed int64 in one table, uint64 in another": (_mixed_seed_signedness, "values above 2**63-1 could not be read"),
+    "id int in one table, string in another": (_conflicting_schemas, "schemas conflict"),
+    "nonexistent path": (_missing, "does not exist"),
+    "glob matching nothing": (_empty_glob, "no Parquet files"),
+    "folder without tables": (_folder_without_tables, "no Parquet files"),
+    "unreachable s3 endpoint": (_unreachable, "EndpointConnectionError"),
+}
+
+
+@pytest.mark.parametrize("case", TABLE_CASES)
+def test_malformed_tables_fail_before_any_work_naming_the_file_or_field(case, tmp_path, monkeypatch):
+    make, named = TABLE_CASES[case]
+    urls, name = make(tmp_path)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore: fail a refused connection at once
+    options = {"endpoint_url": f"http://127.0.0.1:{_closed_port()}", "key": "k", "secret": "s"}
+    out = tmp_path / "out"
+    with pytest.raises(SpecError) as info:
+        runner.run(RunSpec(pipeline=fast_spec(), prompts=urls, output=str(out),
+                           storage_options=options if urls[0].startswith("s3://") else {}))
+    message = str(info.value)
+    assert named in message and name in message, message
+    assert not out.exists()  # nothing written, no Ray started for it
+
+
+def test_unreachable_output_fails_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    table = write_prompts(tmp_path / "t.parquet", {"prompt": ["a"]})
+    options = {"endpoint_url": f"http://127.0.0.1:{_closed_port()}", "key": "k", "secret": "s"}
+    with pytest.raises(SpecError, match=r"output: cannot write s3://bucket/out/run.json: EndpointConnectionError"):
+        runner.run(RunSpec(pipeline=fast_spec(), prompts=[str(table)], output="s3://bucket/out",
+                           storage_options=options))
+
+
+def test_dictionary_encoded_prompts_are_accepted(tmp_path):
+    table = write_prompts(tmp_path / "t.parquet", {"prompt": pa.array(["a", "b", "a"]).dictionary_encode()})
+    schema = check_prompt_schema(*resolve_prompt_files([str(table)]))
+    assert pa.types.is_dictionary(schema.field("prompt").type)
+
+
+def test_an_empty_table_finishes_with_nothing_done(tmp_path, ray_local):
+    table = write_prompts(tmp_path / "t.parquet", {"id": pa.array([], pa.string()), "prompt": pa.array([], pa.string())})
+    summary = runner.run(RunSpec(pipeline=fast_spec(), prompts=[str(table)], output=str(tmp_path / "out")))
+    assert (summary.ok, summary.error, summary.skipped_done) == (0, 0, 0)
+    assert manifest(tmp_path / "out") == []
+
+
+def test_negative_seeds_are_error_rows(tmp_path, ray_local):
+    """Only error rows: written without loading a model."""
+    table = write_prompts(tmp_path / "neg.parquet", {"id": ["neg-1", "neg-min"], "prompt": ["a", "b"],
+                                                     "seed": pa.array([-1, -2**63], pa.int64())})
+    summary = runner.run(RunSpec(pipeline=fast_spec(), prompts=[str(table)], output=str(tmp_path / "out")))
+    assert (summary.ok, summary.error) == (0, 2)
+    rows = {r["id"]: r["error"] for r in manifest(tmp_path / "out")}
+    assert f"{table}: row id=neg-1: seed -1 out of range [0, 2**63-1]" in rows["neg-1"]
+    assert f"seed {-2**63} out of range" in rows["neg-min"]
+
+
+# --------------------------------------------------------------------------------- row-level cases
+
+LONG = "a very long prompt about a cat " * 3400  # ~100,000 characters
+# key -> (id, prompt, negative prompt, seed, expected status, expected error text). Keys are unique prompts
+# or ids, so that rows whose id is invalid (recorded under a derived id) can be found by their prompt.
+TEXT_ROWS = {
+    "good": ("good", "a red balloon", None, 1, "ok", None),
+    "null prompt": ("null-prompt", None, None, 2, "error", "prompt is null"),
+    "empty prompt": ("empty-prompt", "", None, 3, "error", "prompt is empty"),
+    "whitespace prompt": ("blank-prompt", " \t\n\u3000 ", None, 4, "error", "prompt is empty"),
+    "100k-char prompt": ("long-prompt", LONG, None, 5, "ok", None),
+    "control characters": ("control", "a cat\x07 in\x1b[31m red\x1b[0m\r\nlight\x7f", None, 6, "ok", None),
+    "NUL in prompt": ("nul-prompt", "a\x00b", None, 7, "error", "prompt contains a NUL character"),
+    "emoji": ("emoji", "🐱🚀 a cat astronaut 🔥", None, 8, "ok", None),
+    "right-to-left": ("rtl", "قطة تركب دراجة في الحديقة", None, 9, "ok", None),
+    "bidi override": ("bidi", "\u202eevil override\u202c of text direction", None, 10, "ok", None),
+    "CJK": ("cjk", "一只猫在月球上跳舞", None, 11, "ok", None),
+    "100k-char negative prompt": ("long-negative", "a dog", LONG, 12, "ok", None),
+    "id with slash": ("a/b", "case: id with slash", None, 13, "error", "id 'a/b' is invalid"),
+    "id ..": ("..", "case: id dotdot", None, 14, "error", "id '..' is invalid"),
+    "id path traversal": ("../../escape", "case: id traversal", None, 15, "error", "id '../../escape' is invalid"),
+    "id with NUL": ("a\x00b", "case: id nul", None, 16, "error", "id 'a\\x00b' is invalid"),
+    "id of 129 chars": ("x" * 129, "case: id too long", None, 17, "error", "is invalid: need 1-128 characters"),
+    "id of 128 chars": ("y" * 128, "case: id 128", None, 18, "ok", None),
+    "empty id": ("", "case: id empty", None, 19, "error", "id '' is invalid"),
+    "null id": (None, "case: id null", None, 20, "error", "id is null"),
+    "id with space": ("a b", "case: id space", None, 21, "error", "id 'a b' is invalid"),
+    "non-ASCII id": ("café", "case: id unicode", None, 22, "error", "id 'café' is invalid"),
+    "seed 2**63-1": ("seed-max", "a max seed", None, 2**63 - 1, "ok", None),
+    "seed 2**63": ("seed-over", "an overflowing seed", None, 2**63, "error", f"seed {2**63} out of range"),
+    "seed 2**64-1": ("seed-top", "the largest uint64", None, 2**64 - 1, "error", f"seed {2**64 - 1} out of range"),
+    "null seed": ("seed-null", "a derived seed", None, None, "ok", None),
+    "identical duplicate": ("dup-same", "the same row twice", None, 30, "ok", None),
+    "duplicate id, different prompts": ("dup-diff", "first version", None, 31, "error",
+                                        "id 'dup-diff' appears 2 times in the input with different prompt"),
+    "identical duplicate across tables": ("dup-cross", "in both tables", None, 32, "ok", None),
+}
+EXTRA_TEXT_ROWS = [("dup-same", "the same row twice", None, 30), ("dup-diff", "second version", None, 31)]
+BYTES_ROWS = {  # a second table whose prompt columns are binary: the bytes must be UTF-8
+    "binary prompt": ("bytes-good", b"a blue kite", None, 40, "ok", None),
+    "invalid UTF-8 prompt": ("bad-utf8", b"\xff\xfe bad", None, 41, "error", "prompt is not valid UTF-8"),
+    "invalid UTF-8 negative": ("bad-utf8-neg", b"fine", b"\xc3\x28", 42, "error",
+                               "negative_prompt is not valid UTF-8"),
+}
+EXTRA_BYTES_ROWS = [("dup-cross", b"in both tables", None, 32)]
+ROW_CASES = {**TEXT_ROWS, **BYTES_ROWS}
+
+
+def _columns(rows: list[tuple], binary: bool) -> dict:
+    text = pa.binary() if binary else pa.string()
+    return {
+        "id": pa.array([r[0] for r in rows], pa.string()),
+        "prompt": pa.array([r[1] for r in rows], text),
+        "negative_prompt": pa.array([r[2] for r in rows], text),
+        "seed": pa.array([r[3] for r in rows], pa.uint64()),
+    }
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory, ray_local):
+    tmp = tmp_path_factory.mktemp("bad-input")
+    text_rows = [r[:4] for r in TEXT_ROWS.values()] + EXTRA_TEXT_ROWS
+    bytes_rows = [r[:4] for r in BYTES_ROWS.values()] + EXTRA_BYTES_ROWS
+    write_prompts(tmp / "in" / "text.parquet", _columns(text_rows, binary=False))
+    write_prompts(tmp / "in" / "bytes.parquet", _columns(bytes_rows, binary=True))
+    out = tmp / "nested" / "deeper" / "out"
+    summary = runner.run(RunSpec(pipeline=fast_spec(batch_size=3), prompts=[str(tmp / "in")], output=str(out)))
+    rows = manifest(out)
+    by_key: dict[str, list[dict]] = {}
+    for key, (vid, prompt, *_rest) in ROW_CASES.items():
+        text = prompt.decode("utf-8", "replace") if isinstance(prompt, bytes) else prompt
+        by_key[key] = [r for r in rows if r["id"] == vid or (text and text.startswith("case:") and r["prompt"] == text)]
+    return tmp, out, summary, rows, by_key
+
+
+@pytest.mark.parametrize("case", ROW_CASES)
+def test_each_bad_row_is_an_error_row_naming_it_and_good_rows_finish(case, mixed_run):
+    tmp, out, _summary, _rows, by_key = mixed_run
+    vid, _prompt, _negative, _seed, status, error = ROW_CASES[case]
+    rows = by_key[case]
+    assert rows, f"no manifest row for {case}"
+    assert {r["status"] for r in rows} == {status}, rows
+    if status == "ok":
+        assert len(rows) == 1  # generated once, duplicates included
+        assert Path(rows[0]["video_uri"]).is_file() and not rows[0]["error"]
+    else:
+        for row in rows:
+            assert error in row["error"], row["error"]
+            table = "bytes.parquet" if case in BYTES_ROWS else "text.parquet"
+            assert f"in/{table}: row id=" in row["error"]  # names the file and the row
+            assert not row["video_uri"]
+
+
+def test_the_mixed_run_is_exactly_once_and_stays_inside_its_prefix(mixed_run):
+    tmp, out, summary, rows, _by_key = mixed_run
+    ok_ids = {r["id"] for r in rows if r["status"] == "ok"}
+    assert summary.ok == len(ok_ids) == sum(1 for c in ROW_CASES.values() if c[4] == "ok")
+    assert summary.duplicates == 2  # dup-same and dup-cross: one extra copy each
+    assert_exactly_once(out, ok_ids, errors={r["id"] for r in rows if r["status"] == "error"})
+    assert Counter(r["id"] for r in rows)["dup-diff"] == 2
+    # nothing outside the output prefix: the only entries on the way to it are the folders leading to it
+    assert sorted(p.name for p in (tmp / "nested").rglob("*") if out not in (p, *p.parents)) == ["deeper"]
+    assert {p.name for p in out.iterdir()} == {"run.json", "videos", "manifest"}
+
+
+def test_a_100k_character_prompt_is_truncated_and_the_manifest_says_so(mixed_run):
+    (row,) = mixed_run[4]["100k-char prompt"]
+    assert row["status"] == "ok" and row["prompt_truncated"] is True
+    assert row["prompt_tokens"] == fast_spec().sampling.max_sequence_length
+    # the manifest keeps the prompt as generated: cut at MAX_PROMPT_CHARS (the tokenizer keeps far fewer)
+    assert row["prompt"] == LONG[:MAX_PROMPT_CHARS]
+    (short,) = mixed_run[4]["good"]
+    assert short["prompt_truncated"] is False and 0 < short["prompt_tokens"] < 20
