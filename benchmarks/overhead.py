@@ -1,12 +1,14 @@
 """overhead: what latte-ray costs (or gains) over a bare diffusers loop doing the same work.
 
-Same tiny random-weight Latte, same prompts and seeds, same mp4 settings, run twice in this process:
+Same tiny random-weight Latte, same prompts and seeds, same mp4 settings:
   (a) bare loop: LattePipeline per prompt -> uint8 frames -> mp4 in memory (PyAV) -> write the file;
-  (b) latte-ray: runner.run with ONE generation actor (holding as many CPUs, so as many torch threads, as (a));
-  (c) latte-ray's engine in this process, same loop as (a): separates the engine's cost from Ray's.
-Prints b/a throughput twice: end to end (Ray start and model load included) and steady state (videos per
-second from the first finished video to the last, i.e. what a long run sees). Target: b/a >= 0.95, > 1.0
-when encode/write overlap the next generation.
+  (c) the same loop through latte-ray's engine (LatteEngine.generate), in this process, no Ray;
+  (b) latte-ray: runner.run with ONE generation actor (holding as many CPUs, so torch threads, as (a)).
+(a) and (c) alternate video by video, so both see the same load from anything else on the machine; each
+also reports CPU seconds per video, which neighbours do not inflate. (b) runs after them. Prints b/a
+throughput end to end (Ray start and model load included) and steady state (videos per second from the
+first finished video to the last: what a long run sees). Target: b/a >= 0.95, > 1.0 when encode/write
+overlap the next generation.
 
     .venv/bin/python benchmarks/overhead.py [--prompts 24] [--steps 200] [--batch-size 1]
 """
@@ -23,50 +25,52 @@ from pathlib import Path
 from _common import machine, same_priority_as_baseline, tiny_spec, write_prompt_table
 
 
-def bare_loop(spec, table: Path, out: Path) -> tuple[float, list[float]]:
-    """(seconds, finish times) for the plain diffusers loop, model load included."""
+class Loop:
+    """One in-process generate -> encode -> write loop, timed per video (wall and CPU)."""
+
+    def __init__(self, name: str, generate, spec, out: Path):
+        self.name, self.generate, self.spec, self.out = name, generate, spec, out
+        out.mkdir(parents=True, exist_ok=True)
+        self.wall, self.cpu, self.finished = [], [], []
+
+    def one(self, row: dict) -> None:
+        from latte_ray.stages.encode import encode_mp4
+
+        wall, cpu = time.perf_counter(), time.process_time()
+        data = encode_mp4(self.generate(row), self.spec.video)
+        (self.out / f"{row['id']}.mp4").write_bytes(data)
+        self.finished.append(time.perf_counter())
+        self.wall.append(self.finished[-1] - wall)
+        self.cpu.append(time.process_time() - cpu)
+
+
+def bare_generate(spec):
     import numpy as np
-    import pyarrow.parquet as pq
     import torch
     from diffusers import LattePipeline
 
     from latte_ray.model.tiny import ensure_tiny_model
-    from latte_ray.stages.encode import encode_mp4
 
-    started = time.perf_counter()
     pipe = LattePipeline.from_pretrained(str(ensure_tiny_model()), use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     s = spec.sampling
-    out.mkdir(parents=True, exist_ok=True)
-    finished = []
-    for row in pq.read_table(table).to_pylist():
+
+    def generate(row):
         frames = pipe(
             prompt=row["prompt"], negative_prompt=s.negative_prompt, num_inference_steps=s.num_inference_steps,
             guidance_scale=s.guidance_scale, height=s.height, width=s.width, video_length=s.video_length,
             output_type="np", clean_caption=False, generator=torch.Generator("cpu").manual_seed(row["seed"]),
         ).frames[0]
-        data = encode_mp4((frames * 255).round().astype(np.uint8), spec.video)
-        (out / f"{row['id']}.mp4").write_bytes(data)
-        finished.append(time.perf_counter())
-    return time.perf_counter() - started, finished
+        return (frames * 255).round().astype(np.uint8)
+
+    return generate
 
 
-def engine_loop(spec, table: Path, out: Path) -> tuple[float, list[float]]:
-    """(c) the same loop through latte-ray's engine, in this process: its cost without Ray."""
-    import pyarrow.parquet as pq
-
+def engine_generate(spec):
     from latte_ray.model.engine import LatteEngine
-    from latte_ray.stages.encode import encode_mp4
 
-    started = time.perf_counter()
     engine = LatteEngine(spec)
-    out.mkdir(parents=True, exist_ok=True)
-    finished = []
-    for row in pq.read_table(table).to_pylist():
-        frames, _ = engine.generate([row["prompt"]], [spec.sampling.negative_prompt], [row["seed"]])
-        (out / f"{row['id']}.mp4").write_bytes(encode_mp4(frames[0], spec.video))
-        finished.append(time.perf_counter())
-    return time.perf_counter() - started, finished
+    return lambda row: engine.generate([row["prompt"]], [spec.sampling.negative_prompt], [row["seed"]])[0][0]
 
 
 def latte_ray_run(spec, table: Path, out: Path) -> tuple[float, list[float]]:
@@ -80,12 +84,15 @@ def latte_ray_run(spec, table: Path, out: Path) -> tuple[float, list[float]]:
     assert summary.error == 0, summary.errors
     fs, root = filesystem(str(out))
     stamps = read_manifest(fs, OutputLayout(str(out), root), columns=["finished_at"])["finished_at"]
-    finished = sorted(t.timestamp() for t in stamps.to_pylist())
-    return seconds, finished
+    return seconds, sorted(t.timestamp() for t in stamps.to_pylist())
 
 
 def steady_rate(finished: list[float]) -> float:
     return (len(finished) - 1) / (finished[-1] - finished[0]) if len(finished) > 1 else float("nan")
+
+
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
 
 
 def torch_threads_in_actor(num_cpus: float) -> int:
@@ -104,12 +111,19 @@ def torch_threads_in_actor(num_cpus: float) -> int:
     return ray.get(threads.remote())
 
 
+def load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=24)
-    ap.add_argument("--steps", type=int, default=200, help="denoising steps (200: ~1.1 s per video on 2 idle cores)")
+    ap.add_argument("--steps", type=int, default=200, help="denoising steps (200: ~1.5 s per video on 2 idle cores)")
     ap.add_argument("--batch-size", type=int, default=1)
     args = ap.parse_args()
+
+    import pyarrow.parquet as pq
+    import torch
 
     cpus = os.cpu_count() or 1
     spec = tiny_spec(**{"sampling.num_inference_steps": args.steps, "execution.batch_size": args.batch_size,
@@ -117,24 +131,27 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="latte-ray-overhead-"))
     try:
         table = write_prompt_table(work / "prompts.parquet", args.prompts)
+        rows = pq.read_table(table).to_pylist()
         print(f"machine: {machine()}; {same_priority_as_baseline()}")
-        a_s, a_done = bare_loop(spec, table, work / "bare")
-        print(f"(a) bare diffusers loop: {args.prompts} videos in {a_s:.1f}s, "
-              f"{a_s / args.prompts:.2f} s/video end to end, steady {1 / steady_rate(a_done):.2f} s/video")
-        print(f"    torch threads: bare loop {__import__('torch').get_num_threads()}, "
-              f"generation actor {torch_threads_in_actor(cpus)}")
-        c_s, c_done = engine_loop(spec, table, work / "engine")
-        print(f"(c) latte-ray's engine in this process, no Ray: {c_s / args.prompts:.2f} s/video end to end, "
-              f"steady {1 / steady_rate(c_done):.2f} s/video (c/a {steady_rate(c_done) / steady_rate(a_done):.3f}: "
-              f"text padded to {spec.sampling.max_sequence_length} tokens and masked, for batch invariance)")
+        a = Loop("a", bare_generate(spec), spec, work / "bare")
+        c = Loop("c", engine_generate(spec), spec, work / "engine")
+        for i, row in enumerate(rows):
+            for loop in ((a, c) if i % 2 == 0 else (c, a)):
+                loop.one(row)
+        for loop, what in ((a, "(a) bare diffusers loop"), (c, "(c) latte-ray's engine, in process, no Ray")):
+            print(f"{what}: steady {1 / steady_rate(loop.finished):.2f} s/video wall (interleaved), median "
+                  f"{median(loop.wall):.2f} s wall, {median(loop.cpu):.2f} s CPU per video")
+        print(f"c/a median wall {median(a.wall) / median(c.wall):.3f}, CPU {median(a.cpu) / median(c.cpu):.3f} "
+              f"(throughput ratios); load average now {load()}")
+        print(f"torch threads: bare loop {torch.get_num_threads()}, generation actor {torch_threads_in_actor(cpus)}")
         b_s, b_done = latte_ray_run(spec, table, work / "latte-ray")
         print(f"(b) latte-ray, 1 actor, batch {args.batch_size}: {args.prompts} videos in {b_s:.1f}s, "
-              f"{b_s / args.prompts:.2f} s/video end to end, steady {1 / steady_rate(b_done):.2f} s/video")
-        print(f"b/a throughput, end to end (Ray start + actor load included): {a_s / b_s:.3f}")
-        print(f"b/a throughput, steady state: {steady_rate(b_done) / steady_rate(a_done):.3f}")
-        print(f"b/c throughput, steady state (Ray plan vs the same engine without Ray): "
-              f"{steady_rate(b_done) / steady_rate(c_done):.3f}")
-        print(f"machine after: load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+              f"{b_s / args.prompts:.2f} s/video end to end, steady {1 / steady_rate(b_done):.2f} s/video; "
+              f"load average now {load()}")
+        print(f"b/a throughput, steady state: {steady_rate(b_done) * median(a.wall):.3f} "
+              f"(vs a's median wall per video)")
+        print(f"b/a throughput, end to end (Ray start + actor load included): "
+              f"{median(a.wall) * args.prompts / b_s:.3f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -258,12 +258,14 @@ def test_crash_at_each_commit_point_then_resume(tmp_path, model_cache, ray_local
     env = cli_env(model_cache)
     video = out / OutputLayout(str(out), str(out)).video_key("crash-here")
 
+    T0 = time.monotonic()
     # (a)
     _crash(args, {**env, faults.ENV: "point=after_video match=crash-here action=kill-run"}, tmp_path / "a.log")
     assert video.exists() and video.stat().st_size > 0
     rows_a = manifest(out)
     assert "crash-here" not in {r["id"] for r in rows_a}  # stored but not committed: it does not count
 
+    print("A done", time.monotonic()-T0, flush=True)
     # (b) and (c)
     before = _parts(out)
     state = tmp_path / "faults-state"
@@ -275,6 +277,7 @@ def test_crash_at_each_commit_point_then_resume(tmp_path, model_cache, ray_local
             assert proc.poll() is None, (tmp_path / "bc.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no manifest parts appeared"
             time.sleep(0.1)
+        print("C kill", time.monotonic()-T0, len(_parts(out) - before), flush=True)
         os.kill(proc.pid, signal.SIGKILL)  # the driver alone ...
     finally:
         kill_run(proc)  # ... then every process of the Ray it started (asserts that none survives)
@@ -286,7 +289,9 @@ def test_crash_at_each_commit_point_then_resume(tmp_path, model_cache, ray_local
     committed = {r["id"] for r in manifest(out) if r["status"] == "ok"}
     assert len(rows_a) + 2 <= len(committed) < len(ids)
 
+    print("resume start", time.monotonic()-T0, flush=True)
     summary = runner.run(RunSpec(pipeline=spec, prompts=[str(table)], output=str(out)))
+    print("resume done", time.monotonic()-T0, flush=True)
     assert summary.skipped_done == len(committed) and summary.ok == len(ids) - len(committed)
     rows = assert_exactly_once(out, set(ids))
     assert [Path(r["video_uri"]) for r in rows if r["id"] == "crash-here"] == [video]
