@@ -125,7 +125,8 @@ def _take_turn(rule: Rule, state: str | None) -> bool:
     os.makedirs(state, exist_ok=True)
     for n in range(rule.times):
         try:
-            fd = os.open(os.path.join(state, f"rule{rule.index}-{rule.point}.{n}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            marker = os.path.join(state, f"rule{rule.index}-{rule.point}.{n}")
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             continue
         os.write(fd, str(os.getpid()).encode())

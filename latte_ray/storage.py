@@ -185,15 +185,20 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     if is_local(fs):
         os.makedirs(parent, exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            half = len(data) // 2
-            f.write(data[:half])
-            f.flush()
-            faults.point("mid_write", path)
-            f.write(data[half:])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                half = len(data) // 2
+                f.write(data[:half])
+                f.flush()
+                faults.point("mid_write", path)
+                f.write(data[half:])
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):  # a failed write leaves nothing behind (a killed process leaves its temp)
+                os.unlink(tmp)
+            raise
         return
     fs.pipe_file(path, data)
 

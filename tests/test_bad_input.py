@@ -13,7 +13,6 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from latte_ray import runner
@@ -147,7 +146,8 @@ def test_dictionary_encoded_prompts_are_accepted(tmp_path):
 
 
 def test_an_empty_table_finishes_with_nothing_done(tmp_path, ray_local):
-    table = write_prompts(tmp_path / "t.parquet", {"id": pa.array([], pa.string()), "prompt": pa.array([], pa.string())})
+    empty = pa.array([], pa.string())
+    table = write_prompts(tmp_path / "t.parquet", {"id": empty, "prompt": empty})
     summary = runner.run(RunSpec(pipeline=fast_spec(), prompts=[str(table)], output=str(tmp_path / "out")))
     assert (summary.ok, summary.error, summary.skipped_done) == (0, 0, 0)
     assert manifest(tmp_path / "out") == []

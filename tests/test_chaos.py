@@ -16,7 +16,7 @@ from latte_ray.spec import RunSpec
 from tests.conftest import write_prompts
 from tests.invariants import assert_exactly_once, cli_env, fast_spec, kill_run, manifest, start_cli, write_spec
 
-PROMPTS = 240
+PROMPTS = 200
 ACTOR_KILLS = 4
 STORAGE_FAULTS = (  # transient: each write is retried with backoff (latte_ray/retry.py)
     "point=write match=*/videos/* action=oserror p=0.1 times=20\n"

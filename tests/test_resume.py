@@ -190,7 +190,8 @@ def test_status_counts_per_id_against_the_input(failures_run):
     assert (status["ok"], status["error"], status["pending"], status["input_ids"]) == (9, 2, 2, 13)
     kinds = dict(status["top_errors"])
     assert kinds["generation failed: InjectedFault: injected fault at generate (<id>)"] == 1
-    assert kinds[f"generation killed its worker process N times (a crash or out of memory); not tried again in this run"] == 1
+    pill = "generation killed its worker process N times (a crash or out of memory); not tried again in this run"
+    assert kinds[pill] == 1
     assert status["videos_per_second"] > 0 and status["busy_seconds"] > 0 and status["eta_seconds"] > 0
     text = CliRunner().invoke(app, ["status", str(failures_run.out)])
     assert text.exit_code == 0 and "9 ok, 2 error;" in text.output and "throughput:" in text.output
@@ -249,7 +250,7 @@ def test_crash_at_each_commit_point_then_resume(tmp_path, model_cache, ray_local
     (c) then run 2's driver is SIGKILLed mid-run, and the Ray it started;
     the resume leaves every id with exactly one ok row and a whole, matching video."""
     spec = fast_spec()
-    ids = [f"k-{i:02d}" for i in range(60)]
+    ids = [f"k-{i:02d}" for i in range(30)]
     ids.insert(3, "crash-here")
     table = write_prompts(tmp_path / "prompts.parquet", {"id": ids, "prompt": [f"a kite {i}" for i in ids]})
     out = tmp_path / "out"
@@ -258,14 +259,12 @@ def test_crash_at_each_commit_point_then_resume(tmp_path, model_cache, ray_local
     env = cli_env(model_cache)
     video = out / OutputLayout(str(out), str(out)).video_key("crash-here")
 
-    T0 = time.monotonic()
     # (a)
     _crash(args, {**env, faults.ENV: "point=after_video match=crash-here action=kill-run"}, tmp_path / "a.log")
     assert video.exists() and video.stat().st_size > 0
     rows_a = manifest(out)
     assert "crash-here" not in {r["id"] for r in rows_a}  # stored but not committed: it does not count
 
-    print("A done", time.monotonic()-T0, flush=True)
     # (b) and (c)
     before = _parts(out)
     state = tmp_path / "faults-state"
@@ -277,7 +276,6 @@ def test_crash_at_each_commit_point_then_resume(tmp_path, model_cache, ray_local
             assert proc.poll() is None, (tmp_path / "bc.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no manifest parts appeared"
             time.sleep(0.1)
-        print("C kill", time.monotonic()-T0, len(_parts(out) - before), flush=True)
         os.kill(proc.pid, signal.SIGKILL)  # the driver alone ...
     finally:
         kill_run(proc)  # ... then every process of the Ray it started (asserts that none survives)
@@ -289,9 +287,7 @@ def test_crash_at_each_commit_point_then_resume(tmp_path, model_cache, ray_local
     committed = {r["id"] for r in manifest(out) if r["status"] == "ok"}
     assert len(rows_a) + 2 <= len(committed) < len(ids)
 
-    print("resume start", time.monotonic()-T0, flush=True)
     summary = runner.run(RunSpec(pipeline=spec, prompts=[str(table)], output=str(out)))
-    print("resume done", time.monotonic()-T0, flush=True)
     assert summary.skipped_done == len(committed) and summary.ok == len(ids) - len(committed)
     rows = assert_exactly_once(out, set(ids))
     assert [Path(r["video_uri"]) for r in rows if r["id"] == "crash-here"] == [video]

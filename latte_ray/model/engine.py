@@ -208,8 +208,11 @@ class LatteEngine:
         bias.masked_fill_(positions[None, None, :] >= keep[:, None, None], float("-inf"))
         # The spatial blocks see (batch * frames) sequences; give each frame its video's mask.
         bias = bias.repeat_interleave(s.video_length, dim=0).to(self.device)
-        if not self.spec.model.compile.enabled and not bool((keep < embeds.shape[1]).any()):
-            bias = None  # nothing to mask: lets attention use its unmasked kernels
+        # A mask only where there is something to mask (compiled graphs always take one): without it attention
+        # can use its unmasked kernels. Left out of the call, not passed as None: FasterCache splits every
+        # mask argument it is given into its CFG halves.
+        needs_mask = self.spec.model.compile.enabled or bool((keep < embeds.shape[1]).any())
+        masked = {"encoder_attention_mask": bias} if needs_mask else {}
 
         _reset_cache_state(pipe)  # also after a batch that raised mid-loop
         timesteps, _ = _retrieve_timesteps(pipe.scheduler, steps or s.num_inference_steps, self.device)
@@ -228,8 +231,8 @@ class LatteEngine:
             noise = self.transformer(
                 hidden_states=model_input,
                 encoder_hidden_states=embeds,
-                encoder_attention_mask=bias,
                 timestep=timestep,
+                **masked,
                 enable_temporal_attentions=s.enable_temporal_attentions,
                 return_dict=False,
             )[0]
