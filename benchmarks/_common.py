@@ -43,6 +43,60 @@ def same_priority_as_baseline() -> str:
     return f"Ray workers at nice {os.environ['RAY_worker_niceness']} (Ray's default: 15)"
 
 
+class CpuMeter:
+    """CPU seconds used by this process and all its descendants (the local Ray cluster: GCS, raylet,
+    dashboard, every worker and actor) while the block runs, whatever else loads the machine.
+
+    Actors exit when a run ends and their time is not reliably passed on to a parent, so a background
+    thread samples every process of the tree every `interval` seconds and keeps each one's latest total;
+    a process that exits loses at most its last interval.
+
+        with CpuMeter(exclude=(server_pid,)) as cpu:
+            ...
+        cpu.seconds
+    """
+
+    def __init__(self, exclude: tuple[int, ...] = (), interval: float = 0.5):
+        import threading
+
+        self.exclude, self.interval = set(exclude), interval
+        self.first: dict[tuple[int, float], float] = {}
+        self.last: dict[tuple[int, float], float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> dict[tuple[int, float], float]:
+        import psutil
+
+        me = psutil.Process()
+        seen = {}
+        for proc in [me, *me.children(recursive=True)]:
+            if proc.pid in self.exclude:
+                continue
+            try:
+                t = proc.cpu_times()
+                seen[(proc.pid, proc.create_time())] = t.user + t.system  # (pid, start) survives pid reuse
+            except psutil.NoSuchProcess:
+                continue
+        return seen
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.last.update(self._sample())
+
+    def __enter__(self) -> "CpuMeter":
+        self.first = self._sample()
+        self.last = dict(self.first)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.last.update(self._sample())
+        self.seconds = sum(v - self.first.get(k, 0.0) for k, v in self.last.items())
+
+
 def rss_mb(field: str = "VmRSS") -> float:
     """This process's resident set size in MB: VmRSS now, or VmHWM, its peak. Read from /proc: unlike
     getrusage's ru_maxrss, VmHWM is not inherited from the parent across fork + exec."""

@@ -1,9 +1,11 @@
 """plane: the data plane alone. A null engine returns frames instantly (spec `model.source: null`), so
 what is measured is Ray Data scheduling, mp4 encoding, video uploads and manifest commits.
 
-Runs the real plan twice, to a local folder and to a loopback S3 (moto_server started here, on 127.0.0.1),
-and prints videos/s and the per-video cost in ms of each, next to the parts measured in isolation in this
-process (encode one video, put one object). Target: >= 50 videos/s to S3.
+Runs the real plan to a local folder and to a loopback S3 (moto_server started here, on 127.0.0.1) and
+prints videos/s and ms per video for each, the CPU milliseconds each video costs all Ray processes together
+(marginal: a run of a tenth of the videos is subtracted, so actor start-up is left out) and so the most
+videos/s this machine's cores could sustain if nothing else ran on them, next to the parts measured in
+isolation in this process (encode one video, put one object). Target: >= 50 videos/s to S3.
 
     .venv/bin/python benchmarks/plane.py [--videos 600] [--batch-size 16] [--preset medium]
 """
@@ -18,39 +20,41 @@ import time
 import uuid
 from pathlib import Path
 
-from _common import MotoServer, machine, tiny_spec, write_prompt_table
+from _common import CpuMeter, MotoServer, machine, same_priority_as_baseline, tiny_spec, write_prompt_table
 
 
-def run_plane(spec, table: Path, output: str, storage_options: dict) -> tuple[float, float]:
-    """(videos/s from run start, videos/s from the first committed batch to the last)."""
+def run_plane(spec, table: Path, output: str, storage_options: dict, exclude: tuple[int, ...]) -> dict:
+    """One run: videos/s from its start, videos/s from the first committed batch to the last, CPU seconds
+    of this process tree (Ray included, the S3 server excluded)."""
     from latte_ray import runner
     from latte_ray.spec import RunSpec
     from latte_ray.storage import OutputLayout, filesystem, read_manifest
 
-    started = time.perf_counter()
-    summary = runner.run(RunSpec(pipeline=spec, prompts=[str(table)], output=output,
-                                 storage_options=storage_options))
-    seconds = time.perf_counter() - started
+    runner.init_ray()  # started once, outside the measured runs
+    with CpuMeter(exclude) as cpu:
+        started = time.perf_counter()
+        summary = runner.run(RunSpec(pipeline=spec, prompts=[str(table)], output=output,
+                                     storage_options=storage_options))
+        seconds = time.perf_counter() - started
     assert summary.error == 0, summary.errors
     fs, root = filesystem(output, storage_options)
     stamps = sorted(t.timestamp() for t in read_manifest(
         fs, OutputLayout(output, root), columns=["finished_at"])["finished_at"].to_pylist())
     first_batch = stamps.count(stamps[0])
     steady = (len(stamps) - first_batch) / (stamps[-1] - stamps[0]) if stamps[-1] > stamps[0] else float("nan")
-    return summary.ok / seconds, steady
+    return {"videos": summary.ok, "rate": summary.ok / seconds, "steady": steady, "cpu": cpu.seconds}
 
 
 def parts_in_isolation(spec, s3: MotoServer, n: int = 40) -> dict[str, float]:
-    """ms per video for encoding and for one object PUT (local atomic write, S3), in this process."""
+    """ms per video: encoding (CPU time), one object write (wall: local atomic write, S3 PUT), in this process."""
     from latte_ray.model.null import NullEngine
     from latte_ray.stages.encode import encode_mp4
     from latte_ray.storage import filesystem, write_atomic
 
     frames = NullEngine(spec).denoise(None, list(range(n)))
-    t = time.perf_counter()
+    t = time.process_time()
     blobs = [encode_mp4(f, spec.video) for f in frames]
-    encode_ms = (time.perf_counter() - t) / n * 1000
-    out = {"encode": encode_ms, "mp4 KB": sum(map(len, blobs)) / n / 1024}
+    out = {"encode (CPU)": (time.process_time() - t) / n * 1000, "mp4 KB": sum(map(len, blobs)) / n / 1024}
     local = Path(tempfile.mkdtemp(prefix="latte-ray-plane-put-"))
     for name, (fs, root) in {"local write": filesystem(str(local)),
                              "S3 put": filesystem("s3://plane/put-test", s3.storage_options)}.items():
@@ -80,6 +84,8 @@ def main() -> None:
           f"CPU stages up to {args.cpu_actors} actors")
     try:
         table = write_prompt_table(work / "prompts.parquet", args.videos)
+        small_table = write_prompt_table(work / "small.parquet", args.videos // 10)
+        cores = os.cpu_count() or 1
         with MotoServer() as s3:
             s3.make_bucket("plane")
             parts = parts_in_isolation(spec, s3)
@@ -87,12 +93,29 @@ def main() -> None:
                 f"{k} {v:.1f}" + ("" if k == "mp4 KB" else " ms") for k, v in parts.items()))
             for name, output, options in (("local disk", str(work / "out"), {}),
                                           ("loopback S3", "s3://plane/run", s3.storage_options)):
-                rate, steady = run_plane(spec, table, output, options)
-                print(f"{name}: {rate:.1f} videos/s end to end ({1000 / rate:.1f} ms/video), "
-                      f"{steady:.1f} videos/s steady ({1000 / steady:.1f} ms/video)")
+                # A small run, then the full one: the difference in CPU is the marginal cost of a video,
+                # without actor start-up (a few CPU-seconds per actor, paid once per run).
+                small = run_plane(spec, small_table, output + "-small", options, (s3.proc.pid,))
+                moto = _cpu_of(s3.proc.pid)
+                full = run_plane(spec, table, output, options, (s3.proc.pid,))
+                moto = _cpu_of(s3.proc.pid) - moto
+                marginal_ms = (full["cpu"] - small["cpu"]) / (full["videos"] - small["videos"]) * 1000
+                print(f"{name}: {full['rate']:.1f} videos/s end to end ({1000 / full['rate']:.1f} ms/video), "
+                      f"{full['steady']:.1f} videos/s steady ({1000 / full['steady']:.1f} ms/video); "
+                      f"CPU {marginal_ms:.1f} ms/video (marginal, all Ray processes) -> at most "
+                      f"{cores * 1000 / marginal_ms:.0f} videos/s on {cores} idle cores"
+                      + (f"; the S3 server itself used {moto / full['videos'] * 1000:.1f} ms CPU/video"
+                         if options else ""))
         print(f"machine after: load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _cpu_of(pid: int) -> float:
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
 
 
 if __name__ == "__main__":

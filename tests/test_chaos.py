@@ -19,7 +19,8 @@ from tests.invariants import assert_exactly_once, cli_env, fast_spec, kill_run, 
 PROMPTS = 200
 ACTOR_KILLS = 4
 STORAGE_FAULTS = (  # transient: each write is retried with backoff (latte_ray/retry.py)
-    "point=write match=*/videos/* action=oserror p=0.1 times=20\n"
+    "point=write match=*/videos/* action=oserror times=3\n"  # the first three video writes fail
+    "point=write match=*/videos/* action=oserror p=0.05 times=15\n"  # then one in twenty, at random
     "point=write match=*/manifest/* action=oserror p=0.2 times=6\n"
 )
 

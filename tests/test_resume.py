@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from latte_ray import faults, retry, runner
 from latte_ray.cli import app
-from latte_ray.crashes import MAX_CRASHES
+from latte_ray.crashes import MAX_CRASHES, CrashLedger
 from latte_ray.keys import id_keys, key_set
 from latte_ray.spec import RunSpec
 from latte_ray.stages.encode import EncodeStage
@@ -111,6 +111,15 @@ def test_a_video_that_cannot_be_stored_becomes_an_error_row(tmp_path, monkeypatc
     assert f"gave up after {retry.VIDEO.attempts} attempts" in by_id["doomed"]["error"]
     assert by_id["fine"]["status"] == "ok"
     assert_exactly_once(out, {"fine"}, errors={"doomed"})
+
+
+def test_crash_ledger_counts_attempts_that_never_finished(tmp_path):
+    ledger = CrashLedger("spec", root=tmp_path)
+    assert ledger.begin(["a", "b"]) == 0  # first attempt
+    assert ledger.begin(["a", "b"]) == 1  # the first never ended: its process died
+    ledger.end(["a", "b"])
+    assert ledger.begin(["a", "b"]) == 0 and ledger.begin(["a"]) == 0  # a finished batch starts afresh
+    assert CrashLedger("other-spec", root=tmp_path).begin(["a", "b"]) == 0
 
 
 # ------------------------------------------------------------------ failures inside one real run
