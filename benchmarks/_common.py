@@ -60,8 +60,10 @@ class CpuMeter:
         import threading
 
         self.exclude, self.interval = set(exclude), interval
+        self.names: dict[tuple[int, float], str] = {}
         self.first: dict[tuple[int, float], float] = {}
         self.last: dict[tuple[int, float], float] = {}
+        self.snapshots: list[tuple[float, dict[tuple[int, float], float]]] = []  # (wall time, CPU per process)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -75,14 +77,39 @@ class CpuMeter:
                 continue
             try:
                 t = proc.cpu_times()
-                seen[(proc.pid, proc.create_time())] = t.user + t.system  # (pid, start) survives pid reuse
+                key = (proc.pid, proc.create_time())  # (pid, start) survives pid reuse
+                seen[key] = t.user + t.system
+                if not self.names.get(key, "").endswith("Stage"):  # Ray renames a worker once it hosts an actor
+                    self.names[key] = "driver" if proc.pid == me.pid else _process_label(proc)
             except psutil.NoSuchProcess:
                 continue
         return seen
 
+    def by_process(self) -> dict[str, float]:
+        """CPU seconds per kind of process (Ray actors by class, the driver, Ray's own daemons)."""
+        out: dict[str, float] = {}
+        for key, value in self.last.items():
+            label = self.names.get(key, "?")
+            out[label] = out.get(label, 0.0) + value - self.first.get(key, 0.0)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    def between(self, t0: float, t1: float) -> dict[str, float]:
+        """CPU seconds per kind of process between the samples nearest wall times t0 and t1 (time.time()):
+        the steady state of a run, without start-up and shutdown."""
+        def nearest(t):
+            return min(self.snapshots, key=lambda snap: abs(snap[0] - t))[1]
+
+        a, b = nearest(t0), nearest(t1)
+        out: dict[str, float] = {}
+        for key, value in b.items():
+            label = self.names.get(key, "?")
+            out[label] = out.get(label, 0.0) + value - a.get(key, self.first.get(key, value))
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self.last.update(self._sample())
+            self.snapshots.append((time.time(), dict(self.last)))
 
     def __enter__(self) -> "CpuMeter":
         self.first = self._sample()
@@ -95,6 +122,18 @@ class CpuMeter:
         self._thread.join()
         self.last.update(self._sample())
         self.seconds = sum(v - self.first.get(k, 0.0) for k, v in self.last.items())
+
+
+def _process_label(proc) -> str:
+    import re
+
+    name = proc.name()
+    if name.startswith("ray::"):  # ray::MapWorker(MapBatches(EncodeStage)).submit -> MapBatches(EncodeStage)
+        m = re.search(r"MapBatches\((\w+)\)", name)
+        return m.group(1) if m else "ray worker (idle or internal actor)"
+    cmd = " ".join(proc.cmdline())
+    m = re.search(r"ray/(?:_private/|dashboard/|core/src/ray/)?([\w/]+?)(?:\.py)?(?: |$)", cmd)
+    return f"ray {m.group(1)}" if m else name
 
 
 def rss_mb(field: str = "VmRSS") -> float:

@@ -193,7 +193,7 @@ def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "
             batch_size=ex.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=1),
             num_cpus=ex.num_cpus_per_actor, num_gpus=ex.num_gpus_per_actor,
-            max_restarts=ex.max_restarts, max_task_retries=-1,
+            **restart_args(ex),
         )
     lo, hi = (ex.concurrency, ex.concurrency) if isinstance(ex.concurrency, int) else ex.concurrency
     ds = ds.map_batches(
@@ -205,8 +205,7 @@ def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
         num_cpus=ex.num_cpus_per_actor,
         num_gpus=ex.num_gpus_per_actor,
-        max_restarts=ex.max_restarts,
-        max_task_retries=-1,
+        **restart_args(ex),
     )
     ds = ds.map_batches(
         EncodeStage, fn_constructor_kwargs={"video_spec_json": spec.video.model_dump_json()},
@@ -219,6 +218,16 @@ def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "
         batch_format="numpy", compute=cpu_pool, num_cpus=ex.num_cpus_per_cpu_task,
     )
     return ds
+
+
+def restart_args(ex) -> dict:
+    """Actor restart options for the model stages. Ray Data's own default for actor pools is what we want
+    (restart without limit, retry the batch; a row that keeps killing its actor is stopped by
+    crashes.CrashLedger), and passing it through `**ray_remote_args` is deprecated, so only a
+    non-default `execution.max_restarts` is passed on."""
+    if ex.max_restarts == -1:
+        return {}
+    return {"max_restarts": ex.max_restarts, "max_task_retries": -1 if ex.max_restarts else 0}
 
 
 def run(run: RunSpec) -> RunSummary:

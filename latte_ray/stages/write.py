@@ -10,6 +10,7 @@ committing) replaces its own part rather than recording its ids twice.
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import numpy as np
@@ -19,6 +20,8 @@ from latte_ray import faults, retry
 from latte_ray.metrics import StageMetrics
 from latte_ray.spec import PipelineSpec
 from latte_ray.storage import MANIFEST_SCHEMA, OutputLayout, filesystem, write_atomic, write_manifest_part
+
+PUT_CONCURRENCY = 8  # video uploads in flight per write actor
 
 
 class WriteStage:
@@ -42,28 +45,34 @@ class WriteStage:
         status = np.array(batch["status"], dtype=object)
         batch = {**batch, "error": np.array(batch["error"], dtype=object)}
         uris = np.array([""] * n, dtype=object)
-        for i in range(n):
-            if status[i] != "encoded":
-                continue
-            video_id = str(batch["id"][i])
-            key = self.layout.video_key(video_id)
-            path, data = self.layout.path(key), batch["video"][i]
-            try:
-                retry.call(lambda: write_atomic(self.fs, path, data), f"write {path}", retry.VIDEO)
-            except Exception as e:  # noqa: BLE001 - one unstorable video is an error row, not a failed run
-                status[i] = "error"
-                notes = "".join(f" ({note})" for note in getattr(e, "__notes__", []))
-                batch["error"][i] = f"storing the video failed: {type(e).__name__}: {e}{notes}"[:2000]
-                continue
-            faults.point("after_video", video_id)
-            uris[i] = self.layout.uri(key)
-            status[i] = "ok"
+        todo = [i for i in range(n) if status[i] == "encoded"]
+        # Uploads are latency-bound (one PUT each), so a batch's videos go up concurrently; the manifest
+        # part still waits for all of them.
+        with ThreadPoolExecutor(max_workers=max(1, min(PUT_CONCURRENCY, len(todo)))) as pool:
+            results = list(pool.map(lambda i: self._put_video(str(batch["id"][i]), batch["video"][i]), todo))
+        for i, (uri, error) in zip(todo, results):
+            if error:
+                status[i], batch["error"][i] = "error", error
+            else:
+                status[i], uris[i] = "ok", uri
         rows = self._manifest_rows(batch, status, uris)
         name = self._part_name(batch["id"])
         retry.call(lambda: write_manifest_part(self.fs, self.layout, rows, name), "write manifest part",
                    retry.MANIFEST)
         self.metrics.committed(status, sum(len(batch["video"][i]) for i in range(n) if status[i] == "ok"))
         return rows
+
+    def _put_video(self, video_id: str, data: bytes) -> tuple[str, str]:
+        """(uri, "") once the video is stored whole, or ("", error) when it cannot be stored."""
+        key = self.layout.video_key(video_id)
+        path = self.layout.path(key)
+        try:
+            retry.call(lambda: write_atomic(self.fs, path, data), f"write {path}", retry.VIDEO)
+        except Exception as e:  # noqa: BLE001 - one unstorable video is an error row, not a failed run
+            notes = "".join(f" ({note})" for note in getattr(e, "__notes__", []))
+            return "", f"storing the video failed: {type(e).__name__}: {e}{notes}"[:2000]
+        faults.point("after_video", video_id)
+        return self.layout.uri(key), ""
 
     def _part_name(self, ids) -> str | None:
         if not self.run_id:
