@@ -21,8 +21,10 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -689,26 +691,69 @@ def test_local_script_syntax(name):
 
 
 def test_start_head_flags_with_fake_ray(tmp_path):
-    """Run start-head.sh / stop-head.sh against a fake `ray` that records its arguments (no Ray starts)."""
+    """Run start-head.sh / stop-head.sh against a fake `ray` that records its arguments and, like `ray start`,
+    leaves a daemon behind that names the head's temp dir (with a child of its own). stop-head.sh must stop
+    those two and nothing else: never `ray stop`, and not a process of some other Ray."""
     log = tmp_path / "calls"
     fake = tmp_path / "ray"
-    fake.write_text(f'#!/usr/bin/env bash\necho "RAY_AUTH_MODE=$RAY_AUTH_MODE $*" >> {shlex.quote(str(log))}\n')
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "RAY_AUTH_MODE=$RAY_AUTH_MODE $*" >> {shlex.quote(str(log))}\n'
+        'if [[ "$1" == start ]]; then\n'
+        '  while [[ "$1" != --temp-dir ]]; do shift; done\n'
+        '  setsid bash -c "sleep 300 & exec -a \\"gcs_server --log_dir=$2/session_x/logs\\" sleep 300" '
+        "</dev/null >/dev/null 2>&1 &\n"
+        "fi\n")
     fake.chmod(0o755)
     (tmp_path / "python").symlink_to(sys.executable)  # the script runs the python next to `ray`
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_BIN=str(fake), RAY_PORT="0", RAY_DASHBOARD_PORT="0")
-    out = subprocess.run(["bash", str(LOCAL / "start-head.sh")], env=env, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    subprocess.run(["bash", str(LOCAL / "stop-head.sh")], env=env, check=True, capture_output=True, timeout=60)
-    start, stop = log.read_text().splitlines()
+    temp_dir = tmp_path / "head-tmp"
+    env.update(RAY_BIN=str(fake), RAY_PORT="0", RAY_DASHBOARD_PORT="0", RAY_TEMP_DIR=str(temp_dir),
+               LATTE_RAY_LOCAL_STATE=str(tmp_path / "state"))
+    bystander = subprocess.Popen(["bash", "-c", f"exec -a 'raylet --session_dir={tmp_path}/other-ray' sleep 300"])
+    family = []
+    try:
+        out = subprocess.run(["bash", str(LOCAL / "start-head.sh")], env=env, capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stderr
+        def head_family():
+            head = [p for p in psutil.process_iter(["cmdline"])
+                    if (p.info["cmdline"] or [""])[0].startswith("gcs_server") and str(temp_dir) in p.info["cmdline"][0]]
+            family = head + [c for p in head for c in p.children(recursive=True)]
+            return family if len(family) == 2 else []
+
+        family = _wait_for(head_family)
+        assert len(family) == 2, "the fake daemon and its child should be running"
+        stop = subprocess.run(["bash", str(LOCAL / "stop-head.sh")], env=env, capture_output=True, text=True,
+                              timeout=60)
+        assert stop.returncode == 0, stop.stderr
+        assert "stopped Ray head" in stop.stderr and "2 processes" in stop.stderr, stop.stderr
+        gone, alive = psutil.wait_procs(family, timeout=10)
+        assert not alive, alive
+        assert bystander.poll() is None, "stop-head.sh must not touch another Ray's processes"
+    finally:
+        bystander.kill()
+        for proc in family:  # left running only if the script failed to stop them
+            if proc.is_running():
+                proc.kill()
+    (start,) = log.read_text().splitlines()  # stop-head.sh never runs `ray stop`
     argv = shlex.split(start)
     assert argv[0] == "RAY_AUTH_MODE=disabled" and argv[1:3] == ["start", "--head"]
     assert argv[argv.index("--node-ip-address") + 1] == "127.0.0.1"
     assert argv[argv.index("--dashboard-host") + 1] == "127.0.0.1"
+    assert argv[argv.index("--temp-dir") + 1] == str(temp_dir)
     assert "--include-dashboard=true" in argv
     port = argv[argv.index("--dashboard-port") + 1]
     assert f"http://127.0.0.1:{port}" in out.stdout, "print the dashboard address to submit to"
-    assert stop.split()[:2] == ["RAY_AUTH_MODE=disabled", "stop"]
+    again = subprocess.run(["bash", str(LOCAL / "stop-head.sh")], env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and "no Ray head started" in again.stderr
+
+
+def _wait_for(found, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while not (result := found()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return result
 
 
 def test_moto_server_entry_point_name():

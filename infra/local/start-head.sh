@@ -42,6 +42,11 @@ PY
 
 port="$(free_port "${RAY_PORT:-6379}")"
 dashboard_port="$(free_port "${RAY_DASHBOARD_PORT:-8265}")"
+# A temp dir of its own (short: Ray puts Unix sockets in it), so stop-head.sh can find exactly this head's
+# processes and leave any other Ray on the machine alone.
+temp_dir="${RAY_TEMP_DIR:-/tmp/latte-ray-head-$port}"
+state_dir="${LATTE_RAY_LOCAL_STATE:-$REPO_ROOT/.cache/infra-local}"
+mkdir -p "$state_dir"
 
 export RAY_AUTH_MODE=disabled
 # On Linux Ray replaces --node-ip-address 127.0.0.1 with the host's own IP; single-node mode keeps every
@@ -53,12 +58,14 @@ args=(start --head
   --dashboard-host 127.0.0.1
   --dashboard-port "$dashboard_port"
   --include-dashboard=true
+  --temp-dir "$temp_dir"
   --disable-usage-stats)
 if [[ -n "${RAY_NUM_CPUS:-}" ]]; then
   args+=(--num-cpus "$RAY_NUM_CPUS")
 fi
 
 "$ray_bin" "${args[@]}"
+printf 'RAY_HEAD_TEMP_DIR=%q\n' "$temp_dir" > "$state_dir/head.env"
 
 cat <<EOF
 
