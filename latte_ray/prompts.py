@@ -75,6 +75,12 @@ def _parquet_in(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
 def check_prompt_schema(fs: fsspec.AbstractFileSystem, files: list[str]) -> pa.Schema:
     """Read every file's footer; fail naming the file and field if any table is malformed. Returns the
     tables' unified schema."""
+    return inspect_prompt_tables(fs, files)[0]
+
+
+def inspect_prompt_tables(fs: fsspec.AbstractFileSystem, files: list[str]) -> tuple[pa.Schema, list[str]]:
+    """check_prompt_schema, also returning the files that have no `id` column. Read together, such files
+    get a null `id` in the unified schema; their rows take derived ids, as when each file is read alone."""
 
     def schema_of(path: str) -> pa.Schema:
         try:
@@ -106,7 +112,7 @@ def check_prompt_schema(fs: fsspec.AbstractFileSystem, files: list[str]) -> pa.S
                     f"prompts: {path!r} column {name!r} has type {schema.field(name).type} but other tables make "
                     f"it {unified.field(name).type}: values above 2**63-1 could not be read; use one type"
                 )
-    return unified
+    return unified, [path for path, schema in zip(files, schemas) if "id" not in schema.names]
 
 
 def _lossy(source: pa.DataType, target: pa.DataType) -> bool:
@@ -149,8 +155,10 @@ def _clean_prompt(value: object) -> tuple[str, str | None]:
     return text[:MAX_PROMPT_CHARS], None
 
 
-def prepare_rows(batch: pa.Table, default_negative: str, run_seed: int) -> dict[str, np.ndarray]:
-    """Validate a batch of table rows and give each an id and a seed, or an error naming the row."""
+def prepare_rows(batch: pa.Table, default_negative: str, run_seed: int,
+                 without_id: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+    """Validate a batch of table rows and give each an id and a seed, or an error naming the row.
+    `without_id`: files (the batch's `path` column) that have no `id` column, read here with others that do."""
     n = batch.num_rows
     paths = batch["path"].to_pylist() if "path" in batch.column_names else [""] * n
     cols = {name: (batch[name].to_pylist() if name in batch.column_names else [None] * n) for name in _COLUMN_RULES}
@@ -178,7 +186,7 @@ def prepare_rows(batch: pa.Table, default_negative: str, run_seed: int) -> dict[
                 errors.append(f"id {raw_id!r:.80} is invalid: need 1-128 characters of [A-Za-z0-9._-]")
             else:
                 video_id = raw_text
-        elif "id" in batch.column_names:
+        elif "id" in batch.column_names and paths[i] not in without_id:
             errors.append("id is null")
         if seed is None:
             seed = derive_seed(video_id, run_seed)

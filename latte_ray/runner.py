@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 
-from latte_ray.prompts import check_prompt_schema, resolve_prompt_files
+from latte_ray.prompts import inspect_prompt_tables, resolve_prompt_files
 from latte_ray.spec import RunSpec, SpecError
 from latte_ray.storage import OutputLayout, filesystem, is_local, read_manifest, write_atomic
 
@@ -148,9 +148,11 @@ def read_input(run: RunSpec, in_fs, files: list[str]):
     )
 
 
-def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = ""):
+def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "",
+               round_of: tuple[int, int] | None = None):
     """The Ray Data dataset whose rows are the manifest rows of this run (`work`: a workplan.WorkPlan;
-    when none of its rows needs a model, only error rows are written and no generation actor starts)."""
+    when none of its rows needs a model, only error rows are written and no generation actor starts;
+    `round_of`: (k, rounds) to take on only the ids of round k, see `rounds`)."""
     import ray
     import pyarrow.parquet as pq  # noqa: F401  (pyarrow must be importable on workers)
 
@@ -166,7 +168,7 @@ def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "
         PrepareStage,
         fn_constructor_kwargs={
             "default_negative": spec.sampling.negative_prompt, "run_seed": run.seed,
-            **(work.refs if work is not None else {}),
+            **(work.refs if work is not None else {}), "round_of": round_of,
         },
         batch_format="pyarrow",
         compute=cpu_pool,
@@ -220,6 +222,19 @@ def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "
     return ds
 
 
+def rounds(run: RunSpec, todo: int) -> int:
+    """How many Ray Data executions a run of `todo` rows is split into.
+
+    For the whole of one execution, Ray Data's driver keeps per-block bookkeeping (a BlockStats per block
+    per operator, task records): measured at about 10 KB per block, so 1.3 GB for a million prompts at
+    batch 8 (benchmarks/README.md). Rounds of at most `execution.round_rows` rows, each a fresh execution
+    taking the ids whose key falls in it, bound that; each round loads the model again, a few minutes
+    per actor against hours of generation. A `--limit` run is one round (the limit is a total)."""
+    if run.limit:
+        return 1
+    return max(1, -(-todo // run.pipeline.execution.round_rows))
+
+
 def restart_args(ex) -> dict:
     """Actor restart options for the model stages. Ray Data's own default for actor pools is what we want
     (restart without limit, retry the batch; a row that keeps killing its actor is stopped by
@@ -234,7 +249,7 @@ def run(run: RunSpec) -> RunSummary:
     started_wall = datetime.now(timezone.utc)
     started = time.perf_counter()
     in_fs, files = resolve_prompt_files(run.prompts, run.storage_options)
-    check_prompt_schema(in_fs, files)
+    _, without_id = inspect_prompt_tables(in_fs, files)
     out_fs, root = filesystem(run.output, run.storage_options)
     layout = OutputLayout(url=run.output.rstrip("/"), root=root.rstrip("/"))
     record = json.dumps(run_record(run, files, started_wall), indent=2).encode()
@@ -247,22 +262,27 @@ def run(run: RunSpec) -> RunSummary:
     from latte_ray.workplan import plan_work
 
     # Pre-pass: global dedupe and resume, decided before any actor starts (see workplan.py).
-    work = plan_work(run, in_fs, files, lambda subset: read_input(run, in_fs, subset))
+    work = plan_work(run, in_fs, files, lambda subset: read_input(run, in_fs, subset), without_id)
     summary = RunSummary(output=run.output, skipped_done=work.done, duplicates=work.duplicates)
     if work.todo == 0:
         summary.seconds = time.perf_counter() - started
         log.info("nothing to do: %s", work.line())
         return summary
     run_id = f"{started_wall:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
-    ds = build_plan(run, in_fs, files, work, run_id)
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
-        for status, error in zip(batch["status"].to_pylist(), batch["error"].to_pylist()):
-            if status == "ok":
-                summary.ok += 1
-            else:
-                summary.error += 1
-                if len(summary.errors) < 20:
-                    summary.errors.append(error)
+    n_rounds = rounds(run, work.todo)
+    for k in range(n_rounds):
+        if n_rounds > 1:
+            log.info("round %d of %d (about %d rows each)", k + 1, n_rounds, work.todo // n_rounds)
+        ds = build_plan(run, in_fs, files, work, run_id, (k, n_rounds) if n_rounds > 1 else None)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
+            for status, error in zip(batch["status"].to_pylist(), batch["error"].to_pylist()):
+                if status == "ok":
+                    summary.ok += 1
+                else:
+                    summary.error += 1
+                    if len(summary.errors) < 20:
+                        summary.errors.append(error)
+        del ds  # frees the execution's per-block bookkeeping before the next round
     summary.seconds = time.perf_counter() - started
     log.info(summary.line())
     return summary

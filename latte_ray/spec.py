@@ -133,6 +133,11 @@ class ExecutionSpec(_Strict):
     cpu_stage_max_actors: int = Field(4, ge=1, description="Most actors in each CPU stage's autoscaling pool.")
     text_encode_stage: bool = Field(False, description="Run T5 in its own actor stage; generators skip it.")
     max_restarts: int = Field(-1, description="Ray restarts of a crashed actor (-1 = unlimited).")
+    round_rows: int = Field(
+        100_000, ge=1, description="Most rows one Ray Data execution takes on. A larger run is split into "
+        "rounds by a hash of the id, each with fresh actor pools (one model load per round), because Ray Data "
+        "keeps some bookkeeping per block in the driver for the life of an execution.",
+    )
     seconds_per_video: float | None = Field(
         None, gt=0, description="Seconds one actor takes per video on its device, for `run --dry-run` "
         "estimates (null: estimate from the output's manifest when it has finished videos).",

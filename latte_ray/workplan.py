@@ -53,7 +53,8 @@ class WorkPlan:
     conflicts: int = 0  # rows of ids repeated with different content (error rows)
     todo: int = 0  # rows that go through the pipeline (conflict rows included)
     generate: int = 0  # of those, rows that need a model (neither invalid nor conflicting)
-    refs: dict = field(default_factory=dict)  # PrepareStage keyword arguments: object refs of key arrays
+    refs: dict = field(default_factory=dict)  # PrepareStage keyword arguments: object refs of key arrays (and
+    # the list of files without an id column)
 
     def line(self) -> str:
         return (f"{self.rows} input rows: {self.todo} to process, {self.done} already done, "
@@ -186,13 +187,14 @@ def _reduce_task(run, *scans: dict) -> tuple[np.ndarray, dict, np.ndarray, dict]
 # ---- 3. winners among identical duplicates -------------------------------------------------------
 
 
-def copy_hashes(batch: pa.Table, dups: np.ndarray, default_negative: str, run_seed: int) -> dict[str, np.ndarray]:
+def copy_hashes(batch: pa.Table, dups: np.ndarray, default_negative: str, run_seed: int,
+                without_id: list[str] = ()) -> dict[str, np.ndarray]:
     """(row_hash, hi, lo) of the rows of `batch` whose id is one of `dups`."""
     if not isinstance(dups, np.ndarray):  # an object ref
         import ray
 
         dups = ray.get(dups)
-    rows = prepare_rows(batch, default_negative, run_seed)
+    rows = prepare_rows(batch, default_negative, run_seed, frozenset(without_id))
     keys = id_keys(rows["id"])
     hit = contains(dups, keys)
     return {"row_hash": batch["row_hash"].to_numpy()[hit].astype(np.uint64), "hi": keys["hi"][hit],
@@ -216,10 +218,11 @@ def _winners_task(*blocks: dict) -> np.ndarray:
 # ---- the plan ------------------------------------------------------------------------------------
 
 
-def plan_work(run, in_fs, files: list[str], read_input) -> WorkPlan:
+def plan_work(run, in_fs, files: list[str], read_input, without_id: list[str] = ()) -> WorkPlan:
     """Scan the input, reduce with the done set, and pick duplicate winners (see the module docstring).
 
-    `read_input(files)` must be the Ray Data read of the main pass (same paths, `include_row_hash`).
+    `read_input(files)` must be the Ray Data read of the main pass (same paths, `include_row_hash`);
+    `without_id`: the files with no `id` column (prompts.inspect_prompt_tables).
     """
     import ray
 
@@ -234,13 +237,16 @@ def plan_work(run, in_fs, files: list[str], read_input) -> WorkPlan:
     counts = ray.get(counts_ref)
     dup_files = counts.pop("dup_files")
     plan = WorkPlan(**counts)
+    if without_id:
+        plan.refs["without_id"] = list(without_id)
     if counts["done"]:
         plan.refs["skip"] = skip_ref
     if counts["conflicts"]:
         plan.refs["conflicts"] = conflicts_ref
     if counts["duplicates"]:
         ds = read_input([files[i] for i in dup_files])
-        ds = ds.map_batches(copy_hashes, fn_kwargs={"dups": dups_ref, "default_negative": negative, "run_seed": seed},
+        ds = ds.map_batches(copy_hashes, fn_kwargs={"dups": dups_ref, "default_negative": negative, "run_seed": seed,
+                                                      "without_id": list(without_id)},
                             batch_format="pyarrow", num_cpus=cpu)
         plan.refs["dups"] = dups_ref
         plan.refs["winners"] = ray.remote(_winners_task).options(num_cpus=cpu).remote(*ds.to_numpy_refs())

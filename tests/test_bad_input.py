@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 
 from latte_ray import runner
-from latte_ray.prompts import MAX_PROMPT_CHARS, check_prompt_schema, resolve_prompt_files
+from latte_ray.prompts import MAX_PROMPT_CHARS, check_prompt_schema, derive_id, resolve_prompt_files
 from latte_ray.spec import RunSpec, SpecError
 from tests.conftest import write_prompts
 from tests.invariants import assert_exactly_once, fast_spec, manifest
@@ -209,7 +209,11 @@ BYTES_ROWS = {  # a second table whose prompt columns are binary: the bytes must
                                "negative_prompt is not valid UTF-8"),
 }
 EXTRA_BYTES_ROWS = [("dup-cross", b"in both tables", None, 32)]
-ROW_CASES = {**TEXT_ROWS, **BYTES_ROWS}
+NO_ID_ROWS = {  # a third table with no id column, read together with the two that have one
+    "table without an id column": (None, "case: a table without ids", None, 50, "ok", None),
+}
+EXTRA_NO_ID_ROWS = [(None, "case: a table without ids", None, 50)]  # an identical copy: generated once
+ROW_CASES = {**TEXT_ROWS, **BYTES_ROWS, **NO_ID_ROWS}
 
 
 def _columns(rows: list[tuple], binary: bool) -> dict:
@@ -229,6 +233,8 @@ def mixed_run(tmp_path_factory, ray_local):
     bytes_rows = [r[:4] for r in BYTES_ROWS.values()] + EXTRA_BYTES_ROWS
     write_prompts(tmp / "in" / "text.parquet", _columns(text_rows, binary=False))
     write_prompts(tmp / "in" / "bytes.parquet", _columns(bytes_rows, binary=True))
+    no_id = _columns([r[:4] for r in NO_ID_ROWS.values()] + EXTRA_NO_ID_ROWS, binary=False)
+    write_prompts(tmp / "in" / "no-id.parquet", {k: v for k, v in no_id.items() if k != "id"})
     out = tmp / "nested" / "deeper" / "out"
     summary = runner.run(RunSpec(pipeline=fast_spec(batch_size=3), prompts=[str(tmp / "in")], output=str(out)))
     rows = manifest(out)
@@ -257,11 +263,20 @@ def test_each_bad_row_is_an_error_row_naming_it_and_good_rows_finish(case, mixed
             assert not row["video_uri"]
 
 
+def test_rows_of_a_table_without_ids_get_derived_ids_next_to_tables_with_ids(mixed_run):
+    """Read as one dataset, the id-less table's rows have a null id; they still take the id derived from
+    their content, exactly as when that table is read alone (the pre-pass reads each file alone)."""
+    _tmp, _out, _summary, _rows, by_key = mixed_run
+    _vid, prompt, _negative, seed, *_ = NO_ID_ROWS["table without an id column"]
+    (row,) = by_key["table without an id column"]
+    assert row["id"] == derive_id(prompt, fast_spec().sampling.negative_prompt, seed, 0)
+
+
 def test_the_mixed_run_is_exactly_once_and_stays_inside_its_prefix(mixed_run):
     tmp, out, summary, rows, _by_key = mixed_run
     ok_ids = {r["id"] for r in rows if r["status"] == "ok"}
     assert summary.ok == len(ok_ids) == sum(1 for c in ROW_CASES.values() if c[4] == "ok")
-    assert summary.duplicates == 2  # dup-same and dup-cross: one extra copy each
+    assert summary.duplicates == 3  # dup-same, dup-cross and the id-less copy: one extra copy each
     assert_exactly_once(out, ok_ids, errors={r["id"] for r in rows if r["status"] == "error"})
     assert Counter(r["id"] for r in rows)["dup-diff"] == 2
     # nothing outside the output prefix: the only entries on the way to it are the folders leading to it

@@ -300,3 +300,39 @@ def test_crash_at_each_commit_point_then_resume(tmp_path, model_cache, ray_local
     assert summary.skipped_done == len(committed) and summary.ok == len(ids) - len(committed)
     rows = assert_exactly_once(out, set(ids))
     assert [Path(r["video_uri"]) for r in rows if r["id"] == "crash-here"] == [video]
+
+
+# ------------------------------------------------------------------------------------- rounds
+
+
+def test_rounds_bound_the_rows_of_one_execution():
+    spec = fast_spec().with_overrides(round_rows=7)
+    def rounds(todo, **run):
+        return runner.rounds(RunSpec(pipeline=spec, prompts=["x"], output="y", **run), todo)
+    assert [rounds(n) for n in (0, 1, 7, 8, 14, 15)] == [1, 1, 1, 2, 2, 3]
+    assert rounds(100, limit=50) == 1  # --limit is a total, so one execution
+
+
+def test_a_run_split_into_rounds_is_exactly_once_and_resumes(tmp_path, ray_local, caplog):
+    """With execution.round_rows below the rows to do, the run is several Ray Data executions, each taking
+    the ids whose key falls in it: duplicates, conflicts and bad rows land in exactly one round, and a
+    resume over rounds skips what is done."""
+    ids = [f"r-{i:02d}" for i in range(10)]
+    table = {"id": ids + ["r-01", "cx", "cx", "bad"],
+             "prompt": [f"a round scene {i}" for i in ids] + ["a round scene r-01", "one", "other", ""]}
+    write_prompts(tmp_path / "in" / "a.parquet", table)
+    spec = fast_spec(batch_size=2).with_overrides(round_rows=7)
+    spec = spec.model_copy(update={"model": spec.model.model_copy(update={"source": "null"})})  # no model load
+    out = tmp_path / "out"
+    with caplog.at_level("INFO", logger="latte_ray.runner"):
+        summary = runner.run(RunSpec(pipeline=spec, prompts=[str(tmp_path / "in")], output=str(out)))
+    assert "round 2 of 2" in caplog.text  # 10 ids + 2 conflicting rows + 1 bad row = 13 rows to do
+    assert (summary.ok, summary.error, summary.duplicates) == (10, 3, 1)
+    assert_exactly_once(out, set(ids), errors={"cx", *(r["id"] for r in manifest(out) if "empty" in (r["error"] or ""))})
+
+    write_prompts(tmp_path / "in" / "b.parquet", {"id": ["r-10", "r-11"], "prompt": ["new one", "new two"]})
+    again = runner.run(RunSpec(pipeline=spec, prompts=[str(tmp_path / "in")], output=str(out),
+                               retry_errors=False))
+    assert (again.ok, again.error) == (2, 0) and again.skipped_done >= 13
+    assert_exactly_once(out, set(ids) | {"r-10", "r-11"},
+                        errors={"cx", *(r["id"] for r in manifest(out) if "empty" in (r["error"] or ""))})

@@ -25,8 +25,11 @@ def _resolve(value):
 
 class PrepareStage:
     def __init__(self, default_negative: str, run_seed: int, skip: object = None, conflicts: object = None,
-                 dups: object = None, winners: object = None):
+                 dups: object = None, winners: object = None, without_id: list[str] | None = None,
+                 round_of: tuple[int, int] | None = None):
         self.default_negative = default_negative
+        self.round_of = round_of  # (k, rounds): keep only the ids of round k (runner.rounds)
+        self.without_id = frozenset(without_id or ())  # files with no id column (prompts.prepare_rows)
         self.run_seed = run_seed
         self.skip = _resolve(skip)  # sorted id keys to leave out (resume), or None
         self.conflicts = _resolve(conflicts)  # {"keys": sorted id keys, "copies": uint32}, or None
@@ -34,11 +37,14 @@ class PrepareStage:
         self.winners = _resolve(winners)  # sorted row keys (row_hash, hi, lo) of the copies to keep
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        rows = prepare_rows(batch, self.default_negative, self.run_seed)
-        if self.skip is None and self.conflicts is None and self.dups is None:
+        rows = prepare_rows(batch, self.default_negative, self.run_seed, self.without_id)
+        if self.skip is None and self.conflicts is None and self.dups is None and self.round_of is None:
             return rows
         keys = id_keys(rows["id"])
         keep = np.ones(len(keys), bool)
+        if self.round_of is not None:
+            k, rounds = self.round_of
+            keep &= keys["lo"] % np.uint64(rounds) == np.uint64(k)
         if self.skip is not None:
             keep &= ~contains(self.skip, keys)
         if self.conflicts is not None:
