@@ -222,6 +222,24 @@ def _run_defaults(output: str, options: dict, pipeline: str | None, seed: int | 
     return negative, seed if seed is not None else int(record.get("seed", 0))
 
 
+@app.command()
+def compact(
+    output: str = typer.Argument(..., help="A run's output prefix (local folder or fsspec URL)."),
+    storage_option: Optional[list[str]] = StorageOpt,
+    min_age_minutes: float = typer.Option(60.0, "--min-age-minutes", min=0.0, help="Leave parts younger than this alone (a running job's batch may still rewrite its part)."),
+    parts_per_file: int = typer.Option(10_000, "--parts-per-file", min=2, help="Most parts merged into one compacted part."),
+) -> None:
+    """Merge the manifest's small parts (one per batch) into a few large ones; safe to stop at any instant."""
+    from latte_ray.compact import compact as compact_manifest
+
+    try:
+        result = compact_manifest(output, parse_storage_options(storage_option), min_age_s=min_age_minutes * 60,
+                                  parts_per_file=parts_per_file)
+    except SpecError as e:
+        _fail(e)
+    typer.echo(result.line())
+
+
 @app.command("tiny-model")
 def tiny_model(path: Path = typer.Argument(..., help="Folder to save the tiny random-weight Latte pipeline into.")) -> None:
     """Build the offline tiny Latte pipeline (random weights, local tokenizer) and save it with save_pretrained."""

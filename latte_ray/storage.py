@@ -3,7 +3,8 @@
 Output layout under a prefix:
     run.json                    spec snapshot and versions (no secrets)
     videos/<shard>/<id>.mp4     shard = first 2 hex chars of sha256(id)
-    manifest/part-*.parquet     one row per finished attempt: the commit record
+    manifest/part-*.parquet     one row per finished attempt: the commit record (part-compact-*: many
+                                parts merged by latte_ray/compact.py, naming in their footer the parts they replace)
 
 Commit protocol: a video object is written first (one PUT; on local disk temp file + rename), then the
 manifest part that records it. A video without a manifest row does not count and is rewritten on resume.
@@ -207,9 +208,12 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     return fs.cat_file(path)
 
 
-def manifest_part_bytes(rows: pa.Table) -> bytes:
+def manifest_part_bytes(rows: pa.Table, metadata: dict[bytes, bytes] | None = None) -> bytes:
     sink = io.BytesIO()
-    pq.write_table(rows.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA), sink, compression="zstd")
+    table = rows.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    pq.write_table(table, sink, compression="zstd")
     return sink.getvalue()
 
 
@@ -223,10 +227,37 @@ def write_manifest_part(
     return path
 
 
+COMPACT_PREFIX = "part-compact-"
+REPLACES_KEY = b"latte_ray.replaces"  # a compacted part's footer: JSON list of the part names it replaces
+
+
 def manifest_files(fs: fsspec.AbstractFileSystem, layout: OutputLayout) -> list[str]:
+    """The live manifest parts: every part, less those a compacted part replaces (latte_ray/compact.py;
+    left behind only when compaction stopped between writing the compacted part and deleting them)."""
+    return live_parts(fs, manifest_listing(fs, layout))[0]
+
+
+def manifest_listing(fs: fsspec.AbstractFileSystem, layout: OutputLayout) -> list[dict]:
+    """fsspec `ls` details of every part file under manifest/ (live or replaced)."""
     if not fs.exists(layout.manifest_dir):
         return []
-    return sorted(p for p in fs.ls(layout.manifest_dir, detail=False) if p.endswith(".parquet"))
+    return sorted((e for e in fs.ls(layout.manifest_dir, detail=True) if e["name"].endswith(".parquet")),
+                  key=lambda e: e["name"])
+
+
+def live_parts(fs: fsspec.AbstractFileSystem, listing: list[dict]) -> tuple[list[str], set[str]]:
+    """(live part paths, names of the replaced ones) from a manifest listing."""
+    import json
+
+    replaced: set[str] = set()
+    for entry in listing:
+        name = entry["name"].rsplit("/", 1)[-1]
+        if name.startswith(COMPACT_PREFIX):
+            with fs.open(entry["name"], "rb") as f:
+                metadata = pq.read_schema(f).metadata or {}
+            replaced.update(json.loads(metadata.get(REPLACES_KEY, b"[]")))
+    live = [e["name"] for e in listing if e["name"].rsplit("/", 1)[-1] not in replaced]
+    return live, replaced
 
 
 def read_manifest(
@@ -234,20 +265,23 @@ def read_manifest(
 ) -> pa.Table:
     """All manifest rows (every attempt). Use `latest_rows` for one row per id."""
     cols = list(columns) if columns else MANIFEST_SCHEMA.names
-    schema = pa.schema([MANIFEST_SCHEMA.field(c) for c in cols])
-    tables = []
-    for path in manifest_files(fs, layout):
-        with fs.open(path, "rb") as f:
-            part = pq.ParquetFile(f)
-            present = [c for c in cols if c in part.schema_arrow.names]
-            table = part.read(columns=present)
-        for c in cols:  # a column added after this part was written reads as nulls
-            if c not in present:
-                table = table.append_column(schema.field(c), pa.nulls(table.num_rows, schema.field(c).type))
-        tables.append(table.select(cols).cast(schema))
+    tables = [read_part(fs, path, cols) for path in manifest_files(fs, layout)]
     if not tables:
-        return schema.empty_table()
+        return pa.schema([MANIFEST_SCHEMA.field(c) for c in cols]).empty_table()
     return pa.concat_tables(tables)
+
+
+def read_part(fs: fsspec.AbstractFileSystem, path: str, columns: list[str]) -> pa.Table:
+    """One manifest part as `columns` of MANIFEST_SCHEMA; a column added after it was written reads as nulls."""
+    schema = pa.schema([MANIFEST_SCHEMA.field(c) for c in columns])
+    with fs.open(path, "rb") as f:
+        part = pq.ParquetFile(f)
+        present = [c for c in columns if c in part.schema_arrow.names]
+        table = part.read(columns=present)
+    for c in columns:
+        if c not in present:
+            table = table.append_column(schema.field(c), pa.nulls(table.num_rows, schema.field(c).type))
+    return table.select(columns).cast(schema)
 
 
 def latest_rows(manifest: pa.Table) -> pa.Table:

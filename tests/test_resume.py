@@ -313,7 +313,7 @@ def test_rounds_bound_the_rows_of_one_execution():
     assert rounds(100, limit=50) == 1  # --limit is a total, so one execution
 
 
-def test_a_run_split_into_rounds_is_exactly_once_and_resumes(tmp_path, ray_local, caplog):
+def test_a_run_split_into_rounds_is_exactly_once_resumes_and_compacts(tmp_path, ray_local, caplog):
     """With execution.round_rows below the rows to do, the run is several Ray Data executions, each taking
     the ids whose key falls in it: duplicates, conflicts and bad rows land in exactly one round, and a
     resume over rounds skips what is done."""
@@ -334,5 +334,13 @@ def test_a_run_split_into_rounds_is_exactly_once_and_resumes(tmp_path, ray_local
     again = runner.run(RunSpec(pipeline=spec, prompts=[str(tmp_path / "in")], output=str(out),
                                retry_errors=False))
     assert (again.ok, again.error) == (2, 0) and again.skipped_done >= 13
-    assert_exactly_once(out, set(ids) | {"r-10", "r-11"},
-                        errors={"cx", *(r["id"] for r in manifest(out) if "empty" in (r["error"] or ""))})
+    errors = {"cx", *(r["id"] for r in manifest(out) if "empty" in (r["error"] or ""))}
+    assert_exactly_once(out, set(ids) | {"r-10", "r-11"}, errors=errors)
+
+    # Compacted, the manifest is one part and still the record: a third run has nothing to do.
+    compacted = CliRunner().invoke(app, ["compact", str(out), "--min-age-minutes", "0"])
+    assert compacted.exit_code == 0, compacted.output
+    assert [p.name.startswith("part-compact-") for p in (out / "manifest").iterdir()] == [True]
+    assert_exactly_once(out, set(ids) | {"r-10", "r-11"}, errors=errors)
+    third = runner.run(RunSpec(pipeline=spec, prompts=[str(tmp_path / "in")], output=str(out), retry_errors=False))
+    assert (third.ok, third.error) == (0, 0)
