@@ -8,6 +8,9 @@ part that a compacted part lists, so compaction stopped at any instant leaves ea
 once, and a second compaction deletes what the first left behind. Parts younger than `min_age_s` are left
 alone: a batch that Ray retries rewrites its part under the same name, which must not happen to a part
 already compacted away (readers would ignore the rewrite).
+
+On local disk it also sweeps the temp files (`*.tmp-*`, never read) that killed writers left behind under
+manifest/ and videos/, again only those older than `min_age_s`. Object stores have none: a PUT appears whole.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,8 +27,8 @@ import pyarrow as pa
 
 from latte_ray import retry
 from latte_ray.storage import (
-    COMPACT_PREFIX, MANIFEST_SCHEMA, REPLACES_KEY, OutputLayout, filesystem, live_parts, manifest_listing,
-    manifest_part_bytes, read_part, write_atomic,
+    COMPACT_PREFIX, MANIFEST_SCHEMA, REPLACES_KEY, OutputLayout, filesystem, is_local, live_parts,
+    manifest_listing, manifest_part_bytes, read_part, write_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -36,10 +40,11 @@ class CompactResult:
     parts_after: int  # live parts after
     rows: int  # rows moved into compacted parts
     deleted: int  # part files deleted (replaced now, or left over from a stopped compaction)
+    swept: int = 0  # temp files of killed writers deleted (local disk)
 
     def line(self) -> str:
         return (f"manifest: {self.parts_before} parts -> {self.parts_after} ({self.rows} rows compacted, "
-                f"{self.deleted} files deleted)")
+                f"{self.deleted} files deleted); {self.swept} stale temp files swept")
 
 
 def compact(output: str, storage_options: dict | None = None, min_age_s: float = 3600.0,
@@ -60,8 +65,9 @@ def compact(output: str, storage_options: dict | None = None, min_age_s: float =
         rows += _compact_group(fs, layout, group)
         _delete(fs, group)
     _delete(fs, leftovers)
+    swept = _sweep_temp_files(layout, cutoff) if is_local(fs) else 0
     result = CompactResult(parts_before=len(live), parts_after=len(live) - sum(len(g) - 1 for g in groups),
-                           rows=rows, deleted=sum(map(len, groups)) + len(leftovers))
+                           rows=rows, deleted=sum(map(len, groups)) + len(leftovers), swept=swept)
     log.info(result.line())
     return result
 
@@ -77,6 +83,22 @@ def _compact_group(fs, layout: OutputLayout, group: list[str]) -> int:
     data = manifest_part_bytes(merged, {REPLACES_KEY: json.dumps(names).encode()})
     retry.call(lambda: write_atomic(fs, path, data), f"write {path}", retry.MANIFEST)
     return merged.num_rows
+
+
+def _sweep_temp_files(layout: OutputLayout, cutoff: float) -> int:
+    """Delete storage.write_atomic temp files (`<name>.tmp-<uuid>`) last modified before `cutoff`."""
+    swept = 0
+    for folder in (layout.manifest_dir, f"{layout.root}/videos"):
+        for dirpath, _dirs, names in os.walk(folder):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                if ".tmp-" in name and os.path.getmtime(path) <= cutoff:
+                    try:
+                        os.unlink(path)
+                        swept += 1
+                    except FileNotFoundError:
+                        pass
+    return swept
 
 
 def _delete(fs, paths: list[str]) -> None:

@@ -87,6 +87,23 @@ def test_young_parts_are_left_alone(tmp_path):
     assert "part-batch00.parquet" not in names
 
 
+def test_stale_temp_files_of_killed_writers_are_swept_young_ones_kept(tmp_path):
+    out = tmp_path / "out"
+    _write_parts(str(out), {}, 2)
+    old = time.time() - 2 * 3600
+    stale = [out / "manifest" / "part-x.parquet.tmp-0a1b", out / "videos" / "3f" / "v1.mp4.tmp-2c3d"]
+    young = out / "videos" / "3f" / "v2.mp4.tmp-4e5f"  # may belong to a writer still running
+    video = out / "videos" / "3f" / "v0.mp4"
+    for path in (*stale, young, video):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"partial")
+    for path in (*stale, video):
+        os.utime(path, (old, old))
+    result = compact(str(out), min_age_s=3600)
+    assert result.swept == 2 and "2 stale temp files swept" in result.line()
+    assert not any(p.exists() for p in stale) and young.exists() and video.exists()
+
+
 def test_compaction_on_s3_through_the_cli(s3_server):
     bucket = s3_server.make_bucket("compact-" + uuid.uuid4().hex[:8])
     out, options = f"s3://{bucket}/run", s3_server.storage_options()
