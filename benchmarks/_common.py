@@ -87,11 +87,7 @@ class CpuMeter:
 
     def by_process(self) -> dict[str, float]:
         """CPU seconds per kind of process (Ray actors by class, the driver, Ray's own daemons)."""
-        out: dict[str, float] = {}
-        for key, value in self.last.items():
-            label = self.names.get(key, "?")
-            out[label] = out.get(label, 0.0) + value - self.first.get(key, 0.0)
-        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+        return self._by_label(self.first, self.last)
 
     def between(self, t0: float, t1: float) -> dict[str, float]:
         """CPU seconds per kind of process between the samples nearest wall times t0 and t1 (time.time()):
@@ -100,10 +96,14 @@ class CpuMeter:
             return min(self.snapshots, key=lambda snap: abs(snap[0] - t))[1]
 
         a, b = nearest(t0), nearest(t1)
+        # A process first seen after t0 counts from its first sample in the window, not from its birth.
+        return self._by_label({k: a.get(k, self.first.get(k, v)) for k, v in b.items()}, b)
+
+    def _by_label(self, start: dict, end: dict) -> dict[str, float]:
         out: dict[str, float] = {}
-        for key, value in b.items():
+        for key, value in end.items():
             label = self.names.get(key, "?")
-            out[label] = out.get(label, 0.0) + value - a.get(key, self.first.get(key, value))
+            out[label] = out.get(label, 0.0) + value - start.get(key, 0.0)
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def _run(self) -> None:

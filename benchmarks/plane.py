@@ -24,8 +24,8 @@ from _common import CpuMeter, MotoServer, machine, same_priority_as_baseline, ti
 
 
 def run_plane(spec, table: Path, output: str, storage_options: dict, exclude: tuple[int, ...]) -> dict:
-    """One run: videos/s from its start, videos/s from the first committed batch to the last, CPU seconds
-    of this process tree (Ray included, the S3 server excluded)."""
+    """One run: videos/s from its start and at steady state, and CPU seconds per kind of process of this
+    process tree (Ray included, the S3 server excluded), over the whole run and at steady state."""
     from latte_ray import runner
     from latte_ray.spec import RunSpec
     from latte_ray.storage import OutputLayout, filesystem, read_manifest
@@ -46,9 +46,8 @@ def run_plane(spec, table: Path, output: str, storage_options: dict, exclude: tu
     steady_videos = sum(1 for t in stamps if t > mid)
     steady = steady_videos / (stamps[-1] - mid) if stamps[-1] > mid else float("nan")
     window = cpu.between(mid, stamps[-1])
-    return {"videos": summary.ok, "rate": summary.ok / seconds, "steady": steady, "cpu": cpu.seconds,
-            "seconds": seconds, "by_process": cpu.by_process(), "steady_by_process": window,
-            "steady_videos": steady_videos}
+    return {"videos": summary.ok, "rate": summary.ok / seconds, "steady": steady,
+            "by_process": cpu.by_process(), "steady_by_process": window, "steady_videos": steady_videos}
 
 
 def parts_in_isolation(spec, s3: MotoServer, n: int = 40) -> dict[str, float]:

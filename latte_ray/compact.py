@@ -20,15 +20,12 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-
-import pyarrow as pa
 
 from latte_ray import retry
 from latte_ray.storage import (
     COMPACT_PREFIX, MANIFEST_SCHEMA, REPLACES_KEY, OutputLayout, filesystem, is_local, live_parts,
-    manifest_listing, manifest_part_bytes, read_part, write_atomic,
+    manifest_listing, manifest_part_bytes, part_name, read_parts, write_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -55,10 +52,10 @@ def compact(output: str, storage_options: dict | None = None, min_age_s: float =
     layout = OutputLayout(url=output.rstrip("/"), root=root.rstrip("/"))
     listing = retry.call(lambda: manifest_listing(fs, layout), f"list {layout.manifest_dir}", retry.READ)
     live, replaced = live_parts(fs, listing)
-    leftovers = [e["name"] for e in listing if _name(e["name"]) in replaced]
+    leftovers = [e["name"] for e in listing if part_name(e["name"]) in replaced]
     cutoff = time.time() - min_age_s
     modified = {e["name"]: _mtime(e) for e in listing}
-    todo = [p for p in live if not _name(p).startswith(COMPACT_PREFIX) and modified[p] <= cutoff]
+    todo = [p for p in live if not part_name(p).startswith(COMPACT_PREFIX) and modified[p] <= cutoff]
     groups = [todo[i:i + parts_per_file] for i in range(0, len(todo), parts_per_file)] if len(todo) > 1 else []
     rows = 0
     for group in groups:
@@ -73,11 +70,8 @@ def compact(output: str, storage_options: dict | None = None, min_age_s: float =
 
 
 def _compact_group(fs, layout: OutputLayout, group: list[str]) -> int:
-    names = [_name(p) for p in group]
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        tables = list(pool.map(
-            lambda p: retry.call(lambda: read_part(fs, p, MANIFEST_SCHEMA.names), f"read {p}", retry.READ), group))
-    merged = pa.concat_tables(tables)
+    names = [part_name(p) for p in group]
+    merged = read_parts(fs, group, MANIFEST_SCHEMA.names)
     digest = hashlib.sha256("\0".join(names).encode()).hexdigest()[:32]
     path = f"{layout.manifest_dir}/{COMPACT_PREFIX}{digest}.parquet"
     data = manifest_part_bytes(merged, {REPLACES_KEY: json.dumps(names).encode()})
@@ -107,10 +101,6 @@ def _delete(fs, paths: list[str]) -> None:
             retry.call(lambda: fs.rm_file(path), f"delete {path}", retry.READ)
         except FileNotFoundError:
             pass
-
-
-def _name(path: str) -> str:
-    return path.rsplit("/", 1)[-1]
 
 
 def _mtime(entry: dict) -> float:

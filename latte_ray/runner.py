@@ -169,6 +169,7 @@ def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "
         fn_constructor_kwargs={
             "default_negative": spec.sampling.negative_prompt, "run_seed": run.seed,
             **(work.refs if work is not None else {}), "round_of": round_of,
+            "without_id": work.without_id if work is not None else None,
         },
         batch_format="pyarrow",
         compute=cpu_pool,

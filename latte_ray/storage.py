@@ -251,13 +251,17 @@ def live_parts(fs: fsspec.AbstractFileSystem, listing: list[dict]) -> tuple[list
 
     replaced: set[str] = set()
     for entry in listing:
-        name = entry["name"].rsplit("/", 1)[-1]
-        if name.startswith(COMPACT_PREFIX):
+        if part_name(entry["name"]).startswith(COMPACT_PREFIX):
             with fs.open(entry["name"], "rb") as f:
                 metadata = pq.read_schema(f).metadata or {}
             replaced.update(json.loads(metadata.get(REPLACES_KEY, b"[]")))
-    live = [e["name"] for e in listing if e["name"].rsplit("/", 1)[-1] not in replaced]
+    live = [e["name"] for e in listing if part_name(e["name"]) not in replaced]
     return live, replaced
+
+
+def part_name(path: str) -> str:
+    """A manifest part's file name, which is what compacted parts record."""
+    return path.rsplit("/", 1)[-1]
 
 
 def read_manifest(
@@ -265,10 +269,22 @@ def read_manifest(
 ) -> pa.Table:
     """All manifest rows (every attempt). Use `latest_rows` for one row per id."""
     cols = list(columns) if columns else MANIFEST_SCHEMA.names
-    tables = [read_part(fs, path, cols) for path in manifest_files(fs, layout)]
-    if not tables:
-        return pa.schema([MANIFEST_SCHEMA.field(c) for c in cols]).empty_table()
-    return pa.concat_tables(tables)
+    return read_parts(fs, manifest_files(fs, layout), cols)
+
+
+def read_parts(fs: fsspec.AbstractFileSystem, paths: list[str], columns: list[str]) -> pa.Table:
+    """Manifest parts read concurrently (each read retried on transient errors), as one table."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from latte_ray import retry
+
+    def read(path: str) -> pa.Table:
+        return retry.call(lambda: read_part(fs, path, columns), f"read {path}", retry.READ)
+
+    if not paths:
+        return pa.schema([MANIFEST_SCHEMA.field(c) for c in columns]).empty_table()
+    with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
+        return pa.concat_tables(list(pool.map(read, paths)))
 
 
 def read_part(fs: fsspec.AbstractFileSystem, path: str, columns: list[str]) -> pa.Table:

@@ -53,8 +53,8 @@ class WorkPlan:
     conflicts: int = 0  # rows of ids repeated with different content (error rows)
     todo: int = 0  # rows that go through the pipeline (conflict rows included)
     generate: int = 0  # of those, rows that need a model (neither invalid nor conflicting)
-    refs: dict = field(default_factory=dict)  # PrepareStage keyword arguments: object refs of key arrays (and
-    # the list of files without an id column)
+    refs: dict = field(default_factory=dict)  # PrepareStage keyword arguments: object refs of key arrays
+    without_id: list[str] = field(default_factory=list)  # input files with no id column (prompts.prepare_rows)
 
     def line(self) -> str:
         return (f"{self.rows} input rows: {self.todo} to process, {self.done} already done, "
@@ -152,14 +152,10 @@ def done_keys(run, layout, out_fs) -> np.ndarray:
     import pyarrow.compute as pc
 
     from latte_ray import retry
-    from latte_ray.storage import manifest_files
+    from latte_ray.storage import manifest_files, read_part
 
     def part_keys(path: str) -> np.ndarray:
-        def read() -> pa.Table:
-            with out_fs.open(path, "rb") as f:
-                return pq.read_table(f, columns=["id", "status"])
-
-        table = retry.call(read, f"read {path}", retry.READ)
+        table = retry.call(lambda: read_part(out_fs, path, ["id", "status"]), f"read {path}", retry.READ)
         if run.retry_errors:
             table = table.filter(pc.equal(table["status"], "ok"))
         return np.unique(id_keys(table["id"].to_pylist()))
@@ -236,9 +232,7 @@ def plan_work(run, in_fs, files: list[str], read_input, without_id: list[str] = 
     skip_ref, conflicts_ref, dups_ref, counts_ref = reduce.remote(run, *scans)
     counts = ray.get(counts_ref)
     dup_files = counts.pop("dup_files")
-    plan = WorkPlan(**counts)
-    if without_id:
-        plan.refs["without_id"] = list(without_id)
+    plan = WorkPlan(**counts, without_id=list(without_id))
     if counts["done"]:
         plan.refs["skip"] = skip_ref
     if counts["conflicts"]:

@@ -27,6 +27,7 @@ PUT_CONCURRENCY = 8  # video uploads in flight per write actor
 class WriteStage:
     def __init__(self, output_url: str, spec_json: str, storage_options: dict | None = None, run_id: str = ""):
         self.run_id = run_id
+        self.uploads = ThreadPoolExecutor(max_workers=PUT_CONCURRENCY)  # one per actor, for every batch
         self.fs, root = filesystem(output_url, storage_options)
         self.layout = OutputLayout(url=output_url.rstrip("/"), root=root.rstrip("/"))
         spec = PipelineSpec.model_validate_json(spec_json)
@@ -48,8 +49,7 @@ class WriteStage:
         todo = [i for i in range(n) if status[i] == "encoded"]
         # Uploads are latency-bound (one PUT each), so a batch's videos go up concurrently; the manifest
         # part still waits for all of them.
-        with ThreadPoolExecutor(max_workers=max(1, min(PUT_CONCURRENCY, len(todo)))) as pool:
-            results = list(pool.map(lambda i: self._put_video(str(batch["id"][i]), batch["video"][i]), todo))
+        results = list(self.uploads.map(lambda i: self._put_video(str(batch["id"][i]), batch["video"][i]), todo))
         for i, (uri, error) in zip(todo, results):
             if error:
                 status[i], batch["error"][i] = "error", error
