@@ -36,7 +36,7 @@ def mark_all_done(table: Path, output: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from latte_ray.storage import MANIFEST_SCHEMA, OutputLayout, filesystem, write_manifest_part
+    from latte_ray.record.storage import MANIFEST_SCHEMA, OutputLayout, filesystem, write_manifest_part
 
     fs, root = filesystem(str(output))
     layout = OutputLayout(str(output), root)

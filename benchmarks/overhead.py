@@ -79,7 +79,7 @@ def engine_generate(spec):
 def latte_ray_run(spec, table: Path, out: Path) -> tuple[float, list[float]]:
     from latte_ray import runner
     from latte_ray.spec import RunSpec
-    from latte_ray.storage import OutputLayout, filesystem, read_manifest
+    from latte_ray.record.storage import OutputLayout, filesystem, read_manifest
 
     runner.init_ray()  # Ray start-up is timed separately (end to end), not in the CPU breakdown
     with CpuMeter() as cpu:

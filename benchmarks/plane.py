@@ -28,7 +28,7 @@ def run_plane(spec, table: Path, output: str, storage_options: dict, exclude: tu
     process tree (Ray included, the S3 server excluded), over the whole run and at steady state."""
     from latte_ray import runner
     from latte_ray.spec import RunSpec
-    from latte_ray.storage import OutputLayout, filesystem, read_manifest
+    from latte_ray.record.storage import OutputLayout, filesystem, read_manifest
 
     runner.init_ray()  # started once, outside the measured runs
     with CpuMeter(exclude) as cpu:
@@ -54,7 +54,7 @@ def parts_in_isolation(spec, s3: MotoServer, n: int = 40) -> dict[str, float]:
     """ms per video: encoding (CPU time), one object write (wall: local atomic write, S3 PUT), in this process."""
     from latte_ray.model.null import NullEngine
     from latte_ray.stages.encode import encode_mp4
-    from latte_ray.storage import filesystem, write_atomic
+    from latte_ray.record.storage import filesystem, write_atomic
 
     frames = NullEngine(spec).denoise(None, list(range(n)))
     t = time.process_time()

@@ -32,7 +32,7 @@ BATCH = 4096
 def mark_done(ids, output: Path, part_rows: int) -> None:
     import pyarrow as pa
 
-    from latte_ray.storage import MANIFEST_SCHEMA, OutputLayout, filesystem, write_manifest_part
+    from latte_ray.record.storage import MANIFEST_SCHEMA, OutputLayout, filesystem, write_manifest_part
 
     fs, root = filesystem(str(output))
     layout = OutputLayout(str(output), root)
@@ -48,10 +48,10 @@ def child(mode: str, table: str, output: str) -> None:
     import ray.data  # noqa: F401  (imports are not growth)
 
     from latte_ray import runner
-    from latte_ray.prompts import resolve_prompt_files
+    from latte_ray.plan.prompts import resolve_prompt_files
     from latte_ray.spec import RunSpec
-    from latte_ray.storage import OutputLayout, filesystem
-    from latte_ray.workplan import plan_work
+    from latte_ray.record.storage import OutputLayout, filesystem
+    from latte_ray.plan.workplan import plan_work
 
     run = RunSpec(pipeline=tiny_spec(), prompts=[table], output=output)
     in_fs, files = resolve_prompt_files(run.prompts)
@@ -86,7 +86,7 @@ def filter_timings(ids, total_rows: int) -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from latte_ray.keys import contains, id_keys, key_set
+    from latte_ray.plan.keys import contains, id_keys, key_set
 
     started = time.perf_counter()
     done = key_set(id_keys(ids.to_pylist()))

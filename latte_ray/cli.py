@@ -86,7 +86,7 @@ def run(
         spec = build_run_spec(pipeline, prompts or [str(EXAMPLE_PROMPTS)], output, storage_option, batch_size,
                               concurrency, seed, resume, retry_errors, limit, cache_dir)
         if dry_run:
-            from latte_ray.dryrun import plan
+            from latte_ray.plan.dryrun import plan
 
             typer.echo("\n".join(plan(spec, gpus).lines()))
             return
@@ -114,7 +114,7 @@ def synth(
     cache_dir: Optional[str] = CacheOpt,
 ) -> None:
     """Build a synthetic video dataset: expand the recipe, generate (resumable), export WebDataset shards + a Parquet index."""
-    from latte_ray.synth import synthesize
+    from latte_ray.datasets.synth import synthesize
 
     try:
         summary = synthesize(recipe, output, pipeline=pipeline, storage_options=parse_storage_options(storage_option),
@@ -135,7 +135,7 @@ def report(
     samples: int = typer.Option(12, "--samples", min=1, help="Videos on the contact sheet (evenly spaced by id)."),
 ) -> None:
     """Write an HTML report of a run: counts, throughput over time, errors, and a contact sheet."""
-    from latte_ray.report import write_report
+    from latte_ray.ops.report import write_report
 
     try:
         result = write_report(output, parse_storage_options(storage_option), dest=dest, samples=samples)
@@ -194,7 +194,7 @@ def status(
     """ok / error / pending counts (per id, against the input with --prompts), the most common errors and throughput so far."""
     import json
 
-    from latte_ray.status import status as output_status
+    from latte_ray.ops.status import status as output_status
 
     try:
         options = parse_storage_options(storage_option)
@@ -210,7 +210,7 @@ def _run_defaults(output: str, options: dict, pipeline: str | None, seed: int | 
     """The default negative prompt and run seed a run used (both enter derived ids): given, or run.json's."""
     import json
 
-    from latte_ray.storage import OutputLayout, filesystem
+    from latte_ray.record.storage import OutputLayout, filesystem
 
     fs, root = filesystem(output, options)
     try:
@@ -230,7 +230,7 @@ def compact(
     parts_per_file: int = typer.Option(10_000, "--parts-per-file", min=2, help="Most parts merged into one compacted part."),
 ) -> None:
     """Merge the manifest's small parts (one per batch) into a few large ones; safe to stop at any instant."""
-    from latte_ray.compact import compact as compact_manifest
+    from latte_ray.record.compact import compact as compact_manifest
 
     try:
         result = compact_manifest(output, parse_storage_options(storage_option), min_age_s=min_age_minutes * 60,

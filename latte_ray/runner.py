@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 
-from latte_ray.prompts import inspect_prompt_tables, resolve_prompt_files
+from latte_ray.plan.prompts import inspect_prompt_tables, resolve_prompt_files
 from latte_ray.spec import RunSpec, SpecError
-from latte_ray.storage import OutputLayout, filesystem, is_local, read_manifest, write_atomic
+from latte_ray.record.storage import OutputLayout, filesystem, is_local, read_manifest, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ def run(run: RunSpec) -> RunSummary:
         raise SpecError(f"output: cannot write {layout.url}/run.json: {type(e).__name__}: {e}") from e
 
     init_ray()
-    from latte_ray.workplan import plan_work
+    from latte_ray.plan.workplan import plan_work
 
     # Pre-pass: global dedupe and resume, decided before any actor starts (see workplan.py).
     work = plan_work(run, in_fs, files, lambda subset: read_input(run, in_fs, subset), without_id)

@@ -25,7 +25,7 @@ def model_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def faults_file(tmp_path_factory) -> Path:
-    """A fault-rules file every Ray worker of the session reads (latte_ray/faults.py); empty = no faults.
+    """A fault-rules file every Ray worker of the session reads (latte_ray/faults/injection.py); empty = no faults.
     Tests write rules into it (the `faults` fixture in test_resume.py) and clear it afterwards."""
     path = tmp_path_factory.mktemp("faults") / "rules.txt"
     path.write_text("")

@@ -14,9 +14,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
-from latte_ray import faults
+from latte_ray.faults import injection as faults
 from latte_ray.spec import load_pipeline_spec, parse_pipeline_spec
-from latte_ray.storage import OutputLayout, filesystem, read_manifest
+from latte_ray.record.storage import OutputLayout, filesystem, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 
 from latte_ray import runner
-from latte_ray.prompts import MAX_PROMPT_CHARS, check_prompt_schema, derive_id, resolve_prompt_files
+from latte_ray.plan.prompts import MAX_PROMPT_CHARS, check_prompt_schema, derive_id, resolve_prompt_files
 from latte_ray.spec import RunSpec, SpecError
 from tests.conftest import write_prompts
 from tests.invariants import assert_exactly_once, fast_spec, manifest

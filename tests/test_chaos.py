@@ -11,14 +11,15 @@ import signal
 import time
 from pathlib import Path
 
-from latte_ray import faults, runner
+from latte_ray import runner
+from latte_ray.faults import injection as faults
 from latte_ray.spec import RunSpec
 from tests.conftest import write_prompts
 from tests.invariants import assert_exactly_once, cli_env, fast_spec, kill_run, manifest, start_cli, write_spec
 
 PROMPTS = 200
 ACTOR_KILLS = 4
-STORAGE_FAULTS = (  # transient: each write is retried with backoff (latte_ray/retry.py)
+STORAGE_FAULTS = (  # transient: each write is retried with backoff (latte_ray/faults/retry.py)
     "point=write match=*/videos/* action=oserror times=3\n"  # the first three video writes fail
     "point=write match=*/videos/* action=oserror p=0.05 times=15\n"  # then one in twenty, at random
     "point=write match=*/manifest/* action=oserror p=0.2 times=6\n"

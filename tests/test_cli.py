@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from latte_ray import runner
 from latte_ray.cli import app
 from latte_ray.spec import RunSpec, load_pipeline_spec
-from latte_ray.storage import OutputLayout, filesystem, latest_rows, read_manifest
+from latte_ray.record.storage import OutputLayout, filesystem, latest_rows, read_manifest
 from tests.conftest import REPO, write_prompts
 
 CLI = [sys.executable, "-m", "latte_ray.cli"]

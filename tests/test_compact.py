@@ -1,4 +1,4 @@
-"""Manifest compaction (latte_ray/compact.py): rows are kept exactly, readers never see a row twice even when
+"""Manifest compaction (latte_ray/record/compact.py): rows are kept exactly, readers never see a row twice even when
 compaction stops between writing a compacted part and deleting what it replaces, young parts are left
 alone; on local disk and on the loopback S3 server."""
 
@@ -13,8 +13,8 @@ import pyarrow as pa
 from typer.testing import CliRunner
 
 from latte_ray.cli import app
-from latte_ray.compact import compact
-from latte_ray.storage import (
+from latte_ray.record.compact import compact
+from latte_ray.record.storage import (
     COMPACT_PREFIX, MANIFEST_SCHEMA, OutputLayout, filesystem, latest_rows, manifest_files, read_manifest,
     write_manifest_part,
 )

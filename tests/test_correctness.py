@@ -15,7 +15,7 @@ import yaml
 from latte_ray import runner
 from latte_ray.spec import RunSpec, load_pipeline_spec, parse_pipeline_spec
 from latte_ray.stages.encode import decode_mp4
-from latte_ray.storage import OutputLayout, filesystem, latest_rows, read_manifest
+from latte_ray.record.storage import OutputLayout, filesystem, latest_rows, read_manifest
 from tests.conftest import write_prompts
 
 PROMPTS = {

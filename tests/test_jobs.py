@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from conftest import REPO, free_port, write_prompts
-from latte_ray.storage import OutputLayout, filesystem, latest_rows, read_manifest
+from latte_ray.record.storage import OutputLayout, filesystem, latest_rows, read_manifest
 
 VENV_BIN = Path(sys.executable).parent
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from latte_ray.prompts import (
+from latte_ray.plan.prompts import (
     ID_RE, check_prompt_schema, derive_id, derive_seed, prepare_rows, resolve_prompt_files,
 )
 from latte_ray.spec import SpecError

@@ -1,6 +1,6 @@
 """Resume, exactly-once commit, failures, backfills and status.
 
-Crashes are real: fault rules (latte_ray/faults.py) make a Ray worker os._exit, or SIGKILL a whole
+Crashes are real: fault rules (latte_ray/faults/injection.py) make a Ray worker os._exit, or SIGKILL a whole
 `latte-ray` run (driver, Ray daemons and workers) at a chosen instant; the test itself SIGKILLs a driver.
 Each crash is followed by a resume and a check of the exactly-once invariants (tests/invariants.py).
 """
@@ -20,15 +20,17 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from latte_ray import faults, retry, runner
+from latte_ray import runner
+from latte_ray.faults import injection as faults
+from latte_ray.faults import retry
 from latte_ray.cli import app
-from latte_ray.crashes import MAX_CRASHES, CrashLedger
-from latte_ray.keys import id_keys, key_set
+from latte_ray.faults.crashes import MAX_CRASHES, CrashLedger
+from latte_ray.plan.keys import id_keys, key_set
 from latte_ray.spec import RunSpec
 from latte_ray.stages.encode import EncodeStage
 from latte_ray.stages.write import WriteStage
-from latte_ray.storage import OutputLayout
-from latte_ray.workplan import reduce_keys
+from latte_ray.record.storage import OutputLayout
+from latte_ray.plan.workplan import reduce_keys
 from tests.conftest import write_prompts
 from tests.invariants import assert_exactly_once, cli_env, fast_spec, kill_run, manifest, start_cli, write_spec
 

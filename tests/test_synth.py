@@ -21,13 +21,13 @@ import pytest
 from typer.testing import CliRunner
 
 from latte_ray.cli import app
-from latte_ray.export import select_samples
-from latte_ray.prompts import prepare_rows
+from latte_ray.datasets.export import select_samples
+from latte_ray.plan.prompts import prepare_rows
 from latte_ray.spec import SpecError, load_pipeline_spec
 from latte_ray.stages.encode import EncodeStage, decode_mp4, video_stats
 from latte_ray.stages.write import WriteStage
-from latte_ray.storage import OutputLayout, latest_rows, read_manifest
-from latte_ray.synth import Recipe, expand, load_recipe, synth_id, synthesize
+from latte_ray.record.storage import OutputLayout, latest_rows, read_manifest
+from latte_ray.datasets.synth import Recipe, expand, load_recipe, synth_id, synthesize
 from tests.conftest import REPO, write_prompts
 
 EXAMPLE = REPO / "pipelines" / "synth-example.yaml"
@@ -212,7 +212,7 @@ def test_synth_resumes_and_export_filters_on_stats(synth_out, tmp_path):
 
 
 def _fs(out: Path):
-    from latte_ray.storage import filesystem
+    from latte_ray.record.storage import filesystem
 
     fs, root = filesystem(str(out))
     return fs, OutputLayout(url=str(out), root=root)
@@ -224,7 +224,7 @@ def _fs(out: Path):
 def test_report_renders_counts_errors_and_a_contact_sheet(synth_out, tmp_path):
     from PIL import Image
 
-    from latte_ray.report import LABEL, PAD, THUMB, sheet_size
+    from latte_ray.ops.report import LABEL, PAD, THUMB, sheet_size
 
     out = tmp_path / "run"
     shutil.copytree(synth_out, out)
@@ -318,9 +318,9 @@ def test_export_and_report_on_s3(synth_out, s3_server, tmp_path, monkeypatch):
 
     import webdataset as wds
 
-    from latte_ray.export import export_dataset
-    from latte_ray.report import write_report
-    from latte_ray.storage import filesystem
+    from latte_ray.datasets.export import export_dataset
+    from latte_ray.ops.report import write_report
+    from latte_ray.record.storage import filesystem
 
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     options = s3_server.storage_options()

@@ -18,7 +18,7 @@ import pytest
 from latte_ray import runner
 from latte_ray.spec import RunSpec, parse_pipeline_spec
 from latte_ray.stages.encode import decode_mp4
-from latte_ray.storage import OutputLayout, filesystem, latest_rows, read_manifest
+from latte_ray.record.storage import OutputLayout, filesystem, latest_rows, read_manifest
 from tests.conftest import write_prompts
 from tests.test_correctness import PROMPTS, lossless_spec, reference_frames
 

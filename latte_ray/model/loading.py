@@ -21,7 +21,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from latte_ray.spec import TINY_SOURCE, ModelSpec
-from latte_ray.storage import filesystem
+from latte_ray.record.storage import filesystem
 
 log = logging.getLogger(__name__)
 

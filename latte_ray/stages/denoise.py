@@ -3,7 +3,7 @@
 It only generates: frames leave as raw uint8 bytes for the CPU encode stage. A batch that raises is
 retried one row at a time, so one bad prompt becomes one error row and its neighbours still finish. A
 batch whose earlier attempt killed the process is also run one row at a time, and a row that killed it
-MAX_CRASHES times becomes an error row (latte_ray/crashes.py).
+MAX_CRASHES times becomes an error row (latte_ray/faults/crashes.py).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from latte_ray import faults
-from latte_ray.crashes import MAX_CRASHES, CrashLedger
+from latte_ray.faults import injection as faults
+from latte_ray.faults.crashes import MAX_CRASHES, CrashLedger
 from latte_ray.metrics import StageMetrics
 from latte_ray.spec import PipelineSpec
 

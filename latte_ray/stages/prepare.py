@@ -1,6 +1,6 @@
 """Prepare stage (CPU actors): validate rows, give them ids and seeds, apply the work plan.
 
-The work plan (latte_ray/workplan.py) arrives as small sorted key arrays in Ray's object store, shared
+The work plan (latte_ray/plan/workplan.py) arrives as small sorted key arrays in Ray's object store, shared
 zero-copy by every prepare actor on a node: ids already done (dropped), ids repeated with different
 content (error rows naming the id), and ids repeated with identical content together with the one copy
 of each that is generated.
@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from latte_ray.keys import contains, id_keys
-from latte_ray.prompts import prepare_rows
+from latte_ray.plan.keys import contains, id_keys
+from latte_ray.plan.prompts import prepare_rows
 
 
 def _resolve(value):
@@ -50,7 +50,7 @@ class PrepareStage:
         if self.conflicts is not None:
             self._mark_conflicts(batch, rows, keys)
         if self.dups is not None:
-            from latte_ray.workplan import ROW_KEY_DTYPE
+            from latte_ray.plan.workplan import ROW_KEY_DTYPE
 
             copy = contains(self.dups, keys)
             row_keys = np.empty(len(keys), ROW_KEY_DTYPE)

@@ -16,10 +16,11 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from latte_ray import faults, retry
+from latte_ray.faults import injection as faults
+from latte_ray.faults import retry
 from latte_ray.metrics import StageMetrics
 from latte_ray.spec import PipelineSpec
-from latte_ray.storage import MANIFEST_SCHEMA, OutputLayout, filesystem, write_atomic, write_manifest_part
+from latte_ray.record.storage import MANIFEST_SCHEMA, OutputLayout, filesystem, write_atomic, write_manifest_part
 
 PUT_CONCURRENCY = 8  # video uploads in flight per write actor
 

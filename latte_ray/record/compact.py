@@ -22,8 +22,8 @@ import os
 import time
 from dataclasses import dataclass
 
-from latte_ray import retry
-from latte_ray.storage import (
+from latte_ray.faults import retry
+from latte_ray.record.storage import (
     COMPACT_PREFIX, MANIFEST_SCHEMA, REPLACES_KEY, OutputLayout, filesystem, is_local, live_parts,
     manifest_listing, manifest_part_bytes, part_name, read_parts, write_atomic,
 )

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from latte_ray.storage import OutputLayout, filesystem, latest_rows, read_manifest, write_atomic
+from latte_ray.record.storage import OutputLayout, filesystem, latest_rows, read_manifest, write_atomic
 
 log = logging.getLogger(__name__)
 

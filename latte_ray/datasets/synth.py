@@ -26,7 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from latte_ray.spec import PipelineSpec, RunSpec, SpecError, _format_errors, load_pipeline_spec
-from latte_ray.storage import filesystem, write_atomic
+from latte_ray.record.storage import filesystem, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ def synthesize(
 ) -> SynthSummary:
     """Expand the recipe, generate what is missing (resume), and export the dataset shards."""
     from latte_ray import runner
-    from latte_ray.export import export_dataset
+    from latte_ray.datasets.export import export_dataset
 
     recipe, text = load_recipe(recipe_url, storage_options)
     spec = recipe_pipeline(recipe, recipe_url, pipeline)

@@ -4,7 +4,7 @@ Output layout under a prefix:
     run.json                    spec snapshot and versions (no secrets)
     videos/<shard>/<id>.mp4     shard = first 2 hex chars of sha256(id)
     manifest/part-*.parquet     one row per finished attempt: the commit record (part-compact-*: many
-                                parts merged by latte_ray/compact.py, naming in their footer the parts they replace)
+                                parts merged by latte_ray/record/compact.py, naming in their footer the parts they replace)
 
 Commit protocol: a video object is written first (one PUT; on local disk temp file + rename), then the
 manifest part that records it. A video without a manifest row does not count and is rewritten on resume.
@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from latte_ray import faults
+from latte_ray.faults import injection as faults
 from latte_ray.spec import SpecError
 
 MANIFEST_SCHEMA = pa.schema(
@@ -232,7 +232,7 @@ REPLACES_KEY = b"latte_ray.replaces"  # a compacted part's footer: JSON list of 
 
 
 def manifest_files(fs: fsspec.AbstractFileSystem, layout: OutputLayout) -> list[str]:
-    """The live manifest parts: every part, less those a compacted part replaces (latte_ray/compact.py;
+    """The live manifest parts: every part, less those a compacted part replaces (latte_ray/record/compact.py;
     left behind only when compaction stopped between writing the compacted part and deleting them)."""
     return live_parts(fs, manifest_listing(fs, layout))[0]
 
@@ -276,7 +276,7 @@ def read_parts(fs: fsspec.AbstractFileSystem, paths: list[str], columns: list[st
     """Manifest parts read concurrently (each read retried on transient errors), as one table."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from latte_ray import retry
+    from latte_ray.faults import retry
 
     def read(path: str) -> pa.Table:
         return retry.call(lambda: read_part(fs, path, columns), f"read {path}", retry.READ)

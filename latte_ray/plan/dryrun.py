@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from latte_ray.prompts import check_prompt_schema, prepare_rows, resolve_prompt_files
+from latte_ray.plan.prompts import check_prompt_schema, prepare_rows, resolve_prompt_files
 from latte_ray.spec import RunSpec
-from latte_ray.storage import OutputLayout, filesystem, read_manifest
+from latte_ray.record.storage import OutputLayout, filesystem, read_manifest
 
 READ_BATCH_ROWS = 65_536
 

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from latte_ray.spec import SpecError
-from latte_ray.storage import filesystem
+from latte_ray.record.storage import filesystem
 
 ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 MAX_SEED = 2**63 - 1

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow.compute as pc
 
-from latte_ray.keys import contains, id_keys, key_set
-from latte_ray.storage import OutputLayout, filesystem, latest_rows, read_manifest
+from latte_ray.plan.keys import contains, id_keys, key_set
+from latte_ray.record.storage import OutputLayout, filesystem, latest_rows, read_manifest
 
 RECENT_SECONDS = 600.0
 _PREFIX = re.compile(r"^.*?row id=[^:]*: ")
@@ -95,8 +95,8 @@ def status(output: str, storage_options: dict | None = None, prompts: list[str] 
 
 
 def _input_ids(prompts, storage_options, run_seed, default_negative, result: Status) -> np.ndarray:
-    from latte_ray.prompts import check_prompt_schema, resolve_prompt_files
-    from latte_ray.workplan import scan_keys
+    from latte_ray.plan.prompts import check_prompt_schema, resolve_prompt_files
+    from latte_ray.plan.workplan import scan_keys
 
     in_fs, files = resolve_prompt_files(prompts, storage_options)
     check_prompt_schema(in_fs, files)

@@ -34,8 +34,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from latte_ray.keys import KEY_DTYPE, contains, content_keys, id_keys
-from latte_ray.prompts import prepare_rows
+from latte_ray.plan.keys import KEY_DTYPE, contains, content_keys, id_keys
+from latte_ray.plan.prompts import prepare_rows
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +151,8 @@ def done_keys(run, layout, out_fs) -> np.ndarray:
 
     import pyarrow.compute as pc
 
-    from latte_ray import retry
-    from latte_ray.storage import manifest_files, read_part
+    from latte_ray.faults import retry
+    from latte_ray.record.storage import manifest_files, read_part
 
     def part_keys(path: str) -> np.ndarray:
         table = retry.call(lambda: read_part(out_fs, path, ["id", "status"]), f"read {path}", retry.READ)
@@ -169,7 +169,7 @@ def done_keys(run, layout, out_fs) -> np.ndarray:
 
 
 def _reduce_task(run, *scans: dict) -> tuple[np.ndarray, dict, np.ndarray, dict]:
-    from latte_ray.storage import OutputLayout, filesystem
+    from latte_ray.record.storage import OutputLayout, filesystem
 
     done = np.empty(0, KEY_DTYPE)
     if run.resume:

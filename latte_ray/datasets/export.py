@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from latte_ray.storage import OutputLayout, filesystem, is_local, latest_rows, read_manifest, write_atomic
+from latte_ray.record.storage import OutputLayout, filesystem, is_local, latest_rows, read_manifest, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def _fetch(fs, path: str) -> bytes | None:
 def _read_prompt_table(url: str, storage_options: dict | None) -> pa.Table:
     import pyarrow.parquet as pq
 
-    from latte_ray.prompts import resolve_prompt_files
+    from latte_ray.plan.prompts import resolve_prompt_files
 
     fs, files = resolve_prompt_files([url], storage_options)
     tables = []

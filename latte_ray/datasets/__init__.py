@@ -1,0 +1,1 @@
+"""Datasets built from outputs: synthetic prompt recipes and WebDataset export."""

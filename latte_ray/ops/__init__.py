@@ -1,0 +1,1 @@
+"""Operations on an output: status and reports, read from the manifest alone."""
