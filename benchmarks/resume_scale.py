@@ -5,7 +5,7 @@ the N ids as ok, in parts of --part-rows rows (default 1,000: 1,000 part files).
 Measures, each in a fresh driver process (driver RSS from /proc: after ray.init and imports, after, peak):
   1. the run's resume filter: workplan.plan_work (key-scan tasks + one reduce task that streams the
      manifest into 128-bit keys); the driver only holds object refs;
-  2. for comparison, the same set built in the driver as strings (runner.done_ids, used by --dry-run);
+  2. for comparison, the same set built in the driver as strings (workplan.done_ids, used by --dry-run);
   3. the per-batch filter in the prepare stage (one 4,096-row batch against the 1M-id set): 128-bit keys and
      a binary search (what PrepareStage does) vs pyarrow.compute.is_in (which rebuilds its hash table of
      the whole value set on every call), and both extrapolated to the whole input.
@@ -51,6 +51,7 @@ def child(mode: str, table: str, output: str) -> None:
     from latte_ray.plan.prompts import resolve_prompt_files
     from latte_ray.spec import RunSpec
     from latte_ray.record.storage import OutputLayout, filesystem
+    from latte_ray.plan import workplan
     from latte_ray.plan.workplan import plan_work
 
     run = RunSpec(pipeline=tiny_spec(), prompts=[table], output=output)
@@ -66,7 +67,7 @@ def child(mode: str, table: str, output: str) -> None:
         result = {"done": work.done, "todo": work.todo}
     else:
         out_fs, root = filesystem(output)
-        done = runner.done_ids(run, OutputLayout(output, root), out_fs)
+        done = workplan.done_ids(run, OutputLayout(output, root), out_fs)
         result = {"done": len(done)}
     seconds = time.perf_counter() - started
     print(json.dumps({**result, "seconds": seconds, "baseline_mb": baseline, "after_mb": rss_mb(),
@@ -136,7 +137,7 @@ def main() -> None:
         print(f"setup: {total:,} input rows, {args.ids:,} ok ids in {-(-args.ids // args.part_rows):,} manifest "
               f"parts (written in {time.perf_counter() - started:.0f}s)")
         for mode, what in (("plan", "run's resume filter (workplan.plan_work: tasks)"),
-                           ("strings", "in-driver string set (runner.done_ids)")):
+                           ("strings", "in-driver string set (workplan.done_ids)")):
             r = measure(mode, table, work / "out")
             print(f"{what}: {r['seconds']:.1f}s, driver RSS {r['baseline_mb']:.0f} MB -> {r['after_mb']:.0f} MB "
                   f"(growth {r['after_mb'] - r['baseline_mb']:+.0f} MB, peak {r['peak_mb'] - r['baseline_mb']:+.0f} MB)"

@@ -20,7 +20,7 @@ from importlib import metadata
 
 from latte_ray.plan.prompts import inspect_prompt_tables, resolve_prompt_files
 from latte_ray.spec import RunSpec, SpecError
-from latte_ray.record.storage import OutputLayout, filesystem, is_local, read_manifest, write_atomic
+from latte_ray.record.storage import OutputLayout, filesystem, is_local, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -77,35 +77,6 @@ def run_record(run: RunSpec, files: list[str], started: datetime) -> dict:
         "versions": package_versions(),
         "host": platform.node(),
     }
-
-
-def done_ids(run: RunSpec, layout: OutputLayout, out_fs) -> "object":
-    """Ids to skip on resume: those with an ok row, plus errored ids unless errors are retried.
-
-    Resume is an anti-join against our own manifest, not Ray Data's `CheckpointConfig`. What Ray 2.60's
-    `ray.data.checkpoint` offers (read in ray/data/checkpoint and ray/data/_internal/planner/planner.py):
-    - it is only honoured when the plan ends in a `Write` (ds.write_*) or `streaming_split`; our plan ends
-      in map_batches iterated by the driver, so the planner would warn and silently disable it;
-    - it filters at the read, on an id column of the input, but our ids are often derived in the prepare
-      stage (hash of prompt, negative prompt and seed), so there is no input column to filter on;
-    - it keeps its own checkpoint files (deleted on success by default) next to the manifest, which must
-      exist anyway as the commit record: two records of "done" can only disagree, and "done" is not even
-      the same thing (a row that ended in an error row is finished for Ray but retried by us);
-    - it loads every checkpointed id into one block and sorts it as a numpy array of strings, which is
-      what we do too, more compactly.
-    The run itself uses the key form of this set (`workplan.done_keys`: 128-bit keys, 16 bytes per id,
-    built in a Ray task so the driver never holds it, and looked up by binary search); this string form
-    serves `run --dry-run`. Measured with benchmarks/resume_scale.py (see the README).
-    """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    rows = read_manifest(out_fs, layout, columns=["id", "status"])
-    if rows.num_rows == 0:
-        return pa.array([], pa.string())
-    if run.retry_errors:
-        rows = rows.filter(pc.equal(rows["status"], "ok"))
-    return pc.unique(rows["id"])
 
 
 LOCAL_MIN_CPUS = 4

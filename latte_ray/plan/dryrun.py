@@ -1,7 +1,7 @@
 """`run --dry-run`: validate the tables, count new versus done work, estimate device time. No model, no Ray.
 
 The tables are streamed record batch by record batch through the same `prepare_rows` the prepare stage
-uses, and compared against the same done-id set resume uses (`runner.done_ids`), so the counts are the ones
+uses, and compared against the same done-id set resume uses (`workplan.done_ids`), so the counts are the ones
 a real run would act on. Nothing is written.
 """
 
@@ -82,7 +82,7 @@ def _duration(hours: float) -> str:
 
 def plan(run: RunSpec, gpus: int | None = None) -> DryRunPlan:
     """Counts and estimates for `run`; raises SpecError for a malformed table like a real run."""
-    from latte_ray.runner import done_ids
+    from latte_ray.plan.workplan import done_ids
 
     in_fs, files = resolve_prompt_files(run.prompts, run.storage_options)
     check_prompt_schema(in_fs, files)

@@ -4,7 +4,7 @@
    through the same `prepare_rows` as in the prepare stage and is reduced to its id's 128-bit key, a
    64-bit hash of its content (prompt, negative prompt, seed) and its file's index: 28 bytes per row.
 2. One reduce task sorts those keys together with the done set (ids with an ok row, streamed from the
-   manifest; see runner.done_ids) and returns small sorted key arrays:
+   manifest; see done_ids) and returns small sorted key arrays:
    - skip:      ids that are done (resume): the prepare stage drops their rows;
    - conflicts: ids that appear with different content: every copy becomes an error row naming the id,
                 and nothing is generated for it;
@@ -145,7 +145,7 @@ def reduce_keys(rows: dict[str, np.ndarray], done: np.ndarray) -> tuple[dict, di
 def done_keys(run, layout, out_fs) -> np.ndarray:
     """Sorted keys of the ids resume skips: ok ids, plus errored ids when errors are not retried.
 
-    Streams the manifest part by part (in parallel), keeping 16 bytes per id; see runner.done_ids.
+    Streams the manifest part by part (in parallel), keeping 16 bytes per id; see done_ids.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -166,6 +166,36 @@ def done_keys(run, layout, out_fs) -> np.ndarray:
     with ThreadPoolExecutor(max_workers=16) as pool:
         parts = list(pool.map(part_keys, files))
     return np.unique(np.concatenate(parts))
+
+
+def done_ids(run, layout, out_fs) -> "pa.Array":
+    """Ids to skip on resume: those with an ok row, plus errored ids unless errors are retried.
+
+    Resume is an anti-join against our own manifest, not Ray Data's `CheckpointConfig`. What Ray 2.60's
+    `ray.data.checkpoint` offers (read in ray/data/checkpoint and ray/data/_internal/planner/planner.py):
+    - it is only honoured when the plan ends in a `Write` (ds.write_*) or `streaming_split`; our plan ends
+      in map_batches iterated by the driver, so the planner would warn and silently disable it;
+    - it filters at the read, on an id column of the input, but our ids are often derived in the prepare
+      stage (hash of prompt, negative prompt and seed), so there is no input column to filter on;
+    - it keeps its own checkpoint files (deleted on success by default) next to the manifest, which must
+      exist anyway as the commit record: two records of "done" can only disagree, and "done" is not even
+      the same thing (a row that ended in an error row is finished for Ray but retried by us);
+    - it loads every checkpointed id into one block and sorts it as a numpy array of strings, which is
+      what we do too, more compactly.
+    The run itself uses the key form of this set (`done_keys`: 128-bit keys, 16 bytes per id,
+    built in a Ray task so the driver never holds it, and looked up by binary search); this string form
+    serves `run --dry-run`. Measured with benchmarks/resume_scale.py (see the README).
+    """
+    import pyarrow.compute as pc
+
+    from latte_ray.record.storage import read_manifest
+
+    rows = read_manifest(out_fs, layout, columns=["id", "status"])
+    if rows.num_rows == 0:
+        return pa.array([], pa.string())
+    if run.retry_errors:
+        rows = rows.filter(pc.equal(rows["status"], "ok"))
+    return pc.unique(rows["id"])
 
 
 def _reduce_task(run, *scans: dict) -> tuple[np.ndarray, dict, np.ndarray, dict]:
