@@ -29,7 +29,7 @@ from _common import machine
 
 DEFAULT_CANDIDATES = [
     "faster_cache", "pyramid_attention_broadcast", "teacache:0", "teacache:0.1", "teacache:0.2",
-    "teacache-fit:0.2", "teacache-fit:0.3", "teacache-fit:0.5", "int8_weight_only", "int8_dynamic",
+    "teacache-fit:0.15", "teacache-fit:0.2", "teacache-fit:0.3", "teacache-fit:0.5", "int8_weight_only", "int8_dynamic",
     "float8_weight_only", "float8_dynamic",
 ]
 PROMPTS = [

@@ -220,6 +220,10 @@ def restart_args(ex) -> dict:
 def run(run: RunSpec) -> RunSummary:
     started_wall = datetime.now(timezone.utc)
     started = time.perf_counter()
+    if run.pipeline.model.quantization is not None:
+        from latte_ray.model.quantize import check_before_run
+
+        check_before_run(run.pipeline.model)  # float8 on a machine without float8 GPUs: refused here
     in_fs, files = resolve_prompt_files(run.prompts, run.storage_options)
     _, without_id = inspect_prompt_tables(in_fs, files)
     out_fs, root = filesystem(run.output, run.storage_options)

@@ -211,9 +211,13 @@ def test_quantize_pipeline_quantizes_the_named_components(model_cache):
     assert type(pipe.text_encoder.encoder.block[0].layer[0].SelfAttention.q.weight).__name__ == "Parameter"
 
 
-def test_float8_fails_before_any_weights_load():
+def test_float8_fails_before_any_weights_load(tmp_path, prompts_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from latte_ray.cli import app
     from latte_ray.model.engine import LatteEngine
     from latte_ray.model.quantize import QuantizationUnsupported
+    from tests.invariants import write_spec
 
     with pytest.raises(SpecError, match="model.quantization.kind 'float8_dynamic' needs a CUDA GPU"):
         spec(1, quantization={"kind": "float8_dynamic"})
@@ -221,6 +225,15 @@ def test_float8_fails_before_any_weights_load():
     on_auto = spec(1, device="auto", source="/no/such/model", quantization={"kind": "float8_weight_only"})
     with pytest.raises(QuantizationUnsupported, match="compute capability >= 8.9.*runs on cpu"):
         LatteEngine(on_auto)
+    # A run whose actors would start on this machine is refused before Ray starts or anything is written.
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    path = write_spec(tmp_path / "f8.yaml", spec(1, device="auto", quantization={"kind": "float8_dynamic"}))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", "--pipeline", str(path), "--prompts", str(prompts_path),
+                                      "--output", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "float8_dynamic' needs a CUDA GPU" in result.output and "Traceback" not in result.output
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------- quality-gate metrics

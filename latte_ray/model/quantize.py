@@ -9,8 +9,9 @@ torchao quantizer calls `quantize_` with the same config classes).
 Quantizing changes pixels: the spec hash covers `model.quantization`, and the manifest records its kind.
 Weight-only int8 works on CPU and CUDA; the float8 kinds need float8 tensor cores (CUDA compute capability
 >= 8.9: Ada, Hopper). A spec asking for float8 on `device: cpu` fails at spec validation; on cuda/auto,
-`check_supported` fails the actor at load with one line, before any weights are read (and a driver-side
-cluster check can call it too).
+`check_supported` fails the actor at load with one line, before any weights are read; when the actors run
+on the driver's machine (a local Ray) `check_before_run` refuses the run up front (a driver-side cluster
+check can call `check_supported` for other nodes).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import logging
 
 import torch
 
-from latte_ray.spec import FLOAT8_MIN_CAPABILITY, QUANTIZATION_KINDS, QuantizationSpec
+from latte_ray.spec import FLOAT8_MIN_CAPABILITY, QUANTIZATION_KINDS, ModelSpec, QuantizationSpec, SpecError
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,22 @@ def check_supported(quantization: QuantizationSpec | None, device: torch.device 
             f"(Ada, Hopper), but this {name} has {capability[0]}.{capability[1]}; use int8_weight_only "
             f"or int8_dynamic on it"
         )
+
+
+def check_before_run(model: ModelSpec) -> None:
+    """Driver side: when the generation actors will run on this machine (no RAY_ADDRESS, so latte-ray starts
+    a local Ray), refuse a quantization this machine cannot run before anything starts, as a SpecError
+    (exit 2, one line). On a cluster the actors' nodes may differ from the driver's: they check at load."""
+    import os
+
+    q = model.quantization
+    if q is None or not q.needs_float8 or os.environ.get("RAY_ADDRESS"):
+        return
+    device = "cuda" if model.device != "cpu" and torch.cuda.is_available() else "cpu"
+    try:
+        check_supported(q, device)
+    except QuantizationUnsupported as e:
+        raise SpecError(str(e)) from None
 
 
 def torchao_config(quantization: QuantizationSpec):

@@ -167,7 +167,7 @@ class TeaCacheLatte:
         self.threshold = float(cache.threshold)
         self.rescale = np.poly1d(cache.coefficients)
         self.batch_size = batch_size
-        self.pad = False  # set by compile(): compiled blocks only ever see padded_sizes(batch_size)
+        self.compiled = False  # compiled parts only ever see padded_sizes(batch_size) videos
         self.state: _State | None = None
         self._script: list | None = None
         self.recorder: list[tuple[float, float]] | None = None  # (input change, output change): fit_coefficients
@@ -177,7 +177,7 @@ class TeaCacheLatte:
         import torch._dynamo
 
         self.parts.compile(backend, mode, fullgraph)
-        self.pad = True
+        self.compiled = True
         graphs = len(padded_sizes(self.batch_size))
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs + 1)
 
@@ -216,20 +216,21 @@ class TeaCacheLatte:
         computing = np.flatnonzero(compute)
         if len(computing) == st.videos:
             self.block_runs[(st.videos, st.videos)] += 1
-            # Every tensor a compiled part takes is made contiguous (the patch embedding's output is not), so
-            # that one graph per size serves the whole batch and a padded sub-batch alike: dynamo guards on
-            # strides. The values are the same, and so is the video (the threshold-0 test).
-            hidden = e.hidden.contiguous()
+            # Compiled, every tensor a part takes is contiguous (the patch embedding's output is not), so that
+            # one graph per size serves the whole batch and a padded sub-batch alike: dynamo guards on strides.
+            # The values are the same, and so is the video (the threshold-0 test).
+            hidden = e.hidden.contiguous() if self.compiled else e.hidden
             out = self.parts.blocks_fn(hidden, e.encoder, mask, e.t_spatial, e.t_temporal, e.batch, e.frames,
                                        enable_temporal_attentions)
-            st.residual = out - hidden
+            if step < steps - 1:  # the last step's residual would never be used
+                st.residual = out - hidden
             x = out
         else:
             x = e.hidden + st.residual
             if len(computing):
                 x = self._compute_some(e, mask, computing, x, enable_temporal_attentions)
         st.calls[computing] += st.cfg
-        noise = self.parts.head_fn(x.contiguous(), e.embedded_timestep, e.batch, e.frames, e.grid)
+        noise = self.parts.head_fn(x.contiguous() if self.compiled else x, e.embedded_timestep, e.batch, e.frames, e.grid)
         if self.recorder is not None:
             self._record(previous, e.modulated, st.previous_output, noise)
             st.previous_output = noise
@@ -260,7 +261,7 @@ class TeaCacheLatte:
         put their outputs into `x` (rows of the others keep input + cached residual)."""
         st = self.state
         k = len(computing)
-        padding = [int(computing[0])] * (padded_size(k, self.batch_size) - k) if self.pad else []
+        padding = [int(computing[0])] * (padded_size(k, self.batch_size) - k) if self.compiled else []
         self.block_runs[(k, k + len(padding))] += 1
         # The computing videos' rows first (both CFG halves), the padding's after them, to be dropped.
         keep = st.rows(list(computing))
