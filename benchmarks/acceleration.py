@@ -13,7 +13,7 @@ another size needs - the tiny random-weight model's steps change its input far m
 
     .venv/bin/python benchmarks/acceleration.py [--pipeline tiny-cpu] [--prompts 8] [--threads 0]
         [--candidates faster_cache pyramid_attention_broadcast teacache:0 teacache:0.1 teacache-fit:0.2 ...]
-        [--min-psnr 30]   # exit 1 when a candidate that ran falls below (the gate)
+        [--steps N] [--min-psnr 30]   # exit 1 when a candidate that ran falls below (the gate)
 
 Random weights say nothing about visual quality: on the tiny model the figures check the machinery (which
 options change pixels, by how much relative to each other, how many calls they save), not what a viewer sees.
@@ -71,6 +71,7 @@ def candidate_spec(base, name: str, fitted: tuple[float, ...] | None):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pipeline", default="tiny-cpu", help="baseline pipeline spec (name or YAML path)")
+    ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
     ap.add_argument("--prompts", type=int, default=8, help=f"videos per candidate (cycles the {len(PROMPTS)} prompts)")
     ap.add_argument("--candidates", nargs="+", default=DEFAULT_CANDIDATES)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, all cores)")
@@ -88,6 +89,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     base = load_pipeline_spec(args.pipeline)
+    if args.steps:
+        base = base.model_copy(update={"sampling": base.sampling.model_copy(update={"num_inference_steps": args.steps})})
     s = base.sampling
     print(f"machine: {machine()}; torch threads {torch.get_num_threads()}")
     print(f"baseline {base.name} ({base.spec_hash()}): {base.model.source}, {s.video_length}x{s.height}x{s.width}, "

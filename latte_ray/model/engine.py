@@ -152,7 +152,7 @@ class LatteEngine:
         seeds = list(range(self.spec.execution.batch_size))
         if self.teacache is not None:
             # One step per compiled sub-batch size, between a first and a last step on the whole batch.
-            schedule = self.teacache.warm_up_schedule(len(self.teacache_sizes()) + 1)
+            schedule = self.teacache.warm_up_schedule()
             self.teacache.script(schedule)
             try:
                 self.denoise(self._warmup_text(), seeds, steps=len(schedule))
@@ -165,11 +165,6 @@ class LatteEngine:
             self.denoise(self._warmup_text(), seeds, steps=steps)
         self.warmup_seconds = time.perf_counter() - started
         log.info("compiled and warmed up in %.1fs", self.warmup_seconds)
-
-    def teacache_sizes(self) -> tuple[int, ...]:
-        from latte_ray.model.teacache import padded_sizes
-
-        return padded_sizes(self.spec.execution.batch_size)
 
     def _warmup_text(self) -> TextBatch:
         """Stand-in embeddings of the real shape (works without a text encoder in this actor)."""

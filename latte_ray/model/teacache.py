@@ -78,15 +78,20 @@ class LatteParts:
     def __init__(self, model):
         self.model = model
         self._embed_fn, self.blocks_fn, self.head_fn = self._embed, self.blocks, self.head
+        self.cuda_graphs = False  # outputs of a CUDA-graph run are overwritten by the next run
 
     def compile(self, backend: str, mode: str | None, fullgraph: bool) -> None:
         kwargs = {"mode": mode} if backend == "inductor" and mode else {}
+        self.cuda_graphs = backend == "inductor" and mode in ("reduce-overhead", "max-autotune")
         self._embed_fn = torch.compile(self._embed, backend=backend, fullgraph=fullgraph, dynamic=False, **kwargs)
         self.blocks_fn = torch.compile(self.blocks, backend=backend, fullgraph=fullgraph, dynamic=False, **kwargs)
         self.head_fn = torch.compile(self.head, backend=backend, fullgraph=fullgraph, dynamic=False, **kwargs)
 
     def embed(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
-        return Embedded(*self._embed_fn(hidden_states, timestep, encoder_hidden_states))
+        e = Embedded(*self._embed_fn(hidden_states, timestep, encoder_hidden_states))
+        if self.cuda_graphs:  # the modulated input is kept until the next step
+            e.modulated = e.modulated.clone()
+        return e
 
     def _embed(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
         m = self.model
@@ -191,11 +196,12 @@ class TeaCacheLatte:
         one CFG half of one video at one step, so a video computed at every step made steps x 2 calls)."""
         return [int(c) for c in self.state.calls[: self.state.real]]
 
-    def warm_up_schedule(self, steps: int) -> list:
-        """Scripted decisions that make a `steps`-step denoise run every compiled sub-batch size once:
-        step 0 and the last step compute the whole batch (as always); step i in between computes i videos."""
+    def warm_up_schedule(self) -> list:
+        """Scripted decisions for a warm-up denoise (one step per entry) that runs every compiled sub-batch
+        size once: the first and last steps compute the whole batch (as always), step i in between computes
+        the i-th smaller size."""
         sizes = [s for s in padded_sizes(self.batch_size) if s < self.batch_size]
-        script = [None] * steps
+        script = [None] * (len(sizes) + 2)
         for i, size in enumerate(sizes, start=1):
             script[i] = np.arange(self.batch_size) < size
         return script
@@ -240,8 +246,9 @@ class TeaCacheLatte:
         """Per video: mean |now - before| / mean |before| over its rows (CFG halves pooled)."""
         st = self.state
         rows = st.videos * st.cfg
-        change = (now - before).abs().reshape(rows, -1).sum(dim=1, dtype=torch.float64).cpu().numpy()
-        size = before.abs().reshape(rows, -1).sum(dim=1, dtype=torch.float64).cpu().numpy()
+        change = (now - before).abs().reshape(rows, -1).sum(dim=1, dtype=torch.float64)
+        size = before.abs().reshape(rows, -1).sum(dim=1, dtype=torch.float64)
+        change, size = torch.stack([change, size]).cpu().numpy()  # one device sync per step
         out = np.full(st.videos, np.inf)
         for v in range(st.videos):
             r = st.rows([v])
