@@ -144,8 +144,8 @@ def test_wheel_holds_the_package_its_specs_and_the_example_prompts(wheel):
 
 def test_venvs_see_no_latte_ray_but_their_own(bare_venv, wheel_venv, empty_dir):
     """The `.pth` trick shares the dependencies, not the dev venv's editable latte_ray."""
-    probe = ("import importlib.util, sys; spec = importlib.util.find_spec('latte_ray'); "
-             "print(spec.origin if spec else None); import torch, ray, diffusers")
+    probe = ("import importlib.util as u; spec = u.find_spec('latte_ray'); print(spec.origin if spec else None); "
+             "assert all(u.find_spec(m) for m in ('torch', 'ray', 'diffusers', 'av', 's3fs')), 'dependencies'")
     bare = run(bare_venv, ["python", "-c", probe], empty_dir)
     assert bare.returncode == 0, bare.stderr
     assert bare.stdout.split() == ["None"], "latte_ray leaks into a venv through the dependencies' folder"
