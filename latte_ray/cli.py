@@ -1,4 +1,6 @@
-"""`latte-ray` command line: run, tiny-model (and the operations commands built on the same runner)."""
+"""`latte-ray` command line: run, tiny-model, pipelines (and the operations commands built on the same runner).
+
+Also `python -m latte_ray` (latte_ray/__main__.py), the entrypoint for jobs that ship the package as a wheel."""
 
 from __future__ import annotations
 
@@ -9,12 +11,30 @@ from typing import Optional
 
 import typer
 
+from latte_ray.resources import examples_dir
 from latte_ray.spec import DEFAULT_PIPELINE, PIPELINES_DIR, RunSpec, SpecError, load_pipeline_spec
 
-EXAMPLE_PROMPTS = PIPELINES_DIR.parent / "examples" / "prompts.parquet"
+EXAMPLE_PROMPTS = examples_dir() / "prompts.parquet"
 DEMO_OUTPUT = "outputs/demo"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch text-to-video generation with Latte on Ray Data.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from latte_ray.versions import provenance, version
+
+        commit = provenance()["latte-ray-commit"]
+        typer.echo(f"latte-ray {version()}" + (f" (git {commit})" if commit else ""))
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print latte-ray's version (and the git commit when run from a checkout) and exit."),
+) -> None:
+    """Batch text-to-video generation with Latte on Ray Data."""
 
 
 def parse_storage_options(pairs: list[str] | None) -> dict[str, str]:
@@ -27,7 +47,7 @@ def parse_storage_options(pairs: list[str] | None) -> dict[str, str]:
     return options
 
 
-PipelineOpt = typer.Option(DEFAULT_PIPELINE, "--pipeline", "-p", help="Pipeline spec: a YAML path or a name in pipelines/ (tiny-cpu, latte-1-t2v-512, ...).")
+PipelineOpt = typer.Option(DEFAULT_PIPELINE, "--pipeline", "-p", help="Pipeline spec: a YAML path or a built-in name (tiny-cpu, latte-1-t2v-512, ...; see `latte-ray pipelines`).")
 OutputOpt = typer.Option(DEMO_OUTPUT, "--output", "-o", help="Output prefix: a local folder or an fsspec URL (s3://bucket/run/).")
 StorageOpt = typer.Option(None, "--storage-option", "-s", help="fsspec option key=value for input and output storage (repeatable), e.g. endpoint_url=http://127.0.0.1:5555. Never recorded.")
 BatchOpt = typer.Option(None, "--batch-size", help="Override the spec's prompts per generation call.")
@@ -66,7 +86,7 @@ def _fail(e: Exception) -> None:
 @app.command()
 def run(
     pipeline: str = PipelineOpt,
-    prompts: Optional[list[str]] = typer.Option(None, "--prompts", help="Prompt table(s): Parquet file, folder or glob; local or fsspec URL (repeatable). Default: the example table shipped in examples/."),
+    prompts: Optional[list[str]] = typer.Option(None, "--prompts", help="Prompt table(s): Parquet file, folder or glob; local or fsspec URL (repeatable). Default: the example table shipped with latte-ray (examples/prompts.parquet)."),
     output: str = OutputOpt,
     storage_option: Optional[list[str]] = StorageOpt,
     batch_size: Optional[int] = BatchOpt,
@@ -104,9 +124,9 @@ def run(
 
 @app.command()
 def synth(
-    recipe: str = typer.Option(..., "--recipe", help="Recipe YAML (local path or fsspec URL): prompt templates x attribute lists; see pipelines/synth-example.yaml."),
+    recipe: str = typer.Option(..., "--recipe", help="Recipe YAML (local path or fsspec URL) or a built-in recipe's name (synth-example): prompt templates x attribute lists; see `latte-ray pipelines show synth-example`."),
     output: str = typer.Option(..., "--output", "-o", help="Dataset prefix (local folder or fsspec URL): prompts/, videos/, manifest/, dataset/ go under it."),
-    pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help="Override the recipe's pipeline spec (a YAML path or a name in pipelines/)."),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help="Override the recipe's pipeline spec (a YAML path or a built-in name)."),
     storage_option: Optional[list[str]] = StorageOpt,
     min_motion: Optional[float] = typer.Option(None, "--min-motion", min=0.0, help="Export only videos whose motion_score (mean frame-to-frame change, 0-1) is at least this."),
     drop_blank: Optional[bool] = typer.Option(None, "--drop-blank/--keep-blank", help="Leave videos with any blank (near-uniform) frame out of the export (default: the recipe's export.drop_blank)."),
@@ -238,6 +258,65 @@ def compact(
     except SpecError as e:
         _fail(e)
     typer.echo(result.line())
+
+
+pipelines_app = typer.Typer(
+    add_completion=False, invoke_without_command=True,
+    help="List the built-in pipeline specs and synth recipes; `pipelines show NAME` prints one.",
+)
+app.add_typer(pipelines_app, name="pipelines")
+
+
+def _builtin(name: str) -> Path:
+    path = PIPELINES_DIR / f"{name}.yaml"
+    if "/" in name or not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PIPELINES_DIR.glob("*.yaml")))
+        raise SpecError(f"no built-in pipeline spec or recipe named {name!r} (built-in: {known})")
+    return path
+
+
+def builtin_entries() -> list[tuple[str, str, str]]:
+    """(kind, name, description) of every shipped YAML: kind 'spec' (a PipelineSpec) or 'recipe' (synth)."""
+    import yaml
+
+    from latte_ray.datasets.synth import Recipe
+    from latte_ray.spec import parse_pipeline_spec
+
+    entries = []
+    for path in sorted(PIPELINES_DIR.glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        if isinstance(raw, dict) and "templates" in raw:
+            entries.append(("recipe", path.stem, Recipe.model_validate(raw).description))
+        else:
+            entries.append(("spec", path.stem, parse_pipeline_spec(raw, origin=str(path)).description))
+    return entries
+
+
+@pipelines_app.callback()
+def pipelines(ctx: typer.Context) -> None:
+    """List the built-in pipeline specs (for --pipeline) and synth recipes (for synth --recipe), one line each."""
+    if ctx.invoked_subcommand is not None:
+        return
+    entries = builtin_entries()
+    width = max(len(name) for _, name, _ in entries)
+    for kind, title in (("spec", "pipeline specs (run/backfill --pipeline NAME):"),
+                        ("recipe", "synth recipes (synth --recipe NAME):")):
+        rows = [(name, desc) for k, name, desc in entries if k == kind]
+        if rows:
+            typer.echo(title)
+            for name, desc in rows:
+                typer.echo(f"  {name:<{width}}  {desc}".rstrip())
+    typer.echo("`latte-ray pipelines show NAME > my.yaml` prints one to copy and edit; pass it back with --pipeline my.yaml.")
+
+
+@pipelines_app.command("show")
+def pipelines_show(name: str = typer.Argument(..., help="A built-in spec or recipe name, e.g. latte-1-t2v-512.")) -> None:
+    """Print a built-in spec or recipe as shipped (comments included), ready to copy and edit."""
+    try:
+        path = _builtin(name)
+    except SpecError as e:
+        _fail(e)
+    typer.echo(path.read_text(), nl=False)
 
 
 @app.command("tiny-model")

@@ -21,10 +21,11 @@ from importlib import metadata
 from latte_ray.plan.prompts import inspect_prompt_tables, resolve_prompt_files
 from latte_ray.spec import RunSpec, SpecError
 from latte_ray.record.storage import OutputLayout, filesystem, is_local, write_atomic
+from latte_ray.versions import provenance
 
 log = logging.getLogger(__name__)
 
-_VERSIONED = ["latte-ray", "torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "s3fs", "av", "pydantic"]
+_VERSIONED = ["torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "s3fs", "av", "pydantic"]
 
 
 @dataclass
@@ -49,8 +50,8 @@ class RunSummary:
         )
 
 
-def package_versions() -> dict[str, str]:
-    versions = {}
+def package_versions() -> dict[str, str | None]:
+    versions = provenance()  # latte-ray's version, and its git commit when run from a checkout (else None)
     for name in _VERSIONED:
         try:
             versions[name] = metadata.version(name)

@@ -15,7 +15,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
+from latte_ray.resources import pipelines_dir
+
+PIPELINES_DIR = pipelines_dir()  # the built-in specs: pipelines/ in a checkout, latte_ray/pipelines/ in a wheel
 DEFAULT_PIPELINE = "tiny-cpu"
 TINY_SOURCE = "tiny"
 NULL_SOURCE = "null"  # benchmark tool: an engine that returns frames instantly (latte_ray/model/null.py)
@@ -154,6 +156,7 @@ class ExecutionSpec(_Strict):
 
 class PipelineSpec(_Strict):
     name: str = Field("unnamed", description="Human-readable name, recorded in run.json.")
+    description: str = Field("", description="One line on what the spec is for (`latte-ray pipelines` lists it).")
     model: ModelSpec = Field(default_factory=ModelSpec)
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     video: VideoSpec = Field(default_factory=VideoSpec)
@@ -161,7 +164,7 @@ class PipelineSpec(_Strict):
 
     def spec_hash(self) -> str:
         """Hash of everything that determines a video's bytes (not batch size, concurrency or placement)."""
-        payload = self.model_dump(mode="json", exclude={"name": True, "execution": True})
+        payload = self.model_dump(mode="json", exclude={"name": True, "description": True, "execution": True})
         payload["model"]["compile"].pop("cache_dir", None)
         payload["model"].pop("device", None)
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
@@ -177,7 +180,8 @@ class PipelineSpec(_Strict):
 
 
 def resolve_pipeline_path(name_or_path: str | Path) -> Path:
-    """A spec file path, or the name of one in pipelines/ ('tiny-cpu' -> pipelines/tiny-cpu.yaml)."""
+    """A spec file path, or the name of a built-in one ('tiny-cpu' -> pipelines/tiny-cpu.yaml, shipped in the
+    package)."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") and path.exists():
         return path

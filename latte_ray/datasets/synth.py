@@ -25,7 +25,7 @@ import pyarrow as pa
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from latte_ray.spec import PipelineSpec, RunSpec, SpecError, _format_errors, load_pipeline_spec
+from latte_ray.spec import PIPELINES_DIR, PipelineSpec, RunSpec, SpecError, _format_errors, load_pipeline_spec
 from latte_ray.record.storage import filesystem, write_atomic
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class Recipe(_Strict):
     """A synthetic dataset: which prompts (templates x attributes), generated with which pipeline."""
 
     name: str = Field("synth", description="Dataset name, recorded in recipe.json.")
+    description: str = Field("", description="One line on what the recipe makes (`latte-ray pipelines` lists it).")
     pipeline: str = Field("tiny-cpu", description="Pipeline spec: a name in pipelines/ or a YAML path "
                           "(relative paths are taken from the recipe's folder).")
     seed: int = Field(0, ge=0, description="Seeds the sampler and is the run seed the video seeds derive from.")
@@ -125,8 +126,19 @@ class Recipe(_Strict):
         return list(values), [1.0] * len(values)
 
 
+def resolve_recipe_url(url: str) -> str:
+    """A recipe's URL or path as given, or the built-in recipe of that name ('synth-example' ->
+    pipelines/synth-example.yaml, shipped in the package) when no such local file exists."""
+    builtin = PIPELINES_DIR / f"{url}.yaml"
+    if "://" not in url and "/" not in url and not Path(url).exists() and builtin.is_file():
+        return str(builtin)
+    return url
+
+
 def load_recipe(url: str, storage_options: dict | None = None) -> tuple[Recipe, str]:
-    """The recipe and its raw text, from a local path or an fsspec URL; SpecError names the field."""
+    """The recipe and its raw text, from a local path, an fsspec URL or a built-in name; SpecError names the
+    field."""
+    url = resolve_recipe_url(url)
     try:
         fs, path = filesystem(url, storage_options)
         text = fs.cat_file(path).decode()
@@ -310,6 +322,7 @@ def synthesize(
     from latte_ray import runner
     from latte_ray.datasets.export import export_dataset
 
+    recipe_url = resolve_recipe_url(recipe_url)
     recipe, text = load_recipe(recipe_url, storage_options)
     spec = recipe_pipeline(recipe, recipe_url, pipeline)
     table = expand(recipe)

@@ -170,7 +170,13 @@ def _is_driver_session(session: int) -> bool:
             argv = f.read().decode(errors="replace").split("\0")
     except OSError:
         return False
-    return "latte_ray.cli" in argv[:3] or any(a.endswith("/latte-ray") or a == "latte-ray" for a in argv[:2])
+    return is_driver_argv(argv)
+
+
+def is_driver_argv(argv: list[str]) -> bool:
+    """`python -m latte_ray.cli`, `python -m latte_ray` (jobs that ship the wheel) or the `latte-ray` script."""
+    return bool({"latte_ray.cli", "latte_ray"} & set(argv[:3])) or any(
+        a.endswith("/latte-ray") or a == "latte-ray" for a in argv[:2])
 
 
 def session_pids(session: int) -> list[int]:

@@ -176,7 +176,7 @@ def render_html(output: str, run_record: dict, counts: dict, latest: pa.Table, s
         "spec hash": run_record.get("spec_hash", ""),
         "model": ((run_record.get("pipeline") or {}).get("model") or {}).get("source", ""),
         "last started": run_record.get("started_at", ""),
-        "versions": ", ".join(f"{k} {v}" for k, v in (run_record.get("versions") or {}).items()),
+        "versions": ", ".join(f"{k} {v}" for k, v in (run_record.get("versions") or {}).items() if v is not None),
     }
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>latte-ray report</title><style>"
