@@ -237,8 +237,10 @@ def run(run: RunSpec) -> RunSummary:
     except Exception as e:  # noqa: BLE001 - an unusable output fails before any work, naming the URL
         raise SpecError(f"output: cannot write {layout.url}/run.json: {type(e).__name__}: {e}") from e
     if run.pipeline.scoring.enabled:
+        from latte_ray.model.clip import check_sources
         from latte_ray.record.scores import write_scoring_record
 
+        check_sources(run.pipeline.scoring, run.storage_options)
         write_scoring_record(out_fs, layout, run.pipeline.scoring)
 
     init_ray()

@@ -298,6 +298,12 @@ def test_score_command_fills_unscored_videos_and_resumes(scored_run, tmp_path):
 
     bad = CliRunner().invoke(app, ["score", str(tmp_path / "nothing-here"), "--scoring", "tiny-cpu"])
     assert bad.exit_code == 2 and "has no manifest parts" in bad.output and "Traceback" not in bad.output
+    (tmp_path / "scoring.yaml").write_text("clip_model: ./no-such-clip\nframes: 2\n")
+    bad = CliRunner().invoke(app, ["score", str(out), "--scoring", str(tmp_path / "scoring.yaml")])
+    assert bad.exit_code == 2 and "scoring.clip_model './no-such-clip'" in bad.output, bad.output
+    (tmp_path / "scoring.yaml").write_text("frames: 0\n")
+    bad = CliRunner().invoke(app, ["score", str(out), "--scoring", str(tmp_path / "scoring.yaml")])
+    assert bad.exit_code == 2 and "frames" in bad.output and "Traceback" not in bad.output, bad.output
 
 
 def _fs(out: Path):

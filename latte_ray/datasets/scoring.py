@@ -135,6 +135,9 @@ def score_output(output: str, scoring: ScoringSpec, storage_options: dict | None
         raise SpecError(f"score: cannot read {layout.url}/manifest/: {type(e).__name__}: {e}") from e
     if not parts:
         raise SpecError(f"score: {output} has no manifest parts (not a latte-ray output, or nothing generated yet)")
+    from latte_ray.model.clip import check_sources
+
+    check_sources(scoring, storage_options)
     digest = write_scoring_record(fs, layout, scoring)
     summary = ScoreSummary(output=output, scoring_hash=digest)
 

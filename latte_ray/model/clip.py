@@ -216,15 +216,17 @@ def _write_tiny_aesthetic(folder: Path) -> None:
 
 
 def ensure_tiny_clip(cache_dir: str | os.PathLike | None = None) -> Path:
-    from latte_ray.model.tiny import cache_root, ensure_built
+    from latte_ray.model.tiny import cache_root, ensure_built, save_atomically
 
-    return ensure_built(cache_root(cache_dir) / f"tiny-clip-{TINY_CLIP_VERSION}", _write_tiny_clip)
+    return ensure_built(cache_root(cache_dir) / f"tiny-clip-{TINY_CLIP_VERSION}",
+                        lambda path: save_atomically(path, _write_tiny_clip))
 
 
 def ensure_tiny_aesthetic(cache_dir: str | os.PathLike | None = None) -> Path:
-    from latte_ray.model.tiny import cache_root, ensure_built
+    from latte_ray.model.tiny import cache_root, ensure_built, save_atomically
 
-    return ensure_built(cache_root(cache_dir) / f"tiny-aesthetic-{TINY_AESTHETIC_VERSION}", _write_tiny_aesthetic)
+    return ensure_built(cache_root(cache_dir) / f"tiny-aesthetic-{TINY_AESTHETIC_VERSION}",
+                        lambda path: save_atomically(path, _write_tiny_aesthetic))
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -253,6 +255,31 @@ def resolve_head(scoring: ScoringSpec, cache_dir: str | None = None, storage_opt
         raise ScoringSourceError(
             f"scoring.aesthetic_head {scoring.aesthetic_head!r} is not 'tiny', a folder on this node or a URL, so "
             f"it was fetched as a Hugging Face Hub id, and that failed: {type(e).__name__}: {e}") from e
+
+
+def check_sources(scoring: ScoringSpec, storage_options: dict | None = None) -> None:
+    """Fail before any actor starts when a scoring source that names a place cannot be there: a local folder
+    that does not exist or lacks config.json, a URL with no config.json under it. Costs one stat per source;
+    hub ids are left to the actors (their failure names the source too)."""
+    from latte_ray.model.loading import is_remote
+    from latte_ray.record.storage import filesystem
+    from latte_ray.spec import SpecError
+
+    for field, source in (("scoring.clip_model", scoring.clip_model), ("scoring.aesthetic_head", scoring.aesthetic_head)):
+        if source == TINY_SOURCE:
+            continue
+        if is_remote(source):
+            try:
+                fs, root = filesystem(source, storage_options)
+                found = fs.exists(f"{root.rstrip('/')}/config.json")
+            except Exception as e:  # noqa: BLE001 - names the source
+                raise SpecError(f"{field} {source!r}: cannot read it: {type(e).__name__}: {e}") from e
+            if not found:
+                raise SpecError(f"{field} {source!r}: no config.json there (not a save_pretrained folder)")
+        elif source.startswith(("/", "./", "../", "~", "file://")) or Path(source).expanduser().is_dir():
+            folder = Path(source.removeprefix("file://")).expanduser()
+            if not (folder / "config.json").is_file():
+                raise SpecError(f"{field} {source!r}: no such folder with a config.json on this machine")
 
 
 def load_clip(scoring: ScoringSpec, cache_dir: str | None = None, storage_options: dict | None = None):

@@ -28,7 +28,7 @@ TEXT_DIM = 32  # T5 d_model, which is also the transformer's caption_channels
 
 def ensure_tiny_model(cache_dir: str | os.PathLike | None = None) -> Path:
     """The tiny model's folder in the cache, built on first use; safe to call from many processes at once."""
-    return ensure_built(cache_root(cache_dir) / f"tiny-latte-{TINY_MODEL_VERSION}", _write_tiny_model)
+    return ensure_built(cache_root(cache_dir) / f"tiny-latte-{TINY_MODEL_VERSION}", lambda p: save_tiny_model(p))
 
 
 def save_tiny_model(path: str | os.PathLike) -> Path:
@@ -46,14 +46,15 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(cache_dir).expanduser().resolve()
 
 
-def ensure_built(path: Path, write) -> Path:
-    """`path`, built by `write(folder)` on first use (see save_atomically); many processes may ask at once."""
+def ensure_built(path: Path, save) -> Path:
+    """`path`, made by `save(path)` on first use (which must make it appear whole: see save_atomically);
+    many processes may ask at once, one builds."""
     if path.is_dir():  # the folder only ever appears complete (save_atomically renames it into place)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path.with_name(path.name + ".lock"))):
         if not path.is_dir():  # another process may have built it while we waited
-            save_atomically(path, write)
+            save(path)
     return path
 
 

@@ -118,8 +118,8 @@ class DenoiseStage:
         return [c for c, on in ((EMBEDDINGS, self.sidecars.embeddings), (LATENTS, self.sidecars.latents)) if on]
 
     def _sidecars(self, text, kept: dict, j: int) -> dict[str, bytes]:
-        """Row j's sidecars as .npy bytes: tensors the generation computed anyway, copied to the CPU (a few
-        hundred microseconds per video; measured in benchmarks/sidecars.py).
+        """Row j's sidecars as .npy bytes: tensors the generation computed anyway, copied to the CPU (~64 us per
+        video for the tiny model on a CPU; benchmarks/sidecars.py).
 
         Embeddings: the prompt's T5 output in the rows the transformer's cross-attention attended to
         (`keep`: its tokens with mask_feature, else the padded length), as float16; the masked padding rows
