@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,22 @@ def test_scoring_and_sidecars_are_not_in_the_spec_hash():
         == base.scoring_hash()
     for change in ({"frames": 8}, {"clip_model": "x/y"}, {"aesthetic_head": "/h"}, {"dtype": "float16"}):
         assert ScoringSpec(**change).scoring_hash() != base.scoring_hash(), change
+
+
+def test_run_options_turn_scoring_and_sidecars_on_without_changing_the_videos(tmp_path):
+    from latte_ray.cli import build_run_spec
+
+    plain = build_run_spec("tiny-cpu", ["p.parquet"], str(tmp_path), None, None, None, 0, True, True, None, None)
+    run = build_run_spec("tiny-cpu", ["p.parquet"], str(tmp_path), None, None, None, 0, True, True, None, None,
+                         scoring="tiny-cpu", keep_embeddings=True, keep_latents=False)
+    assert run.pipeline.scoring.enabled and run.pipeline.scoring.clip_model == "tiny"
+    assert run.pipeline.sidecars == SidecarSpec(embeddings=True, latents=False)
+    assert run.pipeline.spec_hash() == plain.pipeline.spec_hash()
+    from latte_ray.runner import run_record
+
+    record = run_record(run, [], datetime.now())
+    assert record["scoring_hash"] == run.pipeline.scoring.scoring_hash() and record["pipeline"]["scoring"]["enabled"]
+    assert run_record(plain, [], datetime.now())["scoring_hash"] is None
 
 
 # ------------------------------------------------------------------ the tiny CLIP and head
