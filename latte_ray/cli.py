@@ -57,6 +57,14 @@ ResumeOpt = typer.Option(True, "--resume/--no-resume", help="Skip ids that alrea
 RetryOpt = typer.Option(True, "--retry-errors/--no-retry-errors", help="On resume, generate ids whose last attempt failed again.")
 LimitOpt = typer.Option(None, "--limit", help="Generate at most this many rows.")
 CacheOpt = typer.Option(None, "--cache-dir", help="Node-local model cache (default $LATTE_RAY_CACHE or ~/.cache/latte-ray).")
+ScoringRunOpt = typer.Option(None, "--scoring", help="Score every new video with this scoring spec (a YAML path or a pipeline name whose `scoring` section is used); default: the pipeline spec's own scoring section.")
+KeepEmbeddingsOpt = typer.Option(None, "--keep-embeddings/--no-keep-embeddings", help="Keep each prompt's T5 embeddings next to its video, for `export --with-embeddings` (default: the spec's sidecars.embeddings).")
+KeepLatentsOpt = typer.Option(None, "--keep-latents/--no-keep-latents", help="Keep each video's final latents (before VAE decode) next to it, for `export --with-latents` (default: the spec's sidecars.latents).")
+MinMotionOpt = typer.Option(None, "--min-motion", min=0.0, help="Export only videos whose motion_score (mean frame-to-frame change, 0-1) is at least this.")
+MinClipOpt = typer.Option(None, "--min-clip-score", help="Export only videos whose clip_score (CLIPScore, 0-100) is at least this; unscored videos are rejected.")
+MinAestheticOpt = typer.Option(None, "--min-aesthetic", help="Export only videos whose aesthetic_score is at least this; unscored videos are rejected.")
+WithEmbeddingsOpt = typer.Option(None, "--with-embeddings/--without-embeddings", help="Put each prompt's T5 embeddings (fp16, <key>.t5.npy) in its sample; videos generated without them are rejected.")
+WithLatentsOpt = typer.Option(None, "--with-latents/--without-latents", help="Put each video's final latents (<key>.latents.npy) in its sample; videos generated without them are rejected.")
 
 
 def _concurrency(value: str | None):
@@ -70,12 +78,26 @@ def _concurrency(value: str | None):
 
 
 def build_run_spec(pipeline, prompts, output, storage_option, batch_size, concurrency, seed, resume,
-                   retry_errors, limit, cache_dir) -> RunSpec:
+                   retry_errors, limit, cache_dir, scoring=None, keep_embeddings=None, keep_latents=None) -> RunSpec:
     spec = load_pipeline_spec(pipeline).with_overrides(batch_size=batch_size, concurrency=_concurrency(concurrency))
+    spec = _with_dataset_options(spec, scoring, keep_embeddings, keep_latents)
     return RunSpec(
         pipeline=spec, prompts=prompts, output=output, storage_options=parse_storage_options(storage_option),
         seed=seed, resume=resume, retry_errors=retry_errors, limit=limit, cache_dir=cache_dir,
     )
+
+
+def _with_dataset_options(spec, scoring, keep_embeddings, keep_latents):
+    """The spec with --scoring (scoring on, with that spec's section) and --keep-* (sidecars) applied."""
+    update = {}
+    if scoring:
+        from latte_ray.datasets.scoring import load_scoring_spec
+
+        update["scoring"] = load_scoring_spec(scoring).model_copy(update={"enabled": True})
+    if keep_embeddings is not None or keep_latents is not None:
+        update["sidecars"] = spec.sidecars.model_copy(update={
+            k: v for k, v in (("embeddings", keep_embeddings), ("latents", keep_latents)) if v is not None})
+    return spec.model_copy(update=update) if update else spec
 
 
 def _fail(e: Exception) -> None:
@@ -96,6 +118,9 @@ def run(
     retry_errors: bool = RetryOpt,
     limit: Optional[int] = LimitOpt,
     cache_dir: Optional[str] = CacheOpt,
+    scoring: Optional[str] = ScoringRunOpt,
+    keep_embeddings: Optional[bool] = KeepEmbeddingsOpt,
+    keep_latents: Optional[bool] = KeepLatentsOpt,
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the tables, count new vs already-done rows and estimate GPU-hours and wall time; load no model, start no Ray, write nothing."),
     gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="With --dry-run: GPUs to estimate wall time for (generation actors for a CPU spec). Default 1."),
 ) -> None:
@@ -104,7 +129,8 @@ def run(
 
     try:
         spec = build_run_spec(pipeline, prompts or [str(EXAMPLE_PROMPTS)], output, storage_option, batch_size,
-                              concurrency, seed, resume, retry_errors, limit, cache_dir)
+                              concurrency, seed, resume, retry_errors, limit, cache_dir, scoring, keep_embeddings,
+                              keep_latents)
         if dry_run:
             from latte_ray.plan.dryrun import plan
 
@@ -128,8 +154,13 @@ def synth(
     output: str = typer.Option(..., "--output", "-o", help="Dataset prefix (local folder or fsspec URL): prompts/, videos/, manifest/, dataset/ go under it."),
     pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help="Override the recipe's pipeline spec (a YAML path or a built-in name)."),
     storage_option: Optional[list[str]] = StorageOpt,
-    min_motion: Optional[float] = typer.Option(None, "--min-motion", min=0.0, help="Export only videos whose motion_score (mean frame-to-frame change, 0-1) is at least this."),
+    min_motion: Optional[float] = MinMotionOpt,
     drop_blank: Optional[bool] = typer.Option(None, "--drop-blank/--keep-blank", help="Leave videos with any blank (near-uniform) frame out of the export (default: the recipe's export.drop_blank)."),
+    min_clip_score: Optional[float] = MinClipOpt,
+    min_aesthetic: Optional[float] = MinAestheticOpt,
+    with_embeddings: Optional[bool] = WithEmbeddingsOpt,
+    with_latents: Optional[bool] = WithLatentsOpt,
+    scoring: Optional[str] = typer.Option(None, "--scoring", help="Score videos as they are generated with this scoring spec (overrides the recipe's `scoring`)."),
     export_only: bool = typer.Option(False, "--export-only", help="Skip generation; re-export what the output already holds (e.g. with other filters)."),
     cache_dir: Optional[str] = CacheOpt,
 ) -> None:
@@ -139,7 +170,8 @@ def synth(
     try:
         summary = synthesize(recipe, output, pipeline=pipeline, storage_options=parse_storage_options(storage_option),
                              min_motion=min_motion, drop_blank=drop_blank, cache_dir=cache_dir,
-                             generate=not export_only)
+                             generate=not export_only, min_clip_score=min_clip_score, min_aesthetic=min_aesthetic,
+                             with_embeddings=with_embeddings, with_latents=with_latents, scoring=scoring)
     except SpecError as e:
         _fail(e)
     typer.echo("\n".join(summary.lines()))
@@ -148,17 +180,86 @@ def synth(
 
 
 @app.command()
+def score(
+    output: str = typer.Argument(..., help="A run's output prefix (local folder or fsspec URL)."),
+    scoring: str = typer.Option(..., "--scoring", help="Scoring spec: a YAML path, or a pipeline name or path whose `scoring` section is used (e.g. tiny-cpu)."),
+    storage_option: Optional[list[str]] = StorageOpt,
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score at most this many videos."),
+    cache_dir: Optional[str] = CacheOpt,
+) -> None:
+    """Score the ok videos of OUTPUT that have no scores of this scorer yet (CLIPScore, aesthetic); resumable.
+
+    Scores go to OUTPUT/scores/ (the manifest is never rewritten); export, report and status read them.
+    """
+    from latte_ray.datasets.scoring import load_scoring_spec, score_output
+
+    try:
+        result = score_output(output, load_scoring_spec(scoring), parse_storage_options(storage_option),
+                              cache_dir=cache_dir, limit=limit)
+    except SpecError as e:
+        _fail(e)
+    typer.echo(result.line())
+    for err in result.errors[:5]:
+        typer.echo(f"  error: {err}")
+    if result.failed and not result.scored:
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    output: str = typer.Argument(..., help="A run's output prefix (local folder or fsspec URL); the dataset goes to OUTPUT/dataset/."),
+    storage_option: Optional[list[str]] = StorageOpt,
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="Export only the ids of this prompt table (and carry its template/attributes/variant columns)."),
+    min_motion: Optional[float] = MinMotionOpt,
+    drop_blank: bool = typer.Option(False, "--drop-blank/--keep-blank", help="Leave videos with any blank (near-uniform) frame out."),
+    min_clip_score: Optional[float] = MinClipOpt,
+    min_aesthetic: Optional[float] = MinAestheticOpt,
+    with_embeddings: bool = typer.Option(False, "--with-embeddings", help="Put each prompt's T5 embeddings (fp16, <key>.t5.npy) in its sample; videos generated without them are rejected."),
+    with_latents: bool = typer.Option(False, "--with-latents", help="Put each video's final latents (<key>.latents.npy) in its sample; videos generated without them are rejected."),
+    scoring: Optional[str] = typer.Option(None, "--scoring", help="Which scores to filter on and report: a scoring spec (YAML path or pipeline name) or its 16-hex scoring hash; default: the scorer that scored the most videos."),
+    samples_per_shard: int = typer.Option(1000, "--samples-per-shard", min=1, help="Most samples in one WebDataset tar."),
+    name: Optional[str] = typer.Option(None, "--name", help="Dataset name on the card (default: the pipeline's name)."),
+    license: str = typer.Option("other", "--license", help="License on the dataset card (a Hub license id)."),
+) -> None:
+    """Export OUTPUT's videos as WebDataset shards + index.parquet + a dataset card (README.md), with filters."""
+    from latte_ray.datasets.export import export_dataset
+
+    try:
+        summary = export_dataset(output, parse_storage_options(storage_option), prompts_url=prompts,
+                                 min_motion=min_motion, drop_blank=drop_blank, samples_per_shard=samples_per_shard,
+                                 min_clip_score=min_clip_score, min_aesthetic=min_aesthetic,
+                                 with_embeddings=with_embeddings, with_latents=with_latents,
+                                 scoring_hash=_scoring_hash(scoring), name=name, license=license)
+    except SpecError as e:
+        _fail(e)
+    typer.echo("\n".join(summary.lines()))
+
+
+def _scoring_hash(scoring: str | None) -> str | None:
+    import re
+
+    if not scoring or re.fullmatch(r"[0-9a-f]{16}", scoring):
+        return scoring
+    from latte_ray.datasets.scoring import load_scoring_spec
+
+    return load_scoring_spec(scoring).scoring_hash()
+
+
+@app.command()
 def report(
     output: str = typer.Argument(..., help="A run's output prefix (local folder or fsspec URL)."),
     dest: Optional[str] = typer.Option(None, "--dest", help="Where to write index.html and its PNGs (default OUTPUT/report/)."),
     storage_option: Optional[list[str]] = StorageOpt,
     samples: int = typer.Option(12, "--samples", min=1, help="Videos on the contact sheet (evenly spaced by id)."),
+    extremes: int = typer.Option(3, "--extremes", min=0, help="Lowest- and highest-scoring videos (by clip_score and by aesthetic_score) added to the contact sheet when the output has scores."),
+    scoring: Optional[str] = typer.Option(None, "--scoring", help="Which scores to show: a scoring spec or its hash (default: the scorer that scored the most videos)."),
 ) -> None:
-    """Write an HTML report of a run: counts, throughput over time, errors, and a contact sheet."""
+    """Write an HTML report of a run: counts, throughput over time, errors, score distributions and a contact sheet."""
     from latte_ray.ops.report import write_report
 
     try:
-        result = write_report(output, parse_storage_options(storage_option), dest=dest, samples=samples)
+        result = write_report(output, parse_storage_options(storage_option), dest=dest, samples=samples,
+                              extremes=extremes, scoring_hash=_scoring_hash(scoring))
     except SpecError as e:
         _fail(e)
     c = result.counts

@@ -75,6 +75,8 @@ def run_record(run: RunSpec, files: list[str], started: datetime) -> dict:
         "retry_errors": run.retry_errors,
         "limit": run.limit,
         "storage_option_keys": sorted(run.storage_options),
+        # Scores are not in spec_hash (they never change a video): the scorer is recorded on its own.
+        "scoring_hash": run.pipeline.scoring.scoring_hash() if run.pipeline.scoring.enabled else None,
         "versions": package_versions(),
         "host": platform.node(),
     }
@@ -186,6 +188,11 @@ def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "
         EncodeStage, fn_constructor_kwargs={"video_spec_json": spec.video.model_dump_json()},
         batch_format="numpy", compute=cpu_pool, num_cpus=ex.num_cpus_per_cpu_task,
     )
+    if spec.scoring.enabled:  # scores go into the manifest rows this run commits (latte_ray/record/scores.py)
+        from latte_ray.stages.score import add_scoring_stages
+
+        ds = add_scoring_stages(ds, spec.scoring, cpu_pool, ex.num_cpus_per_cpu_task, run.cache_dir,
+                                run.storage_options)
     ds = ds.map_batches(
         WriteStage,
         fn_constructor_kwargs={"output_url": run.output, "spec_json": spec_json,
@@ -230,6 +237,12 @@ def run(run: RunSpec) -> RunSummary:
         write_atomic(out_fs, layout.run_json, record)
     except Exception as e:  # noqa: BLE001 - an unusable output fails before any work, naming the URL
         raise SpecError(f"output: cannot write {layout.url}/run.json: {type(e).__name__}: {e}") from e
+    if run.pipeline.scoring.enabled:
+        from latte_ray.model.clip import check_sources
+        from latte_ray.record.scores import write_scoring_record
+
+        check_sources(run.pipeline.scoring, run.storage_options)
+        write_scoring_record(out_fs, layout, run.pipeline.scoring)
 
     init_ray()
     from latte_ray.plan.workplan import plan_work

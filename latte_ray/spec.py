@@ -148,10 +148,63 @@ class ExecutionSpec(_Strict):
     @field_validator("concurrency")
     @classmethod
     def _concurrency(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
-        lo, hi = (v, v) if isinstance(v, int) else v
-        if lo < 1 or hi < lo:
-            raise ValueError(f"concurrency must be >= 1 or (min, max) with 1 <= min <= max, got {v}")
-        return v
+        return check_concurrency(v)
+
+
+def check_concurrency(v: int | tuple[int, int]) -> int | tuple[int, int]:
+    """An actor pool size: N, or (min, max) for an autoscaling pool."""
+    lo, hi = (v, v) if isinstance(v, int) else v
+    if lo < 1 or hi < lo:
+        raise ValueError(f"concurrency must be >= 1 or (min, max) with 1 <= min <= max, got {v}")
+    return v
+
+
+class ScoringSpec(_Strict):
+    """Per-video quality scores (latte_ray/model/clip.py): CLIPScore and a LAION-style aesthetic score."""
+
+    enabled: bool = Field(False, description="Score every new video in the run (an actor pool after encoding). "
+                          "`latte-ray score OUTPUT --scoring SPEC` scores an existing output whatever this says.")
+    clip_model: str = Field(
+        TINY_SOURCE, description="CLIP model: 'tiny' (offline random weights), a hub id "
+        "(openai/clip-vit-large-patch14), a local save_pretrained folder, or an fsspec URL of one (mirrored once "
+        "per node, like model.source). Safetensors only.",
+    )
+    clip_revision: str | None = Field(None, description="Hub revision when clip_model is a hub id.")
+    aesthetic_head: str = Field(
+        TINY_SOURCE, description="Aesthetic predictor head on the CLIP image embedding (LAION form: linear or "
+        "MLP): 'tiny', a hub id, a local folder or an fsspec URL holding config.json + model.safetensors.",
+    )
+    aesthetic_revision: str | None = Field(None, description="Hub revision when aesthetic_head is a hub id.")
+    frames: int = Field(4, ge=1, le=256, description="Frames per video scored (evenly spaced, first and last "
+                        "included); the scores are means over them.")
+    batch_size: int = Field(8, ge=1, le=1024, description="Videos per scoring call.")
+    concurrency: int | tuple[int, int] = Field(1, description="Scoring actors: N or (min, max).")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs each scoring actor holds (fractional ok).")
+    num_cpus: float = Field(0.25, gt=0.0, description="CPUs each scoring actor holds (fractional ok).")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="CLIP weights and compute dtype.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks cuda when one is visible.")
+
+    @field_validator("concurrency")
+    @classmethod
+    def _concurrency(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        return check_concurrency(v)
+
+    def scoring_hash(self) -> str:
+        """Hash of what determines a score (models, frames, dtype), not placement or batch size."""
+        payload = self.model_dump(mode="json", include={"clip_model", "clip_revision", "aesthetic_head",
+                                                          "aesthetic_revision", "frames", "dtype"})
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class SidecarSpec(_Strict):
+    """Training data kept next to each video (latte_ray/record/sidecars.py), made in the generation stage from
+    tensors it computes anyway: no extra model call. Decided at generation time; export packs what is there."""
+
+    embeddings: bool = Field(False, description="Keep the prompt's T5 embeddings (fp16, the attended tokens the "
+                             "transformer saw) as videos/<shard>/<id>.t5.<sha>.npy.")
+    latents: bool = Field(False, description="Keep the final denoised latents (before VAE decode, the dtype "
+                          "the model ran in) as videos/<shard>/<id>.latents.<sha>.npy.")
 
 
 class PipelineSpec(_Strict):
@@ -161,10 +214,15 @@ class PipelineSpec(_Strict):
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     video: VideoSpec = Field(default_factory=VideoSpec)
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
+    scoring: ScoringSpec = Field(default_factory=ScoringSpec, description="Quality scores (not in the spec hash).")
+    sidecars: SidecarSpec = Field(default_factory=SidecarSpec, description="Training tensors kept per video "
+                                  "(not in the spec hash).")
 
     def spec_hash(self) -> str:
-        """Hash of everything that determines a video's bytes (not batch size, concurrency or placement)."""
-        payload = self.model_dump(mode="json", exclude={"name": True, "description": True, "execution": True})
+        """Hash of everything that determines a video's bytes (not batch size, concurrency or placement;
+        not scoring or sidecars, which add data next to a video and never change it)."""
+        payload = self.model_dump(mode="json", exclude={"name": True, "description": True, "execution": True,
+                                                        "scoring": True, "sidecars": True})
         payload["model"]["compile"].pop("cache_dir", None)
         payload["model"].pop("device", None)
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))

@@ -138,6 +138,24 @@ def test_export_filters_select_on_stats():
     assert select_samples(rows)[0].num_rows == 4
 
 
+def test_recipe_export_options_are_decided_at_generation_time(tmp_path):
+    from latte_ray.datasets.synth import _dataset_spec
+
+    rec = recipe(scoring="tiny-cpu", export={"with_embeddings": True, "min_clip_score": 20})
+    spec = _dataset_spec(load_pipeline_spec("tiny-cpu"), rec, str(tmp_path / "r.yaml"), None,
+                         rec.export.with_embeddings, rec.export.with_latents)
+    assert spec.scoring.enabled and spec.scoring.clip_model == "tiny"
+    assert spec.sidecars.embeddings and not spec.sidecars.latents
+    assert spec.spec_hash() == load_pipeline_spec("tiny-cpu").spec_hash(), "the videos are the same videos"
+    # Filtering on scores that nothing makes is refused before anything is generated or written.
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps({"templates": ["a {animal}"], "attributes": {"animal": ["cat"]},
+                                "export": {"min_clip_score": 20}}))
+    with pytest.raises(SpecError, match="filters on scores but nothing scores the videos"):
+        synthesize(str(path), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------ one real synth run
 
 
@@ -189,8 +207,21 @@ def test_synth_resumes_and_export_filters_on_stats(synth_out, tmp_path):
     assert result.exit_code == 0, result.output
     assert "0 ok, 0 error, 6 already done" in result.output, "re-running a recipe must generate nothing"
     index = pq.read_table(out / "dataset" / "index.parquet")
-    assert index.num_rows == 3 and min(index["motion_score"].to_pylist()) >= threshold
+    kept = index.filter(pc.is_null(index["rejected_reason"]))
+    rejected = index.filter(pc.is_valid(index["rejected_reason"]))
+    assert index.num_rows == 6, "every video is in the index: rejected ones with their reason, and no shard"
+    assert kept.num_rows == 3 and min(kept["motion_score"].to_pylist()) >= threshold
+    assert set(rejected["rejected_reason"].to_pylist()) == {f"motion_score < {threshold}"}
+    assert rejected["shard"].null_count == 3 and max(rejected["motion_score"].to_pylist()) < threshold
+    assert f"rejected 3: 3 motion_score < {threshold}" in result.output
     assert sorted(p.name for p in (out / "dataset" / "shards").iterdir()) == ["shard-000000.tar"]
+    # The same output exported with the same filters again: byte-identical shards, index and card.
+    dataset = out / "dataset"
+    before = {p.relative_to(dataset): p.read_bytes() for p in dataset.rglob("*") if p.is_file()}
+    result = CliRunner().invoke(app, ["export", str(out), "--prompts", str(out / "prompts"), "--min-motion",
+                                      str(threshold), "--samples-per-shard", "4", "--name", "synth-example"])
+    assert result.exit_code == 0, result.output
+    assert {p.relative_to(dataset): p.read_bytes() for p in dataset.rglob("*") if p.is_file()} == before
 
     # Commit an all-black video for one id through the real encode and write stages: its newest ok row wins.
     victim = index["id"][0].as_py()
@@ -206,9 +237,11 @@ def test_synth_resumes_and_export_filters_on_stats(synth_out, tmp_path):
     result = CliRunner().invoke(app, ["synth", "--recipe", str(EXAMPLE), "--output", str(out), "--export-only",
                                       "--drop-blank"])
     assert result.exit_code == 0, result.output
-    ids = pq.read_table(out / "dataset" / "index.parquet")["id"].to_pylist()
+    index = pq.read_table(out / "dataset" / "index.parquet")
+    ids = index.filter(pc.is_null(index["rejected_reason"]))["id"].to_pylist()
     assert len(ids) == 5 and victim not in ids
     assert "1 with blank frames" in result.output
+    assert index.filter(pc.equal(index["id"], victim))["rejected_reason"].to_pylist() == ["with blank frames"]
 
 
 def _fs(out: Path):
@@ -326,8 +359,14 @@ def test_export_and_report_on_s3(synth_out, s3_server, tmp_path, monkeypatch):
     options = s3_server.storage_options()
     url = f"s3://{s3_server.make_bucket('synth-' + uuid.uuid4().hex[:8])}/ds"
     fs, root = filesystem(url, options)
-    for sub in ("prompts", "videos", "manifest"):
+    for sub in ("prompts", "videos"):
         fs.put(str(synth_out / sub), f"{root}/", recursive=True)
+    for part in (synth_out / "manifest").glob("*.parquet"):  # as a run on s3:// records them: s3:// video URIs
+        table = pq.read_table(part)
+        uris = pc.replace_substring(table["video_uri"], str(synth_out), url)
+        table = table.set_column(table.schema.get_field_index("video_uri"), "video_uri", uris)
+        with fs.open(f"{root}/manifest/{part.name}", "wb") as f:
+            pq.write_table(table, f)
     fs.put_file(str(synth_out / "run.json"), f"{root}/run.json")
     fs.pipe_file(f"{root}/dataset/shards/shard-000009.tar", b"left by an older export")
 

@@ -28,20 +28,38 @@ TEXT_DIM = 32  # T5 d_model, which is also the transformer's caption_channels
 
 def ensure_tiny_model(cache_dir: str | os.PathLike | None = None) -> Path:
     """The tiny model's folder in the cache, built on first use; safe to call from many processes at once."""
-    if cache_dir is None:
-        cache_dir = os.environ.get("LATTE_RAY_CACHE") or "~/.cache/latte-ray"
-    path = Path(cache_dir).expanduser().resolve() / f"tiny-latte-{TINY_MODEL_VERSION}"
-    if path.is_dir():  # the folder only ever appears complete (save_tiny_model renames it into place)
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path.with_name(path.name + ".lock"))):
-        if not path.is_dir():  # another process may have built it while we waited
-            save_tiny_model(path)
-    return path
+    return ensure_built(cache_root(cache_dir) / f"tiny-latte-{TINY_MODEL_VERSION}", lambda p: save_tiny_model(p))
 
 
 def save_tiny_model(path: str | os.PathLike) -> Path:
     """Build the tiny pipeline and save it to `path` (safetensors only), atomically."""
+    return save_atomically(path, _write_tiny_model)
+
+
+def _write_tiny_model(folder: Path) -> None:
+    build_tiny_pipeline().save_pretrained(folder, safe_serialization=True)
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    if cache_dir is None:
+        cache_dir = os.environ.get("LATTE_RAY_CACHE") or "~/.cache/latte-ray"
+    return Path(cache_dir).expanduser().resolve()
+
+
+def ensure_built(path: Path, save) -> Path:
+    """`path`, made by `save(path)` on first use (which must make it appear whole: see save_atomically);
+    many processes may ask at once, one builds."""
+    if path.is_dir():  # the folder only ever appears complete (save_atomically renames it into place)
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.with_name(path.name + ".lock"))):
+        if not path.is_dir():  # another process may have built it while we waited
+            save(path)
+    return path
+
+
+def save_atomically(path: str | os.PathLike, write) -> Path:
+    """Have `write(folder)` fill a temporary sibling folder, then rename it to `path`."""
     path = Path(path).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     # A unique sibling on the same filesystem, so the final rename is atomic. Not tempfile.mkdtemp: its
@@ -49,7 +67,7 @@ def save_tiny_model(path: str | os.PathLike) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
     tmp.mkdir()
     try:
-        build_tiny_pipeline().save_pretrained(tmp, safe_serialization=True)
+        write(tmp)
         if path.exists():  # os.replace cannot overwrite a non-empty folder: move the old one aside first
             old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
             os.replace(path, old)
@@ -122,7 +140,8 @@ def build_tiny_pipeline(seed: int = 0) -> LattePipeline:
 
 # Whole words get a better score than their spelling so the Unigram model prefers them; anything else falls
 # back to single characters, so prompt lengths in tokens track their lengths in words and letters.
-_WORDS = """
+# Also the words of the tiny CLIP tokenizer (latte_ray/model/clip.py).
+TINY_WORDS = """
 a an the and or but of in on at to from with without by for into onto over under above below between
 through across along around behind beside near far up down out off inside outside before after during
 while then than as like is are was were be been being has have had do does did will would can could
@@ -164,7 +183,7 @@ _CHARS = (
 def build_tiny_tokenizer() -> T5Tokenizer:
     """A T5 Unigram tokenizer over a fixed vocabulary (no sentencepiece model, no download, no training)."""
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -20.0)]
-    pieces += [("▁" + w, -3.0) for w in _WORDS.split()]
+    pieces += [("▁" + w, -3.0) for w in TINY_WORDS.split()]
     pieces += [(s, -4.0) for s in _SUFFIXES]
     pieces += [("▁" + c, -10.0) for c in _CHARS] + [(c, -10.0) for c in _CHARS]
     # Keep the first score of a repeated piece (e.g. "▁a" is a word and a letter); dicts keep insertion

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from latte_ray.plan.keys import contains, id_keys, key_set
+from latte_ray.record.scores import SCORE_COLUMNS, attach_scores
 from latte_ray.record.storage import OutputLayout, filesystem, latest_rows, read_manifest
 
 RECENT_SECONDS = 600.0
@@ -40,6 +41,9 @@ class Status:
     first_started: str | None = None
     last_finished: str | None = None
     eta_seconds: float | None = None
+    scored: int = 0  # ok videos with quality scores (of the scorer that scored most; record/scores.py)
+    scoring_hash: str | None = None
+    scorers: dict[str, int] = field(default_factory=dict)  # every scoring hash -> ok videos it scored
 
     def lines(self) -> list[str]:
         total = f" of {self.input_ids} input ids ({self.input_files} files)" if self.input_ids is not None else ""
@@ -51,6 +55,9 @@ class Status:
                 f"({self.first_started} .. {self.last_finished}); last {RECENT_SECONDS / 60:.0f} min: "
                 f"{self.recent_videos_per_second:.3g} videos/s"
             )
+        if self.scoring_hash:
+            others = "".join(f", {h}: {n}" for h, n in sorted(self.scorers.items()) if h != self.scoring_hash)
+            out.append(f"scores: {self.scored} of {self.ok} ok videos scored (scoring {self.scoring_hash}{others})")
         if self.eta_seconds is not None:
             out.append(f"eta: {self.eta_seconds / 3600:.2f} h for the pending ids at the overall rate")
         if self.top_errors:
@@ -73,7 +80,8 @@ def status(output: str, storage_options: dict | None = None, prompts: list[str] 
            run_seed: int = 0, default_negative: str = "", top: int = 5) -> Status:
     fs, root = filesystem(output, storage_options)
     layout = OutputLayout(url=output.rstrip("/"), root=root.rstrip("/"))
-    manifest = read_manifest(fs, layout, columns=["id", "status", "error", "started_at", "finished_at"])
+    manifest = read_manifest(fs, layout, columns=["id", "status", "error", "started_at", "finished_at", "sha256",
+                                                  *SCORE_COLUMNS])
     result = Status(output=output, attempts=manifest.num_rows)
     latest = latest_rows(manifest)
     ok_mask = pc.equal(latest["status"], "ok").to_numpy(zero_copy_only=False)
@@ -91,7 +99,15 @@ def status(output: str, storage_options: dict | None = None, prompts: list[str] 
     kinds = Counter(error_kind(e, i) for e, i, ok in zip(errors, ids, ok_mask) if not ok)
     result.top_errors = kinds.most_common(top)
     _throughput(manifest, result)
+    _scores(fs, layout, latest, result)
     return result
+
+
+def _scores(fs, layout, latest, result: Status) -> None:
+    """How many ok videos have scores (manifest columns or OUTPUT/scores/ parts), by scorer."""
+    ok = latest.filter(pc.equal(latest["status"], "ok"))
+    _, selection = attach_scores(fs, layout, ok)
+    result.scoring_hash, result.scored, result.scorers = selection.scoring_hash, selection.scored, selection.available
 
 
 def _input_ids(prompts, storage_options, run_seed, default_negative, result: Status) -> np.ndarray:

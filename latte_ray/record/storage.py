@@ -57,6 +57,15 @@ MANIFEST_SCHEMA = pa.schema(
         ("motion_score", pa.float64()),
         ("blank_frames", pa.int32()),
         ("frozen_frames", pa.int32()),
+        # Quality scores (latte_ray/model/clip.py), null when the run did not score; `latte-ray score` puts
+        # later scores in OUTPUT/scores/ instead (latte_ray/record/scores.py), as manifest parts never change.
+        ("clip_score", pa.float64()),
+        ("aesthetic_score", pa.float64()),
+        ("clip_prompt_truncated", pa.bool_()),  # the prompt was longer than CLIP's text window (77 tokens)
+        ("scoring_hash", pa.string()),  # ScoringSpec.scoring_hash of the scorer that made the scores
+        # Training tensors kept next to the video (latte_ray/record/sidecars.py), null when not kept.
+        ("embeddings_uri", pa.string()),
+        ("latents_uri", pa.string()),
     ]
 )
 
@@ -272,24 +281,27 @@ def read_manifest(
     return read_parts(fs, manifest_files(fs, layout), cols)
 
 
-def read_parts(fs: fsspec.AbstractFileSystem, paths: list[str], columns: list[str]) -> pa.Table:
-    """Manifest parts read concurrently (each read retried on transient errors), as one table."""
+def read_parts(fs: fsspec.AbstractFileSystem, paths: list[str], columns: list[str],
+               schema: pa.Schema = MANIFEST_SCHEMA) -> pa.Table:
+    """Manifest parts (or other parts of `schema`) read concurrently (each read retried on transient errors),
+    as one table."""
     from concurrent.futures import ThreadPoolExecutor
 
     from latte_ray.faults import retry
 
     def read(path: str) -> pa.Table:
-        return retry.call(lambda: read_part(fs, path, columns), f"read {path}", retry.READ)
+        return retry.call(lambda: read_part(fs, path, columns, schema), f"read {path}", retry.READ)
 
     if not paths:
-        return pa.schema([MANIFEST_SCHEMA.field(c) for c in columns]).empty_table()
+        return pa.schema([schema.field(c) for c in columns]).empty_table()
     with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
         return pa.concat_tables(list(pool.map(read, paths)))
 
 
-def read_part(fs: fsspec.AbstractFileSystem, path: str, columns: list[str]) -> pa.Table:
+def read_part(fs: fsspec.AbstractFileSystem, path: str, columns: list[str],
+              schema: pa.Schema = MANIFEST_SCHEMA) -> pa.Table:
     """One manifest part as `columns` of MANIFEST_SCHEMA; a column added after it was written reads as nulls."""
-    schema = pa.schema([MANIFEST_SCHEMA.field(c) for c in columns])
+    schema = pa.schema([schema.field(c) for c in columns])
     with fs.open(path, "rb") as f:
         part = pq.ParquetFile(f)
         present = [c for c in columns if c in part.schema_arrow.names]

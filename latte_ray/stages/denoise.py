@@ -28,6 +28,7 @@ class DenoiseStage:
 
         self.spec = PipelineSpec.model_validate_json(spec_json)
         self.text_encoded = self.spec.execution.text_encode_stage
+        self.sidecars = self.spec.sidecars  # training tensors to hand on (latte_ray/record/sidecars.py)
         self.metrics = StageMetrics(self.spec.name)
         self.crashes = CrashLedger(self.spec.spec_hash())
         self.engine = make_engine(
@@ -46,6 +47,8 @@ class DenoiseStage:
         out["generate_seconds"] = np.zeros(n, dtype=np.float64)
         out["status"] = np.array(batch["status"], dtype=object)
         out["error"] = np.array(batch["error"], dtype=object)
+        for column in self._sidecar_columns():
+            out[column] = np.array([b""] * n, dtype=object)
 
         todo = [i for i in range(n) if out["status"][i] == "pending"]
         ids = [str(x) for x in batch["id"]]
@@ -64,7 +67,7 @@ class DenoiseStage:
                 continue
             started = time.perf_counter()
             try:
-                frames, tokens, truncated = self._generate(batch, rows)
+                frames, text, kept = self._generate(batch, rows)
             except Exception as e:  # noqa: BLE001 - any failure becomes data, not a crashed run
                 if len(rows) > 1:
                     groups = [[i] for i in rows] + groups
@@ -80,8 +83,10 @@ class DenoiseStage:
             self.metrics.generated(per_video, len(rows))
             for j, i in enumerate(rows):
                 out["frames"][i] = frames[j].tobytes()
-                out["prompt_tokens"][i] = tokens[j]
-                out["prompt_truncated"][i] = truncated[j]
+                out["prompt_tokens"][i] = text.tokens[j]
+                out["prompt_truncated"][i] = text.truncated[j]
+                for column, data in self._sidecars(text, kept, j).items():
+                    out[column][i] = data
                 out["generate_seconds"][i] = per_video
                 out["status"][i] = "generated"
         self.crashes.end(ids)
@@ -93,18 +98,45 @@ class DenoiseStage:
     def _generate(self, batch: dict[str, np.ndarray], rows: list[int]):
         faults.point("generate", [str(batch["id"][i]) for i in rows])
         seeds = [int(batch["seed"][i]) for i in rows]
+        kept = {"capture": {}} if self.sidecars.latents else {}
         if self.text_encoded:
             from latte_ray.model.engine import TextBatch
 
             sub = {k: batch[k][rows] for k in ("prompt_embeds", "negative_prompt_embeds", "keep",
                                                 "prompt_tokens", "prompt_truncated")}
             text = TextBatch.from_numpy(sub, self.engine.device, self.engine.dtype)
-            frames = self.engine.denoise(text, seeds)
+            frames = self.engine.denoise(text, seeds, **kept)
         else:
             prompts = [str(batch["prompt"][i]) for i in rows]
             negatives = [str(batch["negative_prompt"][i]) for i in rows]
-            frames, text = self.engine.generate(prompts, negatives, seeds)
-        return frames, text.tokens, text.truncated
+            frames, text = self.engine.generate(prompts, negatives, seeds, **kept)
+        return frames, text, kept.get("capture", {})
+
+    def _sidecar_columns(self) -> list[str]:
+        from latte_ray.record.sidecars import EMBEDDINGS, LATENTS
+
+        return [c for c, on in ((EMBEDDINGS, self.sidecars.embeddings), (LATENTS, self.sidecars.latents)) if on]
+
+    def _sidecars(self, text, kept: dict, j: int) -> dict[str, bytes]:
+        """Row j's sidecars as .npy bytes: tensors the generation computed anyway, copied to the CPU (~64 us per
+        video for the tiny model on a CPU; benchmarks/sidecars.py).
+
+        Embeddings: the prompt's T5 output in the rows the transformer's cross-attention attended to
+        (`keep`: its tokens with mask_feature, else the padded length), as float16; the masked padding rows
+        were never seen. Latents: as the VAE received them (bfloat16 goes out as float32, which is exact)."""
+        import torch
+
+        from latte_ray.record.sidecars import EMBEDDINGS, LATENTS, to_npy
+
+        out = {}
+        if self.sidecars.embeddings:
+            length = int(text.keep[j])
+            out[EMBEDDINGS] = to_npy(text.embeds[j, :length].to(torch.float16).cpu().numpy())
+        if self.sidecars.latents:
+            latents = kept["latents"][j]
+            latents = latents.float() if latents.dtype == torch.bfloat16 else latents
+            out[LATENTS] = to_npy(latents.numpy())
+        return out
 
 
 def _now() -> np.datetime64:
