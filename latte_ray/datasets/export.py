@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -352,11 +353,16 @@ def _write_index(fs, path: str, index: pa.Table) -> None:
     write_atomic(fs, path, sink.getvalue())
 
 
+_SHARD_NAME = re.compile(r"^shard-\d{6}\.tar$")  # what SHARD_PATTERN makes, and nothing else
+
+
 def _remove_stale_shards(fs, dest: str, kept: list[str]) -> None:
-    """Shards a previous, larger export left behind (the index written next never names them)."""
+    """Shards a previous, larger export left behind (the index written next never names them). Only names
+    this export makes (shard-NNNNNN.tar) are removed: a file someone else put in the folder stays."""
     if not fs.exists(f"{dest}/shards"):
         return
     for path in fs.ls(f"{dest}/shards", detail=False):
-        if os.path.basename(path) not in kept:
+        name = os.path.basename(path.rstrip("/"))
+        if _SHARD_NAME.match(name) and name not in kept:
             fs.rm_file(path)
 
