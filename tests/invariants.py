@@ -69,6 +69,33 @@ def assert_exactly_once(out: Path, ids: set[str], errors: set[str] = frozenset()
     return rows
 
 
+def assert_ok_rows_match_their_objects(out: Path) -> list[dict]:
+    """Every ok row (of every attempt, not only the latest) names an object under OUT/videos whose bytes have
+    the row's size and sha256: a recorded video never changed. Returns the ok rows."""
+    rows = [r for r in manifest(out) if r["status"] == "ok"]
+    for r in rows:
+        data = Path(r["video_uri"]).read_bytes()
+        assert len(data) == r["bytes"] and hashlib.sha256(data).hexdigest() == r["sha256"], (r["id"], r["video_uri"])
+        assert Path(r["video_uri"]).resolve().is_relative_to(out.resolve() / "videos")
+    return rows
+
+
+def snapshot(folder: Path, skip: Path | None = None) -> dict[str, tuple[int, int, str]]:
+    """Every file under `folder` (but `skip` and what is under it) with its size, mtime and a hash of its
+    bytes, and every folder by name: compare before and after to show that nothing outside an output was
+    touched (a folder's own mtime is left out: a probe created and deleted in it changes that)."""
+    state = {}
+    for p in sorted(folder.rglob("*")):
+        if skip is not None and (p == skip or skip in p.parents):
+            continue
+        if p.is_file():
+            state[str(p.relative_to(folder))] = (p.stat().st_size, p.stat().st_mtime_ns,
+                                                 hashlib.sha256(p.read_bytes()).hexdigest())
+        else:
+            state[str(p.relative_to(folder))] = (0, 0, "dir")
+    return state
+
+
 def cli_env(model_cache: Path, **extra: str) -> dict[str, str]:
     env = {**os.environ, "LATTE_RAY_CACHE": str(model_cache), "PYTHONPATH": str(REPO), **extra}
     for name in ("RAY_ADDRESS", faults.ENV, faults.STATE_ENV):

@@ -5,7 +5,8 @@
 
 Only committed videos count: a sample is an id whose manifest has an ok row (its latest ok row), restricted
 to the prompt table when one is given (so a dataset follows its recipe), filtered on the encode stage's
-stats. Every video's bytes are checked against the manifest's sha256 before they go into a shard. Shards are
+stats. Each video is read from the object its row's video_uri names (relative to the output, so a copied
+output exports from the copy), and its bytes are checked against the row's sha256 before they go into a shard. Shards are
 written to a local folder and then moved (local output) or uploaded (object store) one by one, so local
 disk holds at most one shard. The driver holds the index (one small row per sample), not the videos.
 """
@@ -24,7 +25,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from latte_ray.record.storage import OutputLayout, filesystem, is_local, latest_rows, read_manifest, write_atomic
+from latte_ray.record.output import require_output
+from latte_ray.record.storage import is_local, latest_rows, read_manifest, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,8 @@ DATASET_DIR = "dataset"
 SHARD_PATTERN = "shard-%06d.tar"
 FETCH_BATCH = 32  # videos fetched concurrently, then written in order
 STATS = ["mean_brightness", "motion_score", "blank_frames", "frozen_frames"]
-_MANIFEST_COLUMNS = ["id", "prompt", "negative_prompt", "seed", "status", "sha256", "bytes", "num_frames", "height",
-                     "width", "fps", "spec_hash", "model", "finished_at", *STATS]
+_MANIFEST_COLUMNS = ["id", "prompt", "negative_prompt", "seed", "status", "video_uri", "sha256", "bytes", "num_frames",
+                     "height", "width", "fps", "spec_hash", "model", "finished_at", *STATS]
 
 
 @dataclass
@@ -94,8 +96,8 @@ def export_dataset(
     """Write OUTPUT/dataset/: the committed videos (of the prompt table, when given) that pass the filters."""
     import webdataset as wds
 
-    fs, root = filesystem(output, storage_options)
-    layout = OutputLayout(url=output.rstrip("/"), root=root.rstrip("/"))
+    out, _record = require_output(output, storage_options)
+    fs, layout = out.fs, out.layout
     dest = f"{layout.root}/{DATASET_DIR}"
     summary = ExportSummary(url=f"{layout.url}/{DATASET_DIR}")
 
@@ -133,7 +135,7 @@ def export_dataset(
                     ThreadPoolExecutor(max_workers=8) as pool:
                 for batch in rows.to_batches(max_chunksize=FETCH_BATCH):
                     records = batch.to_pylist()
-                    paths = [layout.path(layout.video_key(r["id"])) for r in records]
+                    paths = [layout.video_path(r["video_uri"]) for r in records]
                     for record, data in zip(records, pool.map(lambda p: _fetch(fs, p), paths)):
                         if data is None or hashlib.sha256(data).hexdigest() != record["sha256"]:
                             reason = "unreadable or sha256 mismatch"

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 
-from latte_ray.spec import TINY_SOURCE, ModelSpec
+from latte_ray.spec import ModelSpec
 from latte_ray.record.storage import filesystem
 
 log = logging.getLogger(__name__)
@@ -39,27 +39,25 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LATTE_RAY_CACHE") or Path.home() / ".cache" / "latte-ray")
 
 
-def is_remote(source: str) -> bool:
-    return "://" in source and not source.startswith("file://")
-
-
 class ModelSourceError(RuntimeError):
     """The spec's model.source cannot be turned into a loadable pipeline (names the source and why)."""
 
 
 def resolve_model_dir(model: ModelSpec, cache_dir: str | None = None, storage_options: dict | None = None) -> str:
     """A local folder (or hub id) that `from_pretrained` can read."""
+    from latte_ray.model.configs import source_kind
+
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    if model.source == TINY_SOURCE:
+    kind = source_kind(model.source)
+    if kind == "tiny":
         from latte_ray.model.tiny import ensure_tiny_model
 
         return str(ensure_tiny_model(cache))
-    if is_remote(model.source):
+    if kind == "remote":
         return str(mirror_to_local(model.source, cache, storage_options))
-    local = Path(model.source.removeprefix("file://")).expanduser()
-    if local.is_dir():
-        return str(local)
-    if model.source.startswith(("/", "./", "../", "~", "file://")):
+    if kind == "local":
+        return str(Path(model.source.removeprefix("file://")).expanduser())
+    if kind == "missing":
         raise ModelSourceError(f"model.source {model.source!r}: no such folder on this node")
     return model.source  # a hub id: from_pretrained resolves it (load_pipeline explains failures)
 

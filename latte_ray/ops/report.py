@@ -1,25 +1,29 @@
 """`latte-ray report OUTPUT`: a static HTML report of a run, from its manifest and videos alone.
 
-    DEST/index.html          counts, run record, stats, error table (every value HTML-escaped)
+    DEST/index.html          counts, the output's spec, its run history, stats, error table (every value
+                             HTML-escaped)
     DEST/throughput.png      videos finished per minute over time, and the cumulative count
     DEST/contact_sheet.png   first, middle and last frame of an evenly spaced sample of ok videos
 
 DEST defaults to OUTPUT/report/. Works on a finished run or one in progress (the manifest is the truth).
+A path that is not a latte-ray output is refused before anything is written (record/output.require_output).
 """
 
 from __future__ import annotations
 
 import html
 import io
-import json
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from latte_ray.record.storage import OutputLayout, filesystem, latest_rows, read_manifest, write_atomic
+from latte_ray.record.output import list_runs, require_output, run_line
+from latte_ray.record.storage import OutputLayout, filesystem, is_local, latest_rows, read_manifest, write_atomic
+from latte_ray.spec import SpecError
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +31,9 @@ THUMB = 128  # contact sheet cell (frames are scaled to fit, letterboxed)
 LABEL = 16  # text strip above each row of the contact sheet
 PAD = 6
 MAX_ERRORS = 200
-_COLUMNS = ["id", "prompt", "status", "error", "bytes", "started_at", "finished_at", "generate_seconds",
-            "mean_brightness", "motion_score", "blank_frames", "frozen_frames"]
+_COLUMNS = ["id", "prompt", "status", "error", "video_uri", "bytes", "started_at", "finished_at",
+            "generate_seconds", "mean_brightness", "motion_score", "blank_frames", "frozen_frames"]
+RUNS_SHOWN = 20
 
 
 @dataclass
@@ -40,11 +45,16 @@ class Report:
 
 def write_report(output: str, storage_options: dict | None = None, dest: str | None = None,
                  samples: int = 12) -> Report:
-    fs, root = filesystem(output, storage_options)
-    layout = OutputLayout(url=output.rstrip("/"), root=root.rstrip("/"))
+    out, record = require_output(output, storage_options)
+    fs, layout = out.fs, out.layout
+    dest = (dest or f"{layout.url}/report").rstrip("/")
+    dest_fs, dest_root = filesystem(dest, storage_options)
+    dest_root = dest_root.rstrip("/")
+    if is_local(dest_fs) and os.path.exists(dest_root) and not os.path.isdir(dest_root):
+        raise SpecError(f"report --dest {dest!r} is an existing file; give a folder for index.html and its images")
     attempts = read_manifest(fs, layout, columns=_COLUMNS)
     latest = latest_rows(attempts)
-    run_record = json.loads(fs.cat_file(layout.run_json)) if fs.exists(layout.run_json) else {}
+    total_runs, runs = list_runs(out, last=RUNS_SHOWN)
 
     counts = count(attempts, latest)
     ok = latest.filter(pc.equal(latest["status"], "ok")).sort_by("id")
@@ -52,13 +62,13 @@ def write_report(output: str, storage_options: dict | None = None, dest: str | N
     sheet = contact_sheet(fs, layout, ok, sampled)
     chart = throughput_chart(attempts)
 
-    dest = (dest or f"{layout.url}/report").rstrip("/")
-    dest_fs, dest_root = filesystem(dest, storage_options)
-    dest_root = dest_root.rstrip("/")
-    write_atomic(dest_fs, f"{dest_root}/contact_sheet.png", sheet)
-    write_atomic(dest_fs, f"{dest_root}/throughput.png", chart)
-    page = render_html(output, run_record, counts, latest, sampled)
-    write_atomic(dest_fs, f"{dest_root}/index.html", page.encode())
+    page = render_html(output, record, (total_runs, runs), counts, latest, sampled)
+    try:
+        write_atomic(dest_fs, f"{dest_root}/contact_sheet.png", sheet)
+        write_atomic(dest_fs, f"{dest_root}/throughput.png", chart)
+        write_atomic(dest_fs, f"{dest_root}/index.html", page.encode())
+    except Exception as e:  # noqa: BLE001 - a read-only or unreachable destination, named
+        raise SpecError(f"report: cannot write to {dest}: {type(e).__name__}: {e}") from e
     return Report(url=f"{dest}/index.html", counts=counts, sampled=sampled)
 
 
@@ -109,13 +119,14 @@ def contact_sheet(fs, layout: OutputLayout, ok: pa.Table, ids: list[str]) -> byt
     sheet = Image.new("RGB", sheet_size(len(ids)), (24, 24, 24))
     draw = ImageDraw.Draw(sheet)
     motion = dict(zip(ok["id"].to_pylist(), ok["motion_score"].to_pylist()))
+    uris = dict(zip(ok["id"].to_pylist(), ok["video_uri"].to_pylist()))
     if not ids:
         draw.text((PAD, PAD), "no finished videos", fill=(220, 220, 220))
     for row, video_id in enumerate(ids):
         y = PAD + row * (LABEL + THUMB + PAD)
         label = f"{video_id[:40]}  motion {motion.get(video_id) or 0:.3f}"
         try:
-            frames = decode_mp4(fs.cat_file(layout.path(layout.video_key(video_id))))
+            frames = decode_mp4(fs.cat_file(layout.video_path(uris[video_id])))
         except Exception as e:  # noqa: BLE001 - one unreadable video must not sink the report
             draw.text((PAD, y), f"{label}: unreadable ({type(e).__name__})", fill=(255, 120, 120))
             continue
@@ -166,17 +177,24 @@ def throughput_chart(attempts: pa.Table) -> bytes:
     return buf.getvalue()
 
 
-def render_html(output: str, run_record: dict, counts: dict, latest: pa.Table, sampled: list[str]) -> str:
+def render_html(output: str, record: dict, runs: tuple[int, list[dict]], counts: dict, latest: pa.Table,
+                sampled: list[str]) -> str:
+    """`record`: the output's latte-ray.json; `runs`: (how many runs are recorded, the last ones)."""
     e = html.escape
     errors = latest.filter(pc.not_equal(latest["status"], "ok")).sort_by([("finished_at", "descending")])
     shown = errors.slice(0, MAX_ERRORS).to_pylist()
+    total_runs, last_runs = runs
+    pipeline = record.get("pipeline") or {}
+    versions = (last_runs[-1].get("versions") if last_runs else None) or {}
     run_rows = {
         "output": output,
-        "pipeline": (run_record.get("pipeline") or {}).get("name", ""),
-        "spec hash": run_record.get("spec_hash", ""),
-        "model": ((run_record.get("pipeline") or {}).get("model") or {}).get("source", ""),
-        "last started": run_record.get("started_at", ""),
-        "versions": ", ".join(f"{k} {v}" for k, v in (run_record.get("versions") or {}).items()),
+        "pipeline": pipeline.get("name", ""),
+        "spec hash": record.get("spec_hash", ""),
+        "run seed": record.get("run_seed", ""),
+        "model": (pipeline.get("model") or {}).get("source", ""),
+        "created": record.get("created_at") or "(before latte-ray.json existed)",
+        "runs recorded": total_runs,
+        "versions (last run)": ", ".join(f"{k} {v}" for k, v in versions.items()),
     }
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>latte-ray report</title><style>"
@@ -188,6 +206,11 @@ def render_html(output: str, run_record: dict, counts: dict, latest: pa.Table, s
         *(f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>" for k, v in counts.items()),
         "</table><h2>Run</h2><table id='run'>",
         *(f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in run_rows.items()),
+        f"</table><h2>Runs</h2><p>The last {len(last_runs)} of {total_runs} runs (OUTPUT/runs/).</p>"
+        "<table id='runs'><tr><th>run</th><th>started</th><th>ended</th><th>outcome</th></tr>",
+        *(f"<tr><td>{e(str(r.get('run_id', '')))}</td><td>{e(str(r.get('started_at') or ''))}</td>"
+          f"<td>{e(str(r.get('ended_at') or ''))}</td><td>{e(run_line(r).split('  ', 1)[-1])}</td></tr>"
+          for r in reversed(last_runs)),
         "</table><h2>Throughput</h2><img src='throughput.png' alt='throughput over time'>",
         f"<h2>Contact sheet</h2><p>First, middle and last frame of {len(sampled)} videos, evenly spaced by id.</p>"
         "<img src='contact_sheet.png' alt='contact sheet'>",
