@@ -463,7 +463,18 @@ SETUP_CASES = {
         lambda t: _run(t, "--dry-run", output=_bound_output(t, num_inference_steps=4)), ["is bound to pipeline spec"]),
     "dry run with a bad pix_fmt": (lambda t: _run(t, "--dry-run", spec=_spec(t, video={"pix_fmt": "nope"})),
                                    ["video.pix_fmt 'nope'"]),
+    # object stores that cannot be reached (botocore: one attempt, see the test)
+    "dry run to an unreachable s3 output": (
+        lambda t: _run(t, "--dry-run", *_unreachable_s3(), output="s3://bucket/out"),
+        ["output: cannot read s3://bucket/out/latte-ray.json", "EndpointConnectionError"]),
+    "model mirror on an unreachable s3 endpoint": (
+        lambda t: _run(t, *_unreachable_s3(), spec=_spec(t, model={"source": "s3://models/tiny/"})),
+        ["model.source 's3://models/tiny/'", "cannot list it", "EndpointConnectionError"]),
 }
+
+
+def _unreachable_s3() -> list[str]:
+    return ["-s", f"endpoint_url=http://127.0.0.1:{_closed_port()}", "-s", "key=k", "-s", "secret=s"]
 
 
 @pytest.mark.parametrize("case", SETUP_CASES)
@@ -472,6 +483,7 @@ def test_setup_mistakes_fail_in_one_line_before_ray_and_touch_nothing(case, tmp_
         raise AssertionError("Ray was started for a mistake the driver can catch")
 
     monkeypatch.setattr(runner, "init_ray", no_ray)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore: fail a refused connection at once
     make, named = SETUP_CASES[case]
     work = tmp_path / "work"
     work.mkdir()
@@ -486,3 +498,25 @@ def test_setup_mistakes_fail_in_one_line_before_ray_and_touch_nothing(case, tmp_
     for part in named:
         assert part in message, (part, message)
     assert snapshot(tmp_path) == before, "something was written, changed or deleted"
+
+
+def test_a_dry_run_counts_what_the_real_run_did(mixed_run, tmp_path):
+    """The mixed input (bad rows, identical duplicates, conflicting ids, a table without ids) counted by
+    `run --dry-run` into a new output gives the real run's numbers; against the real run's output, nothing
+    is left to generate. Neither dry run writes anything."""
+    tmp, out, summary, _rows, _by_key = mixed_run
+    spec = str(write_spec(tmp_path / "spec.yaml", fast_spec(batch_size=3)))
+    total = len(TEXT_ROWS) + len(EXTRA_TEXT_ROWS) + len(BYTES_ROWS) + len(EXTRA_BYTES_ROWS) + 2 * len(NO_ID_ROWS)
+    conflicting = 2  # the two rows of dup-diff
+    before = snapshot(out)
+    fresh = CliRunner().invoke(app, ["run", "--dry-run", "-p", spec, "--prompts", str(tmp / "in"),
+                                     "--output", str(tmp_path / "new")])
+    assert fresh.exit_code == 0, fresh.output
+    assert (f"{total} rows in 3 files: {summary.ok} to generate, 0 already done, {summary.error - conflicting} invalid "
+            f"and {conflicting} with conflicting duplicate ids (recorded as error rows), {summary.duplicates} "
+            f"duplicate copies skipped") in fresh.output, fresh.output
+    assert not (tmp_path / "new").exists()
+    done = CliRunner().invoke(app, ["run", "--dry-run", "-p", spec, "--prompts", str(tmp / "in"), "--output", str(out)])
+    assert done.exit_code == 0, done.output
+    assert f"0 to generate, {summary.ok + summary.duplicates} already done" in done.output, done.output
+    assert snapshot(out) == before

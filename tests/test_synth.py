@@ -287,7 +287,8 @@ def test_metrics_reach_the_nodes_prometheus_endpoint(synth_out, ray_local):
 def test_dry_run_counts_and_estimates_without_loading_a_model(synth_out, tmp_path):
     """The output's own spec (an output is bound to one spec) with a production execution section (one GPU
     per actor, the published 14.6 s per video): execution is not part of the spec hash, so the output takes
-    it. Another spec (latte-1-t2v-512) is refused before anything is counted."""
+    it. The run seed is the recipe's (3), as the output records. Another spec (latte-1-t2v-512) is refused
+    before anything is counted."""
     import yaml
 
     from tests.invariants import write_spec
@@ -303,10 +304,10 @@ def test_dry_run_counts_and_estimates_without_loading_a_model(synth_out, tmp_pat
     before = sorted(p for p in synth_out.rglob("*"))
     script = (
         "import sys; from typer.testing import CliRunner; from latte_ray.cli import app\n"
-        f"r = CliRunner().invoke(app, ['run', '--dry-run', '--pipeline', {str(spec)!r}, '--gpus', '4',"
+        f"r = CliRunner().invoke(app, ['run', '--dry-run', '--pipeline', {str(spec)!r}, '--gpus', '4', '--seed', '3',"
         f" '--prompts', {str(synth_out / 'prompts')!r}, '--prompts', {str(new)!r}, '--output', {str(synth_out)!r}])\n"
         "print(r.output); assert r.exit_code == 0, r.output\n"
-        f"r = CliRunner().invoke(app, ['run', '--dry-run', '--pipeline', 'latte-1-t2v-512',"
+        f"r = CliRunner().invoke(app, ['run', '--dry-run', '--pipeline', 'latte-1-t2v-512', '--seed', '3',"
         f" '--prompts', {str(new)!r}, '--output', {str(synth_out)!r}])\n"
         "print('other spec:', r.exit_code, r.output)\n"
         "loaded = [m for m in ('ray', 'torch', 'diffusers', 'latte_ray.model.engine') if m in sys.modules]\n"
