@@ -76,9 +76,26 @@ def build_run_spec(pipeline, prompts, output, storage_option, batch_size, concur
         }) from None
 
 
+STANDALONE = {"stop_ray_before_failing": False}  # set by main(): this process owns its Ray connection
+
+
 def _fail(e: Exception, code: int = 2) -> None:
+    if code == 1 and STANDALONE["stop_ray_before_failing"]:
+        _stop_ray()
     typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+def _stop_ray() -> None:
+    """Disconnect from Ray (stopping a local one this process started) before the final error line, so that
+    no log line Ray forwards from its workers lands after it."""
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 @app.command()
@@ -267,6 +284,7 @@ def tiny_model(path: Path = typer.Argument(..., help="Folder to save the tiny ra
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    STANDALONE["stop_ray_before_failing"] = True
     app()
 
 
