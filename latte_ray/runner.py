@@ -265,6 +265,7 @@ def run(run: RunSpec) -> RunSummary:
     log.info("checked: %s", checked.model)
 
     init_ray()
+    # (Checks that need Ray, such as whether the plan fits the cluster, belong here, before the binding.)
     # Every check has passed: bind the output to this spec (first run only) and open this run's record.
     outputs.bind(out, run.pipeline, run.seed, package_versions().get("latte-ray", "unknown"))
     run_id = f"{started_wall:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"

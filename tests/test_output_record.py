@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -21,10 +20,10 @@ from latte_ray import runner
 from latte_ray.cli import app
 from latte_ray.faults.rootcause import RunFailed
 from latte_ray.record.output import RunLog, bind, check_binding, list_runs, open_output, spec_diff
-from latte_ray.record.storage import OutputLayout, write_manifest_part
+from latte_ray.record.storage import write_manifest_part
 from latte_ray.spec import RunSpec, SpecError, parse_pipeline_spec
 from tests.conftest import REPO, write_prompts
-from tests.invariants import assert_exactly_once, fast_spec, manifest, snapshot, write_spec
+from tests.invariants import fast_spec, manifest, snapshot, write_spec
 
 
 def _spec(source: str | None = None, **sampling):

@@ -269,7 +269,16 @@ def write_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bo
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.link(tmp, path)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise
+            except OSError:  # a filesystem without hard links: exclusive create, then the bytes
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
             return True
         except FileExistsError:
             return False
