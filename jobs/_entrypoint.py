@@ -15,7 +15,7 @@ from pathlib import Path
 # any installed latte_ray, so the driver runs the same code as the workers, which get working_dir on their path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from latte_ray.cli import app  # noqa: E402
+from latte_ray.cli import STANDALONE, app  # noqa: E402
 
 
 def run_cli(command: str, required: tuple[str, ...] = ()) -> None:
@@ -28,4 +28,5 @@ def run_cli(command: str, required: tuple[str, ...] = ()) -> None:
               file=sys.stderr)
         raise SystemExit(2)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    STANDALONE["stop_ray_before_failing"] = True  # the job's driver process: its failure line comes last
     app(args=[command, *args], prog_name=prog)

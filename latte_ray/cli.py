@@ -1,6 +1,11 @@
 """`latte-ray` command line: run, tiny-model, pipelines (and the operations commands built on the same runner).
 
-Also `python -m latte_ray` (latte_ray/__main__.py), the entrypoint for jobs that ship the package as a wheel."""
+Also `python -m latte_ray` (latte_ray/__main__.py), the entrypoint for jobs that ship the package as a wheel.
+
+Exit codes: 0 done; 1 a run that failed (every row an error, or an error only an actor could hit, reported
+as one line: `error: generation actor failed: <Type>: <message>`); 2 bad input, caught before any model
+loads (one line: `error: <what>`, naming the option, field, path or URL).
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,11 @@ from typing import Optional
 
 import typer
 
+from pydantic import ValidationError
+
+from latte_ray.faults.rootcause import RunFailed
 from latte_ray.resources import examples_dir
-from latte_ray.spec import DEFAULT_PIPELINE, PIPELINES_DIR, RunSpec, SpecError, load_pipeline_spec
+from latte_ray.spec import DEFAULT_PIPELINE, PIPELINES_DIR, RunSpec, SpecError, load_pipeline_spec, option_error
 
 EXAMPLE_PROMPTS = examples_dir() / "prompts.parquet"
 DEMO_OUTPUT = "outputs/demo"
@@ -79,12 +87,22 @@ def _concurrency(value: str | None):
 
 def build_run_spec(pipeline, prompts, output, storage_option, batch_size, concurrency, seed, resume,
                    retry_errors, limit, cache_dir, scoring=None, keep_embeddings=None, keep_latents=None) -> RunSpec:
-    spec = load_pipeline_spec(pipeline).with_overrides(batch_size=batch_size, concurrency=_concurrency(concurrency))
-    spec = _with_dataset_options(spec, scoring, keep_embeddings, keep_latents)
-    return RunSpec(
-        pipeline=spec, prompts=prompts, output=output, storage_options=parse_storage_options(storage_option),
-        seed=seed, resume=resume, retry_errors=retry_errors, limit=limit, cache_dir=cache_dir,
-    )
+    """The RunSpec of a command line. Options go through the same pydantic validation as a spec file; an
+    invalid one is a SpecError naming the option and the value given."""
+    spec = load_pipeline_spec(pipeline)
+    try:
+        spec = spec.with_overrides(batch_size=batch_size, concurrency=_concurrency(concurrency))
+        spec = _with_dataset_options(spec, scoring, keep_embeddings, keep_latents)
+        return RunSpec(
+            pipeline=spec, prompts=prompts, output=output, storage_options=parse_storage_options(storage_option),
+            seed=seed, resume=resume, retry_errors=retry_errors, limit=limit, cache_dir=cache_dir,
+        )
+    except ValidationError as e:
+        raise option_error(e, {
+            "batch_size": ("--batch-size", batch_size), "concurrency": ("--concurrency", concurrency),
+            "seed": ("--seed", seed), "limit": ("--limit", limit), "prompts": ("--prompts", prompts),
+            "output": ("--output", output), "cache_dir": ("--cache-dir", cache_dir),
+        }) from None
 
 
 def _with_dataset_options(spec, scoring, keep_embeddings, keep_latents):
@@ -100,9 +118,26 @@ def _with_dataset_options(spec, scoring, keep_embeddings, keep_latents):
     return spec.model_copy(update=update) if update else spec
 
 
-def _fail(e: Exception) -> None:
+STANDALONE = {"stop_ray_before_failing": False}  # set by main(): this process owns its Ray connection
+
+
+def _fail(e: Exception, code: int = 2) -> None:
+    if code == 1 and STANDALONE["stop_ray_before_failing"]:
+        _stop_ray()
     typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
+
+
+def _stop_ray() -> None:
+    """Disconnect from Ray (stopping a local one this process started) before the final error line, so that
+    no log line Ray forwards from its workers lands after it."""
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 @app.command()
@@ -121,7 +156,7 @@ def run(
     scoring: Optional[str] = ScoringRunOpt,
     keep_embeddings: Optional[bool] = KeepEmbeddingsOpt,
     keep_latents: Optional[bool] = KeepLatentsOpt,
-    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the tables, count new vs already-done rows and estimate GPU-hours and wall time; load no model, start no Ray, write nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Make every check a run makes before Ray starts (tables, output, model configs, video settings), count what it would do (new, already done, duplicate, conflicting, invalid rows) and estimate GPU-hours and wall time; load no model, start no Ray, write nothing (but a probe of the output it deletes)."),
     gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="With --dry-run: GPUs to estimate wall time for (generation actors for a CPU spec). Default 1."),
 ) -> None:
     """Generate one mp4 per prompt and a Parquet manifest. With no options: the tiny demo into ./outputs/demo."""
@@ -134,16 +169,21 @@ def run(
         if dry_run:
             from latte_ray.plan.dryrun import plan
 
-            typer.echo("\n".join(plan(spec, gpus).lines()))
+            checked = runner.preflight(spec)
+            typer.echo(f"checked: {checked.model}")
+            typer.echo("\n".join(plan(spec, checked.in_fs, checked.files, gpus).lines()))
             return
         summary = runner.run(spec)
     except SpecError as e:
         _fail(e)
+    except RunFailed as e:
+        _fail(e, 1)
     typer.echo(summary.line())
     for err in summary.errors[:5]:
         typer.echo(f"  error: {err}")
-    typer.echo(f"videos:   {output.rstrip('/')}/videos/<shard>/<id>.mp4")
+    typer.echo(f"videos:   {output.rstrip('/')}/videos/<shard>/<id>.<sha256[:32]>.mp4")
     typer.echo(f"manifest: {output.rstrip('/')}/manifest/*.parquet")
+    typer.echo(f"run:      {output.rstrip('/')}/runs/{summary.run_id}.json")
     if summary.error and not summary.ok:
         raise typer.Exit(1)
 
@@ -174,6 +214,8 @@ def synth(
                              with_embeddings=with_embeddings, with_latents=with_latents, scoring=scoring)
     except SpecError as e:
         _fail(e)
+    except RunFailed as e:
+        _fail(e, 1)
     typer.echo("\n".join(summary.lines()))
     if summary.run is not None and summary.run.error and not summary.run.ok:
         raise typer.Exit(1)
@@ -292,6 +334,8 @@ def backfill(
         summary = runner.run(spec)
     except SpecError as e:
         _fail(e)
+    except RunFailed as e:
+        _fail(e, 1)
     if summary.ok == 0 and summary.error == 0:
         typer.echo(f"backfill: nothing to do ({summary.skipped_done} rows already done) -> {output}")
         return
@@ -307,50 +351,33 @@ def status(
     output: str = typer.Argument(..., help="A run's output prefix (local folder or fsspec URL)."),
     prompts: Optional[list[str]] = typer.Option(None, "--prompts", help="Input tables to count pending ids against (files, folders or globs; repeatable)."),
     storage_option: Optional[list[str]] = StorageOpt,
-    seed: Optional[int] = typer.Option(None, "--seed", help="The run seed (ids of rows without an id column depend on it); default: the one in OUTPUT/run.json."),
-    pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help="The run's pipeline spec (its default negative prompt enters derived ids); default: the one in OUTPUT/run.json."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="The run seed (ids of rows without an id column depend on it); default: the one the output is bound to (OUTPUT/latte-ray.json)."),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help="The run's pipeline spec (its default negative prompt enters derived ids); default: the one the output is bound to (OUTPUT/latte-ray.json)."),
     top: int = typer.Option(5, "--top", min=0, help="How many of the most common errors to list."),
     as_json: bool = typer.Option(False, "--json", help="Print the status as one JSON object."),
 ) -> None:
-    """ok / error / pending counts (per id, against the input with --prompts), the most common errors and throughput so far."""
+    """ok / error / pending counts (per id, against the input with --prompts), the most common errors, throughput so far, the spec the output is bound to and its last runs."""
     import json
 
     from latte_ray.ops.status import status as output_status
 
     try:
         options = parse_storage_options(storage_option)
-        negative, run_seed = _run_defaults(output, options, pipeline, seed) if prompts else ("", 0)
-        result = output_status(output, options, prompts=prompts, run_seed=run_seed, default_negative=negative,
-                               top=top)
+        negative = load_pipeline_spec(pipeline).sampling.negative_prompt if pipeline else None
+        result = output_status(output, options, prompts=prompts, run_seed=seed, default_negative=negative, top=top)
     except SpecError as e:
         _fail(e)
-    typer.echo(json.dumps(result.as_dict(), indent=2) if as_json else "\n".join(result.lines()))
-
-
-def _run_defaults(output: str, options: dict, pipeline: str | None, seed: int | None) -> tuple[str, int]:
-    """The default negative prompt and run seed a run used (both enter derived ids): given, or run.json's."""
-    import json
-
-    from latte_ray.record.storage import OutputLayout, filesystem
-
-    fs, root = filesystem(output, options)
-    try:
-        record = json.loads(fs.cat_file(OutputLayout(url=output.rstrip("/"), root=root.rstrip("/")).run_json))
-    except FileNotFoundError:
-        record = {}
-    negative = (load_pipeline_spec(pipeline).sampling.negative_prompt if pipeline
-                else record.get("pipeline", {}).get("sampling", {}).get("negative_prompt", ""))
-    return negative, seed if seed is not None else int(record.get("seed", 0))
+    typer.echo(json.dumps(result.as_dict(), indent=2, default=str) if as_json else "\n".join(result.lines()))
 
 
 @app.command()
 def compact(
     output: str = typer.Argument(..., help="A run's output prefix (local folder or fsspec URL)."),
     storage_option: Optional[list[str]] = StorageOpt,
-    min_age_minutes: float = typer.Option(60.0, "--min-age-minutes", min=0.0, help="Leave parts younger than this alone (a running job's batch may still rewrite its part)."),
+    min_age_minutes: float = typer.Option(60.0, "--min-age-minutes", min=0.0, help="Leave parts and videos younger than this alone (a running job's batch may still rewrite its part, or be about to commit its video)."),
     parts_per_file: int = typer.Option(10_000, "--parts-per-file", min=2, help="Most parts merged into one compacted part."),
 ) -> None:
-    """Merge the manifest's small parts (one per batch) into a few large ones; safe to stop at any instant."""
+    """Merge the manifest's small parts (one per batch) into a few large ones, and delete video objects no ok row names (older than the margin); safe to stop at any instant."""
     from latte_ray.record.compact import compact as compact_manifest
 
     try:
@@ -421,16 +448,23 @@ def pipelines_show(name: str = typer.Argument(..., help="A built-in spec or reci
 
 
 @app.command("tiny-model")
-def tiny_model(path: Path = typer.Argument(..., help="Folder to save the tiny random-weight Latte pipeline into.")) -> None:
-    """Build the offline tiny Latte pipeline (random weights, local tokenizer) and save it with save_pretrained."""
+def tiny_model(path: Path = typer.Argument(..., help="Folder to save the tiny random-weight Latte pipeline into: missing, empty, or an earlier tiny model.")) -> None:
+    """Build the offline tiny Latte pipeline (random weights, local tokenizer) and save it with save_pretrained.
+
+    PATH must be missing, an empty folder, or an earlier tiny model saved by this command (which is replaced);
+    anything else is refused and left untouched."""
     from latte_ray.model.tiny import save_tiny_model
 
-    out = save_tiny_model(path)
+    try:
+        out = save_tiny_model(path)
+    except SpecError as e:
+        _fail(e)
     typer.echo(f"tiny Latte pipeline saved to {out} (load with LattePipeline.from_pretrained)")
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    STANDALONE["stop_ray_before_failing"] = True
     app()
 
 

@@ -3,24 +3,28 @@
     read Parquet -> prepare (CPU) -> [text_encode (actors)] -> denoise (GPU actor pool) -> encode (CPU)
     -> write (CPU) -> the driver iterates manifest rows to count them (it never holds the table)
 
-Everything that can fail on bad input (specs, table schemas, output location) is checked here before any
-actor starts, so a malformed run costs no GPU time.
+Everything that can fail on bad input (specs, table schemas, output location and binding, model configs,
+video settings) is checked in the driver before Ray starts (`preflight`), so a malformed run costs no GPU
+time. An error that only an actor can hit ends the run with its root cause in one line (RunFailed).
+Every run leaves its own record, OUTPUT/runs/<run_id>.json (latte_ray/record/output.py).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 
+from latte_ray.faults.rootcause import RunFailed, describe
 from latte_ray.plan.prompts import inspect_prompt_tables, resolve_prompt_files
+from latte_ray.record import output as outputs
+from latte_ray.record.storage import is_local
 from latte_ray.spec import RunSpec, SpecError
-from latte_ray.record.storage import OutputLayout, filesystem, is_local, write_atomic
 from latte_ray.versions import provenance
 
 log = logging.getLogger(__name__)
@@ -37,6 +41,7 @@ class RunSummary:
     duplicates: int = 0  # extra copies of identical input rows, generated once
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    run_id: str = ""  # its record: OUTPUT/runs/<run_id>.json
 
     @property
     def videos_per_second(self) -> float:
@@ -62,7 +67,8 @@ def package_versions() -> dict[str, str | None]:
 
 
 def run_record(run: RunSpec, files: list[str], started: datetime) -> dict:
-    """What run.json holds: enough to reproduce the run, and no credentials."""
+    """What OUTPUT/runs/<run_id>.json holds: enough to reproduce the run, and no credentials (the storage
+    options' keys only). record/output.RunLog adds the run id, the outcome and the end."""
     return {
         "started_at": started.isoformat(),
         "pipeline": run.pipeline.model_dump(mode="json"),
@@ -225,36 +231,122 @@ def restart_args(ex) -> dict:
     return {"max_restarts": ex.max_restarts, "max_task_retries": -1 if ex.max_restarts else 0}
 
 
+@dataclass
+class Preflight:
+    """What the driver-side checks found: the output (checked, not yet bound) and the input tables."""
+
+    output: outputs.Output
+    in_fs: object
+    files: list[str]
+    without_id: list[str]
+    model: str  # a line describing the model source
+
+
+def preflight(run: RunSpec, tables: bool = True) -> Preflight:
+    """Every check that needs neither Ray nor model weights, in the driver, cheapest first; SpecError (one
+    line, exit 2) names the option, field, path or URL. Writes nothing but a probe it deletes again.
+    `tables=False` leaves out the prompt tables (synth checks the rest before it writes its table)."""
+    from latte_ray.model.configs import check_model_source
+    from latte_ray.plan.preflight import check_output_location, check_urls
+    from latte_ray.stages.encode import check_video_settings
+
+    check_urls(run)
+    check_output_location(run)
+    in_fs, files, without_id = None, [], []
+    if tables:
+        in_fs, files = resolve_prompt_files(run.prompts, run.storage_options)
+        _, without_id = inspect_prompt_tables(in_fs, files)
+    sampling = run.pipeline.sampling
+    check_video_settings(run.pipeline.video, sampling.height, sampling.width)
+    out = outputs.open_output(run.output, run.storage_options)
+    outputs.check_binding(out, run.pipeline, run.seed)
+    outputs.probe_writable(out)
+    model = check_model_source(run.pipeline, run.storage_options)
+    if run.pipeline.scoring.enabled:
+        from latte_ray.model.clip import check_sources
+
+        check_sources(run.pipeline.scoring, run.storage_options)
+    return Preflight(output=out, in_fs=in_fs, files=files, without_id=without_id, model=model)
+
+
 def run(run: RunSpec) -> RunSummary:
     started_wall = datetime.now(timezone.utc)
     started = time.perf_counter()
-    in_fs, files = resolve_prompt_files(run.prompts, run.storage_options)
-    _, without_id = inspect_prompt_tables(in_fs, files)
-    out_fs, root = filesystem(run.output, run.storage_options)
-    layout = OutputLayout(url=run.output.rstrip("/"), root=root.rstrip("/"))
-    record = json.dumps(run_record(run, files, started_wall), indent=2).encode()
-    try:
-        write_atomic(out_fs, layout.run_json, record)
-    except Exception as e:  # noqa: BLE001 - an unusable output fails before any work, naming the URL
-        raise SpecError(f"output: cannot write {layout.url}/run.json: {type(e).__name__}: {e}") from e
-    if run.pipeline.scoring.enabled:
-        from latte_ray.model.clip import check_sources
-        from latte_ray.record.scores import write_scoring_record
-
-        check_sources(run.pipeline.scoring, run.storage_options)
-        write_scoring_record(out_fs, layout, run.pipeline.scoring)
+    checked = preflight(run)
+    in_fs, files, out = checked.in_fs, checked.files, checked.output
+    log.info("checked: %s", checked.model)
 
     init_ray()
+    # (Checks that need Ray, such as whether the plan fits the cluster, belong here, before the binding.)
+    # Every check has passed: bind the output to this spec (first run only) and open this run's record.
+    outputs.bind(out, run.pipeline, run.seed, package_versions().get("latte-ray", "unknown"))
+    run_id = f"{started_wall:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    history = outputs.RunLog(out, run_id, run_record(run, files, started_wall))
+    history.start()
+    if run.pipeline.scoring.enabled:  # what made this output's scores (latte_ray/record/scores.py)
+        from latte_ray.record.scores import write_scoring_record
+
+        write_scoring_record(out.fs, out.layout, run.pipeline.scoring)
+    summary = RunSummary(output=run.output, run_id=run_id)
+    try:
+        with _console_without_ray_data_tracebacks():
+            _generate(run, in_fs, files, checked.without_id, run_id, summary)
+    except KeyboardInterrupt:
+        history.finish("interrupted", **_counts(summary))
+        raise
+    except SpecError as e:
+        history.finish("failed", str(e), **_counts(summary))
+        raise
+    except Exception as e:  # noqa: BLE001 - Ray's errors carry whole tracebacks: keep the root cause
+        reason = describe(e)
+        log.debug("run %s failed", run_id, exc_info=e)
+        history.finish("failed", reason, **_counts(summary))
+        raise RunFailed(reason) from None
+    summary.seconds = time.perf_counter() - started
+    history.finish("ok", **_counts(summary))
+    log.info(summary.line())
+    return summary
+
+
+class _HideOnConsole(logging.Filter):
+    """Marks a record `hide`, which Ray Data's console handler drops (ray.data._internal.logging.
+    HiddenRecordFilter) and its log file keeps."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.hide = True
+        return True
+
+
+@contextmanager
+def _console_without_ray_data_tracebacks():
+    """When an execution fails, Ray Data logs the whole stack on the console (an actor that died in its
+    constructor counts as a 'Ray internal' error, so it prints every frame): the failure's root cause would
+    sit under a hundred lines of Ray's frames. While a run executes, those records go to Ray Data's log
+    file only; the runner reports the root cause itself, in one line (faults/rootcause.py)."""
+    logger = logging.getLogger("ray.data.exceptions")
+    hide = _HideOnConsole()
+    logger.addFilter(hide)
+    try:
+        yield
+    finally:
+        logger.removeFilter(hide)
+
+
+def _counts(summary: RunSummary) -> dict:
+    return {"ok": summary.ok, "error": summary.error, "already_done": summary.skipped_done,
+            "duplicates": summary.duplicates}
+
+
+def _generate(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_id: str,
+              summary: RunSummary) -> None:
     from latte_ray.plan.workplan import plan_work
 
     # Pre-pass: global dedupe and resume, decided before any actor starts (see workplan.py).
     work = plan_work(run, in_fs, files, lambda subset: read_input(run, in_fs, subset), without_id)
-    summary = RunSummary(output=run.output, skipped_done=work.done, duplicates=work.duplicates)
+    summary.skipped_done, summary.duplicates = work.done, work.duplicates
     if work.todo == 0:
-        summary.seconds = time.perf_counter() - started
         log.info("nothing to do: %s", work.line())
-        return summary
-    run_id = f"{started_wall:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+        return
     n_rounds = rounds(run, work.todo)
     for k in range(n_rounds):
         if n_rounds > 1:
@@ -269,9 +361,6 @@ def run(run: RunSpec) -> RunSummary:
                     if len(summary.errors) < 20:
                         summary.errors.append(error)
         del ds  # frees the execution's per-block bookkeeping before the next round
-    summary.seconds = time.perf_counter() - started
-    log.info(summary.line())
-    return summary
 
 
 def summary_dict(summary: RunSummary) -> dict:

@@ -208,7 +208,7 @@ class SidecarSpec(_Strict):
 
 
 class PipelineSpec(_Strict):
-    name: str = Field("unnamed", description="Human-readable name, recorded in run.json.")
+    name: str = Field("unnamed", description="Human-readable name, recorded in the output and run records.")
     description: str = Field("", description="One line on what the spec is for (`latte-ray pipelines` lists it).")
     model: ModelSpec = Field(default_factory=ModelSpec)
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
@@ -221,11 +221,7 @@ class PipelineSpec(_Strict):
     def spec_hash(self) -> str:
         """Hash of everything that determines a video's bytes (not batch size, concurrency or placement;
         not scoring or sidecars, which add data next to a video and never change it)."""
-        payload = self.model_dump(mode="json", exclude={"name": True, "description": True, "execution": True,
-                                                        "scoring": True, "sidecars": True})
-        payload["model"]["compile"].pop("cache_dir", None)
-        payload["model"].pop("device", None)
-        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        blob = json.dumps(hashed_fields(self.model_dump(mode="json")), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def with_overrides(self, **execution: object) -> "PipelineSpec":
@@ -235,6 +231,19 @@ class PipelineSpec(_Strict):
             return self
         merged = {**self.execution.model_dump(), **changes}
         return self.model_copy(update={"execution": ExecutionSpec.model_validate(merged)})
+
+
+def hashed_fields(raw: dict) -> dict:
+    """The part of a dumped pipeline spec that the spec hash covers: everything but the name, the description,
+    the execution, scoring and sidecars sections, the device and the compile cache folder. Works on a plain
+    dict, so that a spec recorded by another version can be compared field by field (latte_ray/record/output.py)."""
+    payload = json.loads(json.dumps(raw))
+    for key in ("name", "description", "execution", "scoring", "sidecars"):
+        payload.pop(key, None)
+    model = payload.get("model") or {}
+    model.pop("device", None)
+    (model.get("compile") or {}).pop("cache_dir", None)
+    return payload
 
 
 def resolve_pipeline_path(name_or_path: str | Path) -> Path:
@@ -275,6 +284,23 @@ def _format_errors(e: ValidationError) -> str:
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         lines.append(f"  - {field}: {msg}")
     return "\n".join(lines)
+
+
+def option_error(e: ValidationError, options: dict[str, tuple[str, object]]) -> SpecError:
+    """One line per invalid field for settings given on the command line: `options` maps a field name to
+    (the option that set it, the value given), so the message names the option, as a spec file's names
+    the key."""
+    lines = []
+    for err in e.errors():
+        field = str(err["loc"][0]) if err["loc"] else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        msg = msg[:1].lower() + msg[1:]
+        if field in options:
+            flag, value = options[field]
+            lines.append(f"{flag} {value}: {msg}")
+        else:
+            lines.append(f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {msg}")
+    return SpecError("; ".join(lines))
 
 
 class RunSpec(_Strict):

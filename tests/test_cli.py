@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -44,7 +45,10 @@ def test_demo_runs_with_no_arguments(tmp_path, model_cache):
     assert "outputs/demo/videos/" in proc.stdout and "outputs/demo/manifest/" in proc.stdout
     videos = sorted((tmp_path / "outputs" / "demo" / "videos").rglob("*.mp4"))
     assert len(videos) == 6 and all(v.stat().st_size > 1000 for v in videos)
-    assert (tmp_path / "outputs" / "demo" / "run.json").exists()
+    record = json.loads((tmp_path / "outputs" / "demo" / "latte-ray.json").read_text())
+    assert record["spec_hash"] == load_pipeline_spec("tiny-cpu").spec_hash() and record["run_seed"] == 0
+    (run,) = (tmp_path / "outputs" / "demo" / "runs").iterdir()
+    assert json.loads(run.read_text())["outcome"] == "ok" and f"runs/{run.name}" in proc.stdout
 
 
 @pytest.mark.parametrize(

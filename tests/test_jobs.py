@@ -170,7 +170,9 @@ def test_ray_job_submit_generates_to_s3(ray_head, s3_server, tmp_path):
     for r in rows:
         data = out_fs.cat_file(r["video_uri"].removeprefix("s3://"))
         assert len(data) == r["bytes"] and hashlib.sha256(data).hexdigest() == r["sha256"]
-    assert out_fs.exists(layout.run_json)
+    assert out_fs.exists(layout.record_json)
+    (run,) = out_fs.ls(layout.runs_dir, detail=False)
+    assert json.loads(out_fs.cat_file(run))["outcome"] == "ok"
 
     # What Ray uploaded as the working dir: the code, without the virtualenv, tests or git data.
     (pkg,) = {p.resolve() for p in ray_head.temp_dir.glob("session_*/runtime_resources/working_dir_files/*")

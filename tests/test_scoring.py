@@ -231,7 +231,8 @@ def test_run_scores_every_video_and_keeps_its_embeddings_and_latents(scored_run,
     out, spec = scored_run
     rows = {r["id"]: r for r in assert_exactly_once(out, set(PROMPTS))}
     digest = spec.scoring.scoring_hash()
-    assert json.loads((out / "run.json").read_text())["scoring_hash"] == digest
+    (run_record,) = (out / "runs").glob("*.json")  # this run's record
+    assert json.loads(run_record.read_text())["scoring_hash"] == digest
     assert json.loads((out / "scores" / "specs" / f"{digest}.json").read_text())["scoring"]["clip_model"] == "tiny"
     assert {r["scoring_hash"] for r in rows.values()} == {digest}
     assert {i for i, r in rows.items() if r["clip_prompt_truncated"]} == {"fox"}

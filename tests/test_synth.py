@@ -318,15 +318,31 @@ def test_metrics_reach_the_nodes_prometheus_endpoint(synth_out, ray_local):
 
 
 def test_dry_run_counts_and_estimates_without_loading_a_model(synth_out, tmp_path):
+    """The output's own spec (an output is bound to one spec) with a production execution section (one GPU
+    per actor, the published 14.6 s per video): execution is not part of the spec hash, so the output takes
+    it. The run seed is the recipe's (3), as the output records. Another spec (latte-1-t2v-512) is refused
+    before anything is counted."""
+    import yaml
+
+    from tests.invariants import write_spec
+
+    raw = yaml.safe_load(load_pipeline_spec("tiny-cpu").model_dump_json())
+    raw["execution"].update(num_gpus_per_actor=1, seconds_per_video=14.6)
+    from latte_ray.spec import parse_pipeline_spec
+
+    spec = write_spec(tmp_path / "gpu-estimate.yaml", parse_pipeline_spec(raw))
     new = write_prompts(tmp_path / "new.parquet", {"prompt": ["a red fox", "a blue whale", "a green owl", ""]})
     empty_cache = tmp_path / "cache"
     empty_cache.mkdir()
     before = sorted(p for p in synth_out.rglob("*"))
     script = (
         "import sys; from typer.testing import CliRunner; from latte_ray.cli import app\n"
-        f"r = CliRunner().invoke(app, ['run', '--dry-run', '--pipeline', 'latte-1-t2v-512', '--gpus', '4',"
+        f"r = CliRunner().invoke(app, ['run', '--dry-run', '--pipeline', {str(spec)!r}, '--gpus', '4', '--seed', '3',"
         f" '--prompts', {str(synth_out / 'prompts')!r}, '--prompts', {str(new)!r}, '--output', {str(synth_out)!r}])\n"
         "print(r.output); assert r.exit_code == 0, r.output\n"
+        f"r = CliRunner().invoke(app, ['run', '--dry-run', '--pipeline', 'latte-1-t2v-512', '--seed', '3',"
+        f" '--prompts', {str(new)!r}, '--output', {str(synth_out)!r}])\n"
+        "print('other spec:', r.exit_code, r.output)\n"
         "loaded = [m for m in ('ray', 'torch', 'diffusers', 'latte_ray.model.engine') if m in sys.modules]\n"
         "print('loaded:', loaded)\n"
     )
@@ -337,6 +353,8 @@ def test_dry_run_counts_and_estimates_without_loading_a_model(synth_out, tmp_pat
     assert "10 rows in 2 files: 3 to generate, 6 already done, 1 invalid" in proc.stdout
     # 3 videos x 14.6 s (the published A100 figure) = 0.01217 GPU-hours; 4 GPUs: one round of 14.6 s.
     assert "3 videos x 14.6 s/video (spec) = 0.01217 GPU-hours; wall time 15 s on 4 GPUs" in proc.stdout
+    assert "checked: model.source 'tiny' (the tiny model): a LattePipeline, 16 frames" in proc.stdout
+    assert f"other spec: 2 error: output {synth_out} is bound to pipeline spec" in proc.stdout
     assert "loaded: []" in proc.stdout
     assert list(empty_cache.iterdir()) == [], "a model was built or loaded by a dry run"
     assert sorted(p for p in synth_out.rglob("*")) == before, "a dry run wrote to the output"
@@ -367,7 +385,8 @@ def test_export_and_report_on_s3(synth_out, s3_server, tmp_path, monkeypatch):
         table = table.set_column(table.schema.get_field_index("video_uri"), "video_uri", uris)
         with fs.open(f"{root}/manifest/{part.name}", "wb") as f:
             pq.write_table(table, f)
-    fs.put_file(str(synth_out / "run.json"), f"{root}/run.json")
+    fs.put_file(str(synth_out / "latte-ray.json"), f"{root}/latte-ray.json")
+    fs.put(str(synth_out / "runs"), f"{root}/", recursive=True)
     fs.pipe_file(f"{root}/dataset/shards/shard-000009.tar", b"left by an older export")
 
     summary = export_dataset(url, options, prompts_url=f"{url}/prompts/", samples_per_shard=4)

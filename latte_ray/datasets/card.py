@@ -13,7 +13,6 @@ index), so exporting the same output with the same filters writes the same card.
 
 from __future__ import annotations
 
-import json
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -34,11 +33,20 @@ def size_category(n: int) -> str:
 
 
 def read_run_record(fs, layout: OutputLayout) -> dict:
-    """The output's run record (what generated it), {} when there is none."""
-    try:
-        return json.loads(fs.cat_file(layout.run_json))
-    except FileNotFoundError:
+    """What generated the output: the spec, spec hash and seed it is bound to (latte-ray.json), with the
+    versions of its latest run (runs/<run_id>.json); {} when it has neither."""
+    from latte_ray.record.output import Output, list_runs, read_record
+
+    out = Output(fs, layout)
+    record = read_record(out) or {}
+    _, runs = list_runs(out, last=1)
+    latest = runs[-1] if runs else {}
+    if not record and not latest:
         return {}
+    return {"pipeline": record.get("pipeline") or latest.get("pipeline") or {},
+            "spec_hash": record.get("spec_hash") or latest.get("spec_hash"),
+            "seed": record.get("run_seed", latest.get("seed")),
+            "versions": latest.get("versions") or {}}
 
 
 def card_metadata(summary, index: pa.Table, run: dict, scorers: dict[str, dict], name: str,

@@ -11,7 +11,8 @@ to the prompt table when one is given (so a dataset follows its recipe), filtere
 stats and on the quality scores (latte_ray/record/scores.py: one scorer at a time). A video that a filter
 rejects is not silently left out: its index row names every reason, and the summary and the card count
 rejections by reason. Every video's bytes are checked against the manifest's sha256 before they go into a
-shard, and every object is read through the URI its manifest row records.
+shard. Every object is read through the URI its manifest row records, taken relative to the output (so a
+copied output exports from the copy).
 
 Deterministic: samples go in id order, tar members carry fixed mtime, owner and mode, and nothing in a
 sample depends on when or where the export ran, so exporting the same output with the same filters again
@@ -35,9 +36,10 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from latte_ray.record.output import require_output
 from latte_ray.record.scores import SCORE_COLUMNS, ScoreSelection, attach_scores
 from latte_ray.record.sidecars import from_npy
-from latte_ray.record.storage import OutputLayout, filesystem, is_local, latest_rows, read_manifest, write_atomic
+from latte_ray.record.storage import OutputLayout, is_local, latest_rows, read_manifest, write_atomic
 from latte_ray.spec import SpecError
 
 log = logging.getLogger(__name__)
@@ -175,8 +177,8 @@ def export_dataset(
 
     filters = ExportFilters(min_motion=min_motion, drop_blank=drop_blank, min_clip_score=min_clip_score,
                             min_aesthetic=min_aesthetic, with_embeddings=with_embeddings, with_latents=with_latents)
-    fs, root = filesystem(output, storage_options)
-    layout = OutputLayout(url=output.rstrip("/"), root=root.rstrip("/"))
+    out, _record = require_output(output, storage_options)
+    fs, layout = out.fs, out.layout
     dest = f"{layout.root}/{DATASET_DIR}"
     summary = ExportSummary(url=f"{layout.url}/{DATASET_DIR}", filters=filters)
 
@@ -219,14 +221,14 @@ def export_dataset(
 
     def fetch(record: dict) -> dict | None:
         """The sample's members, or None when the video or a wanted sidecar cannot be read whole."""
-        data = _fetch(record["video_uri"], storage_options)
+        data = _fetch(fs, layout, record["video_uri"])
         if data is None or hashlib.sha256(data).hexdigest() != record["sha256"]:
             return None
         members = {"mp4": data}
         for wanted, column, member in ((with_embeddings, "embeddings_uri", "t5.npy"),
                                        (with_latents, "latents_uri", "latents.npy")):
             if wanted:
-                blob = _fetch(record[column], storage_options)
+                blob = _fetch(fs, layout, record[column])
                 if blob is None:
                     return None
                 members[member] = blob
@@ -278,14 +280,13 @@ def export_dataset(
     return summary
 
 
-def _fetch(uri: str | None, storage_options: dict | None) -> bytes | None:
-    """An object by the URI its manifest row records (None when it cannot be read)."""
+def _fetch(fs, layout: OutputLayout, uri: str | None) -> bytes | None:
+    """An object by the URI its manifest row records, under this output's root (None when it cannot be read)."""
     if not uri:
         return None
     try:
-        fs, path = filesystem(uri, storage_options)
-        return fs.cat_file(path)
-    except (FileNotFoundError, OSError) as e:
+        return fs.cat_file(layout.video_path(uri))
+    except (FileNotFoundError, OSError, ValueError) as e:
         log.warning("export: cannot read %s: %s", uri, e)
         return None
 

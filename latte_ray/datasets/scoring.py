@@ -120,15 +120,16 @@ def score_output(output: str, scoring: ScoringSpec, storage_options: dict | None
     """Score every ok video of `output` that has no scores of this scorer yet (see the module docstring)."""
     import ray
 
+    from latte_ray.record.output import require_output
     from latte_ray.record.scores import write_scoring_record
-    from latte_ray.record.storage import OutputLayout, filesystem, manifest_files
+    from latte_ray.record.storage import manifest_files
     from latte_ray.runner import init_ray
     from latte_ray.stages.score import add_scoring_stages
     from latte_ray.stages.write_scores import WriteScoresStage
 
     started = time.perf_counter()
-    fs, root = filesystem(output, storage_options)
-    layout = OutputLayout(url=output.rstrip("/"), root=root.rstrip("/"))
+    out, _record = require_output(output, storage_options)
+    fs, layout = out.fs, out.layout
     try:
         parts = manifest_files(fs, layout)
     except Exception as e:  # noqa: BLE001 - an unreadable output fails before any model loads
@@ -157,7 +158,7 @@ def score_output(output: str, scoring: ScoringSpec, storage_options: dict | None
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     cpu_pool = ray.data.ActorPoolStrategy(min_size=1, max_size=ExecutionSpec().cpu_stage_max_actors)
     ds = ds.repartition(target_num_rows_per_block=scoring.batch_size)
-    ds = add_scoring_stages(ds, scoring, cpu_pool, CPU_PER_TASK, cache_dir, storage_options, fetch=True)
+    ds = add_scoring_stages(ds, scoring, cpu_pool, CPU_PER_TASK, cache_dir, storage_options, fetch_from=output)
     ds = ds.map_batches(WriteScoresStage, fn_constructor_kwargs={"output_url": output,
                                                                  "storage_options": storage_options,
                                                                  "run_id": run_id, "scoring_hash": digest},

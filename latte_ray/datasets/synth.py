@@ -25,6 +25,7 @@ import pyarrow as pa
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from latte_ray.record.output import require_output
 from latte_ray.spec import PIPELINES_DIR, PipelineSpec, RunSpec, SpecError, _format_errors, load_pipeline_spec
 from latte_ray.record.storage import filesystem, write_atomic
 
@@ -297,6 +298,21 @@ class SynthSummary:
         return out
 
 
+def _check_owned(output: str, storage_options: dict | None) -> None:
+    """synth rewrites OUTPUT/prompts/part-*.parquet and OUTPUT/recipe.yaml: refuse a folder where they
+    exist but were not written by synth (no output record, and no recipe.yaml next to the prompts)."""
+    from latte_ray.record.output import open_output, read_legacy_record, read_record
+
+    out = open_output(output, storage_options)
+    if read_record(out) is not None or read_legacy_record(out) is not None:
+        return
+    fs, root = out.fs, out.layout.root
+    prompts = f"{root}/{PROMPTS_DIR}"
+    if fs.exists(prompts) and fs.ls(prompts) and not fs.exists(f"{root}/recipe.yaml"):
+        raise SpecError(f"synth: {output.rstrip('/')}/{PROMPTS_DIR}/ holds files and {output} is not a latte-ray "
+                        f"output; refusing to replace them (give a new or empty --output)")
+
+
 def write_prompt_table(table: pa.Table, output: str, storage_options: dict | None = None) -> str:
     """Write the table as OUTPUT/prompts/part-*.parquet, removing parts a previous expansion left."""
     import io
@@ -351,15 +367,18 @@ def synthesize(
     table = expand(recipe)
     if table.num_rows == 0:
         raise SpecError(f"recipe {recipe_url!r} expands to no prompts")
-    prompts_url = write_prompt_table(table, output, storage_options)
+    prompts_url = f"{output.rstrip('/')}/{PROMPTS_DIR}/"
+    run = RunSpec(pipeline=spec, prompts=[prompts_url], output=output, storage_options=storage_options or {},
+                  seed=recipe.seed, cache_dir=cache_dir)
+    if generate:  # every check a run makes but the table's, before anything is written
+        runner.preflight(run, tables=False)
+    else:
+        require_output(output, storage_options)
+    _check_owned(output, storage_options)
+    write_prompt_table(table, output, storage_options)
     fs, root = filesystem(output, storage_options)
     write_atomic(fs, f"{root.rstrip('/')}/recipe.yaml", text.encode())
-    summary = None
-    if generate:
-        summary = runner.run(RunSpec(
-            pipeline=spec, prompts=[prompts_url], output=output, storage_options=storage_options or {},
-            seed=recipe.seed, cache_dir=cache_dir,
-        ))
+    summary = runner.run(run) if generate else None
     exported = export_dataset(
         output, storage_options=storage_options, prompts_url=prompts_url,
         min_motion=recipe.export.min_motion if min_motion is None else min_motion,

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 
-from latte_ray.spec import TINY_SOURCE, ModelSpec
+from latte_ray.spec import ModelSpec
 from latte_ray.record.storage import filesystem
 
 log = logging.getLogger(__name__)
@@ -39,10 +39,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LATTE_RAY_CACHE") or Path.home() / ".cache" / "latte-ray")
 
 
-def is_remote(source: str) -> bool:
-    return "://" in source and not source.startswith("file://")
-
-
 class ModelSourceError(RuntimeError):
     """The spec's model.source cannot be turned into a loadable pipeline (names the source and why)."""
 
@@ -56,18 +52,21 @@ def resolve_model_dir(model: ModelSpec, cache_dir: str | None = None, storage_op
 
 def resolve_source(source: str, cache_dir: str | None = None, storage_options: dict | None = None, *,
                    tiny=None, marker: str = "model_index.json", field: str = "model.source") -> str:
-    """Any model source (the video model, the scoring CLIP, the aesthetic head) as a local folder or hub id:
-    'tiny' -> `tiny(cache)` (built offline on first use), an fsspec URL -> its once-per-node mirror (which
-    must hold `marker`), an existing folder -> itself, anything else -> a hub id for from_pretrained."""
+    """Any model source (the video model, the scoring CLIP, the aesthetic head) as a local folder or hub id,
+    by the rule of `configs.source_kind`: 'tiny' -> `tiny(cache)` (built offline on first use), an fsspec
+    URL -> its once-per-node mirror (which must hold `marker`), an existing folder -> itself, anything else
+    -> a hub id for from_pretrained."""
+    from latte_ray.model.configs import source_kind
+
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    if source == TINY_SOURCE and tiny is not None:
+    kind = source_kind(source)
+    if kind == "tiny" and tiny is not None:
         return str(tiny(cache))
-    if is_remote(source):
+    if kind == "remote":
         return str(mirror_to_local(source, cache, storage_options, marker=marker, field=field))
-    local = Path(source.removeprefix("file://")).expanduser()
-    if local.is_dir():
-        return str(local)
-    if source.startswith(("/", "./", "../", "~", "file://")):
+    if kind == "local":
+        return str(Path(source.removeprefix("file://")).expanduser())
+    if kind == "missing":
         raise ModelSourceError(f"{field} {source!r}: no such folder on this node")
     return source  # a hub id: from_pretrained resolves it (load_pipeline explains failures)
 

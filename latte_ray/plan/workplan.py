@@ -183,8 +183,8 @@ def done_ids(run, layout, out_fs) -> "pa.Array":
     - it loads every checkpointed id into one block and sorts it as a numpy array of strings, which is
       what we do too, more compactly.
     The run itself uses the key form of this set (`done_keys`: 128-bit keys, 16 bytes per id,
-    built in a Ray task so the driver never holds it, and looked up by binary search); this string form
-    serves `run --dry-run`. Measured with benchmarks/resume_scale.py (see the README).
+    built in a Ray task so the driver never holds it, and looked up by binary search), and so does
+    `run --dry-run`; this string form is what benchmarks/resume_scale.py compares it with.
     """
     import pyarrow.compute as pc
 

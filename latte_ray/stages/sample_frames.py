@@ -3,8 +3,9 @@
 Scores are a function of the stored video and its prompt alone, so this decodes the mp4 (what a dataset
 user gets), not the raw frames the generator made: a run that scores (spec `scoring.enabled`) and a later
 `latte-ray score` over the same output give the same scores. In a run the bytes come from the encode stage
-(`video` column); in `latte-ray score` (`fetch=True`) each row's video is read through its manifest row's
-`video_uri` and checked against the recorded sha256. Decoding runs here, on CPU actors, so the scoring
+(`video` column); in `latte-ray score` (`fetch_from`: the output) each row's video is read through its
+manifest row's `video_uri`, taken relative to the output (a copied output is read from the copy), and
+checked against the recorded sha256. Decoding runs here, on CPU actors, so the scoring
 actors (on GPUs in production) only run CLIP.
 
 Rows leave with `score_frames` (the sampled uint8 frames as bytes, (k, H, W, 3)) and `score_shape`; a row
@@ -22,10 +23,11 @@ log = logging.getLogger(__name__)
 
 
 class SampleFramesStage:
-    def __init__(self, frames: int, fetch: bool = False, storage_options: dict | None = None):
+    def __init__(self, frames: int, fetch_from: str | None = None, storage_options: dict | None = None):
+        from latte_ray.record.output import open_output
+
         self.frames = frames
-        self.fetch = fetch
-        self.storage_options = storage_options
+        self.output = open_output(fetch_from, storage_options) if fetch_from else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from latte_ray.model.clip import sample_indices
@@ -40,7 +42,7 @@ class SampleFramesStage:
             if str(batch["status"][i]) != "encoded":
                 continue
             try:
-                data = self._fetch(batch, i) if self.fetch else batch["video"][i]
+                data = self._fetch(batch, i) if self.output else batch["video"][i]
                 frames = decode_mp4(data)
             except Exception as e:  # noqa: BLE001 - an unreadable video is an unscored row, not a failed run
                 out["score_error"][i] = f"{type(e).__name__}: {e}"[:2000]
@@ -53,11 +55,10 @@ class SampleFramesStage:
 
     def _fetch(self, batch: dict[str, np.ndarray], i: int) -> bytes:
         from latte_ray.faults import retry
-        from latte_ray.record.storage import filesystem
 
         uri = str(batch["video_uri"][i])
-        fs, path = filesystem(uri, self.storage_options)
-        data = retry.call(lambda: fs.cat_file(path), f"read {uri}", retry.READ)
+        path = self.output.layout.video_path(uri)
+        data = retry.call(lambda: self.output.fs.cat_file(path), f"read {uri}", retry.READ)
         if hashlib.sha256(data).hexdigest() != str(batch["sha256"][i]):
             raise ValueError(f"{uri}: its bytes do not match the manifest's sha256")
         return data

@@ -57,15 +57,16 @@ class ScoreStage:
 
 
 def add_scoring_stages(ds, scoring: ScoringSpec, cpu_pool, num_cpus_per_cpu_task: float, cache_dir: str | None,
-                       storage_options: dict | None, fetch: bool = False):
+                       storage_options: dict | None, fetch_from: str | None = None):
     """`ds` followed by sample-frames (CPU pool) and score (the scoring actor pool): in a run after the
-    encode stage, in `latte-ray score` after reading the manifest rows (`fetch`: read videos by video_uri)."""
+    encode stage, in `latte-ray score` after reading the manifest rows (`fetch_from`: the output whose
+    videos are read by their rows' video_uri)."""
     import ray
 
     from latte_ray.stages.sample_frames import SampleFramesStage
 
     ds = ds.map_batches(
-        SampleFramesStage, fn_constructor_kwargs={"frames": scoring.frames, "fetch": fetch,
+        SampleFramesStage, fn_constructor_kwargs={"frames": scoring.frames, "fetch_from": fetch_from,
                                                   "storage_options": storage_options},
         batch_format="numpy", compute=cpu_pool, num_cpus=num_cpus_per_cpu_task,
     )

@@ -1,7 +1,10 @@
 """Write stage (CPU tasks): put each video object, then the manifest part that records the batch.
 
 The manifest part is the commit: it is written only after every video it names is fully stored, so a
-crash at any instant leaves recorded videos whole and unrecorded ones ignored (rewritten on resume).
+crash at any instant leaves recorded videos whole and unrecorded ones ignored (rewritten on resume, and
+deleted by `latte-ray compact` once old enough). A video's key holds the first 128 bits of its sha256
+(storage.OutputLayout.video_key), so writing an id again never changes an object an `ok` row names: the
+same bytes go to the same key, other bytes (a nondeterministic kernel, a perturbed retry) to a new one.
 Storage writes are retried with backoff; a video that still cannot be stored becomes an error row. The
 part's name is a hash of the run and the batch's ids, so a batch that Ray retries (its writer died after
 committing) replaces its own part rather than recording its ids twice.
@@ -71,16 +74,16 @@ class WriteStage:
         from latte_ray.record.sidecars import URI_COLUMNS, put_sidecars
 
         video_id = str(batch["id"][i])
-        uri, error = self._put_video(video_id, batch["video"][i])
+        uri, error = self._put_video(video_id, batch["video"][i], str(batch["sha256"][i]))
         blobs = {c: batch[c][i] for c in URI_COLUMNS if c in batch}
         if error or not blobs:
             return uri, error, {}
         sidecar_uris, error = put_sidecars(self.fs, self.layout, video_id, blobs)
         return uri, error, sidecar_uris
 
-    def _put_video(self, video_id: str, data: bytes) -> tuple[str, str]:
+    def _put_video(self, video_id: str, data: bytes, sha256: str) -> tuple[str, str]:
         """(uri, "") once the video is stored whole, or ("", error) when it cannot be stored."""
-        key = self.layout.video_key(video_id)
+        key = self.layout.video_key(video_id, sha256)
         path = self.layout.path(key)
         try:
             retry.call(lambda: write_atomic(self.fs, path, data), f"write {path}", retry.VIDEO)
