@@ -315,7 +315,8 @@ def test_score_command_fills_unscored_videos_and_resumes(scored_run, tmp_path):
     assert f"scores: 4 of 4 ok videos scored (scoring {spec.scoring.scoring_hash()})" in status.output
 
     bad = CliRunner().invoke(app, ["score", str(tmp_path / "nothing-here"), "--scoring", "tiny-cpu"])
-    assert bad.exit_code == 2 and "has no manifest parts" in bad.output and "Traceback" not in bad.output
+    assert bad.exit_code == 2 and "not a latte-ray output" in bad.output and "Traceback" not in bad.output
+    assert not (tmp_path / "nothing-here").exists()
     (tmp_path / "scoring.yaml").write_text("clip_model: ./no-such-clip\nframes: 2\n")
     bad = CliRunner().invoke(app, ["score", str(out), "--scoring", str(tmp_path / "scoring.yaml")])
     assert bad.exit_code == 2 and "scoring.clip_model './no-such-clip'" in bad.output, bad.output

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latte_ray.spec import TINY_SOURCE, ScoringSpec
+from latte_ray.spec import ScoringSpec
 
 log = logging.getLogger(__name__)
 
@@ -261,14 +261,15 @@ def check_sources(scoring: ScoringSpec, storage_options: dict | None = None) -> 
     """Fail before any actor starts when a scoring source that names a place cannot be there: a local folder
     that does not exist or lacks config.json, a URL with no config.json under it. Costs one stat per source;
     hub ids are left to the actors (their failure names the source too)."""
-    from latte_ray.model.loading import is_remote
+    from latte_ray.model.configs import source_kind
     from latte_ray.record.storage import filesystem
     from latte_ray.spec import SpecError
 
     for field, source in (("scoring.clip_model", scoring.clip_model), ("scoring.aesthetic_head", scoring.aesthetic_head)):
-        if source == TINY_SOURCE:
+        kind = source_kind(source)
+        if kind in ("tiny", "hub"):
             continue
-        if is_remote(source):
+        if kind == "remote":
             try:
                 fs, root = filesystem(source, storage_options)
                 found = fs.exists(f"{root.rstrip('/')}/config.json")
@@ -276,7 +277,7 @@ def check_sources(scoring: ScoringSpec, storage_options: dict | None = None) -> 
                 raise SpecError(f"{field} {source!r}: cannot read it: {type(e).__name__}: {e}") from e
             if not found:
                 raise SpecError(f"{field} {source!r}: no config.json there (not a save_pretrained folder)")
-        elif source.startswith(("/", "./", "../", "~", "file://")) or Path(source).expanduser().is_dir():
+        else:  # a local folder, or a path that does not exist
             folder = Path(source.removeprefix("file://")).expanduser()
             if not (folder / "config.json").is_file():
                 raise SpecError(f"{field} {source!r}: no such folder with a config.json on this machine")
