@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from latte_ray.faults.watchdog import EXIT_CODE as EXIT_STALLED, RunStalled
 from latte_ray.spec import DEFAULT_PIPELINE, PIPELINES_DIR, RunSpec, SpecError, load_pipeline_spec
 
 EXAMPLE_PROMPTS = PIPELINES_DIR.parent / "examples" / "prompts.parquet"
@@ -58,9 +59,11 @@ def build_run_spec(pipeline, prompts, output, storage_option, batch_size, concur
     )
 
 
-def _fail(e: Exception) -> None:
+def _fail(e: Exception, code: int = 2) -> None:
+    """One red line and an exit code: 2 bad input or a plan that cannot fit the cluster, 3 a stalled run
+    (the progress watchdog stopped it; resume with the same command)."""
     typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -93,6 +96,8 @@ def run(
         summary = runner.run(spec)
     except SpecError as e:
         _fail(e)
+    except RunStalled as e:
+        _fail(e, EXIT_STALLED)
     typer.echo(summary.line())
     for err in summary.errors[:5]:
         typer.echo(f"  error: {err}")
@@ -122,6 +127,8 @@ def synth(
                              generate=not export_only)
     except SpecError as e:
         _fail(e)
+    except RunStalled as e:
+        _fail(e, EXIT_STALLED)
     typer.echo("\n".join(summary.lines()))
     if summary.run is not None and summary.run.error and not summary.run.ok:
         raise typer.Exit(1)
@@ -171,6 +178,8 @@ def backfill(
         summary = runner.run(spec)
     except SpecError as e:
         _fail(e)
+    except RunStalled as e:
+        _fail(e, EXIT_STALLED)
     if summary.ok == 0 and summary.error == 0:
         typer.echo(f"backfill: nothing to do ({summary.skipped_done} rows already done) -> {output}")
         return

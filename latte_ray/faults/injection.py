@@ -12,7 +12,8 @@ space-separated `key=value` pairs:
 - match:  fnmatch pattern against the point's key (an id, a path, or any id of a batch); default `*`.
 - action: exit (os._exit this process), kill-run (SIGKILL every process of this run's session: only with
           LATTE_RAY_FAULTS_KILL_RUN=1 and when the session leader is a latte-ray driver started in its own
-          session), oserror (raise OSError, a transient storage failure), error (raise RuntimeError).
+          session), oserror (raise OSError, a transient storage failure), error (raise RuntimeError),
+          hang (sleep forever: a hung kernel or a deadlocked library).
 - times:  fire at most this many times across all processes (counted with marker files in the state
           folder: LATTE_RAY_FAULTS_STATE, or `<file>.state` next to a rules file).
 - p:      probability of firing at each matching call (default 1).
@@ -24,6 +25,7 @@ import fnmatch
 import os
 import random
 import signal
+import time
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -38,8 +40,9 @@ POINTS = {
     "after_video": "a video object is stored, its manifest row not yet written; key: the id",
     "write": "before an atomic write; key: the path",
     "mid_write": "half of a local atomic write is in its temp file; key: the final path",
+    "scan": "a work-plan scan task starts (the pre-pass); key: the input file paths of the task",
 }
-ACTIONS = ("exit", "kill-run", "oserror", "error")
+ACTIONS = ("exit", "kill-run", "oserror", "error", "hang")
 
 
 class InjectedFault(RuntimeError):
@@ -153,6 +156,9 @@ def _fire(rule: Rule, name: str, keys: list[str]) -> None:
         raise InjectedFault(what)
     if rule.action == "exit":
         os._exit(EXIT_CODE)
+    if rule.action == "hang":
+        while True:
+            time.sleep(3600)
     kill_run()
 
 
