@@ -232,7 +232,7 @@ def run(run: RunSpec) -> RunSummary:
         raise SpecError(f"output: cannot write {layout.url}/run.json: {type(e).__name__}: {e}") from e
 
     init_ray()
-    from latte_ray.faults.nodeloss import MAX_REPLANS, replannable, wait_for_stage_actors
+    from latte_ray.faults.nodeloss import MAX_REPLANS, replannable, end_stage_actors
     from latte_ray.faults.watchdog import Watchdog, stall_timeouts
     from latte_ray.plan.fit import check_fit, use_task_cpu_cap
 
@@ -254,11 +254,11 @@ def run(run: RunSpec) -> RunSummary:
                                 "committed ids are skipped", replannable(e), attempt + 1, MAX_REPLANS)
                 # Out of the except block: the failed execution's traceback (and its actor handles) is gone.
                 dog.phase("re-planning after a lost node or actor")
-                wait_for_stage_actors()
+                end_stage_actors()
         except BaseException:
             # A failed or stopped run leaves no stage actor behind: Ray Data only drops their handles, and
             # the exception's traceback keeps those alive (holding CPUs; a writer could still commit).
-            wait_for_stage_actors(grace_s=0)
+            end_stage_actors()
             if dog.reason is not None:
                 raise RunStalled(dog.reason) from None
             raise

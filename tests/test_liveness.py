@@ -187,7 +187,7 @@ def test_the_watchdog_diagnoses_then_interrupts_a_run_that_makes_no_progress(cap
 
 
 def test_a_run_stalled_in_generation_fails_with_exit_3_and_a_diagnosis(ray_local, faults_file, tmp_path, caplog):
-    spec = null_spec(stall_timeout_s=8.0, batch_deadline_s=None)
+    spec = null_spec(stall_timeout_s=5.0, batch_deadline_s=None)
     table = _table(tmp_path, ["s-0", "s-1", "stuck", "s-3"])
     args = ["run", "--pipeline", str(write_spec(tmp_path / "spec.yaml", spec)), "--prompts", str(table),
             "--output", str(tmp_path / "out")]
@@ -255,7 +255,7 @@ def test_a_batch_of_one_whose_worker_died_once_is_tried_again():
 
 
 def test_a_hung_generation_call_ends_its_worker_and_its_row_becomes_an_error_row(ray_local, faults_file, tmp_path):
-    spec = null_spec(batch_deadline_s=4.0)
+    spec = null_spec(batch_deadline_s=3.0)
     ids = ["d-0", "d-1", "hangs", "d-3", "d-4"]
     started = time.monotonic()
     with fault_rules(faults_file, "point=generate match=hangs action=hang"):
@@ -264,7 +264,7 @@ def test_a_hung_generation_call_ends_its_worker_and_its_row_becomes_an_error_row
     print(f"a hung row handled (3 deadlines, 3 restarts) in {time.monotonic() - started:.0f} s")
     assert (summary.ok, summary.error) == (4, 1)
     (row,) = [r for r in manifest(tmp_path / "out") if r["id"] == "hangs"]
-    assert row["error"] == f"generation ran past its 4 s deadline {MAX_CRASHES} times; not tried again in this run"
+    assert row["error"] == f"generation ran past its 3 s deadline {MAX_CRASHES} times; not tried again in this run"
     assert_exactly_once(tmp_path / "out", set(ids) - {"hangs"}, errors={"hangs"})
 
 

@@ -76,7 +76,7 @@ def _ok_rows(out: Path) -> int:
 
 def test_losing_the_generation_node_mid_run_is_ridden_out(cluster, model_cache, tmp_path):
     spec = fast_spec(batch_size=2, num_inference_steps=10)  # ~0.3 s per video: the kill lands mid-run
-    ids = [f"node-{i:02d}" for i in range(30)]
+    ids = [f"node-{i:02d}" for i in range(24)]
     table = write_prompts(tmp_path / "p.parquet", {"id": ids, "prompt": [f"a ship at sea {i}" for i in ids]})
     out = tmp_path / "out"
     args = ["run", "--pipeline", str(write_spec(tmp_path / "spec.yaml", spec)), "--prompts", str(table),
