@@ -2,7 +2,7 @@
 
 The entrypoints are thin on purpose: all logic lives in the `latte-ray` CLI (latte_ray/cli.py), so a job
 behaves exactly like the same command run by hand, exit status included (0 ok, 1 failed rows or a crash,
-2 bad input).
+2 bad input or a plan the cluster cannot run, 3 stalled: stopped by the progress watchdog).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Also `python -m latte_ray` (latte_ray/__main__.py), the entrypoint for jobs that
 
 Exit codes: 0 done; 1 a run that failed (every row an error, or an error only an actor could hit, reported
 as one line: `error: generation actor failed: <Type>: <message>`); 2 bad input, caught before any model
-loads (one line: `error: <what>`, naming the option, field, path or URL).
+loads (one line: `error: <what>`, naming the option, field, path or URL), or a plan that cannot fit the
+cluster; 3 a run the progress watchdog stopped because it made no progress (resume with the same command).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Optional
 import typer
 
 from pydantic import ValidationError
+
+from latte_ray.faults.watchdog import EXIT_CODE as EXIT_STALLED, RunStalled
 
 from latte_ray.faults.rootcause import RunFailed
 from latte_ray.resources import examples_dir
@@ -122,7 +125,9 @@ STANDALONE = {"stop_ray_before_failing": False}  # set by main(): this process o
 
 
 def _fail(e: Exception, code: int = 2) -> None:
-    if code == 1 and STANDALONE["stop_ray_before_failing"]:
+    """One red line and an exit code: 2 bad input or a plan that cannot fit the cluster, 1 a run that failed
+    (its root cause), 3 a stalled run (the progress watchdog stopped it; resume with the same command)."""
+    if code in (1, EXIT_STALLED) and STANDALONE["stop_ray_before_failing"]:
         _stop_ray()
     typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
@@ -178,6 +183,8 @@ def run(
         _fail(e)
     except RunFailed as e:
         _fail(e, 1)
+    except RunStalled as e:
+        _fail(e, EXIT_STALLED)
     typer.echo(summary.line())
     for err in summary.errors[:5]:
         typer.echo(f"  error: {err}")
@@ -216,6 +223,8 @@ def synth(
         _fail(e)
     except RunFailed as e:
         _fail(e, 1)
+    except RunStalled as e:
+        _fail(e, EXIT_STALLED)
     typer.echo("\n".join(summary.lines()))
     if summary.run is not None and summary.run.error and not summary.run.ok:
         raise typer.Exit(1)
@@ -336,6 +345,8 @@ def backfill(
         _fail(e)
     except RunFailed as e:
         _fail(e, 1)
+    except RunStalled as e:
+        _fail(e, EXIT_STALLED)
     if summary.ok == 0 and summary.error == 0:
         typer.echo(f"backfill: nothing to do ({summary.skipped_done} rows already done) -> {output}")
         return

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 
 from latte_ray.faults.rootcause import RunFailed, describe
+from latte_ray.faults.watchdog import RunStalled
 from latte_ray.plan.prompts import inspect_prompt_tables, resolve_prompt_files
 from latte_ray.record import output as outputs
 from latte_ray.record.storage import is_local
@@ -88,14 +89,14 @@ def run_record(run: RunSpec, files: list[str], started: datetime) -> dict:
     }
 
 
-LOCAL_MIN_CPUS = 4
-
-
 def init_ray() -> None:
-    """Join the cluster this runs in (RAY_ADDRESS, `ray job submit`), or start a local Ray.
+    """Join the cluster this runs in (RAY_ADDRESS, `ray job submit`), or start a private local Ray.
 
-    A local Ray gets at least 4 logical CPUs: Ray Data's file listing and read tasks each ask for a whole
-    CPU, and on a 2-core machine the generation actors' share would leave them unschedulable (a silent hang).
+    Without RAY_ADDRESS the embedded default always starts its own Ray (`address="local"`), whatever else
+    runs on the machine: another `ray start --head`, or a stale `ray_current_cluster` file left by one that
+    died, would otherwise be joined (and `num_cpus` refused). It gets the machine's real CPUs, as Ray
+    detects them: the plan fits a node with one CPU beyond a generation actor's share (plan/fit.py), so no
+    extra logical CPUs are needed.
     """
     import os
 
@@ -106,7 +107,7 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=logging.WARNING)
         return
-    ray.init(num_cpus=max(LOCAL_MIN_CPUS, os.cpu_count() or 1), logging_level=logging.WARNING)
+    ray.init(address="local", logging_level=logging.WARNING)
 
 
 def _arrow_filesystem(fs):
@@ -182,7 +183,7 @@ def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "
     ds = ds.map_batches(
         DenoiseStage,
         fn_constructor_kwargs={"spec_json": spec_json, "cache_dir": run.cache_dir,
-                               "storage_options": run.storage_options},
+                               "storage_options": run.storage_options, "run_id": run_id},
         batch_size=ex.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
@@ -277,7 +278,10 @@ def run(run: RunSpec) -> RunSummary:
     log.info("checked: %s", checked.model)
 
     init_ray()
-    # (Checks that need Ray, such as whether the plan fits the cluster, belong here, before the binding.)
+    from latte_ray.plan.fit import check_fit, use_task_cpu_cap
+
+    use_task_cpu_cap(run.pipeline.execution.num_cpus_per_cpu_task)
+    check_fit(run.pipeline)  # before any actor starts: refuse a plan this cluster can never schedule
     # Every check has passed: bind the output to this spec (first run only) and open this run's record.
     outputs.bind(out, run.pipeline, run.seed, package_versions().get("latte-ray", "unknown"))
     run_id = f"{started_wall:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
@@ -291,6 +295,9 @@ def run(run: RunSpec) -> RunSummary:
     try:
         with _console_without_ray_data_tracebacks():
             _generate(run, in_fs, files, checked.without_id, run_id, summary)
+    except RunStalled as e:
+        history.finish("stalled", str(e), **_counts(summary))
+        raise
     except KeyboardInterrupt:
         history.finish("interrupted", **_counts(summary))
         raise
@@ -339,11 +346,53 @@ def _counts(summary: RunSummary) -> dict:
 
 def _generate(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_id: str,
               summary: RunSummary) -> None:
+    """The work of a run under its progress watchdog: executions re-planned from the manifest (at most
+    MAX_REPLANS times) when a node, actor or object was lost; RunStalled when the watchdog stopped it."""
+    from latte_ray.faults.nodeloss import MAX_REPLANS, end_stage_actors, replannable
+    from latte_ray.faults.watchdog import Watchdog, stall_timeouts
+
+    baseline: dict = {}  # the first work plan's done count: what was done before this run
+    with Watchdog(stall_timeouts(run.pipeline)) as dog:
+        try:
+            for attempt in range(MAX_REPLANS + 1):
+                try:
+                    _execute(run, in_fs, files, without_id, run_id, summary, dog, baseline)
+                    break
+                except Exception as e:  # noqa: BLE001 - classified: only a lost node or actor is re-planned
+                    if attempt == MAX_REPLANS or not replannable(e):
+                        raise
+                    log.warning("the execution failed (%s); re-planning from the manifest (%d of at most %d): "
+                                "committed ids are skipped", replannable(e), attempt + 1, MAX_REPLANS)
+                # Out of the except block: the failed execution's traceback (and its actor handles) is gone.
+                dog.phase("re-planning after a lost node or actor")
+                end_stage_actors()
+        except BaseException:
+            # A failed or stopped run leaves no stage actor behind: Ray Data only drops their handles, and
+            # the exception's traceback keeps those alive (holding CPUs; a writer could still commit).
+            end_stage_actors()
+            if dog.reason is not None:
+                raise RunStalled(dog.reason) from None
+            raise
+
+
+def _execute(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_id: str, summary: RunSummary,
+             dog, baseline: dict) -> None:
+    """The pre-pass and the rounds of one execution attempt, counting committed rows into `summary`; a
+    re-planned attempt reads the manifest again, so ids committed before it are skipped."""
     from latte_ray.plan.workplan import plan_work
 
+    dog.phase("pre-pass (work plan)")
     # Pre-pass: global dedupe and resume, decided before any actor starts (see workplan.py).
     work = plan_work(run, in_fs, files, lambda subset: read_input(run, in_fs, subset), without_id)
-    summary.skipped_done, summary.duplicates = work.done, work.duplicates
+    if not baseline:
+        baseline["done"] = summary.skipped_done = work.done
+        summary.duplicates = work.duplicates
+    else:  # re-planned: what this run committed so far is now in the done set (delivered to us or not)
+        committed = work.done - summary.skipped_done
+        if run.retry_errors:  # errored ids are tried again, and counted again
+            summary.ok, summary.error, summary.errors = committed, 0, []
+        else:
+            summary.ok = committed - summary.error
     if work.todo == 0:
         log.info("nothing to do: %s", work.line())
         return
@@ -351,16 +400,22 @@ def _generate(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_
     for k in range(n_rounds):
         if n_rounds > 1:
             log.info("round %d of %d (about %d rows each)", k + 1, n_rounds, work.todo // n_rounds)
+        dog.phase(f"round {k + 1} of {n_rounds}", loads_models=work.generate > 0)
         ds = build_plan(run, in_fs, files, work, run_id, (k, n_rounds) if n_rounds > 1 else None)
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
-            for status, error in zip(batch["status"].to_pylist(), batch["error"].to_pylist()):
-                if status == "ok":
-                    summary.ok += 1
-                else:
-                    summary.error += 1
-                    if len(summary.errors) < 20:
-                        summary.errors.append(error)
-        del ds  # frees the execution's per-block bookkeeping before the next round
+        batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0))
+        try:
+            for batch in batches:
+                dog.progress()
+                for status, error in zip(batch["status"].to_pylist(), batch["error"].to_pylist()):
+                    if status == "ok":
+                        summary.ok += 1
+                    else:
+                        summary.error += 1
+                        if len(summary.errors) < 20:
+                            summary.errors.append(error)
+        finally:
+            batches.close()  # shuts the execution's actors down now, also when the run is stopped or failed
+        del ds, batches  # frees the execution's per-block bookkeeping before the next round
 
 
 def summary_dict(summary: RunSummary) -> dict:

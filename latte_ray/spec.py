@@ -142,7 +142,24 @@ class ExecutionSpec(_Strict):
     )
     seconds_per_video: float | None = Field(
         None, gt=0, description="Seconds one actor takes per video on its device, for `run --dry-run` "
-        "estimates (null: estimate from the output's manifest when it has finished videos).",
+        "estimates and the default stall timeout and batch deadline (null: estimate from the output's "
+        "manifest when it has finished videos; 60 s for the timeouts).",
+    )
+    stall_timeout_s: float | Literal["auto"] | None = Field(
+        "auto", description="Progress watchdog (latte_ray/faults/watchdog.py): when no manifest row has "
+        "been committed for this long the driver logs a diagnosis (operators, pending resources, dead or "
+        "restarting actors), and after as long again the run fails with exit code 3. The number is the "
+        "steady timeout (the pre-pass, and while a generation actor works); 'auto': max(600, 10 x "
+        "seconds_per_video x batch_size). While a round starts and whenever no generation actor is running "
+        "(being created or restarted), a start-up allowance is added: model load (120 s for tiny/null, "
+        "1200 s otherwise) + compile warm-up (when model.compile.enabled: 900 s with inductor, 120 s with "
+        "eager/aot_eager). null: off.",
+    )
+    batch_deadline_s: float | Literal["auto"] | None = Field(
+        "auto", description="Most seconds one generation call may take before it ends its own worker "
+        "process (Ray restarts the actor and retries the batch; a row that keeps doing it becomes an error "
+        "row, latte_ray/faults/crashes.py). 'auto': max(120, 10 x seconds_per_video x rows in the call). "
+        "null: off.",
     )
 
     @field_validator("concurrency")
@@ -205,6 +222,13 @@ class SidecarSpec(_Strict):
                              "transformer saw) as videos/<shard>/<id>.t5.<sha>.npy.")
     latents: bool = Field(False, description="Keep the final denoised latents (before VAE decode, the dtype "
                           "the model ran in) as videos/<shard>/<id>.latents.<sha>.npy.")
+
+    @field_validator("stall_timeout_s", "batch_deadline_s")
+    @classmethod
+    def _positive_seconds(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, (int, float)) and v <= 0:
+            raise ValueError(f"must be a positive number of seconds, 'auto' or null, got {v}")
+        return v
 
 
 class PipelineSpec(_Strict):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,7 +20,7 @@ from latte_ray import runner
 from latte_ray.cli import app
 from latte_ray.spec import RunSpec, load_pipeline_spec
 from latte_ray.record.storage import OutputLayout, filesystem, latest_rows, read_manifest
-from tests.conftest import REPO, write_prompts
+from tests.conftest import REPO, free_port, write_prompts
 
 CLI = [sys.executable, "-m", "latte_ray.cli"]
 
@@ -36,8 +38,12 @@ def test_every_command_and_option_has_help():
 
 
 def test_demo_runs_with_no_arguments(tmp_path, model_cache):
-    """`latte-ray run` alone: the embedded default on the shipped example table into ./outputs/demo."""
-    env = {**os.environ, "LATTE_RAY_CACHE": str(model_cache), "PYTHONPATH": str(REPO)}
+    """`latte-ray run` alone: the embedded default on the shipped example table into ./outputs/demo, on a
+    machine where a Ray died and left its address file behind (the run starts its own Ray regardless)."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="lrd", dir=os.environ.get("TMPDIR", "/tmp")))  # short: sockets
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")  # nobody listens there
+    env = {**os.environ, "LATTE_RAY_CACHE": str(model_cache), "PYTHONPATH": str(REPO), "TMPDIR": str(ray_tmp)}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(CLI + ["run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -49,6 +55,7 @@ def test_demo_runs_with_no_arguments(tmp_path, model_cache):
     assert record["spec_hash"] == load_pipeline_spec("tiny-cpu").spec_hash() and record["run_seed"] == 0
     (run,) = (tmp_path / "outputs" / "demo" / "runs").iterdir()
     assert json.loads(run.read_text())["outcome"] == "ok" and f"runs/{run.name}" in proc.stdout
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,8 @@ space-separated `key=value` pairs:
           LATTE_RAY_FAULTS_KILL_RUN=1 and when the session leader is a latte-ray driver started in its own
           session), oserror (raise OSError, a transient storage failure), error (raise RuntimeError),
           perturb (at `frames` only: `point` returns True and the caller changes one pixel of the id's
-          frames, a stand-in for a nondeterministic GPU kernel that gives other bytes on a retry).
+          frames, a stand-in for a nondeterministic GPU kernel that gives other bytes on a retry),
+          hang (sleep forever: a hung kernel or a deadlocked library).
 - times:  fire at most this many times across all processes (counted with marker files in the state
           folder: LATTE_RAY_FAULTS_STATE, or `<file>.state` next to a rules file).
 - p:      probability of firing at each matching call (default 1).
@@ -26,6 +27,7 @@ import fnmatch
 import os
 import random
 import signal
+import time
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -41,8 +43,9 @@ POINTS = {
     "write": "before an atomic write; key: the path",
     "mid_write": "half of a local atomic write is in its temp file; key: the final path",
     "frames": "a row's frames are generated, not yet encoded; key: the id (action perturb)",
+    "scan": "a work-plan scan task starts (the pre-pass); key: the input file paths of the task",
 }
-ACTIONS = ("exit", "kill-run", "oserror", "error", "perturb")
+ACTIONS = ("exit", "kill-run", "oserror", "error", "perturb", "hang")
 
 
 class InjectedFault(RuntimeError):
@@ -169,6 +172,9 @@ def _fire(rule: Rule, name: str, keys: list[str]) -> None:
         raise InjectedFault(what)
     if rule.action == "exit":
         os._exit(EXIT_CODE)
+    if rule.action == "hang":
+        while True:
+            time.sleep(3600)
     kill_run()
 
 

@@ -110,9 +110,13 @@ def storage_options_for(url: str, options: dict | None = None) -> dict:
             client["region_name"] = region
         if client:
             opts["client_kwargs"] = client
+        # A blackholed endpoint would hold each attempt for botocore's 60 s connect timeout times its own
+        # retries; fail an attempt sooner and let faults/retry.py's time budget decide (tests/test_outage.py).
+        opts["config_kwargs"] = {"connect_timeout": S3_CONNECT_TIMEOUT_S, **(opts.get("config_kwargs") or {})}
     return _typed_options(protocol, opts)
 
 
+S3_CONNECT_TIMEOUT_S = 10
 _S3_ALIASES = {"aws_access_key_id": "key", "aws_secret_access_key": "secret", "aws_session_token": "token",
                "region_name": "region"}
 

@@ -3,19 +3,23 @@
 It only generates: frames leave as raw uint8 bytes for the CPU encode stage. A batch that raises is
 retried one row at a time, so one bad prompt becomes one error row and its neighbours still finish. A
 batch whose earlier attempt killed the process is also run one row at a time, and a row that killed it
-MAX_CRASHES times becomes an error row (latte_ray/faults/crashes.py).
+MAX_CRASHES times becomes an error row (latte_ray/faults/crashes.py). Each generation call has a deadline
+(execution.batch_deadline_s): a call that hangs ends its own process, which counts as such a death
+(latte_ray/faults/deadline.py).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from datetime import datetime, timezone
 
 import numpy as np
 
 from latte_ray.faults import injection as faults
-from latte_ray.faults.crashes import MAX_CRASHES, CrashLedger
+from latte_ray.faults.crashes import MAX_CRASHES, CrashLedger, crash_message
+from latte_ray.faults.deadline import batch_deadline, deadline
 from latte_ray.metrics import StageMetrics
 from latte_ray.spec import PipelineSpec
 
@@ -23,14 +27,15 @@ log = logging.getLogger(__name__)
 
 
 class DenoiseStage:
-    def __init__(self, spec_json: str, cache_dir: str | None = None, storage_options: dict | None = None):
+    def __init__(self, spec_json: str, cache_dir: str | None = None, storage_options: dict | None = None,
+                 run_id: str = ""):
         from latte_ray.model.engine import make_engine
 
         self.spec = PipelineSpec.model_validate_json(spec_json)
         self.text_encoded = self.spec.execution.text_encode_stage
         self.sidecars = self.spec.sidecars  # training tensors to hand on (latte_ray/record/sidecars.py)
         self.metrics = StageMetrics(self.spec.name)
-        self.crashes = CrashLedger(self.spec.spec_hash())
+        self.crashes = CrashLedger(run_id or f"spec-{self.spec.spec_hash()}")  # one ledger per run
         self.engine = make_engine(
             self.spec, cache_dir=cache_dir, storage_options=storage_options, with_text_encoder=not self.text_encoded
         )
@@ -57,17 +62,22 @@ class DenoiseStage:
         groups = ([[i] for i in todo] if crashed else [todo]) if todo else []
         while groups:
             rows = groups.pop(0)
-            watched = [ids[rows[0]]] if crashed and len(rows) == 1 else None
+            # A row's own ledger entry (apart from a batch of one's, so that one death is not counted twice).
+            watched = [ids[rows[0]], "#row"] if crashed and len(rows) == 1 else None
             if watched and (died := self.crashes.begin(watched)) >= MAX_CRASHES:
-                self.crashes.end(watched)
                 out["status"][rows[0]] = "error"
-                out["error"][rows[0]] = (f"generation killed its worker process {died} times (a crash or out of "
-                                         f"memory); not tried again in this run")
+                out["error"][rows[0]] = crash_message(died, self.crashes.reasons(watched))
+                self.crashes.end(watched)
                 log.warning("row %s killed its worker %d times", ids[rows[0]], died)
                 continue
             started = time.perf_counter()
+            seconds = batch_deadline(self.spec, len(rows))
             try:
-                frames, text, kept = self._generate(batch, rows)
+                # A hung call ends this process; the ledger entry of this attempt (row or batch) says why.
+                why = f"ran past its {seconds or 0:.0f} s deadline"
+                with deadline(seconds, f"generation of {', '.join(ids[i] for i in rows)[:200]}",
+                              partial(self.crashes.note, watched or ids, why)):
+                    frames, text, kept = self._generate(batch, rows)
             except Exception as e:  # noqa: BLE001 - any failure becomes data, not a crashed run
                 if len(rows) > 1:
                     groups = [[i] for i in rows] + groups
