@@ -167,6 +167,13 @@ class ExecutionSpec(_Strict):
     def _concurrency(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
         return check_concurrency(v)
 
+    @field_validator("stall_timeout_s", "batch_deadline_s")
+    @classmethod
+    def _positive_seconds(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, (int, float)) and v <= 0:
+            raise ValueError(f"must be a positive number of seconds, 'auto' or null, got {v}")
+        return v
+
 
 def check_concurrency(v: int | tuple[int, int]) -> int | tuple[int, int]:
     """An actor pool size: N, or (min, max) for an autoscaling pool."""
@@ -222,13 +229,6 @@ class SidecarSpec(_Strict):
                              "transformer saw) as videos/<shard>/<id>.t5.<sha>.npy.")
     latents: bool = Field(False, description="Keep the final denoised latents (before VAE decode, the dtype "
                           "the model ran in) as videos/<shard>/<id>.latents.<sha>.npy.")
-
-    @field_validator("stall_timeout_s", "batch_deadline_s")
-    @classmethod
-    def _positive_seconds(cls, v: float | str | None) -> float | str | None:
-        if isinstance(v, (int, float)) and v <= 0:
-            raise ValueError(f"must be a positive number of seconds, 'auto' or null, got {v}")
-        return v
 
 
 class PipelineSpec(_Strict):
