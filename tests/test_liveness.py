@@ -122,7 +122,7 @@ def test_no_autoscaler_is_found_on_a_plain_local_ray(ray_local, monkeypatch):
 
 
 @pytest.mark.parametrize("pipeline, expected", [
-    ("latte-1-t2v-512", "run it on a cluster with GPU nodes"),  # device cuda, 1 GPU per actor
+    ("cuda", "run it on a cluster with GPU nodes"),  # latte-1-t2v-512's device and placement, the tiny model
     ("gpu-pool", "4 generation actors x (0.5 CPU, 1 GPU)"),  # concurrency [4, 8], 1 GPU each
 ])
 def test_a_plan_this_cluster_cannot_run_is_refused_in_one_line(ray_local, tmp_path, monkeypatch, caplog,
@@ -131,6 +131,10 @@ def test_a_plan_this_cluster_cannot_run_is_refused_in_one_line(ray_local, tmp_pa
     if pipeline == "gpu-pool":
         pipeline = str(write_spec(tmp_path / "gpu.yaml", _with(fast_spec(), concurrency=(4, 8),
                                                                  num_gpus_per_actor=1.0)))
+    else:  # the production spec's device and execution section; the tiny model (no hub here)
+        production = load_pipeline_spec("latte-1-t2v-512")
+        spec = _with(fast_spec(), {"device": "cuda"}, **production.execution.model_dump())
+        pipeline = str(write_spec(tmp_path / "cuda.yaml", spec))
     table = _table(tmp_path, ["a", "b"])
     args = ["run", "--pipeline", pipeline, "--prompts", str(table), "--output", str(tmp_path / "out")]
     result = CliRunner().invoke(app, args)

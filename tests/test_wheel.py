@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, free_port
+from hubcache import LATTE_1, LATTE_1_CONFIGS, write_hub_cache
 from latte_ray.record.storage import OutputLayout, filesystem, latest_rows, read_manifest
 from test_jobs import RayHead, _stop_head, _wait_for_jobs_api
 
@@ -173,7 +174,12 @@ print(json.dumps({
     assert Path(got["pipelines_resource"]) == Path(got["pipelines_dir"]) == site / "latte_ray" / "pipelines"
     assert Path(got["examples"]) == site / "latte_ray" / "examples" / "prompts.parquet"
     assert got["source_tree"] is None
-    assert not [p for p in got["path"] if p and Path(p).resolve().is_relative_to(REPO)], got["path"]
+    # Nothing of the checkout is on the path: the only entry under it may be the dev venv's site-packages
+    # (the dependencies, through our .pth; when the checkout holds its .venv, as in CI), which has no
+    # latte_ray of its own (the editable install's finder is in a .pth that a plain path line never runs).
+    inside = [p for p in got["path"] if p and Path(p).resolve().is_relative_to(REPO)]
+    assert [Path(p).resolve() for p in inside] in ([], [DEV_SITE.resolve()]), got["path"]
+    assert not (DEV_SITE / "latte_ray").exists()
     assert got["version"] == pyproject_version()
     assert got["provenance"] == {"latte-ray": pyproject_version(), "latte-ray-commit": None}
 
@@ -193,9 +199,12 @@ def test_installed_cli_version_and_pipelines(wheel_venv, empty_dir):
     assert module.returncode == 0 and module.stdout == version.stdout
 
 
-def test_installed_dry_run_by_name(wheel_venv, empty_dir):
+def test_installed_dry_run_by_name(wheel_venv, empty_dir, tmp_path):
+    """A dry run checks the model source's configs, as a run does: with no hub here, they come from the local
+    hub cache, as for a user who has Latte-1 cached (HF_HUB_OFFLINE=1)."""
+    hub = write_hub_cache(tmp_path / "hub", LATTE_1, LATTE_1_CONFIGS)
     done = run(wheel_venv, [str(wheel_venv / "bin" / "latte-ray"), "run", "--dry-run", "--pipeline",
-                            "latte-1-t2v-512"], empty_dir)
+                            "latte-1-t2v-512"], empty_dir, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(hub))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "dry run (latte-1-t2v-512): 6 rows in 1 file: 6 to generate" in done.stdout, done.stdout
     assert list(empty_dir.iterdir()) == [], "a dry run writes nothing"

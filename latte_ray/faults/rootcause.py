@@ -32,13 +32,33 @@ def describe(error: BaseException) -> str:
     where = next((STAGES[name] for text in texts for name in _stage_names(text)), "Ray Data execution")
     for e in reversed(chain):  # the deepest exception object that is not one of Ray's wrappers
         if not _is_ray(e) and str(e).strip():
-            return f"{where} failed: {_type_name(e)}: {_first_line(str(e))}"
+            first = _first_line(str(e))
+            notes = list(getattr(e, "__notes__", ()) or ()) or _notes_in(texts, first)
+            return f"{where} failed: {_type_name(e)}: {first}" + "".join(f" ({_first_line(str(n))})" for n in notes)
     for text in texts:  # Ray kept only text: the last exception line of the traceback it carries
         found = [m for m in (_EXCEPTION_LINE.match(line.strip()) for line in text.splitlines()) if m]
         found = [m for m in found if not m.group(1).startswith("ray.")]
         if found:
-            return f"{where} failed: {found[-1].group(1)}: {found[-1].group(2).strip()[:500]}"
+            message = found[-1].group(2).strip()[:500]
+            notes = "".join(f" ({n})" for n in _notes_in([text], message))
+            return f"{where} failed: {found[-1].group(1)}: {message}{notes}"
     return f"{where} failed: {_type_name(error)}: {_first_line(texts[0]) if texts else ''}"
+
+
+def _notes_in(texts: list[str], first: str) -> list[str]:
+    """The notes (PEP 678: e.g. faults/retry.py's "gave up after ...") printed under an exception's line in
+    a traceback text, for exceptions whose notes do not survive pickling (botocore's keep only kwargs)."""
+    for text in texts:
+        lines = text.splitlines()
+        for i in range(len(lines) - 1, -1, -1):
+            if first and lines[i].rstrip().endswith(first):
+                notes = []
+                for line in lines[i + 1:]:
+                    if not line.strip() or line.startswith((" ", "Traceback", "During handling", "The above")):
+                        break
+                    notes.append(line.strip())
+                return notes
+    return []
 
 
 def _type_name(e: BaseException) -> str:
