@@ -875,8 +875,11 @@ def test_make_image_tags_what_the_manifests_run():
     if shutil.which("make") is None:
         pytest.fail("make is needed (the README's two set-up commands use it)")
     for variant in ("gpu", "cpu"):
-        done = subprocess.run(["make", "-n", "image", "REGISTRY=REGISTRY", f"VARIANT={variant}"], cwd=REPO,
-                              capture_output=True, text=True, timeout=60)
+        # A clean environment: under the suite's own `make test`, MAKEFLAGS/MAKELEVEL would make this a
+        # sub-make that prints "Entering/Leaving directory" lines around the recipe.
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+        done = subprocess.run(["make", "--no-print-directory", "-n", "image", "REGISTRY=REGISTRY",
+                               f"VARIANT={variant}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         argv = shlex.split(done.stdout.strip().splitlines()[-1])
         assert argv[:2] == ["docker", "build"] and argv[-1] == "."
