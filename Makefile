@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean wheel image push
 
 # The venv is built once and rebuilt only when the dependencies change.
 $(STAMP): pyproject.toml requirements/constraints.txt
@@ -22,4 +22,23 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) outputs
+	rm -rf $(VENV) outputs build dist
+
+# Release artefacts: the wheel (dist/) and the image built from it (Dockerfile). Versions come from pyproject.toml;
+# the infra/ manifests name $(REGISTRY)/latte-ray:$(TAG) with VARIANT=gpu (tests/test_infra.py checks they agree).
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+RAY_VERSION := $(shell sed -n 's/^ *"ray\[[a-z,]*\]==\([0-9.]*\)".*/\1/p' pyproject.toml)
+VARIANT ?= gpu
+REGISTRY ?= REGISTRY
+TAG := $(VERSION)-ray$(RAY_VERSION)-$(VARIANT)
+IMAGE := $(REGISTRY)/latte-ray:$(TAG)
+
+wheel:
+	rm -rf build
+	$(PY) -m pip wheel --no-deps --wheel-dir dist .
+
+image:
+	docker build --build-arg RAY_VERSION=$(RAY_VERSION) --build-arg VARIANT=$(VARIANT) -t $(IMAGE) .
+
+push: image
+	docker push $(IMAGE)

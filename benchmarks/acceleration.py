@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
     ap.add_argument("--prompts", type=int, default=8, help=f"videos per candidate (cycles the {len(PROMPTS)} prompts)")
     ap.add_argument("--candidates", nargs="+", default=DEFAULT_CANDIDATES)
+    ap.add_argument("--clip", default="spec", help="CLIP scores: 'spec' (the baseline spec's scoring section; "
+                    "tiny random weights by default), a scoring YAML (latte-ray score --scoring), or 'off'")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, all cores)")
     ap.add_argument("--sequential", action="store_true", help="load one engine at a time (large models)")
     ap.add_argument("--min-psnr", type=float, default=None, help="exit 1 when a candidate's PSNR is below this")
@@ -84,6 +86,7 @@ def main() -> None:
     from latte_ray.model.engine import LatteEngine
     from latte_ray.model.teacache import fit_coefficients
     from latte_ray.ops.compare import Candidate, markdown, run_candidates, summarize
+    from latte_ray.datasets.scoring import load_scoring_spec
     from latte_ray.spec import load_pipeline_spec
 
     if args.threads:
@@ -107,7 +110,10 @@ def main() -> None:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.prompts)]
     seeds = list(range(args.prompts))
     run_candidates(candidates, prompts, seeds, negative=s.negative_prompt, interleave=not args.sequential)
-    rows = summarize(candidates, prompts)
+    scoring = None if args.clip == "off" else base.scoring if args.clip == "spec" else load_scoring_spec(args.clip)
+    if scoring is not None:
+        print(f"CLIP: {scoring.clip_model} ({'random weights: the change measures nothing visual' if scoring.clip_model == 'tiny' else scoring.dtype})")
+    rows = summarize(candidates, prompts, scoring)
     print(markdown(rows))
     print("PSNR/SSIM: decoded uint8 frames against the baseline's, same prompts and seeds; fewer calls and "
           "speed-up: baseline / candidate, measured in this run. Random weights say nothing about visual quality.")

@@ -5,7 +5,7 @@ the N ids as ok, in parts of --part-rows rows (default 1,000: 1,000 part files).
 Measures, each in a fresh driver process (driver RSS from /proc: after ray.init and imports, after, peak):
   1. the run's resume filter: workplan.plan_work (key-scan tasks + one reduce task that streams the
      manifest into 128-bit keys); the driver only holds object refs;
-  2. for comparison, the same set built in the driver as strings (workplan.done_ids, used by --dry-run);
+  2. for comparison, the same set built in the driver as strings (workplan.done_ids);
   3. the per-batch filter in the prepare stage (one 4,096-row batch against the 1M-id set): 128-bit keys and
      a binary search (what PrepareStage does) vs pyarrow.compute.is_in (which rebuilds its hash table of
      the whole value set on every call), and both extrapolated to the whole input.

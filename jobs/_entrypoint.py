@@ -2,7 +2,7 @@
 
 The entrypoints are thin on purpose: all logic lives in the `latte-ray` CLI (latte_ray/cli.py), so a job
 behaves exactly like the same command run by hand, exit status included (0 ok, 1 failed rows or a crash,
-2 bad input).
+2 bad input or a plan the cluster cannot run, 3 stalled: stopped by the progress watchdog).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 # any installed latte_ray, so the driver runs the same code as the workers, which get working_dir on their path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from latte_ray.cli import app  # noqa: E402
+from latte_ray.cli import STANDALONE, app  # noqa: E402
 
 
 def run_cli(command: str, required: tuple[str, ...] = ()) -> None:
@@ -28,4 +28,5 @@ def run_cli(command: str, required: tuple[str, ...] = ()) -> None:
               file=sys.stderr)
         raise SystemExit(2)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    STANDALONE["stop_ray_before_failing"] = True  # the job's driver process: its failure line comes last
     app(args=[command, *args], prog_name=prog)

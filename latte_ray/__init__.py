@@ -1,1 +1,9 @@
-"""latte-ray."""
+"""latte-ray: batch text-to-video generation with Latte on Ray Data."""
+
+
+def __getattr__(name: str):
+    if name == "__version__":  # computed on first use (latte_ray.versions: pyproject.toml's version)
+        from latte_ray.versions import version
+
+        return version()
+    raise AttributeError(f"module 'latte_ray' has no attribute {name!r}")

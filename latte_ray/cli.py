@@ -1,4 +1,12 @@
-"""`latte-ray` command line: run, tiny-model (and the operations commands built on the same runner)."""
+"""`latte-ray` command line: run, tiny-model, pipelines (and the operations commands built on the same runner).
+
+Also `python -m latte_ray` (latte_ray/__main__.py), the entrypoint for jobs that ship the package as a wheel.
+
+Exit codes: 0 done; 1 a run that failed (every row an error, or an error only an actor could hit, reported
+as one line: `error: generation actor failed: <Type>: <message>`); 2 bad input, caught before any model
+loads (one line: `error: <what>`, naming the option, field, path or URL), or a plan that cannot fit the
+cluster; 3 a run the progress watchdog stopped because it made no progress (resume with the same command).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +17,35 @@ from typing import Optional
 
 import typer
 
-from latte_ray.spec import DEFAULT_PIPELINE, PIPELINES_DIR, RunSpec, SpecError, load_pipeline_spec
+from pydantic import ValidationError
 
-EXAMPLE_PROMPTS = PIPELINES_DIR.parent / "examples" / "prompts.parquet"
+from latte_ray.faults.watchdog import EXIT_CODE as EXIT_STALLED, RunStalled
+
+from latte_ray.faults.rootcause import RunFailed
+from latte_ray.resources import examples_dir
+from latte_ray.spec import DEFAULT_PIPELINE, PIPELINES_DIR, RunSpec, SpecError, load_pipeline_spec, option_error
+
+EXAMPLE_PROMPTS = examples_dir() / "prompts.parquet"
 DEMO_OUTPUT = "outputs/demo"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch text-to-video generation with Latte on Ray Data.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from latte_ray.versions import provenance, version
+
+        commit = provenance()["latte-ray-commit"]
+        typer.echo(f"latte-ray {version()}" + (f" (git {commit})" if commit else ""))
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print latte-ray's version (and the git commit when run from a checkout) and exit."),
+) -> None:
+    """Batch text-to-video generation with Latte on Ray Data."""
 
 
 def parse_storage_options(pairs: list[str] | None) -> dict[str, str]:
@@ -27,7 +58,7 @@ def parse_storage_options(pairs: list[str] | None) -> dict[str, str]:
     return options
 
 
-PipelineOpt = typer.Option(DEFAULT_PIPELINE, "--pipeline", "-p", help="Pipeline spec: a YAML path or a name in pipelines/ (tiny-cpu, latte-1-t2v-512, ...).")
+PipelineOpt = typer.Option(DEFAULT_PIPELINE, "--pipeline", "-p", help="Pipeline spec: a YAML path or a built-in name (tiny-cpu, latte-1-t2v-512, ...; see `latte-ray pipelines`).")
 OutputOpt = typer.Option(DEMO_OUTPUT, "--output", "-o", help="Output prefix: a local folder or an fsspec URL (s3://bucket/run/).")
 StorageOpt = typer.Option(None, "--storage-option", "-s", help="fsspec option key=value for input and output storage (repeatable), e.g. endpoint_url=http://127.0.0.1:5555. Never recorded.")
 BatchOpt = typer.Option(None, "--batch-size", help="Override the spec's prompts per generation call.")
@@ -37,6 +68,14 @@ ResumeOpt = typer.Option(True, "--resume/--no-resume", help="Skip ids that alrea
 RetryOpt = typer.Option(True, "--retry-errors/--no-retry-errors", help="On resume, generate ids whose last attempt failed again.")
 LimitOpt = typer.Option(None, "--limit", help="Generate at most this many rows.")
 CacheOpt = typer.Option(None, "--cache-dir", help="Node-local model cache (default $LATTE_RAY_CACHE or ~/.cache/latte-ray).")
+ScoringRunOpt = typer.Option(None, "--scoring", help="Score every new video with this scoring spec (a YAML path or a pipeline name whose `scoring` section is used); default: the pipeline spec's own scoring section.")
+KeepEmbeddingsOpt = typer.Option(None, "--keep-embeddings/--no-keep-embeddings", help="Keep each prompt's T5 embeddings next to its video, for `export --with-embeddings` (default: the spec's sidecars.embeddings).")
+KeepLatentsOpt = typer.Option(None, "--keep-latents/--no-keep-latents", help="Keep each video's final latents (before VAE decode) next to it, for `export --with-latents` (default: the spec's sidecars.latents).")
+MinMotionOpt = typer.Option(None, "--min-motion", min=0.0, help="Export only videos whose motion_score (mean frame-to-frame change, 0-1) is at least this.")
+MinClipOpt = typer.Option(None, "--min-clip-score", help="Export only videos whose clip_score (CLIPScore, 0-100) is at least this; unscored videos are rejected.")
+MinAestheticOpt = typer.Option(None, "--min-aesthetic", help="Export only videos whose aesthetic_score is at least this; unscored videos are rejected.")
+WithEmbeddingsOpt = typer.Option(None, "--with-embeddings/--without-embeddings", help="Put each prompt's T5 embeddings (fp16, <key>.t5.npy) in its sample; videos generated without them are rejected.")
+WithLatentsOpt = typer.Option(None, "--with-latents/--without-latents", help="Put each video's final latents (<key>.latents.npy) in its sample; videos generated without them are rejected.")
 
 
 def _concurrency(value: str | None):
@@ -50,23 +89,66 @@ def _concurrency(value: str | None):
 
 
 def build_run_spec(pipeline, prompts, output, storage_option, batch_size, concurrency, seed, resume,
-                   retry_errors, limit, cache_dir) -> RunSpec:
-    spec = load_pipeline_spec(pipeline).with_overrides(batch_size=batch_size, concurrency=_concurrency(concurrency))
-    return RunSpec(
-        pipeline=spec, prompts=prompts, output=output, storage_options=parse_storage_options(storage_option),
-        seed=seed, resume=resume, retry_errors=retry_errors, limit=limit, cache_dir=cache_dir,
-    )
+                   retry_errors, limit, cache_dir, scoring=None, keep_embeddings=None, keep_latents=None) -> RunSpec:
+    """The RunSpec of a command line. Options go through the same pydantic validation as a spec file; an
+    invalid one is a SpecError naming the option and the value given."""
+    spec = load_pipeline_spec(pipeline)
+    try:
+        spec = spec.with_overrides(batch_size=batch_size, concurrency=_concurrency(concurrency))
+        spec = _with_dataset_options(spec, scoring, keep_embeddings, keep_latents)
+        return RunSpec(
+            pipeline=spec, prompts=prompts, output=output, storage_options=parse_storage_options(storage_option),
+            seed=seed, resume=resume, retry_errors=retry_errors, limit=limit, cache_dir=cache_dir,
+        )
+    except ValidationError as e:
+        raise option_error(e, {
+            "batch_size": ("--batch-size", batch_size), "concurrency": ("--concurrency", concurrency),
+            "seed": ("--seed", seed), "limit": ("--limit", limit), "prompts": ("--prompts", prompts),
+            "output": ("--output", output), "cache_dir": ("--cache-dir", cache_dir),
+        }) from None
 
 
-def _fail(e: Exception) -> None:
+def _with_dataset_options(spec, scoring, keep_embeddings, keep_latents):
+    """The spec with --scoring (scoring on, with that spec's section) and --keep-* (sidecars) applied."""
+    update = {}
+    if scoring:
+        from latte_ray.datasets.scoring import load_scoring_spec
+
+        update["scoring"] = load_scoring_spec(scoring).model_copy(update={"enabled": True})
+    if keep_embeddings is not None or keep_latents is not None:
+        update["sidecars"] = spec.sidecars.model_copy(update={
+            k: v for k, v in (("embeddings", keep_embeddings), ("latents", keep_latents)) if v is not None})
+    return spec.model_copy(update=update) if update else spec
+
+
+STANDALONE = {"stop_ray_before_failing": False}  # set by main(): this process owns its Ray connection
+
+
+def _fail(e: Exception, code: int = 2) -> None:
+    """One red line and an exit code: 2 bad input or a plan that cannot fit the cluster, 1 a run that failed
+    (its root cause), 3 a stalled run (the progress watchdog stopped it; resume with the same command)."""
+    if code in (1, EXIT_STALLED) and STANDALONE["stop_ray_before_failing"]:
+        _stop_ray()
     typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
+
+
+def _stop_ray() -> None:
+    """Disconnect from Ray (stopping a local one this process started) before the final error line, so that
+    no log line Ray forwards from its workers lands after it."""
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 @app.command()
 def run(
     pipeline: str = PipelineOpt,
-    prompts: Optional[list[str]] = typer.Option(None, "--prompts", help="Prompt table(s): Parquet file, folder or glob; local or fsspec URL (repeatable). Default: the example table shipped in examples/."),
+    prompts: Optional[list[str]] = typer.Option(None, "--prompts", help="Prompt table(s): Parquet file, folder or glob; local or fsspec URL (repeatable). Default: the example table shipped with latte-ray (examples/prompts.parquet)."),
     output: str = OutputOpt,
     storage_option: Optional[list[str]] = StorageOpt,
     batch_size: Optional[int] = BatchOpt,
@@ -76,7 +158,10 @@ def run(
     retry_errors: bool = RetryOpt,
     limit: Optional[int] = LimitOpt,
     cache_dir: Optional[str] = CacheOpt,
-    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the tables, count new vs already-done rows and estimate GPU-hours and wall time; load no model, start no Ray, write nothing."),
+    scoring: Optional[str] = ScoringRunOpt,
+    keep_embeddings: Optional[bool] = KeepEmbeddingsOpt,
+    keep_latents: Optional[bool] = KeepLatentsOpt,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Make every check a run makes before Ray starts (tables, output, model configs, video settings), count what it would do (new, already done, duplicate, conflicting, invalid rows) and estimate GPU-hours and wall time; load no model, start no Ray, write nothing (but a probe of the output it deletes)."),
     gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="With --dry-run: GPUs to estimate wall time for (generation actors for a CPU spec). Default 1."),
 ) -> None:
     """Generate one mp4 per prompt and a Parquet manifest. With no options: the tiny demo into ./outputs/demo."""
@@ -84,32 +169,45 @@ def run(
 
     try:
         spec = build_run_spec(pipeline, prompts or [str(EXAMPLE_PROMPTS)], output, storage_option, batch_size,
-                              concurrency, seed, resume, retry_errors, limit, cache_dir)
+                              concurrency, seed, resume, retry_errors, limit, cache_dir, scoring, keep_embeddings,
+                              keep_latents)
         if dry_run:
             from latte_ray.plan.dryrun import plan
 
-            typer.echo("\n".join(plan(spec, gpus).lines()))
+            checked = runner.preflight(spec)
+            typer.echo(f"checked: {checked.model}")
+            typer.echo("\n".join(plan(spec, checked.in_fs, checked.files, gpus).lines()))
             return
         summary = runner.run(spec)
     except SpecError as e:
         _fail(e)
+    except RunFailed as e:
+        _fail(e, 1)
+    except RunStalled as e:
+        _fail(e, EXIT_STALLED)
     typer.echo(summary.line())
     for err in summary.errors[:5]:
         typer.echo(f"  error: {err}")
-    typer.echo(f"videos:   {output.rstrip('/')}/videos/<shard>/<id>.mp4")
+    typer.echo(f"videos:   {output.rstrip('/')}/videos/<shard>/<id>.<sha256[:32]>.mp4")
     typer.echo(f"manifest: {output.rstrip('/')}/manifest/*.parquet")
+    typer.echo(f"run:      {output.rstrip('/')}/runs/{summary.run_id}.json")
     if summary.error and not summary.ok:
         raise typer.Exit(1)
 
 
 @app.command()
 def synth(
-    recipe: str = typer.Option(..., "--recipe", help="Recipe YAML (local path or fsspec URL): prompt templates x attribute lists; see pipelines/synth-example.yaml."),
+    recipe: str = typer.Option(..., "--recipe", help="Recipe YAML (local path or fsspec URL) or a built-in recipe's name (synth-example): prompt templates x attribute lists; see `latte-ray pipelines show synth-example`."),
     output: str = typer.Option(..., "--output", "-o", help="Dataset prefix (local folder or fsspec URL): prompts/, videos/, manifest/, dataset/ go under it."),
-    pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help="Override the recipe's pipeline spec (a YAML path or a name in pipelines/)."),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help="Override the recipe's pipeline spec (a YAML path or a built-in name)."),
     storage_option: Optional[list[str]] = StorageOpt,
-    min_motion: Optional[float] = typer.Option(None, "--min-motion", min=0.0, help="Export only videos whose motion_score (mean frame-to-frame change, 0-1) is at least this."),
+    min_motion: Optional[float] = MinMotionOpt,
     drop_blank: Optional[bool] = typer.Option(None, "--drop-blank/--keep-blank", help="Leave videos with any blank (near-uniform) frame out of the export (default: the recipe's export.drop_blank)."),
+    min_clip_score: Optional[float] = MinClipOpt,
+    min_aesthetic: Optional[float] = MinAestheticOpt,
+    with_embeddings: Optional[bool] = WithEmbeddingsOpt,
+    with_latents: Optional[bool] = WithLatentsOpt,
+    scoring: Optional[str] = typer.Option(None, "--scoring", help="Score videos as they are generated with this scoring spec (overrides the recipe's `scoring`)."),
     export_only: bool = typer.Option(False, "--export-only", help="Skip generation; re-export what the output already holds (e.g. with other filters)."),
     cache_dir: Optional[str] = CacheOpt,
 ) -> None:
@@ -119,12 +217,83 @@ def synth(
     try:
         summary = synthesize(recipe, output, pipeline=pipeline, storage_options=parse_storage_options(storage_option),
                              min_motion=min_motion, drop_blank=drop_blank, cache_dir=cache_dir,
-                             generate=not export_only)
+                             generate=not export_only, min_clip_score=min_clip_score, min_aesthetic=min_aesthetic,
+                             with_embeddings=with_embeddings, with_latents=with_latents, scoring=scoring)
     except SpecError as e:
         _fail(e)
+    except RunFailed as e:
+        _fail(e, 1)
+    except RunStalled as e:
+        _fail(e, EXIT_STALLED)
     typer.echo("\n".join(summary.lines()))
     if summary.run is not None and summary.run.error and not summary.run.ok:
         raise typer.Exit(1)
+
+
+@app.command()
+def score(
+    output: str = typer.Argument(..., help="A run's output prefix (local folder or fsspec URL)."),
+    scoring: str = typer.Option(..., "--scoring", help="Scoring spec: a YAML path, or a pipeline name or path whose `scoring` section is used (e.g. tiny-cpu)."),
+    storage_option: Optional[list[str]] = StorageOpt,
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score at most this many videos."),
+    cache_dir: Optional[str] = CacheOpt,
+) -> None:
+    """Score the ok videos of OUTPUT that have no scores of this scorer yet (CLIPScore, aesthetic); resumable.
+
+    Scores go to OUTPUT/scores/ (the manifest is never rewritten); export, report and status read them.
+    """
+    from latte_ray.datasets.scoring import load_scoring_spec, score_output
+
+    try:
+        result = score_output(output, load_scoring_spec(scoring), parse_storage_options(storage_option),
+                              cache_dir=cache_dir, limit=limit)
+    except SpecError as e:
+        _fail(e)
+    typer.echo(result.line())
+    for err in result.errors[:5]:
+        typer.echo(f"  error: {err}")
+    if result.failed and not result.scored:
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    output: str = typer.Argument(..., help="A run's output prefix (local folder or fsspec URL); the dataset goes to OUTPUT/dataset/."),
+    storage_option: Optional[list[str]] = StorageOpt,
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="Export only the ids of this prompt table (and carry its template/attributes/variant columns)."),
+    min_motion: Optional[float] = MinMotionOpt,
+    drop_blank: bool = typer.Option(False, "--drop-blank/--keep-blank", help="Leave videos with any blank (near-uniform) frame out."),
+    min_clip_score: Optional[float] = MinClipOpt,
+    min_aesthetic: Optional[float] = MinAestheticOpt,
+    with_embeddings: bool = typer.Option(False, "--with-embeddings", help="Put each prompt's T5 embeddings (fp16, <key>.t5.npy) in its sample; videos generated without them are rejected."),
+    with_latents: bool = typer.Option(False, "--with-latents", help="Put each video's final latents (<key>.latents.npy) in its sample; videos generated without them are rejected."),
+    scoring: Optional[str] = typer.Option(None, "--scoring", help="Which scores to filter on and report: a scoring spec (YAML path or pipeline name) or its 16-hex scoring hash; default: the scorer that scored the most videos."),
+    samples_per_shard: int = typer.Option(1000, "--samples-per-shard", min=1, help="Most samples in one WebDataset tar."),
+    name: Optional[str] = typer.Option(None, "--name", help="Dataset name on the card (default: the pipeline's name)."),
+    license: str = typer.Option("other", "--license", help="License on the dataset card (a Hub license id)."),
+) -> None:
+    """Export OUTPUT's videos as WebDataset shards + index.parquet + a dataset card (README.md), with filters."""
+    from latte_ray.datasets.export import export_dataset
+
+    try:
+        summary = export_dataset(output, parse_storage_options(storage_option), prompts_url=prompts,
+                                 min_motion=min_motion, drop_blank=drop_blank, samples_per_shard=samples_per_shard,
+                                 min_clip_score=min_clip_score, min_aesthetic=min_aesthetic,
+                                 with_embeddings=with_embeddings, with_latents=with_latents,
+                                 scoring_hash=_scoring_hash(scoring), name=name, license=license)
+    except SpecError as e:
+        _fail(e)
+    typer.echo("\n".join(summary.lines()))
+
+
+def _scoring_hash(scoring: str | None) -> str | None:
+    import re
+
+    if not scoring or re.fullmatch(r"[0-9a-f]{16}", scoring):
+        return scoring
+    from latte_ray.datasets.scoring import load_scoring_spec
+
+    return load_scoring_spec(scoring).scoring_hash()
 
 
 @app.command()
@@ -133,12 +302,15 @@ def report(
     dest: Optional[str] = typer.Option(None, "--dest", help="Where to write index.html and its PNGs (default OUTPUT/report/)."),
     storage_option: Optional[list[str]] = StorageOpt,
     samples: int = typer.Option(12, "--samples", min=1, help="Videos on the contact sheet (evenly spaced by id)."),
+    extremes: int = typer.Option(3, "--extremes", min=0, help="Lowest- and highest-scoring videos (by clip_score and by aesthetic_score) added to the contact sheet when the output has scores."),
+    scoring: Optional[str] = typer.Option(None, "--scoring", help="Which scores to show: a scoring spec or its hash (default: the scorer that scored the most videos)."),
 ) -> None:
-    """Write an HTML report of a run: counts, throughput over time, errors, and a contact sheet."""
+    """Write an HTML report of a run: counts, throughput over time, errors, score distributions and a contact sheet."""
     from latte_ray.ops.report import write_report
 
     try:
-        result = write_report(output, parse_storage_options(storage_option), dest=dest, samples=samples)
+        result = write_report(output, parse_storage_options(storage_option), dest=dest, samples=samples,
+                              extremes=extremes, scoring_hash=_scoring_hash(scoring))
     except SpecError as e:
         _fail(e)
     c = result.counts
@@ -171,6 +343,10 @@ def backfill(
         summary = runner.run(spec)
     except SpecError as e:
         _fail(e)
+    except RunFailed as e:
+        _fail(e, 1)
+    except RunStalled as e:
+        _fail(e, EXIT_STALLED)
     if summary.ok == 0 and summary.error == 0:
         typer.echo(f"backfill: nothing to do ({summary.skipped_done} rows already done) -> {output}")
         return
@@ -186,50 +362,33 @@ def status(
     output: str = typer.Argument(..., help="A run's output prefix (local folder or fsspec URL)."),
     prompts: Optional[list[str]] = typer.Option(None, "--prompts", help="Input tables to count pending ids against (files, folders or globs; repeatable)."),
     storage_option: Optional[list[str]] = StorageOpt,
-    seed: Optional[int] = typer.Option(None, "--seed", help="The run seed (ids of rows without an id column depend on it); default: the one in OUTPUT/run.json."),
-    pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help="The run's pipeline spec (its default negative prompt enters derived ids); default: the one in OUTPUT/run.json."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="The run seed (ids of rows without an id column depend on it); default: the one the output is bound to (OUTPUT/latte-ray.json)."),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help="The run's pipeline spec (its default negative prompt enters derived ids); default: the one the output is bound to (OUTPUT/latte-ray.json)."),
     top: int = typer.Option(5, "--top", min=0, help="How many of the most common errors to list."),
     as_json: bool = typer.Option(False, "--json", help="Print the status as one JSON object."),
 ) -> None:
-    """ok / error / pending counts (per id, against the input with --prompts), the most common errors and throughput so far."""
+    """ok / error / pending counts (per id, against the input with --prompts), the most common errors, throughput so far, the spec the output is bound to and its last runs."""
     import json
 
     from latte_ray.ops.status import status as output_status
 
     try:
         options = parse_storage_options(storage_option)
-        negative, run_seed = _run_defaults(output, options, pipeline, seed) if prompts else ("", 0)
-        result = output_status(output, options, prompts=prompts, run_seed=run_seed, default_negative=negative,
-                               top=top)
+        negative = load_pipeline_spec(pipeline).sampling.negative_prompt if pipeline else None
+        result = output_status(output, options, prompts=prompts, run_seed=seed, default_negative=negative, top=top)
     except SpecError as e:
         _fail(e)
-    typer.echo(json.dumps(result.as_dict(), indent=2) if as_json else "\n".join(result.lines()))
-
-
-def _run_defaults(output: str, options: dict, pipeline: str | None, seed: int | None) -> tuple[str, int]:
-    """The default negative prompt and run seed a run used (both enter derived ids): given, or run.json's."""
-    import json
-
-    from latte_ray.record.storage import OutputLayout, filesystem
-
-    fs, root = filesystem(output, options)
-    try:
-        record = json.loads(fs.cat_file(OutputLayout(url=output.rstrip("/"), root=root.rstrip("/")).run_json))
-    except FileNotFoundError:
-        record = {}
-    negative = (load_pipeline_spec(pipeline).sampling.negative_prompt if pipeline
-                else record.get("pipeline", {}).get("sampling", {}).get("negative_prompt", ""))
-    return negative, seed if seed is not None else int(record.get("seed", 0))
+    typer.echo(json.dumps(result.as_dict(), indent=2, default=str) if as_json else "\n".join(result.lines()))
 
 
 @app.command()
 def compact(
     output: str = typer.Argument(..., help="A run's output prefix (local folder or fsspec URL)."),
     storage_option: Optional[list[str]] = StorageOpt,
-    min_age_minutes: float = typer.Option(60.0, "--min-age-minutes", min=0.0, help="Leave parts younger than this alone (a running job's batch may still rewrite its part)."),
+    min_age_minutes: float = typer.Option(60.0, "--min-age-minutes", min=0.0, help="Leave parts and videos younger than this alone (a running job's batch may still rewrite its part, or be about to commit its video)."),
     parts_per_file: int = typer.Option(10_000, "--parts-per-file", min=2, help="Most parts merged into one compacted part."),
 ) -> None:
-    """Merge the manifest's small parts (one per batch) into a few large ones; safe to stop at any instant."""
+    """Merge the manifest's small parts (one per batch) into a few large ones, and delete video objects no ok row names (older than the margin); safe to stop at any instant."""
     from latte_ray.record.compact import compact as compact_manifest
 
     try:
@@ -240,17 +399,83 @@ def compact(
     typer.echo(result.line())
 
 
+pipelines_app = typer.Typer(
+    add_completion=False, invoke_without_command=True,
+    help="List the built-in pipeline specs and synth recipes; `pipelines show NAME` prints one.",
+)
+app.add_typer(pipelines_app, name="pipelines")
+
+
+def _builtin(name: str) -> Path:
+    path = PIPELINES_DIR / f"{name}.yaml"
+    if "/" in name or not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PIPELINES_DIR.glob("*.yaml")))
+        raise SpecError(f"no built-in pipeline spec or recipe named {name!r} (built-in: {known})")
+    return path
+
+
+def builtin_entries() -> list[tuple[str, str, str]]:
+    """(kind, name, description) of every shipped YAML: kind 'spec' (a PipelineSpec) or 'recipe' (synth)."""
+    import yaml
+
+    from latte_ray.datasets.synth import Recipe
+    from latte_ray.spec import parse_pipeline_spec
+
+    entries = []
+    for path in sorted(PIPELINES_DIR.glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        if isinstance(raw, dict) and "templates" in raw:
+            entries.append(("recipe", path.stem, Recipe.model_validate(raw).description))
+        else:
+            entries.append(("spec", path.stem, parse_pipeline_spec(raw, origin=str(path)).description))
+    return entries
+
+
+@pipelines_app.callback()
+def pipelines(ctx: typer.Context) -> None:
+    """List the built-in pipeline specs (for --pipeline) and synth recipes (for synth --recipe), one line each."""
+    if ctx.invoked_subcommand is not None:
+        return
+    entries = builtin_entries()
+    width = max(len(name) for _, name, _ in entries)
+    for kind, title in (("spec", "pipeline specs (run/backfill --pipeline NAME):"),
+                        ("recipe", "synth recipes (synth --recipe NAME):")):
+        rows = [(name, desc) for k, name, desc in entries if k == kind]
+        if rows:
+            typer.echo(title)
+            for name, desc in rows:
+                typer.echo(f"  {name:<{width}}  {desc}".rstrip())
+    typer.echo("`latte-ray pipelines show NAME > my.yaml` prints one to copy and edit; pass it back with --pipeline my.yaml.")
+
+
+@pipelines_app.command("show")
+def pipelines_show(name: str = typer.Argument(..., help="A built-in spec or recipe name, e.g. latte-1-t2v-512.")) -> None:
+    """Print a built-in spec or recipe as shipped (comments included), ready to copy and edit."""
+    try:
+        path = _builtin(name)
+    except SpecError as e:
+        _fail(e)
+    typer.echo(path.read_text(), nl=False)
+
+
 @app.command("tiny-model")
-def tiny_model(path: Path = typer.Argument(..., help="Folder to save the tiny random-weight Latte pipeline into.")) -> None:
-    """Build the offline tiny Latte pipeline (random weights, local tokenizer) and save it with save_pretrained."""
+def tiny_model(path: Path = typer.Argument(..., help="Folder to save the tiny random-weight Latte pipeline into: missing, empty, or an earlier tiny model.")) -> None:
+    """Build the offline tiny Latte pipeline (random weights, local tokenizer) and save it with save_pretrained.
+
+    PATH must be missing, an empty folder, or an earlier tiny model saved by this command (which is replaced);
+    anything else is refused and left untouched."""
     from latte_ray.model.tiny import save_tiny_model
 
-    out = save_tiny_model(path)
+    try:
+        out = save_tiny_model(path)
+    except SpecError as e:
+        _fail(e)
     typer.echo(f"tiny Latte pipeline saved to {out} (load with LattePipeline.from_pretrained)")
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    STANDALONE["stop_ray_before_failing"] = True
     app()
 
 

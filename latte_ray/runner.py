@@ -3,28 +3,34 @@
     read Parquet -> prepare (CPU) -> [text_encode (actors)] -> denoise (GPU actor pool) -> encode (CPU)
     -> write (CPU) -> the driver iterates manifest rows to count them (it never holds the table)
 
-Everything that can fail on bad input (specs, table schemas, output location) is checked here before any
-actor starts, so a malformed run costs no GPU time.
+Everything that can fail on bad input (specs, table schemas, output location and binding, model configs,
+video settings) is checked in the driver before Ray starts (`preflight`), so a malformed run costs no GPU
+time. An error that only an actor can hit ends the run with its root cause in one line (RunFailed).
+Every run leaves its own record, OUTPUT/runs/<run_id>.json (latte_ray/record/output.py).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 
+from latte_ray.faults.rootcause import RunFailed, describe
+from latte_ray.faults.watchdog import RunStalled
 from latte_ray.plan.prompts import inspect_prompt_tables, resolve_prompt_files
+from latte_ray.record import output as outputs
+from latte_ray.record.storage import is_local
 from latte_ray.spec import RunSpec, SpecError
-from latte_ray.record.storage import OutputLayout, filesystem, is_local, write_atomic
+from latte_ray.versions import provenance
 
 log = logging.getLogger(__name__)
 
-_VERSIONED = ["latte-ray", "torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "s3fs", "av", "pydantic"]
+_VERSIONED = ["torch", "diffusers", "transformers", "ray", "pyarrow", "fsspec", "s3fs", "av", "pydantic"]
 
 
 @dataclass
@@ -36,6 +42,7 @@ class RunSummary:
     duplicates: int = 0  # extra copies of identical input rows, generated once
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    run_id: str = ""  # its record: OUTPUT/runs/<run_id>.json
 
     @property
     def videos_per_second(self) -> float:
@@ -49,8 +56,8 @@ class RunSummary:
         )
 
 
-def package_versions() -> dict[str, str]:
-    versions = {}
+def package_versions() -> dict[str, str | None]:
+    versions = provenance()  # latte-ray's version, and its git commit when run from a checkout (else None)
     for name in _VERSIONED:
         try:
             versions[name] = metadata.version(name)
@@ -61,7 +68,8 @@ def package_versions() -> dict[str, str]:
 
 
 def run_record(run: RunSpec, files: list[str], started: datetime) -> dict:
-    """What run.json holds: enough to reproduce the run, and no credentials."""
+    """What OUTPUT/runs/<run_id>.json holds: enough to reproduce the run, and no credentials (the storage
+    options' keys only). record/output.RunLog adds the run id, the outcome and the end."""
     return {
         "started_at": started.isoformat(),
         "pipeline": run.pipeline.model_dump(mode="json"),
@@ -74,19 +82,21 @@ def run_record(run: RunSpec, files: list[str], started: datetime) -> dict:
         "retry_errors": run.retry_errors,
         "limit": run.limit,
         "storage_option_keys": sorted(run.storage_options),
+        # Scores are not in spec_hash (they never change a video): the scorer is recorded on its own.
+        "scoring_hash": run.pipeline.scoring.scoring_hash() if run.pipeline.scoring.enabled else None,
         "versions": package_versions(),
         "host": platform.node(),
     }
 
 
-LOCAL_MIN_CPUS = 4
-
-
 def init_ray() -> None:
-    """Join the cluster this runs in (RAY_ADDRESS, `ray job submit`), or start a local Ray.
+    """Join the cluster this runs in (RAY_ADDRESS, `ray job submit`), or start a private local Ray.
 
-    A local Ray gets at least 4 logical CPUs: Ray Data's file listing and read tasks each ask for a whole
-    CPU, and on a 2-core machine the generation actors' share would leave them unschedulable (a silent hang).
+    Without RAY_ADDRESS the embedded default always starts its own Ray (`address="local"`), whatever else
+    runs on the machine: another `ray start --head`, or a stale `ray_current_cluster` file left by one that
+    died, would otherwise be joined (and `num_cpus` refused). It gets the machine's real CPUs, as Ray
+    detects them: the plan fits a node with one CPU beyond a generation actor's share (plan/fit.py), so no
+    extra logical CPUs are needed.
     """
     import os
 
@@ -97,7 +107,7 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=logging.WARNING)
         return
-    ray.init(num_cpus=max(LOCAL_MIN_CPUS, os.cpu_count() or 1), logging_level=logging.WARNING)
+    ray.init(address="local", logging_level=logging.WARNING)
 
 
 def _arrow_filesystem(fs):
@@ -173,7 +183,7 @@ def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "
     ds = ds.map_batches(
         DenoiseStage,
         fn_constructor_kwargs={"spec_json": spec_json, "cache_dir": run.cache_dir,
-                               "storage_options": run.storage_options},
+                               "storage_options": run.storage_options, "run_id": run_id},
         batch_size=ex.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
@@ -185,6 +195,11 @@ def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "
         EncodeStage, fn_constructor_kwargs={"video_spec_json": spec.video.model_dump_json()},
         batch_format="numpy", compute=cpu_pool, num_cpus=ex.num_cpus_per_cpu_task,
     )
+    if spec.scoring.enabled:  # scores go into the manifest rows this run commits (latte_ray/record/scores.py)
+        from latte_ray.stages.score import add_scoring_stages
+
+        ds = add_scoring_stages(ds, spec.scoring, cpu_pool, ex.num_cpus_per_cpu_task, run.cache_dir,
+                                run.storage_options)
     ds = ds.map_batches(
         WriteStage,
         fn_constructor_kwargs={"output_url": run.output, "spec_json": spec_json,
@@ -217,51 +232,194 @@ def restart_args(ex) -> dict:
     return {"max_restarts": ex.max_restarts, "max_task_retries": -1 if ex.max_restarts else 0}
 
 
-def run(run: RunSpec) -> RunSummary:
-    started_wall = datetime.now(timezone.utc)
-    started = time.perf_counter()
+@dataclass
+class Preflight:
+    """What the driver-side checks found: the output (checked, not yet bound) and the input tables."""
+
+    output: outputs.Output
+    in_fs: object
+    files: list[str]
+    without_id: list[str]
+    model: str  # a line describing the model source
+
+
+def preflight(run: RunSpec, tables: bool = True) -> Preflight:
+    """Every check that needs neither Ray nor model weights, in the driver, cheapest first; SpecError (one
+    line, exit 2) names the option, field, path or URL. Writes nothing but a probe it deletes again.
+    `tables=False` leaves out the prompt tables (synth checks the rest before it writes its table)."""
+    from latte_ray.model.configs import check_model_source
+    from latte_ray.plan.preflight import check_output_location, check_urls
+    from latte_ray.stages.encode import check_video_settings
+
+    check_urls(run)
+    check_output_location(run)
+    in_fs, files, without_id = None, [], []
+    if tables:
+        in_fs, files = resolve_prompt_files(run.prompts, run.storage_options)
+        _, without_id = inspect_prompt_tables(in_fs, files)
+    sampling = run.pipeline.sampling
+    check_video_settings(run.pipeline.video, sampling.height, sampling.width)
+    out = outputs.open_output(run.output, run.storage_options)
+    outputs.check_binding(out, run.pipeline, run.seed)
+    outputs.probe_writable(out)
     if run.pipeline.model.quantization is not None:
         from latte_ray.model.quantize import check_before_run
 
         check_before_run(run.pipeline.model)  # float8 on a machine without float8 GPUs: refused here
-    in_fs, files = resolve_prompt_files(run.prompts, run.storage_options)
-    _, without_id = inspect_prompt_tables(in_fs, files)
-    out_fs, root = filesystem(run.output, run.storage_options)
-    layout = OutputLayout(url=run.output.rstrip("/"), root=root.rstrip("/"))
-    record = json.dumps(run_record(run, files, started_wall), indent=2).encode()
-    try:
-        write_atomic(out_fs, layout.run_json, record)
-    except Exception as e:  # noqa: BLE001 - an unusable output fails before any work, naming the URL
-        raise SpecError(f"output: cannot write {layout.url}/run.json: {type(e).__name__}: {e}") from e
+    model = check_model_source(run.pipeline, run.storage_options)
+    if run.pipeline.scoring.enabled:
+        from latte_ray.model.clip import check_sources
+
+        check_sources(run.pipeline.scoring, run.storage_options)
+    return Preflight(output=out, in_fs=in_fs, files=files, without_id=without_id, model=model)
+
+
+def run(run: RunSpec) -> RunSummary:
+    started_wall = datetime.now(timezone.utc)
+    started = time.perf_counter()
+    checked = preflight(run)
+    in_fs, files, out = checked.in_fs, checked.files, checked.output
+    log.info("checked: %s", checked.model)
 
     init_ray()
+    from latte_ray.plan.fit import check_fit, use_task_cpu_cap
+
+    use_task_cpu_cap(run.pipeline.execution.num_cpus_per_cpu_task)
+    check_fit(run.pipeline)  # before any actor starts: refuse a plan this cluster can never schedule
+    # Every check has passed: bind the output to this spec (first run only) and open this run's record.
+    outputs.bind(out, run.pipeline, run.seed, package_versions().get("latte-ray", "unknown"))
+    run_id = f"{started_wall:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    history = outputs.RunLog(out, run_id, run_record(run, files, started_wall))
+    history.start()
+    if run.pipeline.scoring.enabled:  # what made this output's scores (latte_ray/record/scores.py)
+        from latte_ray.record.scores import write_scoring_record
+
+        write_scoring_record(out.fs, out.layout, run.pipeline.scoring)
+    summary = RunSummary(output=run.output, run_id=run_id)
+    try:
+        with _console_without_ray_data_tracebacks():
+            _generate(run, in_fs, files, checked.without_id, run_id, summary)
+    except RunStalled as e:
+        history.finish("stalled", str(e), **_counts(summary))
+        raise
+    except KeyboardInterrupt:
+        history.finish("interrupted", **_counts(summary))
+        raise
+    except SpecError as e:
+        history.finish("failed", str(e), **_counts(summary))
+        raise
+    except Exception as e:  # noqa: BLE001 - Ray's errors carry whole tracebacks: keep the root cause
+        reason = describe(e)
+        log.debug("run %s failed", run_id, exc_info=e)
+        history.finish("failed", reason, **_counts(summary))
+        raise RunFailed(reason) from None
+    summary.seconds = time.perf_counter() - started
+    history.finish("ok", **_counts(summary))
+    log.info(summary.line())
+    return summary
+
+
+class _HideOnConsole(logging.Filter):
+    """Marks a record `hide`, which Ray Data's console handler drops (ray.data._internal.logging.
+    HiddenRecordFilter) and its log file keeps."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.hide = True
+        return True
+
+
+@contextmanager
+def _console_without_ray_data_tracebacks():
+    """When an execution fails, Ray Data logs the whole stack on the console (an actor that died in its
+    constructor counts as a 'Ray internal' error, so it prints every frame): the failure's root cause would
+    sit under a hundred lines of Ray's frames. While a run executes, those records go to Ray Data's log
+    file only; the runner reports the root cause itself, in one line (faults/rootcause.py)."""
+    logger = logging.getLogger("ray.data.exceptions")
+    hide = _HideOnConsole()
+    logger.addFilter(hide)
+    try:
+        yield
+    finally:
+        logger.removeFilter(hide)
+
+
+def _counts(summary: RunSummary) -> dict:
+    return {"ok": summary.ok, "error": summary.error, "already_done": summary.skipped_done,
+            "duplicates": summary.duplicates}
+
+
+def _generate(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_id: str,
+              summary: RunSummary) -> None:
+    """The work of a run under its progress watchdog: executions re-planned from the manifest (at most
+    MAX_REPLANS times) when a node, actor or object was lost; RunStalled when the watchdog stopped it."""
+    from latte_ray.faults.nodeloss import MAX_REPLANS, end_stage_actors, replannable
+    from latte_ray.faults.watchdog import Watchdog, stall_timeouts
+
+    baseline: dict = {}  # the first work plan's done count: what was done before this run
+    with Watchdog(stall_timeouts(run.pipeline)) as dog:
+        try:
+            for attempt in range(MAX_REPLANS + 1):
+                try:
+                    _execute(run, in_fs, files, without_id, run_id, summary, dog, baseline)
+                    break
+                except Exception as e:  # noqa: BLE001 - classified: only a lost node or actor is re-planned
+                    if attempt == MAX_REPLANS or not replannable(e):
+                        raise
+                    log.warning("the execution failed (%s); re-planning from the manifest (%d of at most %d): "
+                                "committed ids are skipped", replannable(e), attempt + 1, MAX_REPLANS)
+                # Out of the except block: the failed execution's traceback (and its actor handles) is gone.
+                dog.phase("re-planning after a lost node or actor")
+                end_stage_actors()
+        except BaseException:
+            # A failed or stopped run leaves no stage actor behind: Ray Data only drops their handles, and
+            # the exception's traceback keeps those alive (holding CPUs; a writer could still commit).
+            end_stage_actors()
+            if dog.reason is not None:
+                raise RunStalled(dog.reason) from None
+            raise
+
+
+def _execute(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_id: str, summary: RunSummary,
+             dog, baseline: dict) -> None:
+    """The pre-pass and the rounds of one execution attempt, counting committed rows into `summary`; a
+    re-planned attempt reads the manifest again, so ids committed before it are skipped."""
     from latte_ray.plan.workplan import plan_work
 
+    dog.phase("pre-pass (work plan)")
     # Pre-pass: global dedupe and resume, decided before any actor starts (see workplan.py).
     work = plan_work(run, in_fs, files, lambda subset: read_input(run, in_fs, subset), without_id)
-    summary = RunSummary(output=run.output, skipped_done=work.done, duplicates=work.duplicates)
+    if not baseline:
+        baseline["done"] = summary.skipped_done = work.done
+        summary.duplicates = work.duplicates
+    else:  # re-planned: what this run committed so far is now in the done set (delivered to us or not)
+        committed = work.done - summary.skipped_done
+        if run.retry_errors:  # errored ids are tried again, and counted again
+            summary.ok, summary.error, summary.errors = committed, 0, []
+        else:
+            summary.ok = committed - summary.error
     if work.todo == 0:
-        summary.seconds = time.perf_counter() - started
         log.info("nothing to do: %s", work.line())
-        return summary
-    run_id = f"{started_wall:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+        return
     n_rounds = rounds(run, work.todo)
     for k in range(n_rounds):
         if n_rounds > 1:
             log.info("round %d of %d (about %d rows each)", k + 1, n_rounds, work.todo // n_rounds)
+        dog.phase(f"round {k + 1} of {n_rounds}", loads_models=work.generate > 0)
         ds = build_plan(run, in_fs, files, work, run_id, (k, n_rounds) if n_rounds > 1 else None)
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
-            for status, error in zip(batch["status"].to_pylist(), batch["error"].to_pylist()):
-                if status == "ok":
-                    summary.ok += 1
-                else:
-                    summary.error += 1
-                    if len(summary.errors) < 20:
-                        summary.errors.append(error)
-        del ds  # frees the execution's per-block bookkeeping before the next round
-    summary.seconds = time.perf_counter() - started
-    log.info(summary.line())
-    return summary
+        batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0))
+        try:
+            for batch in batches:
+                dog.progress()
+                for status, error in zip(batch["status"].to_pylist(), batch["error"].to_pylist()):
+                    if status == "ok":
+                        summary.ok += 1
+                    else:
+                        summary.error += 1
+                        if len(summary.errors) < 20:
+                            summary.errors.append(error)
+        finally:
+            batches.close()  # shuts the execution's actors down now, also when the run is stopped or failed
+        del ds, batches  # frees the execution's per-block bookkeeping before the next round
 
 
 def summary_dict(summary: RunSummary) -> dict:

@@ -15,7 +15,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-PIPELINES_DIR = Path(__file__).resolve().parent.parent / "pipelines"
+from latte_ray.resources import pipelines_dir
+
+PIPELINES_DIR = pipelines_dir()  # the built-in specs: pipelines/ in a checkout, latte_ray/pipelines/ in a wheel
 DEFAULT_PIPELINE = "tiny-cpu"
 TINY_SOURCE = "tiny"
 NULL_SOURCE = "null"  # benchmark tool: an engine that returns frames instantly (latte_ray/model/null.py)
@@ -229,39 +231,110 @@ class ExecutionSpec(_Strict):
     )
     seconds_per_video: float | None = Field(
         None, gt=0, description="Seconds one actor takes per video on its device, for `run --dry-run` "
-        "estimates (null: estimate from the output's manifest when it has finished videos).",
+        "estimates and the default stall timeout and batch deadline (null: estimate from the output's "
+        "manifest when it has finished videos; 60 s for the timeouts).",
+    )
+    stall_timeout_s: float | Literal["auto"] | None = Field(
+        "auto", description="Progress watchdog (latte_ray/faults/watchdog.py): when no manifest row has "
+        "been committed for this long the driver logs a diagnosis (operators, pending resources, dead or "
+        "restarting actors), and after as long again the run fails with exit code 3. The number is the "
+        "steady timeout (the pre-pass, and while a generation actor works); 'auto': max(600, 10 x "
+        "seconds_per_video x batch_size). While a round starts and whenever no generation actor is running "
+        "(being created or restarted), a start-up allowance is added: model load (120 s for tiny/null, "
+        "1200 s otherwise) + compile warm-up (when model.compile.enabled: 900 s with inductor, 120 s with "
+        "eager/aot_eager). null: off.",
+    )
+    batch_deadline_s: float | Literal["auto"] | None = Field(
+        "auto", description="Most seconds one generation call may take before it ends its own worker "
+        "process (Ray restarts the actor and retries the batch; a row that keeps doing it becomes an error "
+        "row, latte_ray/faults/crashes.py). 'auto': max(120, 10 x seconds_per_video x rows in the call). "
+        "null: off.",
     )
 
     @field_validator("concurrency")
     @classmethod
     def _concurrency(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
-        lo, hi = (v, v) if isinstance(v, int) else v
-        if lo < 1 or hi < lo:
-            raise ValueError(f"concurrency must be >= 1 or (min, max) with 1 <= min <= max, got {v}")
+        return check_concurrency(v)
+
+    @field_validator("stall_timeout_s", "batch_deadline_s")
+    @classmethod
+    def _positive_seconds(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, (int, float)) and v <= 0:
+            raise ValueError(f"must be a positive number of seconds, 'auto' or null, got {v}")
         return v
 
 
+def check_concurrency(v: int | tuple[int, int]) -> int | tuple[int, int]:
+    """An actor pool size: N, or (min, max) for an autoscaling pool."""
+    lo, hi = (v, v) if isinstance(v, int) else v
+    if lo < 1 or hi < lo:
+        raise ValueError(f"concurrency must be >= 1 or (min, max) with 1 <= min <= max, got {v}")
+    return v
+
+
+class ScoringSpec(_Strict):
+    """Per-video quality scores (latte_ray/model/clip.py): CLIPScore and a LAION-style aesthetic score."""
+
+    enabled: bool = Field(False, description="Score every new video in the run (an actor pool after encoding). "
+                          "`latte-ray score OUTPUT --scoring SPEC` scores an existing output whatever this says.")
+    clip_model: str = Field(
+        TINY_SOURCE, description="CLIP model: 'tiny' (offline random weights), a hub id "
+        "(openai/clip-vit-large-patch14), a local save_pretrained folder, or an fsspec URL of one (mirrored once "
+        "per node, like model.source). Safetensors only.",
+    )
+    clip_revision: str | None = Field(None, description="Hub revision when clip_model is a hub id.")
+    aesthetic_head: str = Field(
+        TINY_SOURCE, description="Aesthetic predictor head on the CLIP image embedding (LAION form: linear or "
+        "MLP): 'tiny', a hub id, a local folder or an fsspec URL holding config.json + model.safetensors.",
+    )
+    aesthetic_revision: str | None = Field(None, description="Hub revision when aesthetic_head is a hub id.")
+    frames: int = Field(4, ge=1, le=256, description="Frames per video scored (evenly spaced, first and last "
+                        "included); the scores are means over them.")
+    batch_size: int = Field(8, ge=1, le=1024, description="Videos per scoring call.")
+    concurrency: int | tuple[int, int] = Field(1, description="Scoring actors: N or (min, max).")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs each scoring actor holds (fractional ok).")
+    num_cpus: float = Field(0.25, gt=0.0, description="CPUs each scoring actor holds (fractional ok).")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="CLIP weights and compute dtype.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks cuda when one is visible.")
+
+    @field_validator("concurrency")
+    @classmethod
+    def _concurrency(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        return check_concurrency(v)
+
+    def scoring_hash(self) -> str:
+        """Hash of what determines a score (models, frames, dtype), not placement or batch size."""
+        payload = self.model_dump(mode="json", include={"clip_model", "clip_revision", "aesthetic_head",
+                                                          "aesthetic_revision", "frames", "dtype"})
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class SidecarSpec(_Strict):
+    """Training data kept next to each video (latte_ray/record/sidecars.py), made in the generation stage from
+    tensors it computes anyway: no extra model call. Decided at generation time; export packs what is there."""
+
+    embeddings: bool = Field(False, description="Keep the prompt's T5 embeddings (fp16, the attended tokens the "
+                             "transformer saw) as videos/<shard>/<id>.t5.<sha>.npy.")
+    latents: bool = Field(False, description="Keep the final denoised latents (before VAE decode, the dtype "
+                          "the model ran in) as videos/<shard>/<id>.latents.<sha>.npy.")
+
+
 class PipelineSpec(_Strict):
-    name: str = Field("unnamed", description="Human-readable name, recorded in run.json.")
+    name: str = Field("unnamed", description="Human-readable name, recorded in the output and run records.")
+    description: str = Field("", description="One line on what the spec is for (`latte-ray pipelines` lists it).")
     model: ModelSpec = Field(default_factory=ModelSpec)
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     video: VideoSpec = Field(default_factory=VideoSpec)
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
+    scoring: ScoringSpec = Field(default_factory=ScoringSpec, description="Quality scores (not in the spec hash).")
+    sidecars: SidecarSpec = Field(default_factory=SidecarSpec, description="Training tensors kept per video "
+                                  "(not in the spec hash).")
 
     def spec_hash(self) -> str:
-        """Hash of everything that determines a video's bytes (not batch size, concurrency or placement)."""
-        payload = self.model_dump(mode="json", exclude={"name": True, "execution": True})
-        payload["model"]["compile"].pop("cache_dir", None)
-        payload["model"].pop("device", None)
-        # Fields added after outputs already existed enter the hash only when set, so the hash of a spec
-        # that does not use them (and so the binding of its existing outputs) is unchanged.
-        if payload["model"].get("quantization") is None:
-            payload["model"].pop("quantization", None)
-        if payload["model"]["cache"] is not None:
-            for name in _TEACACHE_ONLY:
-                if payload["model"]["cache"].get(name) is None:
-                    payload["model"]["cache"].pop(name, None)
-        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        """Hash of everything that determines a video's bytes (not batch size, concurrency or placement;
+        not scoring or sidecars, which add data next to a video and never change it)."""
+        blob = json.dumps(hashed_fields(self.model_dump(mode="json")), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def with_overrides(self, **execution: object) -> "PipelineSpec":
@@ -273,8 +346,30 @@ class PipelineSpec(_Strict):
         return self.model_copy(update={"execution": ExecutionSpec.model_validate(merged)})
 
 
+def hashed_fields(raw: dict) -> dict:
+    """The part of a dumped pipeline spec that the spec hash covers: everything but the name, the description,
+    the execution, scoring and sidecars sections, the device and the compile cache folder. Works on a plain
+    dict, so that a spec recorded by another version can be compared field by field (latte_ray/record/output.py)."""
+    payload = json.loads(json.dumps(raw))
+    for key in ("name", "description", "execution", "scoring", "sidecars"):
+        payload.pop(key, None)
+    model = payload.get("model") or {}
+    model.pop("device", None)
+    (model.get("compile") or {}).pop("cache_dir", None)
+    # Fields added after outputs already existed enter the hash only when set, so the hash of a spec
+    # that does not use them (and so the binding of its existing outputs) is unchanged.
+    if model.get("quantization") is None:
+        model.pop("quantization", None)
+    if model.get("cache") is not None:
+        for name in _TEACACHE_ONLY:
+            if model["cache"].get(name) is None:
+                model["cache"].pop(name, None)
+    return payload
+
+
 def resolve_pipeline_path(name_or_path: str | Path) -> Path:
-    """A spec file path, or the name of one in pipelines/ ('tiny-cpu' -> pipelines/tiny-cpu.yaml)."""
+    """A spec file path, or the name of a built-in one ('tiny-cpu' -> pipelines/tiny-cpu.yaml, shipped in the
+    package)."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") and path.exists():
         return path
@@ -310,6 +405,23 @@ def _format_errors(e: ValidationError) -> str:
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
         lines.append(f"  - {field}: {msg}")
     return "\n".join(lines)
+
+
+def option_error(e: ValidationError, options: dict[str, tuple[str, object]]) -> SpecError:
+    """One line per invalid field for settings given on the command line: `options` maps a field name to
+    (the option that set it, the value given), so the message names the option, as a spec file's names
+    the key."""
+    lines = []
+    for err in e.errors():
+        field = str(err["loc"][0]) if err["loc"] else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        msg = msg[:1].lower() + msg[1:]
+        if field in options:
+            flag, value = options[field]
+            lines.append(f"{flag} {value}: {msg}")
+        else:
+            lines.append(f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {msg}")
+    return SpecError("; ".join(lines))
 
 
 class RunSpec(_Strict):

@@ -33,14 +33,25 @@ def faults_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local(model_cache, faults_file):
-    """A real local Ray, started once (after LATTE_RAY_CACHE is set) and shut down at the end."""
+def retry_scale_file(tmp_path_factory) -> Path:
+    """The storage retry scale every Ray worker of the session reads (latte_ray/faults/retry.py): "1";
+    a test may write another number into it and must restore "1"."""
+    path = tmp_path_factory.mktemp("retry") / "scale.txt"
+    path.write_text("1")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_local(model_cache, faults_file, retry_scale_file):
+    """A real local Ray with this machine's CPUs, started once (after LATTE_RAY_CACHE is set) and shut down
+    at the end."""
     import ray
 
     from latte_ray.runner import init_ray
 
     os.environ.pop("RAY_ADDRESS", None)
     os.environ["LATTE_RAY_FAULTS"] = f"@{faults_file}"  # inherited by Ray's workers
+    os.environ["LATTE_RAY_RETRY_DELAY_SCALE"] = f"@{retry_scale_file}"
     init_ray()
     yield ray
     ray.shutdown()

@@ -253,3 +253,29 @@ def test_psnr_and_ssim_on_known_cases():
     noisy = np.clip(a.astype(int) + rng.integers(-40, 41, a.shape), 0, 255).astype(np.uint8)
     assert 0 < ssim(a, noisy) < 0.99 and ssim(a, noisy) == pytest.approx(ssim(noisy, a))
     assert ssim(a, 255 - a) < 0  # inverted structure: negative covariance
+
+
+def test_quality_gate_compares_candidates_with_the_baseline(model_cache):
+    """ops/compare.py end to end on the tiny model: TeaCache at threshold 0 is the baseline (inf dB, no CLIP
+    change, every call), int8 weight-only is close but not equal, TeaCache skipping makes fewer calls; the
+    CLIP column comes from the scoring stage's own scorer (tiny random CLIP here)."""
+    from latte_ray.model.engine import LatteEngine
+    from latte_ray.ops.compare import Candidate, markdown, run_candidates, summarize
+    from latte_ray.spec import ScoringSpec
+
+    zero = dict(TEACACHE, threshold=0.0)
+    candidates = [Candidate("baseline", spec(2)), Candidate("teacache:0", spec(2, cache=zero)),
+                  Candidate("teacache:0.4", spec(2, cache=TEACACHE)),
+                  Candidate("int8", spec(2, quantization={"kind": "int8_weight_only"}))]
+    prompts, seeds = list(PROMPTS["prompt"][:4]), list(PROMPTS["seed"][:4])
+    run_candidates(candidates, prompts, seeds, cache_dir=str(model_cache), make_engine=LatteEngine)
+    rows = {r.name: r for r in summarize(candidates, prompts, ScoringSpec())}
+    assert rows["baseline"].psnr_all == float("inf") and rows["baseline"].clip_delta == 0.0
+    assert rows["teacache:0"].psnr_all == float("inf") and rows["teacache:0"].calls_ratio == 1.0
+    assert rows["teacache:0"].clip_delta == 0.0
+    assert rows["teacache:0.4"].calls_ratio > 1.0 and rows["teacache:0.4"].psnr_all < float("inf")
+    assert 25 < rows["int8"].psnr_all < float("inf") and rows["int8"].calls_ratio == 1.0
+    assert rows["int8"].clip_delta is not None and np.isfinite(rows["int8"].clip_delta)
+    assert len({r.spec_hash for r in rows.values()}) == 4
+    table = markdown(list(rows.values()))
+    assert table.count("\n") == 5 and "inf (equal)" in table

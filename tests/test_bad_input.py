@@ -8,6 +8,7 @@ is checked on the manifest.
 
 from __future__ import annotations
 
+import re
 import socket
 from collections import Counter
 from pathlib import Path
@@ -134,7 +135,7 @@ def test_unreachable_output_fails_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     table = write_prompts(tmp_path / "t.parquet", {"prompt": ["a"]})
     options = {"endpoint_url": f"http://127.0.0.1:{_closed_port()}", "key": "k", "secret": "s"}
-    with pytest.raises(SpecError, match=r"output: cannot write s3://bucket/out/run.json: EndpointConnectionError"):
+    with pytest.raises(SpecError, match=r"output: cannot read s3://bucket/out/latte-ray.json: EndpointConnectionError"):
         runner.run(RunSpec(pipeline=fast_spec(), prompts=[str(table)], output="s3://bucket/out",
                            storage_options=options))
 
@@ -281,7 +282,7 @@ def test_the_mixed_run_is_exactly_once_and_stays_inside_its_prefix(mixed_run):
     assert Counter(r["id"] for r in rows)["dup-diff"] == 2
     # nothing outside the output prefix: the only entries on the way to it are the folders leading to it
     assert sorted(p.name for p in (tmp / "nested").rglob("*") if out not in (p, *p.parents)) == ["deeper"]
-    assert {p.name for p in out.iterdir()} == {"run.json", "videos", "manifest"}
+    assert {p.name for p in out.iterdir()} == {"latte-ray.json", "runs", "videos", "manifest"}
 
 
 def test_a_100k_character_prompt_is_truncated_and_the_manifest_says_so(mixed_run):
@@ -292,3 +293,240 @@ def test_a_100k_character_prompt_is_truncated_and_the_manifest_says_so(mixed_run
     assert row["prompt"] == LONG[:MAX_PROMPT_CHARS]
     (short,) = mixed_run[4]["good"]
     assert short["prompt_truncated"] is False and 0 < short["prompt_tokens"] < 20
+
+
+# ------------------------------------------------------------ setup-level cases: the command line, no Ray
+#
+# Each case is a command a user could type with one mistake in it. Every one must end before Ray starts
+# (these tests never start one) with exit code 2 and a single `error:` line that names the option, field,
+# path or URL at fault, and must leave everything under the test's folder exactly as it was: nothing
+# created (not even the output folder), nothing changed, nothing deleted.
+
+import json  # noqa: E402
+
+import yaml  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from latte_ray.cli import app  # noqa: E402
+from latte_ray.record.output import bind, open_output  # noqa: E402
+from latte_ray.record.storage import OutputLayout, write_manifest_part  # noqa: E402
+from latte_ray.spec import parse_pipeline_spec  # noqa: E402
+from tests.invariants import snapshot, write_spec  # noqa: E402
+
+
+def _prompts(tmp: Path) -> str:
+    return str(write_prompts(tmp / "in" / "p.parquet", {"id": ["a", "b"], "prompt": ["a cat", "a dog"]}))
+
+
+def _spec(tmp: Path, name: str = "spec.yaml", **sections) -> str:
+    """fast_spec with some fields changed: _spec(tmp, video={"pix_fmt": "x"}, model={"source": "..."})."""
+    raw = yaml.safe_load(fast_spec().model_dump_json())
+    for section, fields in sections.items():
+        raw[section].update(fields)
+    return str(write_spec(tmp / name, parse_pipeline_spec(raw)))
+
+
+def _run(tmp: Path, *extra: str, spec: str | None = None, output: str | None = None) -> list[str]:
+    return ["run", "--pipeline", spec or _spec(tmp), "--prompts", _prompts(tmp),
+            "--output", output or str(tmp / "out"), *extra]
+
+
+def _model_folder(tmp: Path, index: dict | None = None, transformer: dict | None = None,
+                  text_encoder: dict | None = None, weights: str = ".safetensors") -> str:
+    """A stand-in save_pretrained folder: the configs the driver reads, and empty weight files (the driver
+    lists weights, it never reads them)."""
+    folder = tmp / "model"
+    configs = {
+        "model_index.json": {"_class_name": "LattePipeline", "transformer": ["diffusers", "LatteTransformer3DModel"],
+                             "text_encoder": ["transformers", "T5EncoderModel"], "vae": ["diffusers", "AutoencoderKL"],
+                             **(index or {})},
+        "transformer/config.json": {"video_length": 16, "caption_channels": 32, **(transformer or {})},
+        "text_encoder/config.json": {"d_model": 32, **(text_encoder or {})},
+        "vae/config.json": {},
+    }
+    for rel, value in configs.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(json.dumps(value))
+    for component in ("transformer", "vae", "text_encoder"):
+        (folder / component / f"model{weights}").write_bytes(b"")
+    return str(folder)
+
+
+def _bound_output(tmp: Path, seed: int = 0, **sampling) -> str:
+    """An output bound (latte-ray.json, as its first run writes it) to fast_spec with `sampling` changes."""
+    out = tmp / "out"
+    raw = yaml.safe_load(fast_spec().model_dump_json())
+    raw["sampling"].update(sampling)
+    bind(open_output(str(out)), parse_pipeline_spec(raw), seed, "test")
+    return str(out)
+
+
+def _legacy_output(tmp: Path) -> str:
+    """An output of an older latte-ray: a manifest (rows of another spec hash) and no latte-ray.json."""
+    from tests.test_compact import _rows
+
+    out = tmp / "out"
+    fs, root = open_output(str(out)).fs, str(out)
+    rows = _rows(["x1", "x2"])
+    rows = rows.set_column(rows.schema.get_field_index("spec_hash"), "spec_hash", pa.array(["0123456789abcdef"] * 2))
+    write_manifest_part(fs, OutputLayout(str(out), root), rows, name="old")
+    return str(out)
+
+
+def _marked_folder_with_extra_file(tmp: Path) -> tuple[str, str]:
+    folder = tmp / "tiny"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    (folder / ".latte-ray-tiny-model").write_text(json.dumps({"tiny_model_version": "v1", "files": ["model_index.json"]}))
+    (folder / "notes.txt").write_text("mine")
+    return str(folder), "notes.txt"
+
+
+SETUP_CASES = {
+    # command-line overrides: the same validation as a spec file
+    "--concurrency 0": (lambda t: _run(t, "--concurrency", "0"), ["--concurrency 0", "concurrency must be >= 1"]),
+    "--concurrency 3,1": (lambda t: _run(t, "--concurrency", "3,1"), ["--concurrency 3,1", "min <= max"]),
+    "--concurrency two": (lambda t: _run(t, "--concurrency", "two"), ["--concurrency 'two'", "N or MIN,MAX"]),
+    "--batch-size 0": (lambda t: _run(t, "--batch-size", "0"), ["--batch-size 0", "greater than or equal to 1"]),
+    "--limit 0": (lambda t: _run(t, "--limit", "0"), ["--limit 0", "greater than or equal to 1"]),
+    "--seed -1": (lambda t: _run(t, "--seed", "-1"), ["--seed -1", "greater than or equal to 0"]),
+    "--storage-option without =": (lambda t: _run(t, "-s", "endpoint_url"), ["--storage-option 'endpoint_url'"]),
+    # URLs
+    "--prompts foo://x": (lambda t: ["run", "--prompts", "foo://x", "--output", str(t / "out")],
+                          ["prompts: 'foo://x'", "unknown URL scheme 'foo'"]),
+    "--output foo://x": (lambda t: _run(t, output="foo://x"), ["output: 'foo://x'", "unknown URL scheme 'foo'"]),
+    "--output memory://": (lambda t: _run(t, output="memory://runs/out"), ["output 'memory://runs/out'", "memory://"]),
+    "--output https://": (lambda t: _run(t, output="https://example.com/out"), ["https:// is read-only"]),
+    # where the output is
+    "output inside the input folder": (lambda t: ["run", "--pipeline", _spec(t), "--prompts", str(Path(_prompts(t)).parent),
+                                                  "--output", str(t / "in" / "out")],
+                                       ["in/out'", "lies inside the input", "manifest parts"]),
+    "output equal to the input folder": (lambda t: ["run", "--pipeline", _spec(t), "--prompts", str(Path(_prompts(t)).parent),
+                                                    "--output", str(t / "in")], ["/in'", "lies inside the input"]),
+    "output under an input glob": (lambda t: ["run", "--pipeline", _spec(t), "--prompts", _prompts(t),
+                                              "--prompts", str(t / "data" / "*" / ""), "--output", str(t / "data" / "run1")],
+                                   ["data/run1", "data/*"]),
+    "input is the output's manifest": (lambda t: ["run", "--pipeline", _spec(t), "--prompts", _prompts(t),
+                                                  "--prompts", str(t / "out" / "manifest"), "--output", str(t / "out")],
+                                       ["out/manifest", "lies inside the input"]),
+    "output is an existing file": (lambda t: _run(t, output=_prompts(t)), ["p.parquet' is an existing file"]),
+    # video settings: encoded once in the driver
+    "video.pix_fmt unknown": (lambda t: _run(t, spec=_spec(t, video={"pix_fmt": "yuv999p"})),
+                              ["video.pix_fmt 'yuv999p'", "not a pixel format"]),
+    "video.pix_fmt the codec cannot write": (lambda t: _run(t, spec=_spec(t, video={"pix_fmt": "rgb24"})),
+                                             ["video.pix_fmt 'rgb24'", "libx264 encoder cannot write it"]),
+    "video.preset unknown": (lambda t: _run(t, spec=_spec(t, video={"preset": "fastest"})),
+                             ["video.preset 'fastest'", "libx264"]),
+    # the model source's configs against the spec
+    "sampling.video_length the model lacks": (lambda t: _run(t, spec=_spec(t, sampling={"video_length": 8})),
+                                              ["sampling.video_length is 8", "16-frame", "model.source 'tiny'"]),
+    "model folder without model_index.json": (
+        lambda t: _run(t, spec=_spec(t, model={"source": str(t / "in")})), ["model.source", "/in'", "no model_index.json"]),
+    "model folder that does not exist": (
+        lambda t: _run(t, spec=_spec(t, model={"source": str(t / "nowhere")})), ["/nowhere'", "no such folder"]),
+    "model with pickled weights only": (
+        lambda t: _run(t, spec=_spec(t, model={"source": _model_folder(t, weights=".bin")})),
+        ["model.source", "transformer/ has no .safetensors weights"]),
+    "model whose text encoder width differs": (
+        lambda t: _run(t, spec=_spec(t, model={"source": _model_folder(t, text_encoder={"d_model": 64})})),
+        ["text_encoder d_model 64", "caption_channels 32"]),
+    "model that is not a Latte pipeline": (
+        lambda t: _run(t, spec=_spec(t, model={"source": _model_folder(t, index={"_class_name": "StableDiffusionPipeline"})})),
+        ["is a StableDiffusionPipeline", "not a LattePipeline"]),
+    "model with another frame count": (
+        lambda t: _run(t, spec=_spec(t, model={"source": _model_folder(t, transformer={"video_length": 24})})),
+        ["sampling.video_length is 16", "24-frame"]),
+    # an output bound to one spec and seed
+    "another spec on a bound output": (
+        lambda t: _run(t, output=_bound_output(t, num_inference_steps=4)),
+        ["is bound to pipeline spec", "sampling.num_inference_steps: 4 -> 2", "new --output"]),
+    "another run seed on a bound output": (
+        lambda t: _run(t, "--seed", "5", output=_bound_output(t)), ["run seed 0", "--seed 5", "--seed 0"]),
+    "older output with rows of another spec": (
+        lambda t: _run(t, output=_legacy_output(t)), ["no latte-ray.json", "spec hash 0123456789abcdef", "new --output"]),
+    # operations commands on what is not an output
+    "status on a missing path": (lambda t: ["status", str(t / "typo")], ["/typo: not a latte-ray output"]),
+    "status on a folder that is not an output": (lambda t: ["status", str(Path(_prompts(t)).parent)],
+                                                 ["/in: not a latte-ray output"]),
+    "report on a missing path": (lambda t: ["report", str(t / "typo")], ["/typo: not a latte-ray output"]),
+    "report --dest an existing file": (lambda t: ["report", _bound_output(t), "--dest", _prompts(t)],
+                                       ["--dest", "p.parquet' is an existing file"]),
+    "compact on a missing path": (lambda t: ["compact", str(t / "typo")], ["/typo: not a latte-ray output"]),
+    "status --prompts on a missing path": (lambda t: ["status", str(t / "typo"), "--prompts", _prompts(t)],
+                                           ["/typo: not a latte-ray output"]),
+    # tiny-model never replaces what it did not write
+    "tiny-model on the current folder": (lambda t: ["tiny-model", "."], ["tiny-model:", "no .latte-ray-tiny-model"]),
+    "tiny-model on a regular file": (lambda t: ["tiny-model", _prompts(t)], ["p.parquet exists and is not a folder"]),
+    "tiny-model on a tiny model with a file added": (lambda t: ["tiny-model", _marked_folder_with_extra_file(t)[0]],
+                                                     ["holds files the tiny model did not write", "notes.txt"]),
+    # dry runs check what a run checks
+    "dry run with another spec on a bound output": (
+        lambda t: _run(t, "--dry-run", output=_bound_output(t, num_inference_steps=4)), ["is bound to pipeline spec"]),
+    "dry run with a bad pix_fmt": (lambda t: _run(t, "--dry-run", spec=_spec(t, video={"pix_fmt": "nope"})),
+                                   ["video.pix_fmt 'nope'"]),
+    # object stores that cannot be reached (botocore: one attempt, see the test)
+    "dry run to an unreachable s3 output": (
+        lambda t: _run(t, "--dry-run", *_unreachable_s3(), output="s3://bucket/out"),
+        ["output: cannot read s3://bucket/out/latte-ray.json", "EndpointConnectionError"]),
+    "model mirror on an unreachable s3 endpoint": (
+        lambda t: _run(t, *_unreachable_s3(), spec=_spec(t, model={"source": "s3://models/tiny/"})),
+        ["model.source 's3://models/tiny/'", "cannot list it", "EndpointConnectionError"]),
+}
+
+
+def _unreachable_s3() -> list[str]:
+    return ["-s", f"endpoint_url=http://127.0.0.1:{_closed_port()}", "-s", "key=k", "-s", "secret=s"]
+
+
+_RAY_LOG_LINE = re.compile(r"^(\x1b\[\d+m)?\((pid=|raylet|gcs_server|[\w.()]+ pid=)")
+
+
+def without_ray_log_lines(output: str) -> str:
+    """The command's own output: the session's shared Ray (another test's) may forward a log line of one of
+    its processes (`(pid=gcs_server) ...`) into this process's stdout at any moment; it is not ours."""
+    return "\n".join(line for line in output.splitlines() if not _RAY_LOG_LINE.match(line))
+
+
+@pytest.mark.parametrize("case", SETUP_CASES)
+def test_setup_mistakes_fail_in_one_line_before_ray_and_touch_nothing(case, tmp_path, monkeypatch):
+    def no_ray():
+        raise AssertionError("Ray was started for a mistake the driver can catch")
+
+    monkeypatch.setattr(runner, "init_ray", no_ray)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore: fail a refused connection at once
+    make, named = SETUP_CASES[case]
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "keep.txt").write_text("a user's file")
+    monkeypatch.chdir(work)
+    argv = make(work)
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(app, argv)
+    message = without_ray_log_lines(result.output).strip()
+    assert result.exit_code == 2, (result.exit_code, message, result.exception)
+    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message, message
+    for part in named:
+        assert part in message, (part, message)
+    assert snapshot(tmp_path) == before, "something was written, changed or deleted"
+
+
+def test_a_dry_run_counts_what_the_real_run_did(mixed_run, tmp_path):
+    """The mixed input (bad rows, identical duplicates, conflicting ids, a table without ids) counted by
+    `run --dry-run` into a new output gives the real run's numbers; against the real run's output, nothing
+    is left to generate. Neither dry run writes anything."""
+    tmp, out, summary, _rows, _by_key = mixed_run
+    spec = str(write_spec(tmp_path / "spec.yaml", fast_spec(batch_size=3)))
+    total = len(TEXT_ROWS) + len(EXTRA_TEXT_ROWS) + len(BYTES_ROWS) + len(EXTRA_BYTES_ROWS) + 2 * len(NO_ID_ROWS)
+    conflicting = 2  # the two rows of dup-diff
+    before = snapshot(out)
+    fresh = CliRunner().invoke(app, ["run", "--dry-run", "-p", spec, "--prompts", str(tmp / "in"),
+                                     "--output", str(tmp_path / "new")])
+    assert fresh.exit_code == 0, fresh.output
+    assert (f"{total} rows in 3 files: {summary.ok} to generate, 0 already done, {summary.error - conflicting} invalid "
+            f"and {conflicting} with conflicting duplicate ids (recorded as error rows), {summary.duplicates} "
+            f"duplicate copies skipped") in fresh.output, fresh.output
+    assert not (tmp_path / "new").exists()
+    done = CliRunner().invoke(app, ["run", "--dry-run", "-p", spec, "--prompts", str(tmp / "in"), "--output", str(out)])
+    assert done.exit_code == 0, done.output
+    assert f"0 to generate, {summary.ok + summary.duplicates} already done" in done.output, done.output
+    assert snapshot(out) == before

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,7 +20,7 @@ from latte_ray import runner
 from latte_ray.cli import app
 from latte_ray.spec import RunSpec, load_pipeline_spec
 from latte_ray.record.storage import OutputLayout, filesystem, latest_rows, read_manifest
-from tests.conftest import REPO, write_prompts
+from tests.conftest import REPO, free_port, write_prompts
 
 CLI = [sys.executable, "-m", "latte_ray.cli"]
 
@@ -35,8 +38,12 @@ def test_every_command_and_option_has_help():
 
 
 def test_demo_runs_with_no_arguments(tmp_path, model_cache):
-    """`latte-ray run` alone: the embedded default on the shipped example table into ./outputs/demo."""
-    env = {**os.environ, "LATTE_RAY_CACHE": str(model_cache), "PYTHONPATH": str(REPO)}
+    """`latte-ray run` alone: the embedded default on the shipped example table into ./outputs/demo, on a
+    machine where a Ray died and left its address file behind (the run starts its own Ray regardless)."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="lrd", dir=os.environ.get("TMPDIR", "/tmp")))  # short: sockets
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")  # nobody listens there
+    env = {**os.environ, "LATTE_RAY_CACHE": str(model_cache), "PYTHONPATH": str(REPO), "TMPDIR": str(ray_tmp)}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(CLI + ["run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -44,7 +51,11 @@ def test_demo_runs_with_no_arguments(tmp_path, model_cache):
     assert "outputs/demo/videos/" in proc.stdout and "outputs/demo/manifest/" in proc.stdout
     videos = sorted((tmp_path / "outputs" / "demo" / "videos").rglob("*.mp4"))
     assert len(videos) == 6 and all(v.stat().st_size > 1000 for v in videos)
-    assert (tmp_path / "outputs" / "demo" / "run.json").exists()
+    record = json.loads((tmp_path / "outputs" / "demo" / "latte-ray.json").read_text())
+    assert record["spec_hash"] == load_pipeline_spec("tiny-cpu").spec_hash() and record["run_seed"] == 0
+    (run,) = (tmp_path / "outputs" / "demo" / "runs").iterdir()
+    assert json.loads(run.read_text())["outcome"] == "ok" and f"runs/{run.name}" in proc.stdout
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.mark.parametrize(
@@ -96,3 +107,75 @@ def test_bad_rows_become_error_rows_and_the_rest_completes(tmp_path, ray_local):
     assert "prompt is empty" in rows["empty"]["error"] and "prompt is empty" in rows["blank"]["error"]
     assert all("p.parquet" in rows[k]["error"] and f"id={k}" in rows[k]["error"] for k in ("null", "empty", "blank"))
     assert not any(rows[k]["video_uri"] for k in ("null", "empty", "blank"))
+
+
+# ----------------------------------------------------------------------- pipelines, --version, python -m
+
+
+def test_pipelines_lists_every_builtin_with_its_description():
+    import yaml
+
+    from latte_ray.spec import PIPELINES_DIR
+
+    result = CliRunner().invoke(app, ["pipelines"])
+    assert result.exit_code == 0, result.output
+    listed = {line.split()[0]: line for line in result.output.splitlines() if line.startswith("  ")}
+    shipped = {p.stem: yaml.safe_load(p.read_text()) for p in PIPELINES_DIR.glob("*.yaml")}
+    assert set(listed) == set(shipped), "every shipped spec and recipe is listed, and nothing else"
+    for name, raw in shipped.items():
+        assert raw["description"] in listed[name], f"{name}: its description is not on its line"
+    specs, recipes = result.output.split("synth recipes")
+    assert "tiny-cpu " in specs and "latte-1-t2v-512" in specs and "synth-example" in recipes
+
+
+def test_pipelines_show_prints_the_file_as_shipped(tmp_path):
+    result = CliRunner().invoke(app, ["pipelines", "show", "latte-1-t2v-512"])
+    assert result.exit_code == 0
+    assert result.output == (REPO / "pipelines" / "latte-1-t2v-512.yaml").read_text()
+    copy = tmp_path / "mine.yaml"  # ready to copy, edit and use
+    copy.write_text(result.output.replace("num_inference_steps: 50", "num_inference_steps: 30"))
+    assert load_pipeline_spec(copy).sampling.num_inference_steps == 30
+    missing = CliRunner().invoke(app, ["pipelines", "show", "no-such-spec"])
+    assert missing.exit_code == 2
+    assert "no built-in pipeline spec or recipe named 'no-such-spec'" in missing.output and "tiny-cpu" in missing.output
+    assert "Traceback" not in missing.output
+
+
+def test_synth_recipe_by_builtin_name():
+    from latte_ray.datasets.synth import load_recipe
+
+    recipe, text = load_recipe("synth-example")
+    assert recipe.name == "synth-example" and text == (REPO / "pipelines" / "synth-example.yaml").read_text()
+
+
+def test_version_names_the_checkout_commit():
+    from latte_ray.versions import version
+
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    if head.returncode == 0:  # a checkout (CI's clean clone is one): the commit, "-dirty" with local edits
+        assert result.output.startswith(f"latte-ray {version()} (git {head.stdout.strip()}")
+    else:  # a source tree without git metadata
+        assert result.output.strip() == f"latte-ray {version()}"
+    import tomllib
+
+    assert version() == tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+
+
+def test_python_dash_m_latte_ray_is_the_cli(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "latte_ray", "pipelines"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == CliRunner().invoke(app, ["pipelines"]).output
+
+
+def test_fault_injection_recognises_every_driver_command_line():
+    from latte_ray.faults.injection import is_driver_argv
+
+    for argv in (["python", "-m", "latte_ray", "run"], ["/v/bin/python3", "-m", "latte_ray.cli", "run"],
+                 ["/v/bin/latte-ray", "run"], ["latte-ray"]):
+        assert is_driver_argv(argv), argv
+    for argv in (["python", "jobs/generate.py"], ["python", "-m", "pytest"], ["ray::IDLE"], ["raylet"]):
+        assert not is_driver_argv(argv), argv

@@ -135,6 +135,7 @@ def test_manifest_rows_are_complete(runs):
         assert (row["num_frames"], row["height"], row["width"]) == (16, 128, 128)
         assert row["steps"] == 6 and row["fps"] == 8 and row["model"] == "tiny"
         assert row["finished_at"] >= row["started_at"] and row["generate_seconds"] > 0
-        assert row["video_uri"].endswith(f"/{row['id']}.mp4") and "/videos/" in row["video_uri"]
+        # content-addressed: videos/<shard>/<id>.<first 32 hex chars of the video's sha256>.mp4
+        assert row["video_uri"].endswith(f"/{row['id']}.{row['sha256'][:32]}.mp4") and "/videos/" in row["video_uri"]
     neg = [r for r in rows.to_pylist() if r["id"] == "neg"][0]
     assert neg["negative_prompt"] == "blurry, low quality"

@@ -6,6 +6,9 @@
 * Core kinds (CronJob, ServiceAccount, Role, RoleBinding, ConfigMap) get a required-fields check.
 * Every jobs/*.py, jobs/*.yaml and pipelines/*.yaml that infra/ names must exist in the repo.
 * GPU worker groups limit nvidia.com/gpu; no literal AWS secrets; the AWS launcher config uses spot GPUs.
+* The image: every manifest runs the same latte-ray image, whose tag and rayVersion follow pyproject.toml's
+  version and Ray pin, and nothing installs packages at run time; the Dockerfile and .dockerignore build it from
+  the wheel with that Ray version and the pinned torch (Docker itself cannot run here: static checks only).
 * The shell scripts pass `bash -n`; start-head.sh is run against a fake `ray` to check its flags.
 """
 
@@ -35,8 +38,8 @@ INFRA = REPO / "infra"
 KUBERAY = INFRA / "kuberay"
 AWS_CLUSTER = INFRA / "aws" / "cluster.yaml"
 LOCAL = INFRA / "local"
-# CI runs the tests in a fresh clone with shared/ as a sibling of the repo root.
-SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas"
+# CI runs the tests in a fresh clone with shared/ as a sibling of the repo root (LATTE_RAY_SHARED elsewhere).
+SCHEMAS = Path(os.environ.get("LATTE_RAY_SHARED") or Path(__file__).resolve().parents[2] / "shared") / "schemas"
 CRD_DIR = SCHEMAS / "kuberay-v1.7.0"
 CRD_FILES = {
     "RayCluster": "ray.io_rayclusters.yaml",
@@ -508,47 +511,58 @@ def test_cluster_shape(spec):
         volumes = {v["name"]: v for v in pod.get("volumes", [])}
         assert {"emptyDir", "hostPath"} & set(volumes[mounts["/cache"]]), "cache must be node-local"
     for c in [*head["template"]["spec"]["containers"], *(x for g in groups for x in g["template"]["spec"]["containers"])]:
-        if ray_version and c["image"].startswith("rayproject/ray:"):
-            assert c["image"].split(":")[1].startswith(ray_version), f"{c['image']} != rayVersion {ray_version}"
+        assert f"-ray{ray_version}-" in c["image"].split(":")[-1], f"{c['image']} != rayVersion {ray_version}"
 
 
 ENTRYPOINT_FLAGS = {
-    "jobs/generate.py": {"--pipeline", "--prompts", "--output"},
-    "jobs/backfill.py": {"--pipeline", "--prompts", "--output"},
-    "jobs/synth_dataset.py": {"--recipe", "--output"},
+    "run": {"--pipeline", "--prompts", "--output"},
+    "backfill": {"--pipeline", "--prompts", "--output"},
+    "synth": {"--recipe", "--output"},
 }
 RUNTIME_ENV_KEYS = {"working_dir", "py_modules", "pip", "uv", "conda", "env_vars", "excludes", "image_uri", "config", "py_executable"}
+INSTALLS_AT_RUN_TIME = {"pip", "uv", "conda", "working_dir"}
 
 
 @pytest.mark.parametrize("spec", [pytest.param(s, id=label) for label, s in rayjob_specs()])
 def test_rayjob_settings(spec):
+    """The image holds the package: the entrypoint is `python -m latte_ray COMMAND` with a built-in spec name,
+    and no runtime env installs or uploads anything."""
+    from latte_ray.spec import resolve_pipeline_path
+
     argv = shlex.split(spec["entrypoint"])
-    assert argv[0] == "python" and argv[1] in ENTRYPOINT_FLAGS, argv[:2]
-    missing = ENTRYPOINT_FLAGS[argv[1]] - set(argv)
-    assert not missing, f"{argv[1]} needs {sorted(missing)}"
+    assert argv[:3] == ["python", "-m", "latte_ray"] and argv[3] in ENTRYPOINT_FLAGS, argv[:4]
+    missing = ENTRYPOINT_FLAGS[argv[3]] - set(argv)
+    assert not missing, f"latte_ray {argv[3]} needs {sorted(missing)}"
+    if "--pipeline" in argv:
+        resolve_pipeline_path(argv[argv.index("--pipeline") + 1])  # a built-in spec the package ships
     assert spec.get("shutdownAfterJobFinishes") is True
     assert isinstance(spec.get("ttlSecondsAfterFinished"), int)
     assert spec.get("submissionMode") == "K8sJobMode"
     assert isinstance(spec.get("backoffLimit"), int)
-    env = yaml.safe_load(spec["runtimeEnvYAML"])
-    assert isinstance(env, dict) and ({"working_dir", "pip"} & set(env)), "runtimeEnvYAML needs working_dir or pip"
-    assert set(env) <= RUNTIME_ENV_KEYS, f"unknown runtime_env keys {set(env) - RUNTIME_ENV_KEYS}"
     # The K8sJobMode submitter runs `ray job submit --runtime-env-json "<json>" -- <entrypoint>` in a shell:
     # a `$VAR` in either would be expanded there (to nothing), not on the Ray cluster.
-    assert "$" not in json.dumps(env), "runtimeEnvYAML must not contain $: the submitter's shell expands it"
     assert "$" not in spec["entrypoint"], "entrypoint must not contain $: the submitter's shell expands it"
-    if importlib.util.find_spec("ray") is not None:
-        from ray.runtime_env import RuntimeEnv
+    if "runtimeEnvYAML" in spec:
+        env = yaml.safe_load(spec["runtimeEnvYAML"])
+        assert isinstance(env, dict), "runtimeEnvYAML must be a mapping"
+        assert set(env) <= RUNTIME_ENV_KEYS, f"unknown runtime_env keys {set(env) - RUNTIME_ENV_KEYS}"
+        assert not INSTALLS_AT_RUN_TIME & set(env), "the image has the package: install nothing at run time"
+        assert "$" not in json.dumps(env), "runtimeEnvYAML must not contain $: the submitter's shell expands it"
+        if importlib.util.find_spec("ray") is not None:
+            from ray.runtime_env import RuntimeEnv
 
-        RuntimeEnv(**env)  # Ray's own checks: remote working_dir must be an archive, env_vars strings...
+            RuntimeEnv(**env)  # Ray's own checks
 
 
 def test_backfill_entrypoints():
+    found = 0
     for label, spec in rayjob_specs():
         if "backfill" in label:
+            found += 1
             argv = shlex.split(spec["entrypoint"])
-            assert argv[:2] == ["python", "jobs/backfill.py"], label
+            assert argv[:4] == ["python", "-m", "latte_ray", "backfill"], label
             assert argv[argv.index("--prompts") + 1] == "s3://BUCKET/prompts/date=*/", label
+    assert found == 2, "the RayCronJob and the CronJob's RayJob"
 
 
 def test_raycronjob_runs_cannot_overlap():
@@ -585,8 +599,9 @@ def referenced_paths() -> dict[str, list[str]]:
 
 
 def test_core_paths_are_referenced():
+    """infra/README.md still explains the checkout path (`--working-dir .` with the jobs/ wrappers)."""
     refs = referenced_paths()
-    for path in ("jobs/generate.py", "jobs/backfill.py", "jobs/runtime_env.yaml", "pipelines/latte-1-t2v-512.yaml"):
+    for path in ("jobs/generate.py", "jobs/runtime_env.yaml"):
         assert path in refs, f"{path} is named nowhere under infra/"
 
 
@@ -656,7 +671,8 @@ def test_aws_launcher_config():
     for name, t in gpu_types.items():
         assert t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot", f"{name} not spot"
         assert 0 <= t.get("min_workers", 0) <= t["max_workers"] <= cfg["max_workers"], name
-    assert any("latte-ray" in c and "pip install" in c for c in cfg["setup_commands"]), "install the package"
+    assert not cfg.get("setup_commands"), "the image has the package: nothing is installed at run time"
+    assert not any("pip install" in c for c in cfg.get("head_setup_commands", []) + cfg.get("worker_setup_commands", []))
 
 
 def test_aws_launcher_has_no_credentials():
@@ -763,3 +779,197 @@ def test_moto_server_entry_point_name():
     assert "moto_server" in (LOCAL / "start-s3.sh").read_text()
     bin_dir = Path(sys.executable).parent
     assert shutil.which("moto_server", path=str(bin_dir)) or importlib.util.find_spec("moto.server"), bin_dir
+
+
+# ------------------------------------------------------------------------------------------- the image
+
+PYPROJECT = REPO / "pyproject.toml"
+DOCKERFILE = REPO / "Dockerfile"
+DOCKERIGNORE = REPO / ".dockerignore"
+CONSTRAINTS = REPO / "requirements" / "constraints.txt"
+IMAGE_REPOSITORY = "REGISTRY/latte-ray"  # REGISTRY: the placeholder users replace, like BUCKET
+
+
+def _pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads(PYPROJECT.read_text())
+
+
+def ray_pin() -> str:
+    """The one Ray version: pyproject.toml's `ray[...]==X.Y.Z` dependency."""
+    deps = [d for d in _pyproject()["project"]["dependencies"] if re.match(r"^ray\s*(\[|=|$)", d)]
+    assert len(deps) == 1, deps
+    match = re.fullmatch(r"ray\[[a-z,]+\]==(\d+\.\d+\.\d+)", deps[0].replace(" ", ""))
+    assert match, f"pyproject.toml must pin Ray exactly (ray[data,default]==X.Y.Z), got {deps[0]!r}"
+    return match.group(1)
+
+
+def constraint(name: str) -> str:
+    pins = dict(re.findall(r"(?m)^([A-Za-z0-9_.-]+)==(\S+)", CONSTRAINTS.read_text()))
+    return pins[name]
+
+
+def expected_image(variant: str = "gpu") -> str:
+    return f"{IMAGE_REPOSITORY}:{_pyproject()['project']['version']}-ray{ray_pin()}-{variant}"
+
+
+def ray_containers() -> list[tuple[str, dict]]:
+    """Every container of every Ray head and worker group, in every manifest (ConfigMap-embedded RayJob too)."""
+    out = []
+    for label, spec in cluster_specs():
+        pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec.get("workerGroupSpecs") or []]
+        for pod in pods:
+            for c in pod["spec"]["containers"]:
+                out.append((f"{label}:{c['name']}", c))
+    return out
+
+
+def test_ray_version_is_pinned_once():
+    assert constraint("ray") == ray_pin(), "requirements/constraints.txt and pyproject.toml disagree on Ray"
+    for label, spec in cluster_specs():
+        assert spec.get("rayVersion") == ray_pin(), f"{label}: rayVersion {spec.get('rayVersion')!r}"
+
+
+def test_every_manifest_runs_the_same_image():
+    """RayCluster, RayJob, RayCronJob, the CronJob's RayJob and the `ray up` config all run one image, whose tag
+    carries pyproject.toml's version and Ray pin; REGISTRY is the one thing a user sets."""
+    images = {label: c["image"] for label, c in ray_containers()}
+    files = {label.split("#")[0] for label in images}
+    assert files == {"raycluster.yaml", "rayjob-generate.yaml", "raycronjob-backfill.yaml", "cronjob-backfill.yaml"}
+    aws = _aws()["docker"]
+    images[_rel(AWS_CLUSTER)] = aws["image"]
+    for key in ("head_image", "worker_image"):
+        if key in aws:
+            images[f"{_rel(AWS_CLUSTER)}:{key}"] = aws[key]
+    for node_type, t in _aws()["available_node_types"].items():
+        if "docker" in t:
+            images[f"{_rel(AWS_CLUSTER)}:{node_type}"] = t["docker"].get("image") or t["docker"].get("worker_image")
+    wrong = {label: image for label, image in images.items() if image != expected_image()}
+    assert not wrong, f"expected {expected_image()} everywhere, got {wrong}"
+
+
+def test_manifests_say_where_to_set_the_image():
+    for path in [*manifest_files(), AWS_CLUSTER]:
+        text = path.read_text()
+        header = text.split("\napiVersion:")[0] if path.parent == KUBERAY else text.split("\ndocker:")[0]
+        assert "IMAGE:" in header and "REGISTRY" in header, f"{_rel(path)}: explain the image in the header"
+        assert "s#REGISTRY#" in text, f"{_rel(path)}: show how to set the registry"
+
+
+def test_nothing_is_installed_at_run_time():
+    """No runtime env installs packages or uploads code (see test_rayjob_settings), `ray up` runs no setup
+    commands, and every Ray node sets PIP_NO_DEPS=1 so that a job shipping its own latte-ray wheel with
+    `py_modules` installs only that wheel (Ray runs `pip install <wheel> --target`, which would otherwise
+    fetch torch & co. again; tests/test_wheel.py submits such a job to a real head)."""
+    for label, c in ray_containers():
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        assert env.get("PIP_NO_DEPS") == "1", f"{label}: set PIP_NO_DEPS=1"
+    assert "-e PIP_NO_DEPS=1" in _aws()["docker"]["run_options"]
+    assert not _aws().get("setup_commands")
+    for path in infra_text_files():
+        assert "latte-ray[s3]==" not in path.read_text(), f"{_rel(path)} installs latte-ray from a package index"
+
+
+def test_make_image_tags_what_the_manifests_run():
+    if shutil.which("make") is None:
+        pytest.fail("make is needed (the README's two set-up commands use it)")
+    for variant in ("gpu", "cpu"):
+        # A clean environment: under the suite's own `make test`, MAKEFLAGS/MAKELEVEL would make this a
+        # sub-make that prints "Entering/Leaving directory" lines around the recipe.
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+        done = subprocess.run(["make", "--no-print-directory", "-n", "image", "REGISTRY=REGISTRY",
+                               f"VARIANT={variant}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        argv = shlex.split(done.stdout.strip().splitlines()[-1])
+        assert argv[:2] == ["docker", "build"] and argv[-1] == "."
+        assert argv[argv.index("-t") + 1] == expected_image(variant)
+        args = dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "--build-arg")
+        assert args == {"RAY_VERSION": ray_pin(), "VARIANT": variant}
+
+
+def _dockerfile() -> tuple[dict, list[str], str]:
+    """(ARG defaults, FROM lines, the whole text with line continuations joined)."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", "\n".join(lines), re.M))
+    froms = [ln for ln in lines if ln.startswith("FROM ")]
+    return args, froms, "\n".join(lines)
+
+
+def test_dockerfile_builds_the_wheel_then_installs_it_into_the_pinned_ray_image():
+    args, froms, text = _dockerfile()
+    assert args["RAY_VERSION"] == ray_pin(), "the base image's Ray must be pyproject.toml's pin"
+    assert args["VARIANT"] == "gpu", "the default image is the production (CUDA) one"
+    assert args["TORCH_VERSION"] == constraint("torch"), "torch as requirements/constraints.txt pins it"
+    assert re.fullmatch(r"cu\d{3}", args["TORCH_CUDA"]), args["TORCH_CUDA"]
+    assert len(froms) == 2, froms
+    assert re.fullmatch(r"FROM python:3\.11-slim AS wheel", froms[0]), froms[0]
+    assert froms[1] == "FROM rayproject/ray:${RAY_VERSION}-py311-${VARIANT}", froms[1]
+    # Stage 1 gets what the wheel is built from: pyproject's package-dir sources, and its readme.
+    setuptools = _pyproject()["tool"]["setuptools"]
+    sources = {"latte_ray", *setuptools["package-dir"].values(), "pyproject.toml", _pyproject()["project"]["readme"]}
+    stage1 = text.split(froms[1])[0]
+    copied = {p.rstrip("/") for ln in stage1.splitlines() if ln.startswith("COPY ") for p in ln.split()[1:-1]}
+    assert sources <= copied, f"the wheel stage lacks {sources - copied}"
+    assert re.search(r"pip wheel .*--no-deps", stage1)
+    # Stage 2: one pip install of the wheel (with [s3]) and the pinned torch build, under the constraints.
+    stage2 = text.split(froms[1])[1]
+    (install,) = [ln for ln in stage2.splitlines() if "pip install" in ln]
+    assert "--constraint /tmp/constraints.txt" in install and "source=requirements/constraints.txt" in install
+    assert '"torch==${TORCH_VERSION}+${build}"' in install
+    assert re.search(r'latte_ray-\*\.whl\)\[s3\]"', install), "install the wheel with its [s3] extra"
+    assert "https://download.pytorch.org/whl/${build}" in install
+    assert re.search(r"gpu\) build=\"\$TORCH_CUDA\"", install) and "cpu) build=cpu" in install
+    assert "python -m latte_ray --version" in install, "the build smoke-tests the installed package"
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(ln for ln in stage2.splitlines() if ln.startswith("ENV "))))
+    assert env.get("LATTE_RAY_CACHE") == "/cache"
+    assert not [k for k in env if re.match(r"^(AWS_|HF_TOKEN|.*SECRET)", k)], "no secrets in the image"
+    assert "PIP_NO_DEPS" not in env, "derived images' pip installs would silently lose dependencies"
+
+
+def _docker_ignored(path: str, patterns: list[str]) -> bool:
+    """Docker's .dockerignore rule: the last pattern that matches the path or one of its parents decides."""
+    def regex(pattern: str) -> re.Pattern:
+        out, i = "", 0
+        while i < len(pattern):
+            if pattern.startswith("**/", i):
+                out, i = out + "(?:.*/)?", i + 3
+            elif pattern.startswith("**", i):
+                out, i = out + ".*", i + 2
+            elif pattern[i] == "*":
+                out, i = out + "[^/]*", i + 1
+            elif pattern[i] == "?":
+                out, i = out + "[^/]", i + 1
+            else:
+                out, i = out + re.escape(pattern[i]), i + 1
+        return re.compile(out + r"\Z")
+
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    ignored = False
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        rx = regex(pattern.lstrip("!").strip("/"))
+        if any(rx.match(p) for p in prefixes):
+            ignored = not negated
+    return ignored
+
+
+def test_dockerignore_sends_only_what_the_image_is_built_from():
+    patterns = [ln.strip() for ln in DOCKERIGNORE.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    needed = ["pyproject.toml", "README.md", "requirements/constraints.txt",
+              *(p.relative_to(REPO).as_posix() for d in ("latte_ray", "pipelines", "examples")
+                for p in (REPO / d).rglob("*") if p.is_file() and "__pycache__" not in p.parts)]
+    assert len(needed) > 40, needed
+    left_out = [p for p in needed if _docker_ignored(p, patterns)]
+    assert not left_out, f".dockerignore leaves out {left_out}"
+    for junk in (".venv/bin/python", ".git/HEAD", "tests/test_infra.py", "outputs/demo/run.json", "dist/x.whl",
+                 "build/lib/latte_ray/cli.py", "latte_ray/__pycache__/cli.cpython-311.pyc", "jobs/generate.py",
+                 "latte_ray.egg-info/PKG-INFO", ".cache/x", "infra/aws/cluster.yaml"):
+        assert _docker_ignored(junk, patterns), f".dockerignore lets {junk} into the build context"
+
+
+def test_readme_says_how_to_build_and_push_the_image():
+    text = (REPO / "README.md").read_text()
+    assert "make image" in text and "docker push" in text and "VARIANT=cpu" in text

@@ -66,7 +66,8 @@ class RayHead:
 @pytest.fixture
 def ray_head(model_cache, s3_server):
     """A local Ray head whose nodes hold S3 credentials in their environment, as cloud nodes get them from
-    their role (no endpoint: the job passes that as a storage option), and LATTE_RAY_CACHE like infra/ sets."""
+    their role (no endpoint: the job passes that as a storage option), and LATTE_RAY_CACHE like infra/ sets.
+    It has 2 CPUs, this machine's real size: the tiny job must be schedulable there (plan/fit.py)."""
     temp_dir = Path(tempfile.mkdtemp(prefix="lrh", dir="/tmp"))  # short: Ray's unix sockets live under it
     dashboard = free_port()
     secret = "LrNodeS3cret-" + uuid.uuid4().hex  # moto accepts any credentials
@@ -85,7 +86,7 @@ def ray_head(model_cache, s3_server):
         [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
          "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
          "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-         "--num-cpus", "4", "--temp-dir", str(temp_dir), "--include-dashboard=true", "--disable-usage-stats"],
+         "--num-cpus", "2", "--temp-dir", str(temp_dir), "--include-dashboard=true", "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
@@ -170,7 +171,9 @@ def test_ray_job_submit_generates_to_s3(ray_head, s3_server, tmp_path):
     for r in rows:
         data = out_fs.cat_file(r["video_uri"].removeprefix("s3://"))
         assert len(data) == r["bytes"] and hashlib.sha256(data).hexdigest() == r["sha256"]
-    assert out_fs.exists(layout.run_json)
+    assert out_fs.exists(layout.record_json)
+    (run,) = out_fs.ls(layout.runs_dir, detail=False)
+    assert json.loads(out_fs.cat_file(run))["outcome"] == "ok"
 
     # What Ray uploaded as the working dir: the code, without the virtualenv, tests or git data.
     (pkg,) = {p.resolve() for p in ray_head.temp_dir.glob("session_*/runtime_resources/working_dir_files/*")

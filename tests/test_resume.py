@@ -7,6 +7,7 @@ Each crash is followed by a resume and a check of the exactly-once invariants (t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -29,10 +30,11 @@ from latte_ray.plan.keys import id_keys, key_set
 from latte_ray.spec import RunSpec
 from latte_ray.stages.encode import EncodeStage
 from latte_ray.stages.write import WriteStage
-from latte_ray.record.storage import OutputLayout
 from latte_ray.plan.workplan import reduce_keys
 from tests.conftest import write_prompts
-from tests.invariants import assert_exactly_once, cli_env, fast_spec, kill_run, manifest, start_cli, write_spec
+from tests.invariants import (
+    assert_exactly_once, assert_ok_rows_match_their_objects, cli_env, fast_spec, kill_run, manifest, start_cli, write_spec,
+)
 
 # ---------------------------------------------------------------------------------------- units
 
@@ -90,12 +92,12 @@ def test_retry_backs_off_on_transient_errors_only(monkeypatch):
         retry.call(lambda: denied.append(1) or (_ for _ in ()).throw(PermissionError("403")), "denied")
     assert len(denied) == 1  # not transient: no retry
     with pytest.raises(OSError) as info:
-        retry.call(lambda: (_ for _ in ()).throw(TimeoutError("slow")), "always", retry.Policy(attempts=4))
-    assert "gave up after 4 attempts" in info.value.__notes__[0]
+        retry.call(lambda: (_ for _ in ()).throw(TimeoutError("slow")), "always", retry.Policy(budget_s=0))
+    assert "gave up after 3 attempts" in info.value.__notes__[0]  # the budget is spent: the minimum attempts
 
 
 def test_a_video_that_cannot_be_stored_becomes_an_error_row(tmp_path, monkeypatch):
-    monkeypatch.setenv(faults.ENV, "point=write match=*/doomed.mp4 action=oserror")
+    monkeypatch.setenv(faults.ENV, "point=write match=*/doomed.*.mp4 action=oserror")
     monkeypatch.setenv(retry.SCALE_ENV, "0.001")
     spec = fast_spec()
     frames = np.random.default_rng(0).integers(0, 255, (2, 16, 64, 64, 3), dtype=np.uint8)
@@ -110,7 +112,7 @@ def test_a_video_that_cannot_be_stored_becomes_an_error_row(tmp_path, monkeypatc
     rows = WriteStage(str(out), spec.model_dump_json(), run_id="r1")(EncodeStage(spec.video.model_dump_json())(batch))
     by_id = {r["id"]: r for r in rows.to_pylist()}
     assert by_id["doomed"]["status"] == "error" and "storing the video failed" in by_id["doomed"]["error"]
-    assert f"gave up after {retry.VIDEO.attempts} attempts" in by_id["doomed"]["error"]
+    assert "gave up after" in by_id["doomed"]["error"] and "retry budget" in by_id["doomed"]["error"]
     assert by_id["fine"]["status"] == "ok"
     assert_exactly_once(out, {"fine"}, errors={"doomed"})
 
@@ -268,11 +270,11 @@ def test_crash_at_each_commit_point_then_resume(tmp_path, model_cache, ray_local
     args = ["run", "--pipeline", str(write_spec(tmp_path / "spec.yaml", spec)), "--prompts", str(table),
             "--output", str(out)]
     env = cli_env(model_cache)
-    video = out / OutputLayout(str(out), str(out)).video_key("crash-here")
 
     # (a)
     _crash(args, {**env, faults.ENV: "point=after_video match=crash-here action=kill-run"}, tmp_path / "a.log")
-    assert video.exists() and video.stat().st_size > 0
+    (video,) = (out / "videos").rglob("crash-here.*.mp4")  # content-addressed: <id>.<sha256[:32]>.mp4
+    assert video.stat().st_size > 0
     rows_a = manifest(out)
     assert "crash-here" not in {r["id"] for r in rows_a}  # stored but not committed: it does not count
 
@@ -301,7 +303,48 @@ def test_crash_at_each_commit_point_then_resume(tmp_path, model_cache, ray_local
     summary = runner.run(RunSpec(pipeline=spec, prompts=[str(table)], output=str(out)))
     assert summary.skipped_done == len(committed) and summary.ok == len(ids) - len(committed)
     rows = assert_exactly_once(out, set(ids))
-    assert [Path(r["video_uri"]) for r in rows if r["id"] == "crash-here"] == [video]
+    (resumed,) = [Path(r["video_uri"]) for r in rows if r["id"] == "crash-here"]
+    assert resumed.name.startswith("crash-here.")  # the crashed run's object, or (other bytes) a new key ...
+    compacted = CliRunner().invoke(app, ["compact", str(out), "--min-age-minutes", "0"])
+    assert compacted.exit_code == 0, compacted.output
+    assert_exactly_once(out, set(ids), orphans=False)  # ... and compaction deleted the orphan, if any
+    assert video.exists() == (video == resumed)
+
+
+def test_regenerating_an_id_never_changes_a_recorded_video(tmp_path, model_cache, ray_local):
+    """`--no-resume` generates every id again. A nondeterministic kernel gives an id other bytes (here: one
+    pixel perturbed, `point=frames action=perturb`); the run is SIGKILLed (all its processes) after that new
+    video is stored and before its row. Every ok row, the first run's included, must still name an object
+    with the bytes it recorded: the new bytes went to a new key. A run that completes then names
+    objects whose bytes match their rows (the same key for the same bytes, a new key for other bytes: a batch
+    of other rows can move pixels by one level), and compaction deletes the orphans, the perturbed one first."""
+    spec = fast_spec()
+    ids = [f"n-{i}" for i in range(5)] + ["victim"]
+    table = write_prompts(tmp_path / "prompts.parquet", {"id": ids, "prompt": [f"a lantern {i}" for i in ids]})
+    out = tmp_path / "out"
+    first = runner.run(RunSpec(pipeline=spec, prompts=[str(table)], output=str(out)))
+    assert (first.ok, first.error) == (len(ids), 0)
+    original = {r["id"]: r for r in manifest(out)}
+
+    args = ["run", "--pipeline", str(write_spec(tmp_path / "spec.yaml", spec)), "--prompts", str(table),
+            "--output", str(out), "--no-resume"]
+    rules = "point=frames match=victim action=perturb; point=after_video match=victim action=kill-run"
+    _crash(args, {**cli_env(model_cache), faults.ENV: rules}, tmp_path / "crash.log")
+    recorded = Path(original["victim"]["video_uri"])
+    (perturbed,) = set((out / "videos").rglob("victim.*.mp4")) - {recorded}
+    assert hashlib.sha256(perturbed.read_bytes()).hexdigest() != original["victim"]["sha256"]
+    rows = assert_ok_rows_match_their_objects(out)  # the crash changed no recorded video, the first run's included
+    assert [r["video_uri"] for r in rows if r["id"] == "victim"] == [str(recorded)]  # the new one: not recorded
+    assert {r["video_uri"] for r in original.values()} <= {r["video_uri"] for r in rows}
+
+    again = runner.run(RunSpec(pipeline=spec, prompts=[str(table)], output=str(out), resume=False))
+    assert (again.ok, again.error) == (len(ids), 0)
+    rows = assert_ok_rows_match_their_objects(out)
+    assert len(rows) >= 2 * len(ids) and {r["id"] for r in rows} == set(ids)
+    compacted = CliRunner().invoke(app, ["compact", str(out), "--min-age-minutes", "0"])
+    assert compacted.exit_code == 0 and "0 unreferenced" not in compacted.output, compacted.output
+    assert not perturbed.exists() and recorded.exists()
+    assert set((out / "videos").rglob("*.mp4")) == {Path(r["video_uri"]) for r in assert_ok_rows_match_their_objects(out)}
 
 
 # ------------------------------------------------------------------------------------- rounds

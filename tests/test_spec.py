@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from latte_ray.spec import PIPELINES_DIR, SpecError, load_pipeline_spec, parse_pipeline_spec
+from tests.conftest import REPO
 
 SHIPPED = sorted(p for p in PIPELINES_DIR.glob("*.yaml") if "model" in (yaml.safe_load(p.read_text()) or {}))
 
@@ -17,6 +18,22 @@ def test_shipped_specs_validate(path: Path):
     spec = load_pipeline_spec(path)
     assert spec.name == path.stem
     assert len(spec.spec_hash()) == 16
+    assert spec.description and "\n" not in spec.description and len(spec.description) <= 120, \
+        "`latte-ray pipelines` shows each spec's one-line description"
+
+
+def test_specs_are_the_checkouts_own_when_run_from_it():
+    """From a source tree the built-in specs are its pipelines/ folder (a wheel carries them as
+    latte_ray/pipelines, tests/test_wheel.py), so the code and specs that run come from one tree."""
+    assert PIPELINES_DIR == REPO / "pipelines"
+    assert len(SHIPPED) >= 3
+
+
+def test_description_is_not_part_of_the_spec_hash():
+    spec = load_pipeline_spec("tiny-cpu")
+    raw = yaml.safe_load(spec.model_dump_json())
+    raw["description"] = "another one-line description"
+    assert parse_pipeline_spec(raw).spec_hash() == spec.spec_hash()
 
 
 def test_production_spec_has_production_defaults():

@@ -1,7 +1,7 @@
 """Object storage end to end against a real S3 HTTP endpoint on loopback (moto's standalone server).
 
 Covers: credentials from the AWS environment and from storage options (s3fs and the pyarrow wrapper the
-runner reads Parquet with), a full run whose prompts, model weights, videos, manifest and run.json all live
+runner reads Parquet with), a full run whose prompts, model weights, videos, manifest and records all live
 on s3://, secrets never recorded or logged, and the once-per-node model mirror.
 """
 
@@ -105,7 +105,7 @@ def test_missing_prompt_bucket_fails_before_ray_and_hides_the_secret(s3_server):
 
 @pytest.mark.slow
 def test_full_run_on_s3(ray_local, s3_server, s3_model, tiny_dir, tmp_path, capfd):
-    """Prompts, weights, videos, manifest and run.json all on s3://; every video read back and checked
+    """Prompts, weights, videos, manifest and run records all on s3://; every video read back and checked
     against its manifest row; a distinctive secret appears nowhere in the records or logs."""
     key_id = "LRKEY" + uuid.uuid4().hex[:12].upper()
     secret = "LrS3cr3t-" + uuid.uuid4().hex
@@ -139,16 +139,19 @@ def test_full_run_on_s3(ray_local, s3_server, s3_model, tiny_dir, tmp_path, capf
     assert sorted(rows["id"].to_pylist()) == ["fox", "owl", "whale"]
     for row in rows.to_pylist():
         assert row["status"] == "ok", row
-        assert row["video_uri"] == f"{output}/{layout.video_key(row['id'])}"
+        assert row["video_uri"] == f"{output}/{layout.video_key(row['id'], row['sha256'])}"
         data = out_fs.cat_file(row["video_uri"].removeprefix("s3://"))
         assert len(data) == row["bytes"] and sha256(data) == row["sha256"], row["id"]
         assert row["model"] == s3_model
 
-    record_text = out_fs.cat_file(layout.run_json).decode()
-    record = json.loads(record_text)
+    (run_path,) = out_fs.ls(layout.runs_dir, detail=False)
+    record_text = out_fs.cat_file(run_path).decode() + out_fs.cat_file(layout.record_json).decode()
+    record = json.loads(out_fs.cat_file(run_path))
     assert record["output"] == output and record["storage_option_keys"] == sorted(options)
+    assert record["outcome"] == "ok" and record["run_id"] == summary.run_id
 
-    # The secret and key id: not in run.json, no manifest row, not the driver's output, not Ray's logs.
+    # The secret and key id: not in the run or output records, no manifest row, not the driver's output, not
+    # Ray's logs.
     manifest_text = json.dumps(read_manifest(out_fs, layout).to_pylist(), default=str)
     captured = capfd.readouterr()
     session = Path(ray_local._private.worker._global_node.get_session_dir_path())

@@ -138,6 +138,24 @@ def test_export_filters_select_on_stats():
     assert select_samples(rows)[0].num_rows == 4
 
 
+def test_recipe_export_options_are_decided_at_generation_time(tmp_path):
+    from latte_ray.datasets.synth import _dataset_spec
+
+    rec = recipe(scoring="tiny-cpu", export={"with_embeddings": True, "min_clip_score": 20})
+    spec = _dataset_spec(load_pipeline_spec("tiny-cpu"), rec, str(tmp_path / "r.yaml"), None,
+                         rec.export.with_embeddings, rec.export.with_latents)
+    assert spec.scoring.enabled and spec.scoring.clip_model == "tiny"
+    assert spec.sidecars.embeddings and not spec.sidecars.latents
+    assert spec.spec_hash() == load_pipeline_spec("tiny-cpu").spec_hash(), "the videos are the same videos"
+    # Filtering on scores that nothing makes is refused before anything is generated or written.
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps({"templates": ["a {animal}"], "attributes": {"animal": ["cat"]},
+                                "export": {"min_clip_score": 20}}))
+    with pytest.raises(SpecError, match="filters on scores but nothing scores the videos"):
+        synthesize(str(path), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------ one real synth run
 
 
@@ -189,8 +207,21 @@ def test_synth_resumes_and_export_filters_on_stats(synth_out, tmp_path):
     assert result.exit_code == 0, result.output
     assert "0 ok, 0 error, 6 already done" in result.output, "re-running a recipe must generate nothing"
     index = pq.read_table(out / "dataset" / "index.parquet")
-    assert index.num_rows == 3 and min(index["motion_score"].to_pylist()) >= threshold
+    kept = index.filter(pc.is_null(index["rejected_reason"]))
+    rejected = index.filter(pc.is_valid(index["rejected_reason"]))
+    assert index.num_rows == 6, "every video is in the index: rejected ones with their reason, and no shard"
+    assert kept.num_rows == 3 and min(kept["motion_score"].to_pylist()) >= threshold
+    assert set(rejected["rejected_reason"].to_pylist()) == {f"motion_score < {threshold}"}
+    assert rejected["shard"].null_count == 3 and max(rejected["motion_score"].to_pylist()) < threshold
+    assert f"rejected 3: 3 motion_score < {threshold}" in result.output
     assert sorted(p.name for p in (out / "dataset" / "shards").iterdir()) == ["shard-000000.tar"]
+    # The same output exported with the same filters again: byte-identical shards, index and card.
+    dataset = out / "dataset"
+    before = {p.relative_to(dataset): p.read_bytes() for p in dataset.rglob("*") if p.is_file()}
+    result = CliRunner().invoke(app, ["export", str(out), "--prompts", str(out / "prompts"), "--min-motion",
+                                      str(threshold), "--samples-per-shard", "4", "--name", "synth-example"])
+    assert result.exit_code == 0, result.output
+    assert {p.relative_to(dataset): p.read_bytes() for p in dataset.rglob("*") if p.is_file()} == before
 
     # Commit an all-black video for one id through the real encode and write stages: its newest ok row wins.
     victim = index["id"][0].as_py()
@@ -206,9 +237,11 @@ def test_synth_resumes_and_export_filters_on_stats(synth_out, tmp_path):
     result = CliRunner().invoke(app, ["synth", "--recipe", str(EXAMPLE), "--output", str(out), "--export-only",
                                       "--drop-blank"])
     assert result.exit_code == 0, result.output
-    ids = pq.read_table(out / "dataset" / "index.parquet")["id"].to_pylist()
+    index = pq.read_table(out / "dataset" / "index.parquet")
+    ids = index.filter(pc.is_null(index["rejected_reason"]))["id"].to_pylist()
     assert len(ids) == 5 and victim not in ids
     assert "1 with blank frames" in result.output
+    assert index.filter(pc.equal(index["id"], victim))["rejected_reason"].to_pylist() == ["with blank frames"]
 
 
 def _fs(out: Path):
@@ -285,15 +318,31 @@ def test_metrics_reach_the_nodes_prometheus_endpoint(synth_out, ray_local):
 
 
 def test_dry_run_counts_and_estimates_without_loading_a_model(synth_out, tmp_path):
+    """The output's own spec (an output is bound to one spec) with a production execution section (one GPU
+    per actor, the published 14.6 s per video): execution is not part of the spec hash, so the output takes
+    it. The run seed is the recipe's (3), as the output records. Another spec (latte-1-t2v-512) is refused
+    before anything is counted."""
+    import yaml
+
+    from tests.invariants import write_spec
+
+    raw = yaml.safe_load(load_pipeline_spec("tiny-cpu").model_dump_json())
+    raw["execution"].update(num_gpus_per_actor=1, seconds_per_video=14.6)
+    from latte_ray.spec import parse_pipeline_spec
+
+    spec = write_spec(tmp_path / "gpu-estimate.yaml", parse_pipeline_spec(raw))
     new = write_prompts(tmp_path / "new.parquet", {"prompt": ["a red fox", "a blue whale", "a green owl", ""]})
     empty_cache = tmp_path / "cache"
     empty_cache.mkdir()
     before = sorted(p for p in synth_out.rglob("*"))
     script = (
         "import sys; from typer.testing import CliRunner; from latte_ray.cli import app\n"
-        f"r = CliRunner().invoke(app, ['run', '--dry-run', '--pipeline', 'latte-1-t2v-512', '--gpus', '4',"
+        f"r = CliRunner().invoke(app, ['run', '--dry-run', '--pipeline', {str(spec)!r}, '--gpus', '4', '--seed', '3',"
         f" '--prompts', {str(synth_out / 'prompts')!r}, '--prompts', {str(new)!r}, '--output', {str(synth_out)!r}])\n"
         "print(r.output); assert r.exit_code == 0, r.output\n"
+        f"r = CliRunner().invoke(app, ['run', '--dry-run', '--pipeline', 'latte-1-t2v-512', '--seed', '3',"
+        f" '--prompts', {str(new)!r}, '--output', {str(synth_out)!r}])\n"
+        "print('other spec:', r.exit_code, r.output)\n"
         "loaded = [m for m in ('ray', 'torch', 'diffusers', 'latte_ray.model.engine') if m in sys.modules]\n"
         "print('loaded:', loaded)\n"
     )
@@ -304,6 +353,8 @@ def test_dry_run_counts_and_estimates_without_loading_a_model(synth_out, tmp_pat
     assert "10 rows in 2 files: 3 to generate, 6 already done, 1 invalid" in proc.stdout
     # 3 videos x 14.6 s (the published A100 figure) = 0.01217 GPU-hours; 4 GPUs: one round of 14.6 s.
     assert "3 videos x 14.6 s/video (spec) = 0.01217 GPU-hours; wall time 15 s on 4 GPUs" in proc.stdout
+    assert "checked: model.source 'tiny' (the tiny model): a LattePipeline, 16 frames" in proc.stdout
+    assert f"other spec: 2 error: output {synth_out} is bound to pipeline spec" in proc.stdout
     assert "loaded: []" in proc.stdout
     assert list(empty_cache.iterdir()) == [], "a model was built or loaded by a dry run"
     assert sorted(p for p in synth_out.rglob("*")) == before, "a dry run wrote to the output"
@@ -326,9 +377,16 @@ def test_export_and_report_on_s3(synth_out, s3_server, tmp_path, monkeypatch):
     options = s3_server.storage_options()
     url = f"s3://{s3_server.make_bucket('synth-' + uuid.uuid4().hex[:8])}/ds"
     fs, root = filesystem(url, options)
-    for sub in ("prompts", "videos", "manifest"):
+    for sub in ("prompts", "videos"):
         fs.put(str(synth_out / sub), f"{root}/", recursive=True)
-    fs.put_file(str(synth_out / "run.json"), f"{root}/run.json")
+    for part in (synth_out / "manifest").glob("*.parquet"):  # as a run on s3:// records them: s3:// video URIs
+        table = pq.read_table(part)
+        uris = pc.replace_substring(table["video_uri"], str(synth_out), url)
+        table = table.set_column(table.schema.get_field_index("video_uri"), "video_uri", uris)
+        with fs.open(f"{root}/manifest/{part.name}", "wb") as f:
+            pq.write_table(table, f)
+    fs.put_file(str(synth_out / "latte-ray.json"), f"{root}/latte-ray.json")
+    fs.put(str(synth_out / "runs"), f"{root}/", recursive=True)
     fs.pipe_file(f"{root}/dataset/shards/shard-000009.tar", b"left by an older export")
 
     summary = export_dataset(url, options, prompts_url=f"{url}/prompts/", samples_per_shard=4)

@@ -165,3 +165,44 @@ def test_ensure_is_safe_across_concurrent_processes(tmp_path):
     assert outputs == [str(expected)] * 2
     assert (expected / "model_index.json").is_file()
     assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_save_fills_an_empty_folder_replaces_only_its_own_model_and_refuses_the_rest(tmp_path):
+    """tiny-model never deletes what it did not write: an empty folder is filled (the folder itself kept),
+    an earlier tiny model is replaced, anything else is refused untouched (tests/test_bad_input.py has the
+    CLI cases: `.`, a regular file)."""
+    from latte_ray.spec import SpecError
+
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    inode = folder.stat().st_ino
+    assert save_tiny_model(folder) == folder and folder.stat().st_ino == inode
+    marker = json.loads((folder / tiny.MARKER).read_text())
+    assert marker["tiny_model_version"] == TINY_MODEL_VERSION
+    assert set(marker["files"]) == {str(p.relative_to(folder)) for p in folder.rglob("*")
+                                    if p.is_file() and p.name != tiny.MARKER}
+    first = (folder / "model_index.json").stat().st_ino
+    save_tiny_model(folder)  # its own model: replaced whole
+    assert (folder / "model_index.json").stat().st_ino != first and (folder / tiny.MARKER).is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"]  # no temp or old folder left
+
+    (folder / "vae" / "my-notes.txt").write_text("mine")
+    with pytest.raises(SpecError, match="vae/my-notes.txt"):
+        save_tiny_model(folder)
+    assert (folder / "vae" / "my-notes.txt").read_text() == "mine"
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "thesis.tex").write_text("precious")
+    with pytest.raises(SpecError, match=f"{user} is a folder with files in it"):
+        save_tiny_model(user)
+    assert [p.name for p in user.iterdir()] == ["thesis.tex"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "user"]
+
+
+def test_the_configs_driver_checks_read_are_those_of_the_saved_model(tmp_path):
+    """model_configs (what `run` checks the spec against, without torch) agrees with the saved files."""
+    path = ensure_tiny_model(tmp_path)
+    for name, expected in tiny.model_configs().items():
+        rel = "model_index.json" if name == "model_index" else f"{name}/config.json"
+        saved = json.loads((path / rel).read_text())
+        assert {k: saved[k] for k in expected} == expected, name

@@ -2,7 +2,7 @@
 # Start a single-node Ray head on this machine for `ray job submit`.
 #
 #   infra/local/start-head.sh            # GCS on 6379 (or a free port if taken), dashboard on 8265
-#   RAY_PORT=6380 RAY_DASHBOARD_PORT=8266 RAY_NUM_CPUS=4 infra/local/start-head.sh
+#   RAY_PORT=6380 RAY_DASHBOARD_PORT=8266 RAY_NUM_CPUS=2 infra/local/start-head.sh   # default: every core
 #
 # Ray 2.60 turns token authentication on by default; this local head binds to 127.0.0.1 only and runs
 # with RAY_AUTH_MODE=disabled, so export the same in the shell you submit from.

@@ -25,7 +25,8 @@ import pyarrow as pa
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from latte_ray.spec import PipelineSpec, RunSpec, SpecError, _format_errors, load_pipeline_spec
+from latte_ray.record.output import require_output
+from latte_ray.spec import PIPELINES_DIR, PipelineSpec, RunSpec, SpecError, _format_errors, load_pipeline_spec
 from latte_ray.record.storage import filesystem, write_atomic
 
 log = logging.getLogger(__name__)
@@ -65,12 +66,20 @@ class ExportSpec(_Strict):
     max_shard_bytes: int = Field(1_000_000_000, ge=1, description="Start a new shard once one reaches this size.")
     min_motion: float | None = Field(None, ge=0, description="Leave out videos whose motion_score is below this.")
     drop_blank: bool = Field(False, description="Leave out videos with any blank (near-uniform) frame.")
+    min_clip_score: float | None = Field(None, description="Leave out videos whose clip_score is below this "
+                                         "(needs scores: the recipe's `scoring`, or `latte-ray score`).")
+    min_aesthetic: float | None = Field(None, description="Leave out videos whose aesthetic_score is below this.")
+    with_embeddings: bool = Field(False, description="Put each prompt's T5 embeddings in its sample (<key>.t5.npy); "
+                                  "the run keeps them for new videos (spec sidecars.embeddings).")
+    with_latents: bool = Field(False, description="Put each video's final latents in its sample (<key>.latents.npy); "
+                               "the run keeps them for new videos (spec sidecars.latents).")
 
 
 class Recipe(_Strict):
     """A synthetic dataset: which prompts (templates x attributes), generated with which pipeline."""
 
     name: str = Field("synth", description="Dataset name, recorded in recipe.json.")
+    description: str = Field("", description="One line on what the recipe makes (`latte-ray pipelines` lists it).")
     pipeline: str = Field("tiny-cpu", description="Pipeline spec: a name in pipelines/ or a YAML path "
                           "(relative paths are taken from the recipe's folder).")
     seed: int = Field(0, ge=0, description="Seeds the sampler and is the run seed the video seeds derive from.")
@@ -86,6 +95,9 @@ class Recipe(_Strict):
     videos_per_prompt: int = Field(1, ge=1, le=1000, description="Videos (distinct seeds) per prompt.")
     negative_prompt: str | None = Field(None, description="Negative prompt for every row (null: the spec's).")
     export: ExportSpec = Field(default_factory=ExportSpec)
+    scoring: str | None = Field(None, description="Score every video as it is generated with this scoring spec "
+                                "(a YAML path or pipeline name whose `scoring` section is used; relative paths "
+                                "from the recipe's folder); null: the pipeline spec's own scoring section.")
 
     @field_validator("templates", mode="before")
     @classmethod
@@ -125,8 +137,19 @@ class Recipe(_Strict):
         return list(values), [1.0] * len(values)
 
 
+def resolve_recipe_url(url: str) -> str:
+    """A recipe's URL or path as given, or the built-in recipe of that name ('synth-example' ->
+    pipelines/synth-example.yaml, shipped in the package) when no such local file exists."""
+    builtin = PIPELINES_DIR / f"{url}.yaml"
+    if "://" not in url and "/" not in url and not Path(url).exists() and builtin.is_file():
+        return str(builtin)
+    return url
+
+
 def load_recipe(url: str, storage_options: dict | None = None) -> tuple[Recipe, str]:
-    """The recipe and its raw text, from a local path or an fsspec URL; SpecError names the field."""
+    """The recipe and its raw text, from a local path, an fsspec URL or a built-in name; SpecError names the
+    field."""
+    url = resolve_recipe_url(url)
     try:
         fs, path = filesystem(url, storage_options)
         text = fs.cat_file(path).decode()
@@ -275,6 +298,21 @@ class SynthSummary:
         return out
 
 
+def _check_owned(output: str, storage_options: dict | None) -> None:
+    """synth rewrites OUTPUT/prompts/part-*.parquet and OUTPUT/recipe.yaml: refuse a folder where they
+    exist but were not written by synth (no output record, and no recipe.yaml next to the prompts)."""
+    from latte_ray.record.output import open_output, read_legacy_record, read_record
+
+    out = open_output(output, storage_options)
+    if read_record(out) is not None or read_legacy_record(out) is not None:
+        return
+    fs, root = out.fs, out.layout.root
+    prompts = f"{root}/{PROMPTS_DIR}"
+    if fs.exists(prompts) and fs.ls(prompts) and not fs.exists(f"{root}/recipe.yaml"):
+        raise SpecError(f"synth: {output.rstrip('/')}/{PROMPTS_DIR}/ holds files and {output} is not a latte-ray "
+                        f"output; refusing to replace them (give a new or empty --output)")
+
+
 def write_prompt_table(table: pa.Table, output: str, storage_options: dict | None = None) -> str:
     """Write the table as OUTPUT/prompts/part-*.parquet, removing parts a previous expansion left."""
     import io
@@ -305,29 +343,67 @@ def synthesize(
     drop_blank: bool | None = None,
     cache_dir: str | None = None,
     generate: bool = True,
+    min_clip_score: float | None = None,
+    min_aesthetic: float | None = None,
+    with_embeddings: bool | None = None,
+    with_latents: bool | None = None,
+    scoring: str | None = None,
 ) -> SynthSummary:
     """Expand the recipe, generate what is missing (resume), and export the dataset shards."""
     from latte_ray import runner
     from latte_ray.datasets.export import export_dataset
 
+    recipe_url = resolve_recipe_url(recipe_url)
     recipe, text = load_recipe(recipe_url, storage_options)
     spec = recipe_pipeline(recipe, recipe_url, pipeline)
+    ex = recipe.export
+    pick = lambda given, default: default if given is None else given  # noqa: E731
+    min_clip_score, min_aesthetic = pick(min_clip_score, ex.min_clip_score), pick(min_aesthetic, ex.min_aesthetic)
+    with_embeddings, with_latents = pick(with_embeddings, ex.with_embeddings), pick(with_latents, ex.with_latents)
+    spec = _dataset_spec(spec, recipe, recipe_url, scoring, with_embeddings, with_latents)
+    if generate and not spec.scoring.enabled and (min_clip_score is not None or min_aesthetic is not None):
+        raise SpecError(f"recipe {recipe_url!r}: the export filters on scores but nothing scores the videos: set "
+                        f"the recipe's `scoring` (e.g. scoring: tiny-cpu) or pass --scoring")
     table = expand(recipe)
     if table.num_rows == 0:
         raise SpecError(f"recipe {recipe_url!r} expands to no prompts")
-    prompts_url = write_prompt_table(table, output, storage_options)
+    prompts_url = f"{output.rstrip('/')}/{PROMPTS_DIR}/"
+    run = RunSpec(pipeline=spec, prompts=[prompts_url], output=output, storage_options=storage_options or {},
+                  seed=recipe.seed, cache_dir=cache_dir)
+    if generate:  # every check a run makes but the table's, before anything is written
+        runner.preflight(run, tables=False)
+    else:
+        require_output(output, storage_options)
+    _check_owned(output, storage_options)
+    write_prompt_table(table, output, storage_options)
     fs, root = filesystem(output, storage_options)
     write_atomic(fs, f"{root.rstrip('/')}/recipe.yaml", text.encode())
-    summary = None
-    if generate:
-        summary = runner.run(RunSpec(
-            pipeline=spec, prompts=[prompts_url], output=output, storage_options=storage_options or {},
-            seed=recipe.seed, cache_dir=cache_dir,
-        ))
+    summary = runner.run(run) if generate else None
     exported = export_dataset(
         output, storage_options=storage_options, prompts_url=prompts_url,
         min_motion=recipe.export.min_motion if min_motion is None else min_motion,
         drop_blank=recipe.export.drop_blank if drop_blank is None else drop_blank,
         samples_per_shard=recipe.export.samples_per_shard, max_shard_bytes=recipe.export.max_shard_bytes,
+        min_clip_score=min_clip_score, min_aesthetic=min_aesthetic, with_embeddings=with_embeddings,
+        with_latents=with_latents, name=recipe.name,
+        scoring_hash=spec.scoring.scoring_hash() if spec.scoring.enabled else None,
     )
     return SynthSummary(prompts=table.num_rows, run=summary, export=exported)
+
+
+def _dataset_spec(spec: PipelineSpec, recipe: Recipe, recipe_url: str, scoring: str | None, embeddings: bool,
+                  latents: bool) -> PipelineSpec:
+    """The pipeline spec with what the export needs decided at generation time: scoring on when the recipe
+    (or --scoring) names a scorer, and the sidecars the export will pack kept (neither is in the spec hash)."""
+    from latte_ray.datasets.scoring import load_scoring_spec
+    from latte_ray.spec import SidecarSpec
+
+    name = scoring or recipe.scoring
+    update: dict = {"sidecars": SidecarSpec(embeddings=spec.sidecars.embeddings or embeddings,
+                                            latents=spec.sidecars.latents or latents)}
+    if name:
+        local = Path(recipe_url).parent / name
+        if not scoring and "://" not in recipe_url and local.suffix in (".yaml", ".yml") and local.exists():
+            name = str(local)
+        update["scoring"] = load_scoring_spec(name).model_copy(update={"enabled": True})
+    return spec.model_copy(update=update)

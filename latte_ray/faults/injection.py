@@ -12,7 +12,10 @@ space-separated `key=value` pairs:
 - match:  fnmatch pattern against the point's key (an id, a path, or any id of a batch); default `*`.
 - action: exit (os._exit this process), kill-run (SIGKILL every process of this run's session: only with
           LATTE_RAY_FAULTS_KILL_RUN=1 and when the session leader is a latte-ray driver started in its own
-          session), oserror (raise OSError, a transient storage failure), error (raise RuntimeError).
+          session), oserror (raise OSError, a transient storage failure), error (raise RuntimeError),
+          perturb (at `frames` only: `point` returns True and the caller changes one pixel of the id's
+          frames, a stand-in for a nondeterministic GPU kernel that gives other bytes on a retry),
+          hang (sleep forever: a hung kernel or a deadlocked library).
 - times:  fire at most this many times across all processes (counted with marker files in the state
           folder: LATTE_RAY_FAULTS_STATE, or `<file>.state` next to a rules file).
 - p:      probability of firing at each matching call (default 1).
@@ -24,6 +27,7 @@ import fnmatch
 import os
 import random
 import signal
+import time
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -38,8 +42,10 @@ POINTS = {
     "after_video": "a video object is stored, its manifest row not yet written; key: the id",
     "write": "before an atomic write; key: the path",
     "mid_write": "half of a local atomic write is in its temp file; key: the final path",
+    "frames": "a row's frames are generated, not yet encoded; key: the id (action perturb)",
+    "scan": "a work-plan scan task starts (the pre-pass); key: the input file paths of the task",
 }
-ACTIONS = ("exit", "kill-run", "oserror", "error")
+ACTIONS = ("exit", "kill-run", "oserror", "error", "perturb", "hang")
 
 
 class InjectedFault(RuntimeError):
@@ -69,6 +75,8 @@ def parse(text: str) -> list[Rule]:
         unknown = set(fields) - {"point", "match", "action", "times", "p"}
         if unknown or fields.get("point") not in POINTS or fields.get("action", "error") not in ACTIONS:
             raise ValueError(f"{ENV}: bad rule {raw!r} (points: {sorted(POINTS)}, actions: {ACTIONS})")
+        if (fields.get("action") == "perturb") != (fields["point"] == "frames"):
+            raise ValueError(f"{ENV}: bad rule {raw!r} (action perturb goes with point frames, and only it)")
         rules.append(Rule(
             index=len(rules), point=fields["point"], match=fields.get("match", "*"),
             action=fields.get("action", "error"),
@@ -101,13 +109,15 @@ def _rules(spec: str) -> tuple[list[Rule], str | None]:
     return cached[1], os.environ.get(STATE_ENV)
 
 
-def point(name: str, key: str | Iterable[str] = "") -> None:
-    """A named place where a configured fault may fire. A no-op unless LATTE_RAY_FAULTS is set."""
+def point(name: str, key: str | Iterable[str] = "") -> bool:
+    """A named place where a configured fault may fire. A no-op unless LATTE_RAY_FAULTS is set. Returns True
+    when a `perturb` rule fired (the caller changes its data)."""
     spec = os.environ.get(ENV)
     if not spec:
-        return
+        return False
     rules, state = _rules(spec)
     keys = [key] if isinstance(key, str) else [str(k) for k in key]
+    perturbed = False
     for rule in rules:
         if rule.point != name or not rule.matches(keys):
             continue
@@ -115,7 +125,16 @@ def point(name: str, key: str | Iterable[str] = "") -> None:
             continue
         if rule.times is not None and not _take_turn(rule, state):
             continue
+        if rule.action == "perturb":
+            perturbed = True
+            continue
         _fire(rule, name, keys)
+    return perturbed
+
+
+def perturb(frames) -> None:
+    """Invert the first pixel of the first frame of a (F, H, W, 3) uint8 array, in place."""
+    frames[0, 0, 0] = 255 - frames[0, 0, 0]
 
 
 def _take_turn(rule: Rule, state: str | None) -> bool:
@@ -153,6 +172,9 @@ def _fire(rule: Rule, name: str, keys: list[str]) -> None:
         raise InjectedFault(what)
     if rule.action == "exit":
         os._exit(EXIT_CODE)
+    if rule.action == "hang":
+        while True:
+            time.sleep(3600)
     kill_run()
 
 
@@ -170,7 +192,13 @@ def _is_driver_session(session: int) -> bool:
             argv = f.read().decode(errors="replace").split("\0")
     except OSError:
         return False
-    return "latte_ray.cli" in argv[:3] or any(a.endswith("/latte-ray") or a == "latte-ray" for a in argv[:2])
+    return is_driver_argv(argv)
+
+
+def is_driver_argv(argv: list[str]) -> bool:
+    """`python -m latte_ray.cli`, `python -m latte_ray` (jobs that ship the wheel) or the `latte-ray` script."""
+    return bool({"latte_ray.cli", "latte_ray"} & set(argv[:3])) or any(
+        a.endswith("/latte-ray") or a == "latte-ray" for a in argv[:2])
 
 
 def session_pids(session: int) -> list[int]:

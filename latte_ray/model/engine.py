@@ -207,14 +207,19 @@ class LatteEngine:
 
     @torch.inference_mode()
     def generate(
-        self, prompts: list[str], negative_prompts: list[str], seeds: list[int], steps: int | None = None
+        self, prompts: list[str], negative_prompts: list[str], seeds: list[int], steps: int | None = None,
+        capture: dict | None = None,
     ) -> tuple[np.ndarray, TextBatch]:
         text = self.encode_text(prompts, negative_prompts)
-        return self.denoise(text, seeds, steps=steps), text
+        return self.denoise(text, seeds, steps=steps, capture=capture), text
 
     @torch.inference_mode()
-    def denoise(self, text: TextBatch, seeds: list[int], steps: int | None = None) -> np.ndarray:
-        """uint8 frames (B, F, H, W, 3); row i depends only on (text row i, seeds[i], spec)."""
+    def denoise(self, text: TextBatch, seeds: list[int], steps: int | None = None,
+                capture: dict | None = None) -> np.ndarray:
+        """uint8 frames (B, F, H, W, 3); row i depends only on (text row i, seeds[i], spec).
+
+        `capture`: when given, receives "latents": the final denoised latents (B, C, F, h, w) on the CPU, as the
+        VAE got them (before its 1 / scaling_factor), for the sidecars (latte_ray/record/sidecars.py)."""
         pipe, s = self.pipe, self.sampling
         n = len(seeds)
         text, seeds = self._pad_batch(text, list(seeds))
@@ -282,6 +287,8 @@ class LatteEngine:
 
             self.last_transformer_calls = [transformer_calls(self.spec.model.cache, timesteps, s.guidance_scale)] * n
 
+        if capture is not None:
+            capture["latents"] = latents[:n].cpu()
         video = pipe.decode_latents(latents, s.video_length, decode_chunk_size=s.decode_chunk_size)
         video = pipe.video_processor.postprocess_video(video=video, output_type="pt")  # (B, F, C, H, W) in [0, 1]
         frames = (video * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2)

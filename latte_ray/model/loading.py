@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 
-from latte_ray.spec import TINY_SOURCE, ModelSpec
+from latte_ray.spec import ModelSpec
 from latte_ray.record.storage import filesystem
 
 log = logging.getLogger(__name__)
@@ -39,29 +39,36 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LATTE_RAY_CACHE") or Path.home() / ".cache" / "latte-ray")
 
 
-def is_remote(source: str) -> bool:
-    return "://" in source and not source.startswith("file://")
-
-
 class ModelSourceError(RuntimeError):
     """The spec's model.source cannot be turned into a loadable pipeline (names the source and why)."""
 
 
 def resolve_model_dir(model: ModelSpec, cache_dir: str | None = None, storage_options: dict | None = None) -> str:
     """A local folder (or hub id) that `from_pretrained` can read."""
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    if model.source == TINY_SOURCE:
-        from latte_ray.model.tiny import ensure_tiny_model
+    from latte_ray.model.tiny import ensure_tiny_model
 
-        return str(ensure_tiny_model(cache))
-    if is_remote(model.source):
-        return str(mirror_to_local(model.source, cache, storage_options))
-    local = Path(model.source.removeprefix("file://")).expanduser()
-    if local.is_dir():
-        return str(local)
-    if model.source.startswith(("/", "./", "../", "~", "file://")):
-        raise ModelSourceError(f"model.source {model.source!r}: no such folder on this node")
-    return model.source  # a hub id: from_pretrained resolves it (load_pipeline explains failures)
+    return resolve_source(model.source, cache_dir, storage_options, tiny=ensure_tiny_model)
+
+
+def resolve_source(source: str, cache_dir: str | None = None, storage_options: dict | None = None, *,
+                   tiny=None, marker: str = "model_index.json", field: str = "model.source") -> str:
+    """Any model source (the video model, the scoring CLIP, the aesthetic head) as a local folder or hub id,
+    by the rule of `configs.source_kind`: 'tiny' -> `tiny(cache)` (built offline on first use), an fsspec
+    URL -> its once-per-node mirror (which must hold `marker`), an existing folder -> itself, anything else
+    -> a hub id for from_pretrained."""
+    from latte_ray.model.configs import source_kind
+
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    kind = source_kind(source)
+    if kind == "tiny" and tiny is not None:
+        return str(tiny(cache))
+    if kind == "remote":
+        return str(mirror_to_local(source, cache, storage_options, marker=marker, field=field))
+    if kind == "local":
+        return str(Path(source.removeprefix("file://")).expanduser())
+    if kind == "missing":
+        raise ModelSourceError(f"{field} {source!r}: no such folder on this node")
+    return source  # a hub id: from_pretrained resolves it (load_pipeline explains failures)
 
 
 # Pickled weights are never loaded (safetensors only), so they are not copied either.
@@ -69,7 +76,8 @@ _SKIP_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".msgpack", ".h5")
 MIRROR_RECORD = ".latte-ray-mirror.json"
 
 
-def mirror_to_local(url: str, cache: Path, storage_options: dict | None = None) -> Path:
+def mirror_to_local(url: str, cache: Path, storage_options: dict | None = None, marker: str = "model_index.json",
+                    field: str = "model.source") -> Path:
     """Copy a remote `save_pretrained` folder into the node-local cache, once per node.
 
     Concurrent callers (actors on one node, or several processes) serialize on a file lock; the one that
@@ -95,7 +103,7 @@ def mirror_to_local(url: str, cache: Path, storage_options: dict | None = None) 
             shutil.rmtree(stale, ignore_errors=True)
         tmp = target.parent / f".{key}.tmp-{uuid.uuid4().hex}"
         try:
-            files = _download(url, tmp, storage_options)
+            files = _download(url, tmp, storage_options, marker, field)
             (tmp / MIRROR_RECORD).write_text(json.dumps({
                 "source": url, "files": len(files), "bytes": sum(files.values()), "pid": os.getpid(),
                 "host": socket.gethostname(), "finished_at": time.time(),
@@ -110,21 +118,22 @@ def mirror_to_local(url: str, cache: Path, storage_options: dict | None = None) 
     return target
 
 
-def _download(url: str, dest: Path, storage_options: dict | None) -> dict[str, int]:
+def _download(url: str, dest: Path, storage_options: dict | None, marker: str = "model_index.json",
+              field: str = "model.source") -> dict[str, int]:
     """Fetch every file under `url` into `dest`; returns {relative path: size}. Raises on any mismatch."""
     fs, root = filesystem(url, storage_options)
     root = root.rstrip("/")
     try:
         listing = fs.find(root, detail=True)
     except Exception as e:
-        raise ModelSourceError(f"model.source {url!r}: cannot list it: {type(e).__name__}: {e}") from e
+        raise ModelSourceError(f"{field} {url!r}: cannot list it: {type(e).__name__}: {e}") from e
     files = {
         path[len(root) + 1 :]: int(info.get("size") or 0)
         for path, info in listing.items()
         if info.get("type") != "directory" and not path.endswith("/") and not path.endswith(_SKIP_SUFFIXES)
     }
-    if "model_index.json" not in files:
-        raise ModelSourceError(f"model.source {url!r}: no model_index.json there (not a save_pretrained folder)")
+    if marker not in files:
+        raise ModelSourceError(f"{field} {url!r}: no {marker} there (not a save_pretrained folder)")
     rels = sorted(files)
     for rel in rels:
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +141,7 @@ def _download(url: str, dest: Path, storage_options: dict | None) -> dict[str, i
     for rel in rels:
         got = (dest / rel).stat().st_size if (dest / rel).exists() else -1
         if got != files[rel]:
-            raise ModelSourceError(f"model.source {url!r}: {rel} arrived with {got} bytes, expected {files[rel]}")
+            raise ModelSourceError(f"{field} {url!r}: {rel} arrived with {got} bytes, expected {files[rel]}")
     return files
 
 

@@ -4,21 +4,32 @@ It has the real Latte architecture (T5 text encoder, Latte 3D transformer, KL VA
 whole pipeline can run end to end on a CPU in well under a second per 16-frame 128x128 video. Weights are
 random but fixed by the seed, so every process builds exactly the same model; `ensure_tiny_model` saves it
 once to a node-local cache so that workers load it like any other diffusers model folder.
+
+A saved tiny model carries a marker file (MARKER: its version and the files it wrote). `save_tiny_model`
+writes only into a missing or empty folder, or over an earlier tiny model that has its marker and nothing
+else added; any other path (a folder with someone's files, `.`, a regular file) is refused, untouched.
+torch and diffusers are imported only to build the model, so `model_configs` is cheap for driver checks.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from diffusers import AutoencoderKL, DDIMScheduler, LattePipeline, LatteTransformer3DModel
 from filelock import FileLock
-from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+from latte_ray.spec import SpecError
+
+if TYPE_CHECKING:
+    from diffusers import LattePipeline
+    from transformers import T5Tokenizer
 
 TINY_MODEL_VERSION = "v1"
+MARKER = ".latte-ray-tiny-model"
 
 VIDEO_LENGTH = 16
 RESOLUTION = 128
@@ -26,35 +37,79 @@ VAE_CHANNELS = (8, 16, 16, 16)  # four blocks: a VAE scale factor of 8, so 128 p
 TEXT_DIM = 32  # T5 d_model, which is also the transformer's caption_channels
 
 
+def model_configs() -> dict[str, dict]:
+    """The parts of the saved configs that driver-side checks read (model/configs.py), without building
+    the model; tests/test_tiny_model.py checks them against a saved model."""
+    return {
+        "model_index": {"_class_name": "LattePipeline", "transformer": ["diffusers", "LatteTransformer3DModel"],
+                        "text_encoder": ["transformers", "T5EncoderModel"]},
+        "transformer": {"video_length": VIDEO_LENGTH, "caption_channels": TEXT_DIM},
+        "text_encoder": {"d_model": TEXT_DIM},
+    }
+
+
 def ensure_tiny_model(cache_dir: str | os.PathLike | None = None) -> Path:
     """The tiny model's folder in the cache, built on first use; safe to call from many processes at once."""
+    return ensure_built(cache_root(cache_dir) / f"tiny-latte-{TINY_MODEL_VERSION}", lambda p: save_tiny_model(p))
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     if cache_dir is None:
         cache_dir = os.environ.get("LATTE_RAY_CACHE") or "~/.cache/latte-ray"
-    path = Path(cache_dir).expanduser().resolve() / f"tiny-latte-{TINY_MODEL_VERSION}"
-    if path.is_dir():  # the folder only ever appears complete (save_tiny_model renames it into place)
+    return Path(cache_dir).expanduser().resolve()
+
+
+def ensure_built(path: Path, save) -> Path:
+    """`path`, made by `save(path)` on first use (which must make it appear complete: see save_atomically);
+    many processes may ask at once, one builds."""
+    if _complete(path):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path.with_name(path.name + ".lock"))):
-        if not path.is_dir():  # another process may have built it while we waited
-            save_tiny_model(path)
+        if not _complete(path):  # another process may have built it while we waited
+            save(path)
     return path
 
 
+def _complete(path: Path) -> bool:
+    """A finished tiny model: its marker (written last), or, for caches saved before markers existed, a
+    folder that was renamed into place whole."""
+    return (path / MARKER).is_file() or (path / "model_index.json").is_file()
+
+
 def save_tiny_model(path: str | os.PathLike) -> Path:
-    """Build the tiny pipeline and save it to `path` (safetensors only), atomically."""
+    """Build the tiny pipeline and save it to `path` (safetensors only), atomically: into a missing folder,
+    an empty one, or over an earlier tiny model (see `_claim`); SpecError for anything else."""
+    return save_atomically(path, _write_tiny_model)
+
+
+def _write_tiny_model(folder: Path) -> None:
+    build_tiny_pipeline().save_pretrained(folder, safe_serialization=True)
+
+
+def save_atomically(path: str | os.PathLike, write) -> Path:
+    """Have `write(folder)` fill a temporary sibling folder, mark it (MARKER: the version and every file
+    written), then move it to `path`: a missing or empty folder, or an earlier tiny model (`_claim`)."""
     path = Path(path).expanduser().resolve()
+    replacing = _claim(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A unique sibling on the same filesystem, so the final rename is atomic. Not tempfile.mkdtemp: its
     # 0700 mode would follow the folder into place and hide the model from other users of the node.
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
     tmp.mkdir()
     try:
-        build_tiny_pipeline().save_pretrained(tmp, safe_serialization=True)
-        if path.exists():  # os.replace cannot overwrite a non-empty folder: move the old one aside first
+        write(tmp)
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        (tmp / MARKER).write_text(json.dumps({"tiny_model_version": TINY_MODEL_VERSION, "files": files}, indent=2))
+        if replacing:  # os.replace cannot overwrite a non-empty folder: move our old one aside first
             old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex}")
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
+        elif path.is_dir():  # an empty folder someone made: fill it, keeping the folder itself (marker last)
+            for entry in sorted(tmp.iterdir(), key=lambda p: p.name == MARKER):
+                os.replace(entry, path / entry.name)
+            tmp.rmdir()
         else:
             os.replace(tmp, path)
     except BaseException:
@@ -63,8 +118,40 @@ def save_tiny_model(path: str | os.PathLike) -> Path:
     return path
 
 
+def _claim(path: Path) -> bool:
+    """May a tiny model be saved at `path`? False: it is missing or an empty folder; True: it is an earlier
+    tiny model to replace (its marker, and no file its marker does not list). Anything else is refused."""
+    if not path.exists() and not path.is_symlink():
+        return False
+    if not path.is_dir():
+        raise SpecError(f"tiny-model: {path} exists and is not a folder; refusing to replace it (give a new or "
+                        f"empty folder)")
+    entries = list(path.iterdir())
+    if not entries:
+        return False
+    marker = path / MARKER
+    if not marker.is_file():
+        raise SpecError(f"tiny-model: {path} is a folder with files in it that is not a tiny model saved by "
+                        f"latte-ray (no {MARKER}); refusing to replace it (give a new or empty folder)")
+    try:
+        listed = set(json.loads(marker.read_text())["files"])
+    except (ValueError, KeyError, TypeError):
+        raise SpecError(f"tiny-model: {marker} is not a latte-ray tiny model marker; refusing to replace "
+                        f"{path}") from None
+    extra = sorted(str(p.relative_to(path)) for p in path.rglob("*")
+                   if p.is_file() and p.name != MARKER and str(p.relative_to(path)) not in listed)
+    if extra:
+        raise SpecError(f"tiny-model: {path} holds files the tiny model did not write ({', '.join(extra[:5])}"
+                        f"{', ...' if len(extra) > 5 else ''}); refusing to replace it")
+    return True
+
+
 def build_tiny_pipeline(seed: int = 0) -> LattePipeline:
     """A random-weight LattePipeline; the same seed gives the same weights in any process."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, LattePipeline, LatteTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
     torch.manual_seed(seed)
     tokenizer = build_tiny_tokenizer()
     text_encoder = T5EncoderModel(
@@ -122,7 +209,8 @@ def build_tiny_pipeline(seed: int = 0) -> LattePipeline:
 
 # Whole words get a better score than their spelling so the Unigram model prefers them; anything else falls
 # back to single characters, so prompt lengths in tokens track their lengths in words and letters.
-_WORDS = """
+# Also the words of the tiny CLIP tokenizer (latte_ray/model/clip.py).
+TINY_WORDS = """
 a an the and or but of in on at to from with without by for into onto over under above below between
 through across along around behind beside near far up down out off inside outside before after during
 while then than as like is are was were be been being has have had do does did will would can could
@@ -163,8 +251,10 @@ _CHARS = (
 
 def build_tiny_tokenizer() -> T5Tokenizer:
     """A T5 Unigram tokenizer over a fixed vocabulary (no sentencepiece model, no download, no training)."""
+    from transformers import T5Tokenizer
+
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -20.0)]
-    pieces += [("▁" + w, -3.0) for w in _WORDS.split()]
+    pieces += [("▁" + w, -3.0) for w in TINY_WORDS.split()]
     pieces += [(s, -4.0) for s in _SUFFIXES]
     pieces += [("▁" + c, -10.0) for c in _CHARS] + [(c, -10.0) for c in _CHARS]
     # Keep the first score of a repeated piece (e.g. "▁a" is a word and a letter); dicts keep insertion

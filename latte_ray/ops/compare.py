@@ -2,7 +2,7 @@
 (a cache kind, a quantization kind), compared video by video.
 
 Per candidate: PSNR and SSIM of the decoded uint8 frames against the baseline's, the change in CLIP score
-when a scorer is available, transformer calls per video (the engine's count, as the manifest records it)
+when a scoring spec is given (its CLIP model), transformer calls per video (the engine's count, as the manifest records it)
 and seconds per video, measured in the same run. With `interleave` (the default) every engine is loaded
 first and the batches go round-robin over them, so a neighbour's load spike hits every candidate alike;
 `interleave=False` loads one engine at a time (for models too large to hold several).
@@ -58,14 +58,20 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(s.mean())
 
 
-def clip_scorer():
-    """A callable (prompts, videos) -> per-video CLIP scores when the package provides one, else None
-    (the comparison then reports the CLIP column as n/a)."""
-    try:
-        from latte_ray.datasets.scoring import clip_scores  # type: ignore[attr-defined]
-    except ImportError:
+def clip_scorer(scoring):
+    """A callable (prompts, videos) -> per-video CLIP scores (latte_ray/model/clip.py: the frames the scoring
+    spec samples, the same scorer a run's scoring stage uses), or None when `scoring` is None."""
+    if scoring is None:
         return None
-    return clip_scores
+    from latte_ray.model.clip import ClipScorer
+
+    scorer = ClipScorer(scoring)
+
+    def score(prompts: list[str], videos: list[np.ndarray]) -> np.ndarray:
+        sampled = [v[scorer.frame_indices(len(v))] for v in videos]
+        return scorer.score(sampled, list(prompts)).clip
+
+    return score
 
 
 @dataclass
@@ -156,10 +162,11 @@ def run_candidates(candidates: list[Candidate], prompts: list[str], seeds: list[
         gc.collect()
 
 
-def summarize(candidates: list[Candidate], prompts: list[str]) -> list[Row]:
-    """One row per candidate against the first (the baseline, whose own row compares it with itself)."""
+def summarize(candidates: list[Candidate], prompts: list[str], scoring=None) -> list[Row]:
+    """One row per candidate against the first (the baseline, whose own row compares it with itself).
+    `scoring`: a ScoringSpec whose CLIP model scores every video (the CLIP column is n/a without one)."""
     base = candidates[0]
-    scorer = clip_scorer()
+    scorer = clip_scorer(scoring)
     base_clip = np.mean(scorer(prompts, base.videos)) if scorer else None
     base_calls = float(np.mean(base.calls))
     base_s = base.seconds / len(base.videos)

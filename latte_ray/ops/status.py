@@ -1,10 +1,11 @@
-"""`latte-ray status`: where an output stands, read from its manifest alone (no Ray, no model).
+"""`latte-ray status`: where an output stands, read from its manifest and records (no Ray, no model).
 
 Counts are per id (storage.latest_rows: an id is ok if any attempt succeeded, else its latest attempt
 counts), so retries and crashed-and-resumed attempts are never counted twice. With the input tables
 (`--prompts`) it also counts the ids that have no row yet (pending). Throughput is ok videos per second
 of generation wall time, where generation wall time is the union of the rows' [started_at, finished_at]
-intervals, so gaps between runs (a crash, a night without nodes) do not dilute it.
+intervals, so gaps between runs (a crash, a night without nodes) do not dilute it. It also shows the spec
+the output is bound to and its last runs (OUTPUT/runs/), and refuses a path that is not an output.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import numpy as np
 import pyarrow.compute as pc
 
 from latte_ray.plan.keys import contains, id_keys, key_set
-from latte_ray.record.storage import OutputLayout, filesystem, latest_rows, read_manifest
+from latte_ray.record.output import list_runs, require_output, run_line
+from latte_ray.record.scores import SCORE_COLUMNS, attach_scores
+from latte_ray.record.storage import latest_rows, read_manifest
 
 RECENT_SECONDS = 600.0
+RUNS_SHOWN = 5
 _PREFIX = re.compile(r"^.*?row id=[^:]*: ")
 _NUMBER = re.compile(r"\d+")
 
@@ -40,17 +44,32 @@ class Status:
     first_started: str | None = None
     last_finished: str | None = None
     eta_seconds: float | None = None
+    scored: int = 0  # ok videos with quality scores (of the scorer that scored most; record/scores.py)
+    scoring_hash: str | None = None
+    scorers: dict[str, int] = field(default_factory=dict)  # every scoring hash -> ok videos it scored
+    spec_hash: str | None = None  # the spec the output is bound to
+    pipeline: str | None = None
+    run_seed: int | None = None
+    runs: int = 0  # runs recorded under OUTPUT/runs/
+    last_runs: list[dict] = field(default_factory=list)  # the last RUNS_SHOWN run records, oldest first
 
     def lines(self) -> list[str]:
         total = f" of {self.input_ids} input ids ({self.input_files} files)" if self.input_ids is not None else ""
         pending = f", {self.pending} pending" if self.pending is not None else ""
-        out = [f"{self.output}: {self.ok} ok, {self.error} error{pending}{total}; {self.attempts} manifest rows"]
+        out = [f"{self.output}: {self.ok} ok, {self.error} error{pending}{total}; {self.attempts} manifest rows",
+               f"spec: {self.spec_hash} ({self.pipeline}), run seed {self.run_seed}; {self.runs} runs recorded"]
+        if self.last_runs:
+            out.append(f"last {len(self.last_runs)} runs:")
+            out += [f"  {run_line(r)}" for r in self.last_runs]
         if self.ok:
             out.append(
                 f"throughput: {self.videos_per_second:.3g} videos/s over {self.busy_seconds:.0f} s of generation "
                 f"({self.first_started} .. {self.last_finished}); last {RECENT_SECONDS / 60:.0f} min: "
                 f"{self.recent_videos_per_second:.3g} videos/s"
             )
+        if self.scoring_hash:
+            others = "".join(f", {h}: {n}" for h, n in sorted(self.scorers.items()) if h != self.scoring_hash)
+            out.append(f"scores: {self.scored} of {self.ok} ok videos scored (scoring {self.scoring_hash}{others})")
         if self.eta_seconds is not None:
             out.append(f"eta: {self.eta_seconds / 3600:.2f} h for the pending ids at the overall rate")
         if self.top_errors:
@@ -70,11 +89,23 @@ def error_kind(message: str | None, video_id: str) -> str:
 
 
 def status(output: str, storage_options: dict | None = None, prompts: list[str] | None = None,
-           run_seed: int = 0, default_negative: str = "", top: int = 5) -> Status:
-    fs, root = filesystem(output, storage_options)
-    layout = OutputLayout(url=output.rstrip("/"), root=root.rstrip("/"))
-    manifest = read_manifest(fs, layout, columns=["id", "status", "error", "started_at", "finished_at"])
-    result = Status(output=output, attempts=manifest.num_rows)
+           run_seed: int | None = None, default_negative: str | None = None, top: int = 5) -> Status:
+    """`run_seed` and `default_negative` (both enter derived ids, for --prompts) default to the output's
+    record: the ones it is bound to, not whatever the latest run (perhaps a failed one) used."""
+    out, record = require_output(output, storage_options)
+    fs, layout = out.fs, out.layout
+    pipeline = record.get("pipeline") or {}
+    if run_seed is None:
+        run_seed = int(record.get("run_seed") or 0)
+    if default_negative is None:
+        default_negative = (pipeline.get("sampling") or {}).get("negative_prompt") or ""
+    manifest = read_manifest(fs, layout, columns=["id", "status", "error", "started_at", "finished_at", "sha256",
+                                                  *SCORE_COLUMNS])
+    result = Status(output=output, attempts=manifest.num_rows, spec_hash=record.get("spec_hash"),
+                    pipeline=pipeline.get("name"), run_seed=run_seed)
+    result.runs, runs = list_runs(out, last=RUNS_SHOWN)
+    result.last_runs = [{k: r.get(k) for k in ("run_id", "started_at", "ended_at", "outcome", "reason", "counts",
+                                               "spec_hash", "seed")} for r in runs]
     latest = latest_rows(manifest)
     ok_mask = pc.equal(latest["status"], "ok").to_numpy(zero_copy_only=False)
     ids = latest["id"].to_pylist()
@@ -91,7 +122,15 @@ def status(output: str, storage_options: dict | None = None, prompts: list[str] 
     kinds = Counter(error_kind(e, i) for e, i, ok in zip(errors, ids, ok_mask) if not ok)
     result.top_errors = kinds.most_common(top)
     _throughput(manifest, result)
+    _scores(fs, layout, latest, result)
     return result
+
+
+def _scores(fs, layout, latest, result: Status) -> None:
+    """How many ok videos have scores (manifest columns or OUTPUT/scores/ parts), by scorer."""
+    ok = latest.filter(pc.equal(latest["status"], "ok"))
+    _, selection = attach_scores(fs, layout, ok)
+    result.scoring_hash, result.scored, result.scorers = selection.scoring_hash, selection.scored, selection.available
 
 
 def _input_ids(prompts, storage_options, run_seed, default_negative, result: Status) -> np.ndarray:

@@ -1,8 +1,11 @@
-"""`run --dry-run`: validate the tables, count new versus done work, estimate device time. No model, no Ray.
+"""`run --dry-run`: count new versus done work and estimate device time. No model, no Ray.
 
-The tables are streamed record batch by record batch through the same `prepare_rows` the prepare stage
-uses, and compared against the same done-id set resume uses (`workplan.done_ids`), so the counts are the ones
-a real run would act on. Nothing is written.
+The driver-side checks of a real run come first (runner.preflight: tables, output location, binding and
+writability, model configs, video settings). The counts are a real run's own: the tables are scanned with
+the work plan's `scan_keys` (the same `prepare_rows` as the prepare stage) and reduced with its
+`reduce_keys` against the same done-key set resume uses (`workplan.done_keys`), in this process, so
+duplicate copies (generated once) and ids repeated with different content (error rows) count as a real
+run counts them. Nothing is written but the preflight's writability probe, which it deletes.
 """
 
 from __future__ import annotations
@@ -10,15 +13,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import pyarrow as pa
+import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from latte_ray.plan.prompts import check_prompt_schema, prepare_rows, resolve_prompt_files
-from latte_ray.spec import RunSpec
+from latte_ray.plan.keys import KEY_DTYPE
 from latte_ray.record.storage import OutputLayout, filesystem, read_manifest
-
-READ_BATCH_ROWS = 65_536
+from latte_ray.spec import RunSpec
 
 
 @dataclass
@@ -26,7 +26,9 @@ class DryRunPlan:
     pipeline: str
     files: int
     rows: int = 0
-    invalid: int = 0  # rows that would be recorded as error rows
+    invalid: int = 0  # rows that would be recorded as error rows (bad values)
+    conflicts: int = 0  # rows of ids repeated with different content (error rows, nothing generated)
+    duplicates: int = 0  # extra copies of identical rows (generated once)
     already_done: int = 0  # rows whose id resume skips
     to_generate: int = 0
     seconds_per_video: float | None = None
@@ -54,7 +56,8 @@ class DryRunPlan:
     def lines(self) -> list[str]:
         out = [
             f"dry run ({self.pipeline}): {self.rows} rows in {self.files} file{'s' if self.files != 1 else ''}: {self.to_generate} to generate, "
-            f"{self.already_done} already done, {self.invalid} invalid (recorded as error rows)",
+            f"{self.already_done} already done, {self.invalid} invalid and {self.conflicts} with conflicting "
+            f"duplicate ids (recorded as error rows), {self.duplicates} duplicate copies skipped",
         ]
         if self.seconds_per_video is None:
             out.append("estimate: unknown (set execution.seconds_per_video in the spec)")
@@ -67,7 +70,7 @@ class DryRunPlan:
                 f"= {self.gpu_hours:.4g} {'GPU' if gpu else 'actor'}-hours; wall time {_duration(self.wall_hours)} "
                 f"on {where}, plus actor start-up and compile warm-up"
             )
-        out.append("nothing was loaded or written")
+        out.append("nothing was loaded or written (the output is writable: a probe was written and deleted)")
         return out
 
 
@@ -80,35 +83,25 @@ def _duration(hours: float) -> str:
     return f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
 
 
-def plan(run: RunSpec, gpus: int | None = None) -> DryRunPlan:
-    """Counts and estimates for `run`; raises SpecError for a malformed table like a real run."""
-    from latte_ray.plan.workplan import done_ids
+def plan(run: RunSpec, in_fs, files: list[str], gpus: int | None = None) -> DryRunPlan:
+    """Counts and estimates for `run` over its resolved input `files` (runner.preflight resolves and checks
+    them first)."""
+    from latte_ray.plan.workplan import done_keys, reduce_keys, scan_keys
 
-    in_fs, files = resolve_prompt_files(run.prompts, run.storage_options)
-    check_prompt_schema(in_fs, files)
     out_fs, root = filesystem(run.output, run.storage_options)
     layout = OutputLayout(url=run.output.rstrip("/"), root=root.rstrip("/"))
-    done = done_ids(run, layout, out_fs) if run.resume else pa.array([], pa.string())
+    done = done_keys(run, layout, out_fs) if run.resume else np.empty(0, KEY_DTYPE)
+    rows = scan_keys(in_fs, [(i, path, 0, 1) for i, path in enumerate(files)],
+                     run.pipeline.sampling.negative_prompt, run.seed)
+    _, counts = reduce_keys(rows, done)
 
     ex = run.pipeline.execution
     result = DryRunPlan(pipeline=run.pipeline.name, files=len(files), gpus=gpus or 1,
                         gpus_per_actor=ex.num_gpus_per_actor)
-    pending = 0
-    for path in files:
-        with in_fs.open(path, "rb") as f:
-            table_file = pq.ParquetFile(f)
-            columns = [c for c in ("id", "prompt", "negative_prompt", "seed") if c in table_file.schema_arrow.names]
-            for batch in table_file.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
-                table = pa.Table.from_batches([batch])
-                table = table.append_column("path", pa.array([path] * table.num_rows, pa.string()))
-                rows = prepare_rows(table, run.pipeline.sampling.negative_prompt, run.seed)
-                is_done = pc.is_in(pa.array(rows["id"], pa.string()), value_set=done).to_numpy(zero_copy_only=False)
-                is_error = rows["status"] == "error"
-                result.rows += len(is_done)
-                result.already_done += int(is_done.sum())
-                result.invalid += int((is_error & ~is_done).sum())
-                pending += int((~is_error & ~is_done).sum())
-    result.to_generate = min(pending, run.limit) if run.limit else pending
+    result.rows, result.already_done = counts["rows"], counts["done"]
+    result.duplicates, result.conflicts = counts["duplicates"], counts["conflicts"]
+    result.invalid = counts["todo"] - counts["conflicts"] - counts["generate"]
+    result.to_generate = min(counts["generate"], run.limit) if run.limit else counts["generate"]
     result.seconds_per_video, result.seconds_source = _seconds_per_video(run, layout, out_fs)
     return result
 

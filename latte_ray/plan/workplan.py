@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from latte_ray.faults import injection as faults
 from latte_ray.plan.keys import KEY_DTYPE, contains, content_keys, id_keys
 from latte_ray.plan.prompts import prepare_rows
 
@@ -70,6 +71,7 @@ def scan_keys(
     """(hi, lo, content, file, valid) for every row of the given units of work. A unit (file index, path,
     part, parts) is the row groups of one file whose index modulo `parts` is `part`, so that one large
     table is scanned by several tasks."""
+    faults.point("scan", [unit[1] for unit in units])
     parts = []
     for index, path, part, n_parts in units:
         with fs.open(path, "rb") as f:
@@ -183,8 +185,8 @@ def done_ids(run, layout, out_fs) -> "pa.Array":
     - it loads every checkpointed id into one block and sorts it as a numpy array of strings, which is
       what we do too, more compactly.
     The run itself uses the key form of this set (`done_keys`: 128-bit keys, 16 bytes per id,
-    built in a Ray task so the driver never holds it, and looked up by binary search); this string form
-    serves `run --dry-run`. Measured with benchmarks/resume_scale.py (see the README).
+    built in a Ray task so the driver never holds it, and looked up by binary search), and so does
+    `run --dry-run`; this string form is what benchmarks/resume_scale.py compares it with.
     """
     import pyarrow.compute as pc
 
@@ -227,9 +229,10 @@ def copy_hashes(batch: pa.Table, dups: np.ndarray, default_negative: str, run_se
             "lo": keys["lo"][hit]}
 
 
-def _winners_task(*blocks: dict) -> np.ndarray:
+def _winners_task(*blocks: pa.Table) -> np.ndarray:
     """Sorted row keys of the copy that is generated: the smallest row hash of each duplicated id."""
-    blocks = [b for b in blocks if len(b.get("row_hash", ()))]
+    blocks = [{name: b[name].to_numpy().astype(np.uint64) for name in ("row_hash", "hi", "lo")}
+              for b in blocks if b.num_rows]
     if not blocks:
         return np.empty(0, ROW_KEY_DTYPE)
     keys = np.empty(sum(len(b["row_hash"]) for b in blocks), ROW_KEY_DTYPE)
@@ -273,6 +276,7 @@ def plan_work(run, in_fs, files: list[str], read_input, without_id: list[str] = 
                                                       "without_id": list(without_id)},
                             batch_format="pyarrow", num_cpus=cpu)
         plan.refs["dups"] = dups_ref
-        plan.refs["winners"] = ray.remote(_winners_task).options(num_cpus=cpu).remote(*ds.to_numpy_refs())
+        # to_arrow_refs hands on the blocks themselves; to_numpy_refs would convert them in 1-CPU tasks.
+        plan.refs["winners"] = ray.remote(_winners_task).options(num_cpus=cpu).remote(*ds.to_arrow_refs())
     log.info("work plan: %s", plan.line())
     return plan

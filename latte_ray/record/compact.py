@@ -11,6 +11,16 @@ already compacted away (readers would ignore the rewrite).
 
 On local disk it also sweeps the temp files (`*.tmp-*`, never read) that killed writers left behind under
 manifest/ and videos/, again only those older than `min_age_s`. Object stores have none: a PUT appears whole.
+
+Then it deletes video objects that no `ok` row names: a crash between storing a video and committing its
+row leaves one, and so does an id written again with other bytes (a nondeterministic kernel) whose run
+died before its row. It deletes only objects named as latte-ray names videos (videos/<shard>/<id>.<sha>.mp4,
+or <id>.mp4 from older versions, in their id's shard), older than `min_age_s`, and listed before the
+manifest is read, so a row committed meanwhile is seen. An object a running job has just written (or
+written again: the same bytes under the same key) is younger than the margin; its age is checked once
+more just before it is deleted. Every path of an `ok` row's object is kept, whatever its age.
+
+Compaction refuses a path that is not a latte-ray output (record/output.require_output).
 """
 
 from __future__ import annotations
@@ -19,13 +29,17 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 
+import pyarrow.compute as pc
+
 from latte_ray.faults import retry
+from latte_ray.record.output import require_output
 from latte_ray.record.storage import (
-    COMPACT_PREFIX, MANIFEST_SCHEMA, REPLACES_KEY, OutputLayout, filesystem, is_local, live_parts,
-    manifest_listing, manifest_part_bytes, part_name, read_parts, write_atomic,
+    COMPACT_PREFIX, MANIFEST_SCHEMA, REPLACES_KEY, VIDEO_DIGEST_CHARS, OutputLayout, is_local, live_parts,
+    manifest_listing, manifest_part_bytes, part_name, read_manifest, read_parts, shard_of, write_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -38,18 +52,21 @@ class CompactResult:
     rows: int  # rows moved into compacted parts
     deleted: int  # part files deleted (replaced now, or left over from a stopped compaction)
     swept: int = 0  # temp files of killed writers deleted (local disk)
+    videos_deleted: int = 0  # video objects no ok row names, older than the margin
 
     def line(self) -> str:
         return (f"manifest: {self.parts_before} parts -> {self.parts_after} ({self.rows} rows compacted, "
-                f"{self.deleted} files deleted); {self.swept} stale temp files swept")
+                f"{self.deleted} files deleted); {self.swept} stale temp files swept; "
+                f"{self.videos_deleted} unreferenced videos deleted")
 
 
 def compact(output: str, storage_options: dict | None = None, min_age_s: float = 3600.0,
-            parts_per_file: int = 10_000) -> CompactResult:
+            parts_per_file: int = 10_000, collect_videos: bool = True) -> CompactResult:
     """Merge the output's manifest parts older than `min_age_s` (compacted ones excepted) into compacted
-    parts of up to `parts_per_file` parts each, then delete what they replace."""
-    fs, root = filesystem(output, storage_options)
-    layout = OutputLayout(url=output.rstrip("/"), root=root.rstrip("/"))
+    parts of up to `parts_per_file` parts each, then delete what they replace; then (`collect_videos`)
+    delete video objects older than `min_age_s` that no ok row names."""
+    out, _record = require_output(output, storage_options)
+    fs, layout = out.fs, out.layout
     listing = retry.call(lambda: manifest_listing(fs, layout), f"list {layout.manifest_dir}", retry.READ)
     live, replaced = live_parts(fs, listing)
     leftovers = [e["name"] for e in listing if part_name(e["name"]) in replaced]
@@ -63,8 +80,10 @@ def compact(output: str, storage_options: dict | None = None, min_age_s: float =
         _delete(fs, group)
     _delete(fs, leftovers)
     swept = _sweep_temp_files(layout, cutoff) if is_local(fs) else 0
+    videos = collect_unreferenced_videos(fs, layout, cutoff) if collect_videos else 0
     result = CompactResult(parts_before=len(live), parts_after=len(live) - sum(len(g) - 1 for g in groups),
-                           rows=rows, deleted=sum(map(len, groups)) + len(leftovers), swept=swept)
+                           rows=rows, deleted=sum(map(len, groups)) + len(leftovers), swept=swept,
+                           videos_deleted=videos)
     log.info(result.line())
     return result
 
@@ -93,6 +112,72 @@ def _sweep_temp_files(layout: OutputLayout, cutoff: float) -> int:
                     except FileNotFoundError:
                         pass
     return swept
+
+
+_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_DIGEST = re.compile(f"[0-9a-f]{{{VIDEO_DIGEST_CHARS}}}")
+
+
+_SIDECAR = re.compile(r"(?P<id>[A-Za-z0-9._-]{1,128})\.(t5|latents)\.[0-9a-f]{16}\.npy")  # record/sidecars.py
+
+
+def is_video_key(key: str) -> bool:
+    """Is `key` (videos/<shard>/<name>) named as latte-ray names a video object: <id>.<digest>.mp4, or
+    <id>.mp4 from versions before content-addressed keys, or a video's sidecar <id>.<kind>.<digest>.npy,
+    with <shard> the shard of <id>?"""
+    parts = key.split("/")
+    if len(parts) != 3 or parts[0] != "videos":
+        return False
+    sidecar = _SIDECAR.fullmatch(parts[2])
+    if sidecar:
+        return shard_of(sidecar["id"]) == parts[1]
+    if not parts[2].endswith(".mp4"):
+        return False
+    stem = parts[2][: -len(".mp4")]
+    head, dot, digest = stem.rpartition(".")
+    ids = ([head] if dot and _DIGEST.fullmatch(digest) else []) + [stem]
+    return any(_ID.fullmatch(i) and shard_of(i) == parts[1] for i in ids)
+
+
+def collect_unreferenced_videos(fs, layout: OutputLayout, cutoff: float) -> int:
+    """Delete video objects and their sidecars (ours by name) last modified before `cutoff` that no ok row
+    names."""
+    if not fs.exists(layout.videos_dir):
+        return 0
+    listing = retry.call(lambda: fs.find(layout.videos_dir, detail=True), f"list {layout.videos_dir}", retry.READ)
+    prefix = len(layout.root) + 1
+    candidates = [path for path, info in listing.items()
+                  if info.get("type") != "directory" and ".tmp-" not in path
+                  and is_video_key(path[prefix:]) and _mtime(info) <= cutoff]
+    if not candidates:
+        return 0
+    # Read after listing: a row committed before this read is seen, so its object is kept.
+    uri_columns = ["video_uri", "embeddings_uri", "latents_uri"]
+    rows = read_manifest(fs, layout, columns=["status", *uri_columns])
+    ok = rows.filter(pc.equal(rows["status"], "ok"))
+    referenced = set()
+    for uri in (u for column in uri_columns for u in ok[column].to_pylist() if u or column == "video_uri"):
+        key = layout.key_of(uri or "")
+        if key is None:
+            log.warning("an ok row names %r, not a latte-ray video key; no video is deleted", uri)
+            return 0
+        referenced.add(key)
+    deleted = 0
+    for path in candidates:
+        if path[prefix:] in referenced:
+            continue
+        fs.invalidate_cache(path)
+        try:
+            fresh = fs.info(path)
+        except FileNotFoundError:
+            continue
+        if _mtime(fresh) > cutoff:  # written again since the listing: a running job's, keep it
+            continue
+        _delete(fs, [path])
+        deleted += 1
+    if deleted:
+        log.info("deleted %d video objects that no ok row names", deleted)
+    return deleted
 
 
 def _delete(fs, paths: list[str]) -> None:

@@ -1,13 +1,19 @@
 """Storage: filesystems from URLs, the output layout, atomic writes and the manifest.
 
 Output layout under a prefix:
-    run.json                    spec snapshot and versions (no secrets)
-    videos/<shard>/<id>.mp4     shard = first 2 hex chars of sha256(id)
+    latte-ray.json              the output's record: the one pipeline spec (and run seed) it is bound to,
+                                written once by its first run (latte_ray/record/output.py)
+    runs/<run_id>.json          one record per run: spec, arguments (no secrets), versions, start, end, outcome
+    videos/<shard>/<id>.<h>.mp4 shard = first 2 hex chars of sha256(id); h = first 32 hex chars of the
+                                video's own sha256 (content-addressed: a recorded object never changes)
     manifest/part-*.parquet     one row per finished attempt: the commit record (part-compact-*: many
                                 parts merged by latte_ray/record/compact.py, naming in their footer the parts they replace)
 
 Commit protocol: a video object is written first (one PUT; on local disk temp file + rename), then the
-manifest part that records it. A video without a manifest row does not count and is rewritten on resume.
+manifest part that records it. A video without a manifest row does not count; compaction deletes it once
+it is old enough. Because a video's key holds its hash, whatever writes an id again (a resume, --no-resume,
+a nondeterministic kernel) either writes identical bytes under the same key or a new key: the object an
+`ok` row names never changes.
 """
 
 from __future__ import annotations
@@ -60,6 +66,15 @@ MANIFEST_SCHEMA = pa.schema(
         ("motion_score", pa.float64()),
         ("blank_frames", pa.int32()),
         ("frozen_frames", pa.int32()),
+        # Quality scores (latte_ray/model/clip.py), null when the run did not score; `latte-ray score` puts
+        # later scores in OUTPUT/scores/ instead (latte_ray/record/scores.py), as manifest parts never change.
+        ("clip_score", pa.float64()),
+        ("aesthetic_score", pa.float64()),
+        ("clip_prompt_truncated", pa.bool_()),  # the prompt was longer than CLIP's text window (77 tokens)
+        ("scoring_hash", pa.string()),  # ScoringSpec.scoring_hash of the scorer that made the scores
+        # Training tensors kept next to the video (latte_ray/record/sidecars.py), null when not kept.
+        ("embeddings_uri", pa.string()),
+        ("latents_uri", pa.string()),
     ]
 )
 
@@ -98,9 +113,13 @@ def storage_options_for(url: str, options: dict | None = None) -> dict:
             client["region_name"] = region
         if client:
             opts["client_kwargs"] = client
+        # A blackholed endpoint would hold each attempt for botocore's 60 s connect timeout times its own
+        # retries; fail an attempt sooner and let faults/retry.py's time budget decide (tests/test_outage.py).
+        opts["config_kwargs"] = {"connect_timeout": S3_CONNECT_TIMEOUT_S, **(opts.get("config_kwargs") or {})}
     return _typed_options(protocol, opts)
 
 
+S3_CONNECT_TIMEOUT_S = 10
 _S3_ALIASES = {"aws_access_key_id": "key", "aws_secret_access_key": "secret", "aws_session_token": "token",
                "region_name": "region"}
 
@@ -137,12 +156,25 @@ def redact_options(options: dict | None) -> dict:
 
 
 def filesystem(url: str, options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path) for a URL; an unknown scheme or a missing fsspec backend is a SpecError naming
+    the URL."""
+    try:
+        protocol = fsspec.utils.get_protocol(url)
+        fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        raise SpecError(f"{url!r}: unknown URL scheme {protocol!r} (use a local path, s3://, gs://, ...)") from None
+    except ImportError as e:
+        raise SpecError(f"{url!r}: the {protocol}:// backend is not installed: {e}") from None
     fs, path = fsspec.core.url_to_fs(url, **storage_options_for(url, options))
     return fs, path
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
+
+
+OUTPUT_RECORD = "latte-ray.json"
+VIDEO_DIGEST_CHARS = 32  # hex chars of a video's sha256 in its key: 128 bits
 
 
 def shard_of(video_id: str) -> str:
@@ -161,15 +193,47 @@ class OutputLayout:
         return cls(url=url.rstrip("/"), root=root.rstrip("/"))
 
     @property
-    def run_json(self) -> str:
+    def record_json(self) -> str:
+        """The output's record (latte_ray/record/output.py)."""
+        return f"{self.root}/{OUTPUT_RECORD}"
+
+    @property
+    def legacy_run_json(self) -> str:
+        """Where latte-ray before 0.2 kept its (single, overwritten) run record."""
         return f"{self.root}/run.json"
+
+    @property
+    def runs_dir(self) -> str:
+        return f"{self.root}/runs"
 
     @property
     def manifest_dir(self) -> str:
         return f"{self.root}/manifest"
 
-    def video_key(self, video_id: str) -> str:
-        return f"videos/{shard_of(video_id)}/{video_id}.mp4"
+    @property
+    def videos_dir(self) -> str:
+        return f"{self.root}/videos"
+
+    def video_key(self, video_id: str, sha256: str) -> str:
+        """Content-addressed: the id (to find it by eye) and the first 128 bits of the video's sha256."""
+        return f"videos/{shard_of(video_id)}/{video_id}.{sha256[:VIDEO_DIGEST_CHARS]}.mp4"
+
+    @staticmethod
+    def key_of(video_uri: str) -> str | None:
+        """The key (videos/<shard>/<name>) that a manifest row's video_uri (or a sidecar's uri) names, relative
+        to the output, so that an output copied or moved elsewhere still finds its videos; None for a URI of
+        another shape."""
+        parts = video_uri.rstrip("/").split("/")
+        if len(parts) < 3 or parts[-3] != "videos" or not parts[-1].endswith((".mp4", ".npy")):
+            return None
+        return "/".join(parts[-3:])
+
+    def video_path(self, video_uri: str) -> str:
+        """Filesystem path of the object a row's video_uri names, under this output's root."""
+        key = self.key_of(video_uri)
+        if key is None:
+            raise ValueError(f"{video_uri!r} is not a latte-ray video URI (.../videos/<shard>/<name>.mp4)")
+        return self.path(key)
 
     def path(self, key: str) -> str:
         return f"{self.root}/{key}"
@@ -205,6 +269,53 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
             raise
         return
     fs.pipe_file(path, data)
+
+
+def write_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Create `path` with `data` whole, only if nothing is there yet; False (and nothing written) if something
+    is. Local disk: a temp file hard-linked to the final name (link(2) fails if the name exists). S3: a
+    conditional PUT (If-None-Match: *). Other stores: a check, then a write (not atomic against a concurrent
+    writer)."""
+    faults.point("write", path)
+    if is_local(fs):
+        parent = path.rsplit("/", 1)[0]
+        os.makedirs(parent, exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise
+            except OSError:  # a filesystem without hard links: exclusive create, then the bytes
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    if "s3" in ((fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)):
+        try:
+            fs.pipe_file(path, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+        except Exception as e:  # noqa: BLE001 - a store without conditional writes answers 501/400
+            if "PreconditionFailed" in str(e) or "412" in str(e):
+                return False
+            raise
+    if fs.exists(path):
+        return False
+    fs.pipe_file(path, data)
+    return True
 
 
 def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
@@ -275,24 +386,27 @@ def read_manifest(
     return read_parts(fs, manifest_files(fs, layout), cols)
 
 
-def read_parts(fs: fsspec.AbstractFileSystem, paths: list[str], columns: list[str]) -> pa.Table:
-    """Manifest parts read concurrently (each read retried on transient errors), as one table."""
+def read_parts(fs: fsspec.AbstractFileSystem, paths: list[str], columns: list[str],
+               schema: pa.Schema = MANIFEST_SCHEMA) -> pa.Table:
+    """Manifest parts (or other parts of `schema`) read concurrently (each read retried on transient errors),
+    as one table."""
     from concurrent.futures import ThreadPoolExecutor
 
     from latte_ray.faults import retry
 
     def read(path: str) -> pa.Table:
-        return retry.call(lambda: read_part(fs, path, columns), f"read {path}", retry.READ)
+        return retry.call(lambda: read_part(fs, path, columns, schema), f"read {path}", retry.READ)
 
     if not paths:
-        return pa.schema([MANIFEST_SCHEMA.field(c) for c in columns]).empty_table()
+        return pa.schema([schema.field(c) for c in columns]).empty_table()
     with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
         return pa.concat_tables(list(pool.map(read, paths)))
 
 
-def read_part(fs: fsspec.AbstractFileSystem, path: str, columns: list[str]) -> pa.Table:
+def read_part(fs: fsspec.AbstractFileSystem, path: str, columns: list[str],
+              schema: pa.Schema = MANIFEST_SCHEMA) -> pa.Table:
     """One manifest part as `columns` of MANIFEST_SCHEMA; a column added after it was written reads as nulls."""
-    schema = pa.schema([MANIFEST_SCHEMA.field(c) for c in columns])
+    schema = pa.schema([schema.field(c) for c in columns])
     with fs.open(path, "rb") as f:
         part = pq.ParquetFile(f)
         present = [c for c in columns if c in part.schema_arrow.names]

@@ -3,19 +3,23 @@
 It only generates: frames leave as raw uint8 bytes for the CPU encode stage. A batch that raises is
 retried one row at a time, so one bad prompt becomes one error row and its neighbours still finish. A
 batch whose earlier attempt killed the process is also run one row at a time, and a row that killed it
-MAX_CRASHES times becomes an error row (latte_ray/faults/crashes.py).
+MAX_CRASHES times becomes an error row (latte_ray/faults/crashes.py). Each generation call has a deadline
+(execution.batch_deadline_s): a call that hangs ends its own process, which counts as such a death
+(latte_ray/faults/deadline.py).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from datetime import datetime, timezone
 
 import numpy as np
 
 from latte_ray.faults import injection as faults
-from latte_ray.faults.crashes import MAX_CRASHES, CrashLedger
+from latte_ray.faults.crashes import MAX_CRASHES, CrashLedger, crash_message
+from latte_ray.faults.deadline import batch_deadline, deadline
 from latte_ray.metrics import StageMetrics
 from latte_ray.spec import PipelineSpec
 
@@ -23,13 +27,15 @@ log = logging.getLogger(__name__)
 
 
 class DenoiseStage:
-    def __init__(self, spec_json: str, cache_dir: str | None = None, storage_options: dict | None = None):
+    def __init__(self, spec_json: str, cache_dir: str | None = None, storage_options: dict | None = None,
+                 run_id: str = ""):
         from latte_ray.model.engine import make_engine
 
         self.spec = PipelineSpec.model_validate_json(spec_json)
         self.text_encoded = self.spec.execution.text_encode_stage
+        self.sidecars = self.spec.sidecars  # training tensors to hand on (latte_ray/record/sidecars.py)
         self.metrics = StageMetrics(self.spec.name)
-        self.crashes = CrashLedger(self.spec.spec_hash())
+        self.crashes = CrashLedger(run_id or f"spec-{self.spec.spec_hash()}")  # one ledger per run
         self.engine = make_engine(
             self.spec, cache_dir=cache_dir, storage_options=storage_options, with_text_encoder=not self.text_encoded
         )
@@ -47,6 +53,8 @@ class DenoiseStage:
         out["transformer_calls"] = np.zeros(n, dtype=np.int32)
         out["status"] = np.array(batch["status"], dtype=object)
         out["error"] = np.array(batch["error"], dtype=object)
+        for column in self._sidecar_columns():
+            out[column] = np.array([b""] * n, dtype=object)
 
         todo = [i for i in range(n) if out["status"][i] == "pending"]
         ids = [str(x) for x in batch["id"]]
@@ -55,17 +63,22 @@ class DenoiseStage:
         groups = ([[i] for i in todo] if crashed else [todo]) if todo else []
         while groups:
             rows = groups.pop(0)
-            watched = [ids[rows[0]]] if crashed and len(rows) == 1 else None
+            # A row's own ledger entry (apart from a batch of one's, so that one death is not counted twice).
+            watched = [ids[rows[0]], "#row"] if crashed and len(rows) == 1 else None
             if watched and (died := self.crashes.begin(watched)) >= MAX_CRASHES:
-                self.crashes.end(watched)
                 out["status"][rows[0]] = "error"
-                out["error"][rows[0]] = (f"generation killed its worker process {died} times (a crash or out of "
-                                         f"memory); not tried again in this run")
+                out["error"][rows[0]] = crash_message(died, self.crashes.reasons(watched))
+                self.crashes.end(watched)
                 log.warning("row %s killed its worker %d times", ids[rows[0]], died)
                 continue
             started = time.perf_counter()
+            seconds = batch_deadline(self.spec, len(rows))
             try:
-                frames, tokens, truncated = self._generate(batch, rows)
+                # A hung call ends this process; the ledger entry of this attempt (row or batch) says why.
+                why = f"ran past its {seconds or 0:.0f} s deadline"
+                with deadline(seconds, f"generation of {', '.join(ids[i] for i in rows)[:200]}",
+                              partial(self.crashes.note, watched or ids, why)):
+                    frames, text, kept = self._generate(batch, rows)
                 calls = list(self.engine.last_transformer_calls)
             except Exception as e:  # noqa: BLE001 - any failure becomes data, not a crashed run
                 if len(rows) > 1:
@@ -81,9 +94,13 @@ class DenoiseStage:
             per_video = (time.perf_counter() - started) / len(rows)
             self.metrics.generated(per_video, len(rows))
             for j, i in enumerate(rows):
+                if faults.point("frames", ids[i]):  # tests: a nondeterministic kernel's other bytes
+                    faults.perturb(frames[j])
                 out["frames"][i] = frames[j].tobytes()
-                out["prompt_tokens"][i] = tokens[j]
-                out["prompt_truncated"][i] = truncated[j]
+                out["prompt_tokens"][i] = text.tokens[j]
+                out["prompt_truncated"][i] = text.truncated[j]
+                for column, data in self._sidecars(text, kept, j).items():
+                    out[column][i] = data
                 out["generate_seconds"][i] = per_video
                 out["transformer_calls"][i] = calls[j]
                 out["status"][i] = "generated"
@@ -96,18 +113,45 @@ class DenoiseStage:
     def _generate(self, batch: dict[str, np.ndarray], rows: list[int]):
         faults.point("generate", [str(batch["id"][i]) for i in rows])
         seeds = [int(batch["seed"][i]) for i in rows]
+        kept = {"capture": {}} if self.sidecars.latents else {}
         if self.text_encoded:
             from latte_ray.model.engine import TextBatch
 
             sub = {k: batch[k][rows] for k in ("prompt_embeds", "negative_prompt_embeds", "keep",
                                                 "prompt_tokens", "prompt_truncated")}
             text = TextBatch.from_numpy(sub, self.engine.device, self.engine.dtype)
-            frames = self.engine.denoise(text, seeds)
+            frames = self.engine.denoise(text, seeds, **kept)
         else:
             prompts = [str(batch["prompt"][i]) for i in rows]
             negatives = [str(batch["negative_prompt"][i]) for i in rows]
-            frames, text = self.engine.generate(prompts, negatives, seeds)
-        return frames, text.tokens, text.truncated
+            frames, text = self.engine.generate(prompts, negatives, seeds, **kept)
+        return frames, text, kept.get("capture", {})
+
+    def _sidecar_columns(self) -> list[str]:
+        from latte_ray.record.sidecars import EMBEDDINGS, LATENTS
+
+        return [c for c, on in ((EMBEDDINGS, self.sidecars.embeddings), (LATENTS, self.sidecars.latents)) if on]
+
+    def _sidecars(self, text, kept: dict, j: int) -> dict[str, bytes]:
+        """Row j's sidecars as .npy bytes: tensors the generation computed anyway, copied to the CPU (~64 us per
+        video for the tiny model on a CPU; benchmarks/sidecars.py).
+
+        Embeddings: the prompt's T5 output in the rows the transformer's cross-attention attended to
+        (`keep`: its tokens with mask_feature, else the padded length), as float16; the masked padding rows
+        were never seen. Latents: as the VAE received them (bfloat16 goes out as float32, which is exact)."""
+        import torch
+
+        from latte_ray.record.sidecars import EMBEDDINGS, LATENTS, to_npy
+
+        out = {}
+        if self.sidecars.embeddings:
+            length = int(text.keep[j])
+            out[EMBEDDINGS] = to_npy(text.embeds[j, :length].to(torch.float16).cpu().numpy())
+        if self.sidecars.latents:
+            latents = kept["latents"][j]
+            latents = latents.float() if latents.dtype == torch.bfloat16 else latents
+            out[LATENTS] = to_npy(latents.numpy())
+        return out
 
 
 def _now() -> np.datetime64:

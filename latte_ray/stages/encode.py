@@ -8,7 +8,7 @@ import io
 import av
 import numpy as np
 
-from latte_ray.spec import VideoSpec
+from latte_ray.spec import SpecError, VideoSpec
 
 BLANK_STD = 2.0  # a frame whose pixels vary by less than this (0-255) is blank
 FROZEN_DIFF = 0.5  # a frame that differs from the previous by less than this on average is frozen
@@ -32,6 +32,49 @@ def encode_mp4(frames: np.ndarray, video: VideoSpec) -> bytes:
         for packet in stream.encode():
             container.mux(packet)
     return buf.getvalue()
+
+
+def check_video_settings(video: VideoSpec, height: int, width: int) -> None:
+    """Encode (and decode back) a 2-frame clip of the spec's size with the spec's settings, in the driver,
+    before any model loads: settings the encoder refuses would otherwise turn every generated video into an
+    error row at the encode stage. SpecError names the field at fault."""
+    pix_fmt = video.resolved_pix_fmt
+    try:
+        av.VideoFormat(pix_fmt)
+    except ValueError:
+        raise SpecError(f"video.pix_fmt {pix_fmt!r}: not a pixel format FFmpeg knows (e.g. yuv420p, yuv444p, "
+                        f"rgb24)") from None
+    try:
+        formats = [f.name for f in av.Codec(video.codec, "w").video_formats or ()]
+    except Exception as e:  # noqa: BLE001 - an encoder missing from this PyAV build
+        raise SpecError(f"video.codec {video.codec!r}: not available in this PyAV build ({e})") from None
+    if formats and pix_fmt not in formats:
+        raise SpecError(f"video.pix_fmt {pix_fmt!r}: the {video.codec} encoder cannot write it (it takes "
+                        f"{', '.join(formats[:8])}{', ...' if len(formats) > 8 else ''})")
+    ramp = np.linspace(0, 255, width, dtype=np.uint8)[None, None, :, None]
+    frames = np.broadcast_to(ramp, (2, height, width, 3)).copy()
+    try:
+        decoded = decode_mp4(encode_mp4(frames, video))
+    except Exception as e:  # noqa: BLE001 - find which setting the encoder refused
+        culprit = _culprit(video, frames)
+        raise SpecError(f"{culprit}: the {video.codec} encoder refuses these video settings ({type(e).__name__}: "
+                        f"{e})") from None
+    if decoded.shape != frames.shape:
+        raise SpecError(f"video (codec {video.codec}, pix_fmt {pix_fmt}): a {frames.shape} test clip came back "
+                        f"as {decoded.shape}")
+
+
+def _culprit(video: VideoSpec, frames: np.ndarray) -> str:
+    """The field whose default makes the test clip encode, or a summary of the settings."""
+    defaults = VideoSpec(codec=video.codec)
+    for field in ("preset", "crf", "pix_fmt"):
+        if getattr(video, field) != getattr(defaults, field):
+            try:
+                encode_mp4(frames, video.model_copy(update={field: getattr(defaults, field)}))
+            except Exception:  # noqa: BLE001
+                continue
+            return f"video.{field} {getattr(video, field)!r}"
+    return f"video (codec {video.codec}, pix_fmt {video.resolved_pix_fmt}, crf {video.crf}, preset {video.preset})"
 
 
 def decode_mp4(data: bytes) -> np.ndarray:

@@ -1,7 +1,10 @@
 """Write stage (CPU tasks): put each video object, then the manifest part that records the batch.
 
 The manifest part is the commit: it is written only after every video it names is fully stored, so a
-crash at any instant leaves recorded videos whole and unrecorded ones ignored (rewritten on resume).
+crash at any instant leaves recorded videos whole and unrecorded ones ignored (rewritten on resume, and
+deleted by `latte-ray compact` once old enough). A video's key holds the first 128 bits of its sha256
+(storage.OutputLayout.video_key), so writing an id again never changes an object an `ok` row names: the
+same bytes go to the same key, other bytes (a nondeterministic kernel, a perturbed retry) to a new one.
 Storage writes are retried with backoff; a video that still cannot be stored becomes an error row. The
 part's name is a hash of the run and the batch's ids, so a batch that Ray retries (its writer died after
 committing) replaces its own part rather than recording its ids twice.
@@ -20,6 +23,7 @@ from latte_ray.faults import injection as faults
 from latte_ray.faults import retry
 from latte_ray.metrics import StageMetrics
 from latte_ray.spec import PipelineSpec
+from latte_ray.record.scores import manifest_score_columns
 from latte_ray.record.storage import MANIFEST_SCHEMA, OutputLayout, filesystem, write_atomic, write_manifest_part
 
 PUT_CONCURRENCY = 8  # video uploads in flight per write actor
@@ -50,14 +54,16 @@ class WriteStage:
         batch = {**batch, "error": np.array(batch["error"], dtype=object)}
         uris = np.array([""] * n, dtype=object)
         todo = [i for i in range(n) if status[i] == "encoded"]
-        # Uploads are latency-bound (one PUT each), so a batch's videos go up concurrently; the manifest
-        # part still waits for all of them.
-        results = list(self.uploads.map(lambda i: self._put_video(str(batch["id"][i]), batch["video"][i]), todo))
-        for i, (uri, error) in zip(todo, results):
+        # Uploads are latency-bound (one PUT each), so a batch's videos (and their sidecars) go up
+        # concurrently; the manifest part still waits for all of them.
+        results = list(self.uploads.map(lambda i: self._put_row(batch, i), todo))
+        for i, (uri, error, sidecar_uris) in zip(todo, results):
             if error:
                 status[i], batch["error"][i] = "error", error
             else:
                 status[i], uris[i] = "ok", uri
+                for column, value in sidecar_uris.items():
+                    batch.setdefault(column, np.array([None] * n, dtype=object))[i] = value
         rows = self._manifest_rows(batch, status, uris)
         name = self._part_name(batch["id"])
         retry.call(lambda: write_manifest_part(self.fs, self.layout, rows, name), "write manifest part",
@@ -65,9 +71,21 @@ class WriteStage:
         self.metrics.committed(status, sum(len(batch["video"][i]) for i in range(n) if status[i] == "ok"))
         return rows
 
-    def _put_video(self, video_id: str, data: bytes) -> tuple[str, str]:
+    def _put_row(self, batch: dict[str, np.ndarray], i: int) -> tuple[str, str, dict[str, str]]:
+        """The row's video and its sidecars (latte_ray/record/sidecars.py): (uri, error, sidecar uris)."""
+        from latte_ray.record.sidecars import URI_COLUMNS, put_sidecars
+
+        video_id = str(batch["id"][i])
+        uri, error = self._put_video(video_id, batch["video"][i], str(batch["sha256"][i]))
+        blobs = {c: batch[c][i] for c in URI_COLUMNS if c in batch}
+        if error or not blobs:
+            return uri, error, {}
+        sidecar_uris, error = put_sidecars(self.fs, self.layout, video_id, blobs)
+        return uri, error, sidecar_uris
+
+    def _put_video(self, video_id: str, data: bytes, sha256: str) -> tuple[str, str]:
         """(uri, "") once the video is stored whole, or ("", error) when it cannot be stored."""
-        key = self.layout.video_key(video_id)
+        key = self.layout.video_key(video_id, sha256)
         path = self.layout.path(key)
         try:
             retry.call(lambda: write_atomic(self.fs, path, data), f"write {path}", retry.VIDEO)
@@ -97,8 +115,10 @@ class WriteStage:
             "started_at": batch.get("started_at"), "generate_seconds": batch.get("generate_seconds"),
             "transformer_calls": np.where(ok, batch.get("transformer_calls", [None] * n), None),
         }
-        for k in ("num_frames", "height", "width", "mean_brightness", "motion_score", "blank_frames", "frozen_frames"):
+        for k in ("num_frames", "height", "width", "mean_brightness", "motion_score", "blank_frames", "frozen_frames",
+                  "embeddings_uri", "latents_uri"):
             columns[k] = np.where(ok, batch.get(k, [None] * n), None)
+        columns.update(manifest_score_columns(batch, ok))
         arrays = []
         for field in MANIFEST_SCHEMA:
             if field.name == "finished_at":

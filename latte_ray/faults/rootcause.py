@@ -1,0 +1,95 @@
+"""One line for an error that only an actor can hit (a corrupt weight file, out of memory at load).
+
+Ray Data ends such a run with a RayActorError or RayTaskError whose text is the actor's whole traceback,
+often several chained ones, under Ray's own frames: hundreds of lines with the useful one buried at the
+bottom. `describe` finds the stage that failed and the original exception (type and first line of its
+message), from the exception objects where Ray kept them and from the traceback text where it did not
+(an actor's creation-task error reaches the driver as text only). The full chain stays in Ray's logs and is
+logged at DEBUG by the runner.
+"""
+
+from __future__ import annotations
+
+import re
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# The last line of a printed traceback: `module.Type: message`.
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Fault|Failure|Killed)\w*): (.+)$")
+STAGES = {  # stage class -> what to call it
+    "DenoiseStage": "generation actor", "TextEncodeStage": "text-encode actor", "EncodeStage": "encode actor",
+    "WriteStage": "write actor", "PrepareStage": "prepare actor",
+}
+
+
+class RunFailed(RuntimeError):
+    """A run that could not finish, with its root cause in one line (the CLI prints it and exits 1)."""
+
+
+def describe(error: BaseException) -> str:
+    """`<stage> failed: <Type>: <message>` for an exception raised out of a Ray Data execution."""
+    chain = _chain(error)
+    texts = [_ANSI.sub("", str(e)) for e in chain]
+    where = next((STAGES[name] for text in texts for name in _stage_names(text)), "Ray Data execution")
+    for e in reversed(chain):  # the deepest exception object that is not one of Ray's wrappers
+        if not _is_ray(e) and str(e).strip():
+            first = _first_line(str(e))
+            notes = list(getattr(e, "__notes__", ()) or ()) or _notes_in(texts, first)
+            return f"{where} failed: {_type_name(e)}: {first}" + "".join(f" ({_first_line(str(n))})" for n in notes)
+    for text in texts:  # Ray kept only text: the last exception line of the traceback it carries
+        found = [m for m in (_EXCEPTION_LINE.match(line.strip()) for line in text.splitlines()) if m]
+        found = [m for m in found if not m.group(1).startswith("ray.")]
+        if found:
+            message = found[-1].group(2).strip()[:500]
+            notes = "".join(f" ({n})" for n in _notes_in([text], message))
+            return f"{where} failed: {found[-1].group(1)}: {message}{notes}"
+    return f"{where} failed: {_type_name(error)}: {_first_line(texts[0]) if texts else ''}"
+
+
+def _notes_in(texts: list[str], first: str) -> list[str]:
+    """The notes (PEP 678: e.g. faults/retry.py's "gave up after ...") printed under an exception's line in
+    a traceback text, for exceptions whose notes do not survive pickling (botocore's keep only kwargs)."""
+    for text in texts:
+        lines = text.splitlines()
+        for i in range(len(lines) - 1, -1, -1):
+            if first and lines[i].rstrip().endswith(first):
+                notes = []
+                for line in lines[i + 1:]:
+                    if not line.strip() or line.startswith((" ", "Traceback", "During handling", "The above")):
+                        break
+                    notes.append(line.strip())
+                return notes
+    return []
+
+
+def _type_name(e: BaseException) -> str:
+    """As a traceback prints it: builtins bare, anything else with its module."""
+    module = type(e).__module__
+    return type(e).__qualname__ if module in (None, "builtins") else f"{module}.{type(e).__qualname__}"
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """The exception, what caused it (Ray's RayTaskError.cause included), and so on, outermost first."""
+    out: list[BaseException] = []
+    todo = [error]
+    while todo:
+        e = todo.pop(0)
+        if e is None or any(e is seen for seen in out):
+            continue
+        out.append(e)
+        todo += [getattr(e, "cause", None) if isinstance(getattr(e, "cause", None), BaseException) else None,
+                 e.__cause__, e.__context__]
+    return out
+
+
+def _is_ray(e: BaseException) -> bool:
+    module = type(e).__module__ or ""
+    return module.startswith("ray.") or module == "ray" or type(e).__name__.startswith("Ray")
+
+
+def _stage_names(text: str) -> list[str]:
+    return [name for name in re.findall(r"MapBatches\((\w+)\)", text) if name in STAGES]
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0][:500] if lines else ""

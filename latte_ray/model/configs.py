@@ -1,0 +1,159 @@
+"""A model source's configs, read without loading any weights, and checked against the spec in the driver.
+
+Before this check a wrong frame count, a folder that is not a `save_pretrained` folder, an offline hub id or
+an unreachable s3:// mirror surfaced 15-55 s into a run, inside an actor, under hundreds of lines of Ray
+traceback. Here it is one line naming `model.source` or the spec field, before Ray starts. Only small
+files are read: model_index.json and the transformer's and text encoder's config.json (for a hub id,
+fetched with huggingface_hub, which honours HF_HUB_OFFLINE and its cache). Weights are not read, only
+listed where listing is cheap (a local folder, an object store): a corrupt weight file can only show when
+an actor loads it (runner.py reports that failure as one line too).
+
+This module imports neither torch nor diffusers, so `run --dry-run` stays light.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from latte_ray.spec import NULL_SOURCE, TINY_SOURCE, ModelSpec, PipelineSpec, SpecError
+
+CONFIG_FILES = {"model_index": "model_index.json", "transformer": "transformer/config.json",
+                "text_encoder": "text_encoder/config.json"}
+WEIGHTED = ("transformer", "vae", "text_encoder")  # components whose weights must be safetensors
+
+
+def source_kind(source: str) -> str:
+    """'tiny', 'null', 'remote' (an fsspec URL), 'local' (an existing folder), 'missing' (a path that does
+    not exist) or 'hub' (anything else: a Hugging Face Hub id). model/loading.py resolves by the same rule."""
+    if source == TINY_SOURCE:
+        return "tiny"
+    if source == NULL_SOURCE:
+        return "null"
+    if "://" in source and not source.startswith("file://"):
+        return "remote"
+    if Path(source.removeprefix("file://")).expanduser().is_dir():
+        return "local"
+    if source.startswith(("/", "./", "../", "~", "file://")) or source in (".", ".."):
+        return "missing"
+    return "hub"
+
+
+@dataclass
+class ModelConfigs:
+    where: str  # what was read, for messages: "the tiny model", "local folder", "object store", "Hugging Face Hub"
+    model_index: dict
+    transformer: dict | None
+    text_encoder: dict | None
+    files: set[str] | None = None  # every file of the model (relative paths), when it could be listed
+
+
+def read_model_configs(model: ModelSpec, storage_options: dict | None = None) -> ModelConfigs | None:
+    """The source's configs (None for the benchmark 'null' source); SpecError naming model.source."""
+    kind = source_kind(model.source)
+    src = f"model.source {model.source!r}"
+    if kind == "null":
+        return None
+    if kind == "tiny":
+        from latte_ray.model.tiny import model_configs
+
+        configs = model_configs()
+        return ModelConfigs("the tiny model", configs["model_index"], configs["transformer"], configs["text_encoder"])
+    if kind == "missing":
+        raise SpecError(f"{src}: no such folder")
+    if kind == "hub":
+        return _hub_configs(model, src)
+    return _fs_configs(model, src, storage_options, "local folder" if kind == "local" else "object store")
+
+
+def _fs_configs(model: ModelSpec, src: str, storage_options: dict | None, where: str) -> ModelConfigs:
+    from latte_ray.record.storage import filesystem
+
+    url = model.source if where == "object store" else str(Path(model.source.removeprefix("file://")).expanduser())
+    fs, root = filesystem(url, storage_options)
+    root = root.rstrip("/")
+    try:
+        files = {p[len(root) + 1:] for p in fs.find(root)}
+    except Exception as e:  # noqa: BLE001 - unreachable endpoint, missing bucket, permission
+        raise SpecError(f"{src}: cannot list it: {type(e).__name__}: {_first_line(e)}") from e
+    if CONFIG_FILES["model_index"] not in files:
+        raise SpecError(f"{src}: no model_index.json there (not a diffusers save_pretrained folder)")
+    loaded = {}
+    for name, rel in CONFIG_FILES.items():
+        if rel not in files:
+            loaded[name] = None
+            continue
+        try:
+            loaded[name] = json.loads(fs.cat_file(f"{root}/{rel}"))
+        except Exception as e:  # noqa: BLE001
+            raise SpecError(f"{src}: cannot read {rel}: {type(e).__name__}: {_first_line(e)}") from e
+    return ModelConfigs(where, loaded["model_index"], loaded["transformer"], loaded["text_encoder"], files)
+
+
+def _hub_configs(model: ModelSpec, src: str) -> ModelConfigs:
+    import os
+
+    from huggingface_hub import hf_hub_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    loaded = {}
+    for name, rel in CONFIG_FILES.items():
+        try:
+            path = hf_hub_download(repo_id=model.source, filename=rel, revision=model.revision)
+        except Exception as e:  # noqa: BLE001 - offline, unknown repo, invalid id, missing file
+            if name != "model_index" and type(e).__name__ == "EntryNotFoundError":
+                loaded[name] = None
+                continue
+            hint = " (HF_HUB_OFFLINE is set and it is not in the local hub cache)" if offline else ""
+            raise SpecError(
+                f"{src} is not 'tiny', a folder on this machine or a URL, so it is a Hugging Face Hub id, and "
+                f"its {rel} cannot be fetched{hint}: {type(e).__name__}: {_first_line(e)}"
+            ) from None
+        loaded[name] = json.loads(Path(path).read_text())
+    return ModelConfigs("Hugging Face Hub", loaded["model_index"], loaded["transformer"], loaded["text_encoder"])
+
+
+def check_model_source(spec: PipelineSpec, storage_options: dict | None = None) -> str:
+    """Check that the source is a Latte pipeline whose configs agree with the spec; returns a one-line
+    summary, raises SpecError (one line) naming the field that disagrees."""
+    model = spec.model
+    configs = read_model_configs(model, storage_options)
+    if configs is None:
+        return f"model.source {model.source!r}: the benchmark null engine (no model)"
+    src = f"model.source {model.source!r}"
+    pipeline_class = configs.model_index.get("_class_name")
+    if pipeline_class != "LattePipeline":
+        raise SpecError(f"{src} is a {pipeline_class or 'pipeline without a _class_name'} (model_index.json), "
+                        f"not a LattePipeline")
+    if not configs.transformer:
+        raise SpecError(f"{src}: no transformer/config.json (a Latte pipeline needs its transformer)")
+    frames = configs.transformer.get("video_length")
+    if frames != spec.sampling.video_length:
+        raise SpecError(f"sampling.video_length is {spec.sampling.video_length} but {src} makes {frames}-frame "
+                        f"videos (transformer/config.json video_length); set sampling.video_length: {frames}")
+    if configs.text_encoder is None:
+        if not _component_present(configs.model_index, "text_encoder"):
+            raise SpecError(f"{src}: the pipeline was saved without a text encoder (model_index.json)")
+        raise SpecError(f"{src}: no text_encoder/config.json")
+    width, channels = configs.text_encoder.get("d_model"), configs.transformer.get("caption_channels")
+    if width != channels:
+        raise SpecError(f"{src}: its text encoder's width (text_encoder d_model {width}) is not the width the "
+                        f"transformer reads (caption_channels {channels})")
+    if configs.files is not None:
+        for component in WEIGHTED:
+            if not any(f.startswith(f"{component}/") and f.endswith((".safetensors", ".safetensors.index.json"))
+                       for f in configs.files):
+                raise SpecError(f"{src}: {component}/ has no .safetensors weights (latte-ray loads safetensors "
+                                f"only, never pickled weights)")
+    return f"{src} ({configs.where}): a LattePipeline, {frames} frames, text width {width}"
+
+
+def _component_present(model_index: dict, name: str) -> bool:
+    value = model_index.get(name)
+    return isinstance(value, list) and any(value)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[0][:300] if lines else ""

@@ -1,0 +1,230 @@
+"""Does the plan fit the cluster? Schedulable operators, and a check before any actor starts.
+
+1. Every task-based operator asks for at most `execution.num_cpus_per_cpu_task` CPUs. Ray Data (2.60)
+   gives a task operator that was not told otherwise a whole CPU (`_canonicalize_ray_remote_args`), and
+   its own file listing (`ListFiles`, planned with fixed remote args) and `repartition(
+   target_num_rows_per_block=...)` cannot be told otherwise through the public API. On a 2-CPU node whose
+   actor pools hold 1.25 CPUs, such a task can never be scheduled: the run hangs without a word (what
+   `ray job submit` on a 2-core head did). `TaskCpuCap`, an ExecutionCallback registered on the driver's
+   DataContext (`use_task_cpu_cap`), lowers every task operator's request before execution starts; the
+   workplan's own tasks ask for the same share.
+2. `check_fit`: before any actor starts, the plan's minimum (generation actors at the pool's minimum size,
+   the optional text-encode actor, one actor per CPU stage, one task slot) is packed onto the alive nodes'
+   resources. When it cannot fit and no autoscaler can add nodes, the run is refused (SpecError: one line,
+   exit 2) with the numbers and the fix; with an autoscaler, what must be added is logged and the run goes
+   on (the progress watchdog covers a cluster that never grows).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+from latte_ray.spec import SpecError
+
+log = logging.getLogger(__name__)
+
+AUTOSCALER_ENV = "LATTE_RAY_AUTOSCALER"  # "1"/"0": say whether an autoscaler can add nodes (overrides detection)
+EPS = 1e-6
+
+
+# ---- 1. task operators ask for a small share of a CPU
+
+
+def _task_cpu_cap_class(cpus: float):
+    from ray.data._internal.execution.execution_callback import ExecutionCallback
+    from ray.data._internal.execution.operators.actor_pool_map_operator import ActorPoolMapOperator
+
+    class TaskCpuCap(ExecutionCallback):
+        cap = cpus
+
+        def before_execution_starts(self, executor) -> None:
+            for op in executor._topology:
+                args = getattr(op, "_ray_remote_args", None)
+                if args is None or isinstance(op, ActorPoolMapOperator) or args.get("num_gpus"):
+                    continue
+                if args.get("num_cpus", 1) > self.cap:
+                    log.debug("operator %s: num_cpus %s -> %s", op.name, args.get("num_cpus"), self.cap)
+                    args["num_cpus"] = self.cap
+
+    return TaskCpuCap
+
+
+def use_task_cpu_cap(cpus: float) -> None:
+    """From now on, every Ray Data execution this driver starts caps its task operators at `cpus` CPUs
+    (datasets copy the current DataContext when they are created)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    kept = [c for c in ctx.custom_execution_callback_classes if c.__name__ != "TaskCpuCap"]
+    ctx.custom_execution_callback_classes = [*kept, _task_cpu_cap_class(cpus)]
+
+
+# ---- 2. the plan's minimum against the cluster
+
+
+@dataclass(frozen=True)
+class Demand:
+    what: str
+    cpu: float
+    gpu: float = 0.0
+
+
+def plan_minimum(spec, generate: bool = True) -> list[Demand]:
+    """What must run at once for the plan to make progress (runner.build_plan's operators)."""
+    ex = spec.execution
+    task = ex.num_cpus_per_cpu_task
+    demands = [Demand("prepare-stage actor", task), Demand("write-stage actor", task)]
+    if generate:
+        demands.append(Demand("encode-stage actor", task))
+        lo = ex.concurrency if isinstance(ex.concurrency, int) else ex.concurrency[0]
+        if ex.text_encode_stage:
+            demands.append(Demand("text-encode actor", ex.num_cpus_per_actor, ex.num_gpus_per_actor))
+        demands += [Demand("generation actor", ex.num_cpus_per_actor, ex.num_gpus_per_actor)] * lo
+        scoring = spec.scoring
+        if scoring.enabled:  # stages/score.add_scoring_stages: a CPU stage, then the scoring actor pool
+            demands.append(Demand("sample-frames-stage actor", task))
+            low = scoring.concurrency if isinstance(scoring.concurrency, int) else scoring.concurrency[0]
+            demands += [Demand("scoring actor", scoring.num_cpus, scoring.num_gpus)] * low
+    demands.append(Demand("task slot (file listing, repartition, pre-pass)", task))
+    return demands
+
+
+def pack(demands: list[Demand], nodes: list[dict]) -> list[Demand]:
+    """First-fit decreasing of the demands onto the nodes' resources; returns what does not fit."""
+    free = [{"CPU": float(n.get("CPU", 0)), "GPU": float(n.get("GPU", 0))} for n in nodes]
+    left = []
+    for demand in sorted(demands, key=lambda d: (d.gpu, d.cpu), reverse=True):
+        for node in free:
+            if node["CPU"] + EPS >= demand.cpu and node["GPU"] + EPS >= demand.gpu:
+                node["CPU"] -= demand.cpu
+                node["GPU"] -= demand.gpu
+                break
+        else:
+            left.append(demand)
+    return left
+
+
+def alive_nodes() -> list[dict]:
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive") and n.get("Resources")]
+
+
+@dataclass
+class Autoscaler:
+    present: bool
+    how: str
+    max_resources: dict | None = None  # the most the autoscaler can reach, when it says
+
+
+_READONLY_TYPE = re.compile(r"^node_[0-9a-f]+$")  # the anonymous node types of a cluster without autoscaler
+
+
+def autoscaler() -> Autoscaler:
+    """Whether an autoscaler can add nodes to this cluster:
+    - LATTE_RAY_AUTOSCALER=1|0 decides when set;
+    - the cluster config that autoscaler v2 (and KubeRay with it) reports to the GCS, read as Ray Data
+      reads it (ray.data's is_autoscaling_enabled: a node type whose max count exceeds its min);
+    - autoscaler v1 (`ray up`, KubeRay's default) publishes its status under `__autoscaling_status`: a
+      real one names node types from its config, while a cluster without one (`ray start`) has only
+      anonymous `node_<id>` types.
+    """
+    forced = os.environ.get(AUTOSCALER_ENV)
+    if forced in ("0", "1"):
+        return Autoscaler(forced == "1", f"{AUTOSCALER_ENV}={forced}")
+    import ray
+
+    try:
+        from ray.data._internal.cluster_autoscaler.util import is_autoscaling_enabled
+
+        if is_autoscaling_enabled():
+            limits = ray._private.state.state.get_max_resources_from_cluster_config()
+            return Autoscaler(True, "the cluster config reported by the autoscaler", limits)
+    except Exception as e:  # noqa: BLE001 - detection is best effort
+        log.debug("autoscaler v2 config unreadable: %s", e)
+    try:
+        from ray._private import ray_constants
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+        report = (json.loads(raw) if raw else {}).get("autoscaler_report") or {}
+        types = set(report.get("active_nodes") or {}) | set(report.get("idle_nodes") or {})
+        types |= set(report.get("pending_launches") or {}) | set((report.get("node_type_mapping") or {}).values())
+        if any(not _READONLY_TYPE.match(t) for t in types):
+            return Autoscaler(True, f"autoscaler v1 with node types {sorted(types)}")
+    except Exception as e:  # noqa: BLE001
+        log.debug("autoscaler v1 status unreadable: %s", e)
+    return Autoscaler(False, "no autoscaler found (set LATTE_RAY_AUTOSCALER=1 if one can add nodes)")
+
+
+def _describe(demands: list[Demand]) -> str:
+    counts: dict[Demand, int] = {}
+    for d in demands:
+        counts[d] = counts.get(d, 0) + 1
+    return ", ".join(f"{n} {d.what}{'s' if n > 1 else ''} x ({d.cpu:g} CPU{f', {d.gpu:g} GPU' if d.gpu else ''})"
+                     for d, n in counts.items())
+
+
+def _need(demands: list[Demand]) -> tuple[float, float]:
+    return sum(d.cpu for d in demands), sum(d.gpu for d in demands)
+
+
+def _have(nodes: list[dict]) -> tuple[float, float]:
+    return sum(float(n.get("CPU", 0)) for n in nodes), sum(float(n.get("GPU", 0)) for n in nodes)
+
+
+def _fix(spec, demands: list[Demand], nodes: list[dict], left: list[Demand]) -> str:
+    ex = spec.execution
+    cluster_gpus = _have(nodes)[1]
+    if any(d.gpu for d in left) or (spec.model.device == "cuda" and cluster_gpus == 0):
+        if cluster_gpus == 0:
+            return ("run it on a cluster with GPU nodes (or one whose autoscaler adds them), or use a CPU spec "
+                    "(model.device: cpu, execution.num_gpus_per_actor: 0, e.g. --pipeline tiny-cpu)")
+        others = [d for d in demands if d.what != "generation actor"]
+        fits = 0
+        gen = next(d for d in demands if d.what == "generation actor")
+        while fits < 1024 and not pack(others + [gen] * (fits + 1), nodes):
+            fits += 1
+        hi = ex.concurrency if isinstance(ex.concurrency, int) else ex.concurrency[1]
+        return (f"lower the generation pool's minimum to what fits ({fits}: --concurrency {max(fits, 1)},{max(hi, 1)} "
+                f"or execution.concurrency: [{max(fits, 1)}, {max(hi, 1)}]), or add GPU nodes")
+    return ("lower execution.num_cpus_per_actor / num_cpus_per_cpu_task, or run on nodes with more CPUs "
+            "(each node must have at least one CPU beyond a generation actor's share)")
+
+
+def check_fit(spec, generate: bool = True, nodes: list[dict] | None = None,
+              scaler: Autoscaler | None = None) -> None:
+    """Refuse a plan that can never be scheduled on this cluster (SpecError naming the numbers and the
+    fix), or log what the autoscaler must add."""
+    demands = plan_minimum(spec, generate)
+    nodes = alive_nodes() if nodes is None else nodes
+    left = pack(demands, nodes)
+    needs_cuda = generate and spec.model.device == "cuda" and _have(nodes)[1] == 0
+    if not left and not needs_cuda:
+        return
+    need_cpu, need_gpu = _need(demands)
+    have_cpu, have_gpu = _have(nodes)
+    what = (f"the plan needs at least {need_cpu:g} CPU and {need_gpu:g} GPU at once ({_describe(demands)}); "
+            f"the cluster has {len(nodes)} node{'s' if len(nodes) != 1 else ''} with {have_cpu:g} CPU and "
+            f"{have_gpu:g} GPU in all")
+    if needs_cuda and not left:
+        what += ", and the spec asks for model.device: cuda"
+    else:
+        what += f"; these do not fit: {_describe(left)}"
+    scaler = autoscaler() if scaler is None else scaler
+    if scaler.present:
+        limits = scaler.max_resources or {}
+        over = [name for name, need in (("CPU", need_cpu), ("GPU", need_gpu))
+                if name in limits and need > float(limits[name]) + EPS]
+        if not over:
+            log.warning("%s. An autoscaler can add nodes (%s): waiting for it; the progress watchdog stops "
+                        "the run if the cluster never grows", what, scaler.how)
+            return
+        what += f"; the autoscaler's limit is {', '.join(f'{n} {limits[n]:g}' for n in over)}"
+    else:
+        what += f" ({scaler.how})"
+    raise SpecError(f"the plan cannot run on this cluster: {what}. Fix: {_fix(spec, demands, nodes, left)}")
