@@ -262,6 +262,10 @@ def preflight(run: RunSpec, tables: bool = True) -> Preflight:
     out = outputs.open_output(run.output, run.storage_options)
     outputs.check_binding(out, run.pipeline, run.seed)
     outputs.probe_writable(out)
+    if run.pipeline.model.quantization is not None:
+        from latte_ray.model.quantize import check_before_run
+
+        check_before_run(run.pipeline.model)  # float8 on a machine without float8 GPUs: refused here
     model = check_model_source(run.pipeline, run.storage_options)
     if run.pipeline.scoring.enabled:
         from latte_ray.model.clip import check_sources

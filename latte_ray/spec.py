@@ -47,9 +47,22 @@ class CompileSpec(_Strict):
     )
 
 
+# TeaCache's polynomial for Latte (Liu et al. 2024, "Timestep Embedding Tells: It's Time to Cache for Video
+# Diffusion Model"): maps the relative L1 change of the first block's timestep-modulated input to the change of
+# the model's output. Published in ali-vilab/TeaCache, eval/teacache/experiments/latte.py (commit 7c10efc,
+# `coefficients` in teacache_forward), fitted on Latte-1; its paper runs Latte at thresholds 0.1 (1.86x at
+# unchanged VBench) and 0.2 (3.28x). Highest power first, as numpy.poly1d takes them.
+TEACACHE_LATTE_COEFFICIENTS = (-2.46434137e03, 3.08044764e02, 8.07447667e01, -4.11385132e00, 1.11001402e-01)
+TEACACHE_DEFAULT_THRESHOLD = 0.1
+_TEACACHE_ONLY = ("threshold", "coefficients")
+
+
 class CacheSpec(_Strict):
-    kind: Literal["faster_cache", "pyramid_attention_broadcast"] = Field(
-        ..., description="diffusers cache hook applied with transformer.enable_cache."
+    kind: Literal["faster_cache", "pyramid_attention_broadcast", "teacache"] = Field(
+        ..., description="faster_cache / pyramid_attention_broadcast: diffusers cache hooks applied with "
+        "transformer.enable_cache (reuse attention outputs); teacache: skip the whole stack of transformer blocks "
+        "for a video at a step where its timestep-modulated input changed little since the last computed step, "
+        "reusing that video's cached residual (latte_ray/model/teacache.py; decided per video).",
     )
     spatial_attention_block_skip_range: int = Field(2, ge=1, description="Reuse spatial attention every N steps.")
     spatial_attention_timestep_skip_range: tuple[int, int] = Field(
@@ -58,6 +71,68 @@ class CacheSpec(_Strict):
     attention_weight: float = Field(
         0.5, ge=0.0, le=1.0, description="faster_cache only: weight of the extrapolated attention output."
     )
+    threshold: float | None = Field(
+        None, ge=0.0, description=f"teacache only (default {TEACACHE_DEFAULT_THRESHOLD}): a video skips a step "
+        "while its accumulated rescaled input change stays below this; 0 computes every step (Latte-1: 0.1 ~1.86x "
+        "at unchanged VBench, 0.2 ~3.28x at a small loss, per the TeaCache paper).",
+    )
+    coefficients: tuple[float, ...] | None = Field(
+        None, min_length=1, description="teacache only: polynomial (highest power first) rescaling the relative "
+        "L1 input change; default: TeaCache's published fit for Latte-1. A model of another size or training "
+        "needs its own fit (benchmarks/acceleration.py --fit prints one).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _teacache_defaults(cls, data: object) -> object:
+        """teacache gets its defaults written in (so run records show the polynomial used); the other kinds
+        must not set teacache's fields."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("kind") == "teacache":
+            data = dict(data)
+            if data.get("threshold") is None:
+                data["threshold"] = TEACACHE_DEFAULT_THRESHOLD
+            if data.get("coefficients") is None:
+                data["coefficients"] = TEACACHE_LATTE_COEFFICIENTS
+        else:
+            for name in _TEACACHE_ONLY:
+                if data.get(name) is not None:
+                    raise ValueError(f"cache.{name} applies to kind 'teacache' only, not {data.get('kind')!r}")
+        return data
+
+
+QUANTIZATION_KINDS = {
+    # kind -> (torchao config class, needs float8 hardware: CUDA compute capability >= 8.9)
+    "int8_weight_only": ("Int8WeightOnlyConfig", False),
+    "int8_dynamic": ("Int8DynamicActivationInt8WeightConfig", False),
+    "float8_weight_only": ("Float8WeightOnlyConfig", True),
+    "float8_dynamic": ("Float8DynamicActivationFloat8WeightConfig", True),
+}
+FLOAT8_MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) have float8 tensor cores
+
+
+class QuantizationSpec(_Strict):
+    kind: Literal["int8_weight_only", "int8_dynamic", "float8_weight_only", "float8_dynamic"] = Field(
+        ..., description="torchao quantization of the Linear weights, applied once at load (torchao.quantize_): "
+        "int8_weight_only (CPU and CUDA; halves weight memory vs fp16), int8_dynamic (int8 weights and "
+        "activations), float8_weight_only / float8_dynamic (CUDA compute capability >= 8.9: Ada, Hopper).",
+    )
+    components: tuple[Literal["transformer", "text_encoder"], ...] = Field(
+        ("transformer",), min_length=1, description="Which models to quantize: the transformer, and optionally "
+        "the T5 text encoder (Latte-1's is ~9.5 GB in fp16).",
+    )
+
+    @field_validator("components")
+    @classmethod
+    def _unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"components must not repeat, got {list(v)}")
+        return v
+
+    @property
+    def needs_float8(self) -> bool:
+        return QUANTIZATION_KINDS[self.kind][1]
 
 
 class ModelSpec(_Strict):
@@ -74,6 +149,9 @@ class ModelSpec(_Strict):
     attention: Literal["sdpa", "default"] = Field("sdpa", description="Attention backend.")
     compile: CompileSpec = Field(default_factory=CompileSpec)
     cache: CacheSpec | None = Field(None, description="Optional cache acceleration; off when null.")
+    quantization: QuantizationSpec | None = Field(
+        None, description="Optional low-precision weights (torchao), applied at load; off when null."
+    )
 
     @field_validator("source")
     @classmethod
@@ -81,6 +159,17 @@ class ModelSpec(_Strict):
         if not v.strip():
             raise ValueError("model.source must not be empty")
         return v
+
+    @model_validator(mode="after")
+    def _float8_needs_cuda(self) -> "ModelSpec":
+        q = self.quantization
+        if q is not None and q.needs_float8 and self.device == "cpu":
+            raise ValueError(
+                f"model.quantization.kind {q.kind!r} needs a CUDA GPU with compute capability >= "
+                f"{FLOAT8_MIN_CAPABILITY[0]}.{FLOAT8_MIN_CAPABILITY[1]} (Ada, Hopper), but model.device is 'cpu'; "
+                f"use int8_weight_only on CPU"
+            )
+        return self
 
 
 class SamplingSpec(_Strict):
@@ -267,6 +356,14 @@ def hashed_fields(raw: dict) -> dict:
     model = payload.get("model") or {}
     model.pop("device", None)
     (model.get("compile") or {}).pop("cache_dir", None)
+    # Fields added after outputs already existed enter the hash only when set, so the hash of a spec
+    # that does not use them (and so the binding of its existing outputs) is unchanged.
+    if model.get("quantization") is None:
+        model.pop("quantization", None)
+    if model.get("cache") is not None:
+        for name in _TEACACHE_ONLY:
+            if model["cache"].get(name) is None:
+                model["cache"].pop(name, None)
     return payload
 
 

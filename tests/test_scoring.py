@@ -26,7 +26,7 @@ import torch
 from typer.testing import CliRunner
 
 from latte_ray.cli import app
-from latte_ray.model.clip import (AestheticHead, ClipScorer, ScoringSourceError, build_tiny_clip,
+from latte_ray.model.clip import (AestheticHead, ClipScorer, ScoringSourceError,
                                   ensure_tiny_aesthetic, ensure_tiny_clip, sample_indices)
 from latte_ray.record.sidecars import from_npy
 from latte_ray.record.storage import OutputLayout, filesystem, read_manifest
@@ -351,7 +351,7 @@ def test_export_filters_packs_sidecars_loads_both_ways_and_documents_itself(scor
             "--with-embeddings", "--with-latents", "--samples-per-shard", "2", "--name", "tiny-scored"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert f"export: 3 samples in 2 shards" in result.output and f"rejected 1: 1 clip_score < {threshold}" in result.output
+    assert "export: 3 samples in 2 shards" in result.output and f"rejected 1: 1 clip_score < {threshold}" in result.output
 
     dataset = out / "dataset"
     index = pq.read_table(dataset / "index.parquet").to_pylist()
@@ -431,7 +431,7 @@ def test_export_refuses_sidecars_no_video_has_and_filters_unscored_videos_out(sc
 def test_report_shows_score_distributions_and_extremes(scored_run, tmp_path):
     from PIL import Image
 
-    from latte_ray.ops.report import LABEL, PAD, sheet_size
+    from latte_ray.ops.report import sheet_size
 
     src, _ = scored_run
     rows = {r["id"]: r for r in read_manifest(*_fs(src)).to_pylist()}

@@ -92,3 +92,45 @@ def test_spec_hash_tracks_pixels_not_placement():
     raw = yaml.safe_load(spec.model_dump_json())
     raw["video"]["crf"] = 23
     assert parse_pipeline_spec(raw).spec_hash() != spec.spec_hash()
+
+
+def test_new_optional_fields_leave_existing_hashes_alone():
+    """Outputs are bound to their spec hash: adding `model.quantization` and TeaCache's cache fields must
+    not change the hash of a spec that uses neither (values computed before those fields existed)."""
+    before = {"tiny-cpu": ("abcfd450dbb00b56", "6f2e424e8ffeb91d"),
+              "tiny-cpu-lossless": ("845fd1228b512b0a", "41b5474e4d0004ce"),
+              "latte-1-t2v-512": ("83e36de3b59db8c6", "e1fe823fbd4448ab")}
+    for name, (plain, faster_cache) in before.items():
+        spec = load_pipeline_spec(name)
+        raw = yaml.safe_load(spec.model_dump_json())
+        raw["model"]["cache"] = {"kind": "faster_cache"}
+        assert (spec.spec_hash(), parse_pipeline_spec(raw).spec_hash()) == (plain, faster_cache), name
+
+
+def test_teacache_and_quantization_specs():
+    from latte_ray.spec import TEACACHE_DEFAULT_THRESHOLD, TEACACHE_LATTE_COEFFICIENTS
+
+    def with_model(**model):
+        raw = yaml.safe_load(load_pipeline_spec("tiny-cpu").model_dump_json())
+        raw["model"].update(model)
+        return parse_pipeline_spec(raw, origin="test.yaml")
+
+    tea = with_model(cache={"kind": "teacache"}).model.cache
+    assert (tea.threshold, tea.coefficients) == (TEACACHE_DEFAULT_THRESHOLD, TEACACHE_LATTE_COEFFICIENTS)
+    hashes = {with_model(cache={"kind": "teacache", "threshold": t}).spec_hash() for t in (0.1, 0.2)}
+    hashes.add(with_model(cache={"kind": "teacache", "threshold": 0.1, "coefficients": [1.0, 0.0]}).spec_hash())
+    hashes |= {with_model(quantization={"kind": k}).spec_hash() for k in ("int8_weight_only", "int8_dynamic")}
+    hashes.add(with_model(quantization={"kind": "int8_weight_only", "components": ["transformer", "text_encoder"]})
+               .spec_hash())
+    assert len(hashes) == 6 and load_pipeline_spec("tiny-cpu").spec_hash() not in hashes
+    for model, field in (
+        ({"cache": {"kind": "faster_cache", "threshold": 0.1}}, "cache.threshold applies to kind 'teacache' only"),
+        ({"cache": {"kind": "teacache", "threshold": -1}}, "model.cache.threshold"),
+        ({"quantization": {"kind": "int4"}}, "model.quantization.kind"),
+        ({"quantization": {"kind": "int8_weight_only", "components": ["vae"]}}, "model.quantization.components"),
+        ({"quantization": {"kind": "float8_dynamic"}}, "model.quantization.kind 'float8_dynamic' needs a CUDA GPU"),
+    ):
+        with pytest.raises(SpecError) as err:
+            with_model(**model)
+        assert field in str(err.value) and "test.yaml" in str(err.value), str(err.value)
+    with_model(device="auto", quantization={"kind": "float8_dynamic"})  # checked on the actor's device

@@ -1,34 +1,47 @@
-"""Cache acceleration: diffusers' FasterCache or Pyramid Attention Broadcast hooks on the Latte transformer.
+"""Cache acceleration: diffusers' FasterCache or Pyramid Attention Broadcast hooks on the Latte transformer,
+or TeaCache (latte_ray/model/teacache.py, the engine's own per-video implementation).
 
-Both reuse attention outputs from earlier denoising steps inside a timestep window, trading a little
-fidelity for speed (diffusers' tables for Latte: FasterCache ~1.31x, PAB ~1.15x). They change pixels, so
-the cache settings are part of the spec hash and the manifest's `cache` column names the kind. The hooks
-keep per-video state; the engine resets it before and after every batch (engine._reset_cache_state).
+FasterCache and PAB reuse attention outputs from earlier denoising steps inside a timestep window, trading a
+little fidelity for speed (diffusers' tables for Latte: FasterCache ~1.31x, PAB ~1.15x); FasterCache also
+skips the unconditional half of the batch at some steps and extrapolates it. They change pixels, so the
+cache settings are part of the spec hash and the manifest's `cache` column names the kind. The hooks keep
+per-video state; the engine resets it before and after every batch (engine._reset_cache_state).
 """
 
 from __future__ import annotations
 
 from latte_ray.spec import CacheSpec
 
+HOOK_KINDS = ("faster_cache", "pyramid_attention_broadcast")
+
+
+def _faster_cache_config(cache: CacheSpec, guidance_scale: float, current_timestep=lambda: None):
+    from diffusers import FasterCacheConfig
+
+    weight = cache.attention_weight
+    return FasterCacheConfig(
+        spatial_attention_block_skip_range=cache.spatial_attention_block_skip_range,
+        spatial_attention_timestep_skip_range=cache.spatial_attention_timestep_skip_range,
+        current_timestep_callback=current_timestep,
+        attention_weight_callback=lambda _module: weight,
+        tensor_format="BCFHW",  # Latte's latents: (batch, channels, frames, height, width)
+        # Without classifier-free guidance there is no unconditional half of the batch to skip.
+        is_guidance_distilled=guidance_scale <= 1.0,
+    )
+
 
 def enable_cache(pipe, cache: CacheSpec, guidance_scale: float = 7.5) -> None:
     """Attach the spec's cache hook to `pipe.transformer`; it reads the step from `pipe.current_timestep`."""
-    from diffusers import FasterCacheConfig, PyramidAttentionBroadcastConfig
+    from diffusers import PyramidAttentionBroadcastConfig
+
+    if cache.kind not in HOOK_KINDS:
+        raise ValueError(f"cache kind {cache.kind!r} is not a diffusers hook (teacache runs in the engine)")
 
     def current_timestep():
         return pipe.current_timestep
 
     if cache.kind == "faster_cache":
-        weight = cache.attention_weight
-        config = FasterCacheConfig(
-            spatial_attention_block_skip_range=cache.spatial_attention_block_skip_range,
-            spatial_attention_timestep_skip_range=cache.spatial_attention_timestep_skip_range,
-            current_timestep_callback=current_timestep,
-            attention_weight_callback=lambda _module: weight,
-            tensor_format="BCFHW",  # Latte's latents: (batch, channels, frames, height, width)
-            # Without classifier-free guidance there is no unconditional half of the batch to skip.
-            is_guidance_distilled=guidance_scale <= 1.0,
-        )
+        config = _faster_cache_config(cache, guidance_scale, current_timestep)
     else:
         config = PyramidAttentionBroadcastConfig(
             spatial_attention_block_skip_range=cache.spatial_attention_block_skip_range,
@@ -37,3 +50,24 @@ def enable_cache(pipe, cache: CacheSpec, guidance_scale: float = 7.5) -> None:
         )
     pipe.transformer.enable_cache(config)
 
+
+def transformer_calls(cache: CacheSpec | None, timesteps, guidance_scale: float) -> int:
+    """Transformer calls one video makes over `timesteps` with no cache or a diffusers hook cache: rows of
+    the video that go through the transformer, summed over steps (a CFG half at one step is one call).
+
+    No cache and PAB: every step, both halves. FasterCache skips the unconditional half at step i when
+    i > 0, the timestep lies inside unconditional_batch_timestep_skip_range and i is not a multiple of
+    unconditional_batch_skip_range (diffusers' FasterCacheDenoiserHook.new_forward); the numbers are read
+    from the same FasterCacheConfig the hook gets. tests/test_acceleration.py counts the rows that reach
+    the transformer's patch embedding and checks this against them."""
+    cfg = guidance_scale > 1.0
+    halves = 2 if cfg else 1
+    if cache is None or cache.kind != "faster_cache" or not cfg:
+        return halves * len(timesteps)
+    config = _faster_cache_config(cache, guidance_scale)
+    lo, hi = config.unconditional_batch_timestep_skip_range
+    calls = 0
+    for i, t in enumerate(timesteps):
+        skip = i > 0 and lo < float(t) < hi and i % config.unconditional_batch_skip_range != 0
+        calls += 1 if skip else 2
+    return calls

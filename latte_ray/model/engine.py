@@ -78,6 +78,9 @@ class LatteEngine:
         self.sampling = spec.sampling
         self.device = pick_device(spec.model.device)
         self.dtype = DTYPES[spec.model.dtype]
+        from latte_ray.model.quantize import check_supported, quantize_pipeline
+
+        check_supported(spec.model.quantization, self.device)  # before any weights are read
         started = time.perf_counter()
         if pipe is None:
             pipe = load_pipeline(
@@ -85,10 +88,13 @@ class LatteEngine:
                 scheduler=spec.sampling.scheduler, with_denoiser=with_denoiser,
             )
         pipe.to(self.device)
+        quantize_pipeline(pipe, spec.model.quantization)
         pipe.set_progress_bar_config(disable=True)
         pipe._current_timestep = None  # read by cache hooks through pipe.current_timestep; set per step
         self.pipe = pipe
         self.transformer = pipe.transformer
+        self.teacache = None  # latte_ray/model/teacache.py when model.cache.kind is teacache
+        self.last_transformer_calls: list[int] = []  # per video of the last denoise call (manifest column)
         if with_denoiser:
             self._check_model_shapes()
             self._configure_denoiser()
@@ -112,7 +118,11 @@ class LatteEngine:
             pipe.transformer.set_attn_processor(AttnProcessor())
         if model.channels_last:
             pipe.vae.to(memory_format=torch.channels_last)
-        if model.cache is not None:
+        if model.cache is not None and model.cache.kind == "teacache":
+            from latte_ray.model.teacache import TeaCacheLatte
+
+            self.teacache = TeaCacheLatte(pipe.transformer, model.cache, self.spec.execution.batch_size)
+        elif model.cache is not None:
             from latte_ray.model.acceleration import enable_cache
 
             enable_cache(pipe, model.cache, self.sampling.guidance_scale)
@@ -129,16 +139,30 @@ class LatteEngine:
         if opts.cache_dir:
             set_inductor_cache_dir(opts.cache_dir)
         kwargs = {"mode": opts.mode} if opts.backend == "inductor" else {}
-        self.transformer = torch.compile(
-            self.pipe.transformer, backend=opts.backend, fullgraph=opts.fullgraph, dynamic=False, **kwargs
-        )
+        if self.teacache is not None:
+            # TeaCache runs the model in three parts, the blocks at a few fixed sub-batch sizes (teacache.py).
+            self.teacache.compile(opts.backend, opts.mode, opts.fullgraph)
+        else:
+            self.transformer = torch.compile(
+                self.pipe.transformer, backend=opts.backend, fullgraph=opts.fullgraph, dynamic=False, **kwargs
+            )
         if opts.vae_decode:
             self.pipe.vae.decode = torch.compile(self.pipe.vae.decode, backend=opts.backend, dynamic=False, **kwargs)
         started = time.perf_counter()
-        # Cache hooks branch on the step (inside their window or not, reuse or recompute), and each branch is
-        # its own graph: with a cache, warm up over the full schedule so every branch is compiled now.
-        steps = self.sampling.num_inference_steps if self.spec.model.cache else 2
-        self.denoise(self._warmup_text(), list(range(self.spec.execution.batch_size)), steps=steps)
+        seeds = list(range(self.spec.execution.batch_size))
+        if self.teacache is not None:
+            # One step per compiled sub-batch size, between a first and a last step on the whole batch.
+            schedule = self.teacache.warm_up_schedule()
+            self.teacache.script(schedule)
+            try:
+                self.denoise(self._warmup_text(), seeds, steps=len(schedule))
+            finally:
+                self.teacache.script(None)
+        else:
+            # Cache hooks branch on the step (inside their window or not, reuse or recompute), and each branch
+            # is its own graph: with a cache, warm up over the full schedule so every branch is compiled now.
+            steps = self.sampling.num_inference_steps if self.spec.model.cache else 2
+            self.denoise(self._warmup_text(), seeds, steps=steps)
         self.warmup_seconds = time.perf_counter() - started
         log.info("compiled and warmed up in %.1fs", self.warmup_seconds)
 
@@ -228,19 +252,25 @@ class LatteEngine:
         )
         extra = pipe.prepare_extra_step_kwargs(generators, s.eta)
         learned_sigma = getattr(pipe.scheduler.config, "variance_type", None) in ("learned", "learned_range")
-        for t in timesteps:
+        if self.teacache is not None:
+            self.teacache.start(videos=batch, real=n, cfg=cfg)
+        for i, t in enumerate(timesteps):
             pipe._current_timestep = t
             model_input = torch.cat([latents] * 2) if cfg else latents
             model_input = pipe.scheduler.scale_model_input(model_input, t)
             timestep = t[None].to(self.device).expand(model_input.shape[0])
-            noise = self.transformer(
-                hidden_states=model_input,
-                encoder_hidden_states=embeds,
-                timestep=timestep,
-                **masked,
-                enable_temporal_attentions=s.enable_temporal_attentions,
-                return_dict=False,
-            )[0]
+            if self.teacache is not None:
+                noise = self.teacache(model_input, embeds, timestep, masked.get("encoder_attention_mask"),
+                                      s.enable_temporal_attentions, step=i, steps=len(timesteps))
+            else:
+                noise = self.transformer(
+                    hidden_states=model_input,
+                    encoder_hidden_states=embeds,
+                    timestep=timestep,
+                    **masked,
+                    enable_temporal_attentions=s.enable_temporal_attentions,
+                    return_dict=False,
+                )[0]
             if cfg:
                 uncond, cond = noise.chunk(2)
                 noise = uncond + s.guidance_scale * (cond - uncond)
@@ -249,6 +279,13 @@ class LatteEngine:
             latents = pipe.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
         pipe._current_timestep = None
         _reset_cache_state(pipe)
+        if self.teacache is not None:
+            self.last_transformer_calls = self.teacache.calls()
+            self.teacache.state = None  # its residuals are the size of the batch's activations
+        else:
+            from latte_ray.model.acceleration import transformer_calls
+
+            self.last_transformer_calls = [transformer_calls(self.spec.model.cache, timesteps, s.guidance_scale)] * n
 
         if capture is not None:
             capture["latents"] = latents[:n].cpu()

@@ -25,6 +25,7 @@ class NullEngine:
     device = "cpu"
     dtype = None
     load_seconds = 0.0
+    last_transformer_calls: list[int] = []
 
     def __init__(self, spec: PipelineSpec, **_ignored):
         s = spec.sampling
@@ -36,4 +37,5 @@ class NullEngine:
         return self.denoise(text, seeds), text
 
     def denoise(self, text, seeds: list[int], steps=None) -> np.ndarray:
+        self.last_transformer_calls = [0] * len(seeds)  # no transformer here
         return np.stack([self._base + np.uint8(int(seed) % 256) for seed in seeds])

@@ -54,6 +54,9 @@ MANIFEST_SCHEMA = pa.schema(
         ("spec_hash", pa.string()),
         ("model", pa.string()),
         ("cache", pa.string()),  # cache acceleration kind (faster_cache, ...), null when off
+        ("cache_threshold", pa.float64()),  # teacache's threshold, null for other kinds and when off
+        ("quantization", pa.string()),  # model.quantization.kind, null when off
+        ("transformer_calls", pa.int32()),  # rows of this video through the transformer blocks, all steps
         ("prompt_tokens", pa.int32()),
         ("prompt_truncated", pa.bool_()),
         ("started_at", pa.timestamp("us", tz="UTC")),

@@ -50,6 +50,7 @@ class DenoiseStage:
         out["prompt_truncated"] = np.array(batch.get("prompt_truncated", np.zeros(n)), dtype=bool)
         out["started_at"] = np.full(n, _now(), dtype="datetime64[us]")
         out["generate_seconds"] = np.zeros(n, dtype=np.float64)
+        out["transformer_calls"] = np.zeros(n, dtype=np.int32)
         out["status"] = np.array(batch["status"], dtype=object)
         out["error"] = np.array(batch["error"], dtype=object)
         for column in self._sidecar_columns():
@@ -78,6 +79,7 @@ class DenoiseStage:
                 with deadline(seconds, f"generation of {', '.join(ids[i] for i in rows)[:200]}",
                               partial(self.crashes.note, watched or ids, why)):
                     frames, text, kept = self._generate(batch, rows)
+                calls = list(self.engine.last_transformer_calls)
             except Exception as e:  # noqa: BLE001 - any failure becomes data, not a crashed run
                 if len(rows) > 1:
                     groups = [[i] for i in rows] + groups
@@ -100,6 +102,7 @@ class DenoiseStage:
                 for column, data in self._sidecars(text, kept, j).items():
                     out[column][i] = data
                 out["generate_seconds"][i] = per_video
+                out["transformer_calls"][i] = calls[j]
                 out["status"][i] = "generated"
         self.crashes.end(ids)
         out["num_frames"] = np.full(n, s.video_length, dtype=np.int32)

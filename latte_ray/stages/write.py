@@ -44,6 +44,8 @@ class WriteStage:
             "spec_hash": spec.spec_hash(),
             "model": spec.model.source,
             "cache": spec.model.cache.kind if spec.model.cache else None,
+            "cache_threshold": spec.model.cache.threshold if spec.model.cache else None,
+            "quantization": spec.model.quantization.kind if spec.model.quantization else None,
         }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -111,6 +113,7 @@ class WriteStage:
             "bytes": np.where(ok, batch.get("bytes", np.zeros(n)), None),
             "prompt_tokens": batch.get("prompt_tokens"), "prompt_truncated": batch.get("prompt_truncated"),
             "started_at": batch.get("started_at"), "generate_seconds": batch.get("generate_seconds"),
+            "transformer_calls": np.where(ok, batch.get("transformer_calls", [None] * n), None),
         }
         for k in ("num_frames", "height", "width", "mean_brightness", "motion_score", "blank_frames", "frozen_frames",
                   "embeddings_uri", "latents_uri"):

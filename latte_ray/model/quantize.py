@@ -1,0 +1,94 @@
+"""Low-precision weights (`model.quantization`): torchao quantization of the Linear layers, applied at load.
+
+Why torchao's `quantize_` on the loaded modules rather than diffusers' `TorchAoConfig` in `from_pretrained`:
+the same call then serves every way a pipeline reaches the engine (a model folder, a hub id, an s3:// mirror,
+and the random full-size pipelines benchmarks/gpu.py passes in), weights still load as safetensors, and the
+transformer and T5 are quantized by one code path. It is what `TorchAoConfig` runs underneath (diffusers'
+torchao quantizer calls `quantize_` with the same config classes).
+
+Quantizing changes pixels: the spec hash covers `model.quantization`, and the manifest records its kind.
+Weight-only int8 works on CPU and CUDA; the float8 kinds need float8 tensor cores (CUDA compute capability
+>= 8.9: Ada, Hopper). A spec asking for float8 on `device: cpu` fails at spec validation; on cuda/auto,
+`check_supported` fails the actor at load with one line, before any weights are read; when the actors run
+on the driver's machine (a local Ray) `check_before_run` refuses the run up front (a driver-side cluster
+check can call `check_supported` for other nodes).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from latte_ray.spec import FLOAT8_MIN_CAPABILITY, QUANTIZATION_KINDS, ModelSpec, QuantizationSpec, SpecError
+
+log = logging.getLogger(__name__)
+
+
+class QuantizationUnsupported(RuntimeError):
+    """The spec's quantization kind cannot run on this device (the message says why, in one line)."""
+
+
+def check_supported(quantization: QuantizationSpec | None, device: torch.device | str) -> None:
+    """Raise QuantizationUnsupported when `quantization` cannot run on `device` (cpu, cuda, cuda:N)."""
+    if quantization is None or not quantization.needs_float8:
+        return
+    device = torch.device(device)
+    need = ".".join(map(str, FLOAT8_MIN_CAPABILITY))
+    if device.type != "cuda":
+        raise QuantizationUnsupported(
+            f"model.quantization.kind {quantization.kind!r} needs a CUDA GPU with compute capability >= {need} "
+            f"(Ada, Hopper), but the model runs on {device.type}; use int8_weight_only there"
+        )
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FLOAT8_MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        raise QuantizationUnsupported(
+            f"model.quantization.kind {quantization.kind!r} needs a CUDA GPU with compute capability >= {need} "
+            f"(Ada, Hopper), but this {name} has {capability[0]}.{capability[1]}; use int8_weight_only "
+            f"or int8_dynamic on it"
+        )
+
+
+def check_before_run(model: ModelSpec) -> None:
+    """Driver side: when the generation actors will run on this machine (no RAY_ADDRESS, so latte-ray starts
+    a local Ray), refuse a quantization this machine cannot run before anything starts, as a SpecError
+    (exit 2, one line). On a cluster the actors' nodes may differ from the driver's: they check at load."""
+    import os
+
+    q = model.quantization
+    if q is None or not q.needs_float8 or os.environ.get("RAY_ADDRESS"):
+        return
+    device = "cuda" if model.device != "cpu" and torch.cuda.is_available() else "cpu"
+    try:
+        check_supported(q, device)
+    except QuantizationUnsupported as e:
+        raise SpecError(str(e)) from None
+
+
+def torchao_config(quantization: QuantizationSpec):
+    """The torchao AOBaseConfig for the spec's kind (what diffusers' TorchAoConfig would wrap)."""
+    import torchao.quantization as ao
+
+    return getattr(ao, QUANTIZATION_KINDS[quantization.kind][0])()
+
+
+def quantize_pipeline(pipe, quantization: QuantizationSpec | None) -> dict[str, int]:
+    """Quantize the spec's components of `pipe` in place (those the pipeline holds: a text-encode actor has
+    no transformer, a generation actor behind a text-encode stage no text encoder).
+    Returns {component: Linear layers quantized}."""
+    if quantization is None:
+        return {}
+    from torchao.quantization import quantize_
+
+    done = {}
+    for name in quantization.components:
+        module = getattr(pipe, name, None)
+        if module is None:
+            continue
+        linears = sum(isinstance(m, torch.nn.Linear) for m in module.modules())
+        quantize_(module, torchao_config(quantization))
+        done[name] = linears
+    if done:
+        log.info("quantized %s with %s", done, quantization.kind)
+    return done
