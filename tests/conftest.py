@@ -52,6 +52,10 @@ def ray_local(model_cache, faults_file, retry_scale_file):
     os.environ.pop("RAY_ADDRESS", None)
     os.environ["LATTE_RAY_FAULTS"] = f"@{faults_file}"  # inherited by Ray's workers
     os.environ["LATTE_RAY_RETRY_DELAY_SCALE"] = f"@{retry_scale_file}"
+    # botocore tries each request once: its own legacy retries (up to 5 attempts with backoff) make one
+    # failed attempt against a closed endpoint last seconds, and the outage tests measure latte-ray's retry
+    # budgets (latte_ray/faults/retry.py), not botocore's.
+    os.environ["AWS_MAX_ATTEMPTS"] = "1"
     init_ray()
     yield ray
     ray.shutdown()

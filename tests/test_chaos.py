@@ -1,4 +1,4 @@
-"""Chaos: a few hundred prompts on the tiny model while stage actors are SIGKILLed at random, storage
+"""Chaos: over a hundred prompts on the tiny model while stage actors are SIGKILLed at random, storage
 fails transiently (injected), and the driver is SIGKILLed once; then a resume (storage still flaky).
 Afterwards every id has exactly one ok row whose video exists with the recorded size and sha256."""
 
@@ -17,8 +17,8 @@ from latte_ray.spec import RunSpec
 from tests.conftest import write_prompts
 from tests.invariants import assert_exactly_once, cli_env, fast_spec, kill_run, manifest, start_cli, write_spec
 
-PROMPTS = 200
-ACTOR_KILLS = 4
+PROMPTS = 120
+ACTOR_KILLS = 3
 STORAGE_FAULTS = (  # transient: each write is retried with backoff (latte_ray/faults/retry.py)
     "point=write match=*/videos/* action=oserror times=3\n"  # the first three video writes fail
     "point=write match=*/videos/* action=oserror p=0.05 times=15\n"  # then one in twenty, at random

@@ -1,13 +1,11 @@
-"""The command line: help everywhere, the two-command demo, fail-fast errors, error rows."""
+"""The command line: help everywhere, fail-fast errors, error rows. (The no-argument demo runs from the installed
+wheel in tests/test_wheel.py.)"""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,7 +18,7 @@ from latte_ray import runner
 from latte_ray.cli import app
 from latte_ray.spec import RunSpec, load_pipeline_spec
 from latte_ray.record.storage import OutputLayout, filesystem, latest_rows, read_manifest
-from tests.conftest import REPO, free_port, write_prompts
+from tests.conftest import REPO, write_prompts
 
 CLI = [sys.executable, "-m", "latte_ray.cli"]
 
@@ -35,27 +33,6 @@ def test_every_command_and_option_has_help():
                 assert param.help, f"{name} {param.opts} has no help"
         result = CliRunner().invoke(app, [name, "--help"])
         assert result.exit_code == 0, result.output
-
-
-def test_demo_runs_with_no_arguments(tmp_path, model_cache):
-    """`latte-ray run` alone: the embedded default on the shipped example table into ./outputs/demo, on a
-    machine where a Ray died and left its address file behind (the run starts its own Ray regardless)."""
-    ray_tmp = Path(tempfile.mkdtemp(prefix="lrd", dir=os.environ.get("TMPDIR", "/tmp")))  # short: sockets
-    (ray_tmp / "ray").mkdir()
-    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")  # nobody listens there
-    env = {**os.environ, "LATTE_RAY_CACHE": str(model_cache), "PYTHONPATH": str(REPO), "TMPDIR": str(ray_tmp)}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(CLI + ["run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "6 ok, 0 error" in proc.stdout
-    assert "outputs/demo/videos/" in proc.stdout and "outputs/demo/manifest/" in proc.stdout
-    videos = sorted((tmp_path / "outputs" / "demo" / "videos").rglob("*.mp4"))
-    assert len(videos) == 6 and all(v.stat().st_size > 1000 for v in videos)
-    record = json.loads((tmp_path / "outputs" / "demo" / "latte-ray.json").read_text())
-    assert record["spec_hash"] == load_pipeline_spec("tiny-cpu").spec_hash() and record["run_seed"] == 0
-    (run,) = (tmp_path / "outputs" / "demo" / "runs").iterdir()
-    assert json.loads(run.read_text())["outcome"] == "ok" and f"runs/{run.name}" in proc.stdout
-    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.mark.parametrize(

@@ -211,22 +211,38 @@ def test_installed_dry_run_by_name(wheel_venv, empty_dir, tmp_path):
 
 
 def test_installed_demo_runs_end_to_end(wheel_venv, empty_dir, tmp_path):
-    """`latte-ray run` with no arguments, as a new user types it: tiny spec, shipped prompts, local Ray; the
-    tiny model is built from the installed package into an empty cache."""
+    """`latte-ray run` with no arguments, as a new user types it (the README's first command runs the same
+    console script from the editable install): tiny spec, shipped prompts, local Ray; the tiny model is built
+    from the installed package into an empty cache. The machine has a dead Ray's address file in its temp
+    folder: the run starts its own Ray regardless (address="local")."""
+    import tempfile
+
+    from latte_ray.spec import load_pipeline_spec
+
     cache = tmp_path / "cache"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="lrd", dir=os.environ.get("TMPDIR", "/tmp")))  # short: sockets
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")  # nobody listens there
     started = time.monotonic()
     done = run(wheel_venv, [str(wheel_venv / "bin" / "latte-ray"), "run"], empty_dir, timeout=600,
-               LATTE_RAY_CACHE=str(cache))
+               LATTE_RAY_CACHE=str(cache), TMPDIR=str(ray_tmp))
     print(f"\nlatte-ray run from the wheel: {time.monotonic() - started:.0f}s")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "6 ok, 0 error" in done.stdout, done.stdout
+    assert "outputs/demo/videos/" in done.stdout and "outputs/demo/manifest/" in done.stdout
     out = empty_dir / "outputs" / "demo"
     videos = sorted((out / "videos").rglob("*.mp4"))
     assert len(videos) == 6 and all(v.stat().st_size > 1000 for v in videos)
     assert (cache / "tiny-latte-v1").is_dir()
+    binding = json.loads((out / "latte-ray.json").read_text())
+    assert binding["spec_hash"] == load_pipeline_spec("tiny-cpu").spec_hash() and binding["run_seed"] == 0
+    (record_path,) = (out / "runs").iterdir()
+    assert f"runs/{record_path.name}" in done.stdout
     record = _run_record(out)
+    assert record["outcome"] == "ok"
     assert record["versions"]["latte-ray"] == pyproject_version()
     assert record["versions"]["latte-ray-commit"] is None, "an installed wheel has no commit"
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _run_record(out: Path) -> dict:
