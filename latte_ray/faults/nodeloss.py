@@ -36,7 +36,13 @@ def replannable(error: BaseException) -> str:
 
     lost = (rex.ObjectLostError, rex.NodeDiedError, rex.RayActorError, rex.WorkerCrashedError,
             rex.LocalRayletDiedError, rex.ObjectFetchTimedOutError)
-    for e in _chain(error):
+    chain = list(_chain(error))
+    # An actor whose constructor raised (a corrupt weight file, a bad model folder) fails the same way on
+    # every node: Ray Data has already retried its start (actor_init_max_retries), and a re-plan would only
+    # load the model again, three more times, before the same error.
+    if any(getattr(e, "actor_init_failed", False) or "raised in its creation task" in str(e) for e in chain):
+        return ""
+    for e in chain:
         if isinstance(e, lost):
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             return f"{type(e).__name__}: {first}"[:300]
