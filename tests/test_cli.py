@@ -1,23 +1,19 @@
-"""The command line: help everywhere, fail-fast errors, error rows. (The no-argument demo runs from the installed
-wheel in tests/test_wheel.py.)"""
+"""The command line: help everywhere, fail-fast errors. (The no-argument demo runs from the installed wheel in
+tests/test_wheel.py; bad rows becoming error rows: tests/test_bad_input.py.)"""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import pyarrow as pa
 import click
 import pytest
 import typer
 from typer.testing import CliRunner
 
-from latte_ray import runner
 from latte_ray.cli import app
-from latte_ray.spec import RunSpec, load_pipeline_spec
-from latte_ray.record.storage import OutputLayout, filesystem, latest_rows, read_manifest
+from latte_ray.spec import load_pipeline_spec
 from tests.conftest import REPO, write_prompts
 
 CLI = [sys.executable, "-m", "latte_ray.cli"]
@@ -65,25 +61,6 @@ def test_invalid_spec_fails_naming_the_key(tmp_path):
     result = CliRunner().invoke(app, ["run", "--pipeline", str(bad), "--output", str(tmp_path / "o")])
     assert result.exit_code == 2
     assert "model.compile.mod: unknown key" in result.output
-
-
-def test_bad_rows_become_error_rows_and_the_rest_completes(tmp_path, ray_local):
-    table = write_prompts(tmp_path / "p.parquet", {
-        "id": ["good", "null", "empty", "blank"],
-        "prompt": pa.array(["a red balloon", None, "", "   \t"], pa.string()),
-    })
-    spec = load_pipeline_spec("tiny-cpu")
-    spec = spec.model_copy(update={"sampling": spec.sampling.model_copy(update={"num_inference_steps": 2})})
-    out = tmp_path / "out"
-    summary = runner.run(RunSpec(pipeline=spec, prompts=[str(table)], output=str(out)))
-    assert (summary.ok, summary.error) == (1, 3)
-    fs, root = filesystem(str(out))
-    rows = {r["id"]: r for r in latest_rows(read_manifest(fs, OutputLayout(str(out), root))).to_pylist()}
-    assert rows["good"]["status"] == "ok" and Path(rows["good"]["video_uri"]).exists()
-    assert rows["null"]["status"] == "error" and "prompt is null" in rows["null"]["error"]
-    assert "prompt is empty" in rows["empty"]["error"] and "prompt is empty" in rows["blank"]["error"]
-    assert all("p.parquet" in rows[k]["error"] and f"id={k}" in rows[k]["error"] for k in ("null", "empty", "blank"))
-    assert not any(rows[k]["video_uri"] for k in ("null", "empty", "blank"))
 
 
 # ----------------------------------------------------------------------- pipelines, --version, python -m
