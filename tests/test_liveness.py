@@ -1,7 +1,7 @@
 """A run never hangs silently: plans fit the cluster or are refused in one line, a progress watchdog stops
 a stalled run (exit 3), a hung generation call ends its own worker and its row becomes an error row, an
-execution lost to a dead actor is re-planned, and the embedded default starts its own Ray whatever else
-runs on the machine.
+execution lost to a dead actor is re-planned. (The embedded default starting its own Ray beside another
+one: tests/test_wheel.py's demo test.)
 
 Everything runs on this machine's real size: the session's local Ray has the machine's CPUs (2 here).
 """
@@ -11,9 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -32,11 +29,8 @@ from latte_ray.faults.deadline import batch_deadline
 from latte_ray.faults.watchdog import RunStalled, Watchdog, stall_timeouts
 from latte_ray.plan import fit
 from latte_ray.spec import RunSpec, SpecError, load_pipeline_spec
-from tests.conftest import free_port, write_prompts
-from tests.invariants import assert_exactly_once, cli_env, fast_spec, manifest, write_spec
-
-VENV_BIN = Path(sys.executable).parent
-
+from tests.conftest import write_prompts
+from tests.invariants import assert_exactly_once, fast_spec, manifest, write_spec
 
 def _with(spec, model: dict | None = None, **execution):
     """A copy of `spec` with model and execution fields replaced (None allowed, unlike with_overrides)."""
@@ -285,36 +279,3 @@ def test_an_execution_lost_to_a_dead_actor_is_re_planned(ray_local, faults_file,
     assert "re-planning from the manifest (1 of at most 3)" in caplog.text, caplog.text[-3000:]
     assert (summary.ok, summary.error) == (8, 0)
     assert_exactly_once(tmp_path / "out", set(ids))
-
-
-# ------------------------------------------------------------------- whatever else runs on the machine
-
-
-def test_run_starts_its_own_ray_beside_another(model_cache, tmp_path):
-    """`latte-ray run` without RAY_ADDRESS while another `ray start --head` runs, its address in this
-    TMPDIR's ray_current_cluster (a stale file left by a dead Ray: tests/test_cli.py's demo test)."""
-    tmp = Path(tempfile.mkdtemp(prefix="lro", dir=os.environ.get("TMPDIR", "/tmp")))  # short: Ray's sockets
-    env = cli_env(model_cache, TMPDIR=str(tmp), RAY_AUTH_MODE="disabled")
-    head = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "1", "--port", str(free_port()),
-         "--include-dashboard=false", "--disable-usage-stats", "--ray-client-server-port", str(free_port()),
-         "--dashboard-agent-listen-port", str(free_port())],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not (tmp / "ray" / "ray_current_cluster").exists():
-            assert head.poll() is None and time.monotonic() < deadline, "the other Ray head did not start"
-            time.sleep(0.2)
-        out = tmp_path / "out"
-        done = subprocess.run([sys.executable, "-m", "latte_ray.cli", "run", "--pipeline",
-                               str(write_spec(tmp_path / "spec.yaml", null_spec())),
-                               "--prompts", str(_table(tmp_path, ["o-1", "o-2"])), "--output", str(out)],
-                              env=env, capture_output=True, text=True, timeout=400)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert "2 ok, 0 error" in done.stdout
-        assert_exactly_once(out, {"o-1", "o-2"})
-        assert head.poll() is None  # left alone
-    finally:
-        faults.kill_session(head.pid)
-        head.wait(timeout=60)
-        shutil.rmtree(tmp, ignore_errors=True)

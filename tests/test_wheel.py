@@ -213,20 +213,37 @@ def test_installed_dry_run_by_name(wheel_venv, empty_dir, tmp_path):
 def test_installed_demo_runs_end_to_end(wheel_venv, empty_dir, tmp_path):
     """`latte-ray run` with no arguments, as a new user types it (the README's first command runs the same
     console script from the editable install): tiny spec, shipped prompts, local Ray; the tiny model is built
-    from the installed package into an empty cache. The machine has a dead Ray's address file in its temp
-    folder: the run starts its own Ray regardless (address="local")."""
+    from the installed package into an empty cache. Another Ray runs on the machine (`ray start --head`, its
+    address in the temp folder's ray_current_cluster): the run starts its own Ray (address="local", which
+    never reads that file, so a stale one left by a dead Ray is ignored the same way) and leaves the other
+    one alone."""
     import tempfile
 
+    from latte_ray.faults import injection as faults
     from latte_ray.spec import load_pipeline_spec
 
     cache = tmp_path / "cache"
     ray_tmp = Path(tempfile.mkdtemp(prefix="lrd", dir=os.environ.get("TMPDIR", "/tmp")))  # short: sockets
-    (ray_tmp / "ray").mkdir()
-    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")  # nobody listens there
-    started = time.monotonic()
-    done = run(wheel_venv, [str(wheel_venv / "bin" / "latte-ray"), "run"], empty_dir, timeout=600,
-               LATTE_RAY_CACHE=str(cache), TMPDIR=str(ray_tmp))
-    print(f"\nlatte-ray run from the wheel: {time.monotonic() - started:.0f}s")
+    other = subprocess.Popen(
+        [str(DEV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "1", "--port", str(free_port()),
+         "--include-dashboard=false", "--disable-usage-stats", "--ray-client-server-port", str(free_port()),
+         "--dashboard-agent-listen-port", str(free_port())],
+        env=clean_env(wheel_venv, TMPDIR=str(ray_tmp), RAY_AUTH_MODE="disabled"), cwd=empty_dir,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (ray_tmp / "ray" / "ray_current_cluster").exists():
+            assert other.poll() is None and time.monotonic() < deadline, "the other Ray head did not start"
+            time.sleep(0.2)
+        started = time.monotonic()
+        done = run(wheel_venv, [str(wheel_venv / "bin" / "latte-ray"), "run"], empty_dir, timeout=600,
+                   LATTE_RAY_CACHE=str(cache), TMPDIR=str(ray_tmp))
+        print(f"\nlatte-ray run from the wheel: {time.monotonic() - started:.0f}s")
+        assert other.poll() is None, "the other Ray was disturbed"
+    finally:
+        faults.kill_session(other.pid)
+        other.wait(timeout=60)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "6 ok, 0 error" in done.stdout, done.stdout
     assert "outputs/demo/videos/" in done.stdout and "outputs/demo/manifest/" in done.stdout
@@ -242,7 +259,6 @@ def test_installed_demo_runs_end_to_end(wheel_venv, empty_dir, tmp_path):
     assert record["outcome"] == "ok"
     assert record["versions"]["latte-ray"] == pyproject_version()
     assert record["versions"]["latte-ray-commit"] is None, "an installed wheel has no commit"
-    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _run_record(out: Path) -> dict:
