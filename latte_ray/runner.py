@@ -137,23 +137,24 @@ def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "
     import ray
     import pyarrow.parquet as pq  # noqa: F401  (pyarrow must be importable on workers)
 
-    from latte_ray.stages import DenoiseStage, EncodeStage, PrepareStage, WriteStage
+    from latte_ray.stages import DenoiseStage, EncodeStage, WriteStage
+    from latte_ray.stages.prepare import prepare_batch
 
     spec = run.pipeline
     ex = spec.execution
     spec_json = spec.model_dump_json()
-    # CPU stages are small autoscaling actor pools: encoders and writers keep their state between batches.
+    # Encode and write are small autoscaling actor pools (encoders and writers keep their state between
+    # batches); the prepare stage runs inside the read tasks (stages/prepare.py says why).
     cpu_pool = ray.data.ActorPoolStrategy(min_size=1, max_size=ex.cpu_stage_max_actors)
     ds = read_input(run, in_fs, files)
     ds = ds.map_batches(
-        PrepareStage,
-        fn_constructor_kwargs={
+        prepare_batch,
+        fn_kwargs={
             "default_negative": spec.sampling.negative_prompt, "run_seed": run.seed,
             **(work.refs if work is not None else {}), "round_of": round_of,
             "without_id": work.without_id if work is not None else None,
         },
         batch_format="pyarrow",
-        compute=cpu_pool,
         num_cpus=ex.num_cpus_per_cpu_task,
     )
     if run.limit:

@@ -93,7 +93,7 @@ def test_a_refusal_names_the_numbers_and_the_fix():
     with pytest.raises(SpecError) as one_gpu:
         fit.check_fit(gpu_pool, nodes=[{"CPU": 16, "GPU": 1}], scaler=none)
     message = str(one_gpu.value)
-    assert "needs at least 9 CPU and 4 GPU" in message and "16 CPU and 1 GPU" in message
+    assert "needs at least 8.75 CPU and 4 GPU" in message and "16 CPU and 1 GPU" in message
     assert "3 generation actors x (2 CPU, 1 GPU)" in message  # what does not fit
     assert "--concurrency 1,8" in message and "\n" not in message
     # An autoscaler that can reach the GPUs: logged, not refused; one whose limit is too low: refused.

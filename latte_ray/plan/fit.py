@@ -77,7 +77,7 @@ def plan_minimum(spec, generate: bool = True) -> list[Demand]:
     """What must run at once for the plan to make progress (runner.build_plan's operators)."""
     ex = spec.execution
     task = ex.num_cpus_per_cpu_task
-    demands = [Demand("prepare-stage actor", task), Demand("write-stage actor", task)]
+    demands = [Demand("write-stage actor", task)]
     if generate:
         demands.append(Demand("encode-stage actor", task))
         lo = ex.concurrency if isinstance(ex.concurrency, int) else ex.concurrency[0]
@@ -89,7 +89,7 @@ def plan_minimum(spec, generate: bool = True) -> list[Demand]:
             demands.append(Demand("sample-frames-stage actor", task))
             low = scoring.concurrency if isinstance(scoring.concurrency, int) else scoring.concurrency[0]
             demands += [Demand("scoring actor", scoring.num_cpus, scoring.num_gpus)] * low
-    demands.append(Demand("task slot (file listing, repartition, pre-pass)", task))
+    demands.append(Demand("task slot (file listing, reads with the prepare stage, repartition, pre-pass)", task))
     return demands
 
 
