@@ -115,7 +115,8 @@ def _wait_for_jobs_api(address: str, head: subprocess.Popen, log: Path, timeout:
 
 def _stop_head(head: subprocess.Popen) -> None:
     """Stop every process of this head: `ray start --block` is a session leader and Ray's daemons, workers
-    and job drivers are in its session or below its processes. SIGTERM first (Ray drains), then SIGKILL."""
+    and job drivers are in its session or below its processes. SIGTERM first (Ray drains), then SIGKILL
+    after 2 s (nothing of a test's head needs to be kept)."""
     ours = {p for p in psutil.process_iter() if _sid(p) == head.pid}
     for p in list(ours):
         try:
@@ -127,7 +128,7 @@ def _stop_head(head: subprocess.Popen) -> None:
             p.send_signal(signal.SIGTERM)
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(list(ours), timeout=5)
+    _, alive = psutil.wait_procs(list(ours), timeout=2)
     for p in alive:
         try:
             p.kill()
