@@ -113,7 +113,7 @@ FLOAT8_MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) have float8 ten
 
 
 class QuantizationSpec(_Strict):
-    kind: Literal["int8_weight_only", "int8_dynamic", "float8_weight_only", "float8_dynamic"] = Field(
+    kind: Literal[tuple(QUANTIZATION_KINDS)] = Field(  # type: ignore[valid-type]
         ..., description="torchao quantization of the Linear weights, applied once at load (torchao.quantize_): "
         "int8_weight_only (CPU and CUDA; halves weight memory vs fp16), int8_dynamic (int8 weights and "
         "activations), float8_weight_only / float8_dynamic (CUDA compute capability >= 8.9: Ada, Hopper).",
@@ -133,6 +133,12 @@ class QuantizationSpec(_Strict):
     @property
     def needs_float8(self) -> bool:
         return QUANTIZATION_KINDS[self.kind][1]
+
+    def refusal(self, but: str, instead: str) -> str:
+        """The one-line refusal of a float8 kind where it cannot run (`but`: why here; `instead`: what to use)."""
+        need = ".".join(map(str, FLOAT8_MIN_CAPABILITY))
+        return (f"model.quantization.kind {self.kind!r} needs a CUDA GPU with compute capability >= {need} "
+                f"(Ada, Hopper), but {but}; use {instead}")
 
 
 class ModelSpec(_Strict):
@@ -164,11 +170,7 @@ class ModelSpec(_Strict):
     def _float8_needs_cuda(self) -> "ModelSpec":
         q = self.quantization
         if q is not None and q.needs_float8 and self.device == "cpu":
-            raise ValueError(
-                f"model.quantization.kind {q.kind!r} needs a CUDA GPU with compute capability >= "
-                f"{FLOAT8_MIN_CAPABILITY[0]}.{FLOAT8_MIN_CAPABILITY[1]} (Ada, Hopper), but model.device is 'cpu'; "
-                f"use int8_weight_only on CPU"
-            )
+            raise ValueError(q.refusal("model.device is 'cpu'", "int8_weight_only on CPU"))
         return self
 
 

@@ -34,20 +34,12 @@ def check_supported(quantization: QuantizationSpec | None, device: torch.device 
     if quantization is None or not quantization.needs_float8:
         return
     device = torch.device(device)
-    need = ".".join(map(str, FLOAT8_MIN_CAPABILITY))
     if device.type != "cuda":
-        raise QuantizationUnsupported(
-            f"model.quantization.kind {quantization.kind!r} needs a CUDA GPU with compute capability >= {need} "
-            f"(Ada, Hopper), but the model runs on {device.type}; use int8_weight_only there"
-        )
+        raise QuantizationUnsupported(quantization.refusal(f"the model runs on {device.type}", "int8_weight_only there"))
     capability = torch.cuda.get_device_capability(device)
     if capability < FLOAT8_MIN_CAPABILITY:
-        name = torch.cuda.get_device_name(device)
-        raise QuantizationUnsupported(
-            f"model.quantization.kind {quantization.kind!r} needs a CUDA GPU with compute capability >= {need} "
-            f"(Ada, Hopper), but this {name} has {capability[0]}.{capability[1]}; use int8_weight_only "
-            f"or int8_dynamic on it"
-        )
+        here = f"this {torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}"
+        raise QuantizationUnsupported(quantization.refusal(here, "int8_weight_only or int8_dynamic on it"))
 
 
 def check_before_run(model: ModelSpec) -> None:
