@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -10,6 +13,33 @@ import pyarrow.parquet as pq
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))  # tests/hubcache.py, tests/latte1.py
+
+# No hub at test time: huggingface_hub reads both when it is imported (and Ray's workers inherit them), so they
+# are set here, before any test module imports it. The cache is this session's own folder (a Latte-1-shaped
+# model is placed in it by the `latte1_hub` fixture); what a user has in ~/.cache/huggingface is never read.
+HUB_CACHE = Path(tempfile.mkdtemp(prefix="latte-ray-test-hub-"))
+os.environ["HF_HUB_CACHE"] = str(HUB_CACHE)
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_hub_cache():
+    yield
+    shutil.rmtree(HUB_CACHE, ignore_errors=True)  # this session's own folder, made above
+
+
+@pytest.fixture(scope="session")
+def latte1_hub(tmp_path_factory) -> Path:
+    """Latte-1-shaped random weights (tests/latte1.py) in this session's hub cache as maxin-cn/Latte-1 at the
+    production spec's pinned commit, so `model.source: maxin-cn/Latte-1` loads it offline, in this process and
+    in Ray's workers. Built once per session (~20 s on 2 cores, 1.2 GB)."""
+    from latte1 import save_latte1_shaped, write_latte1_hub
+
+    model = save_latte1_shaped(tmp_path_factory.mktemp("latte1-shaped"))
+    write_latte1_hub(HUB_CACHE, model)
+    shutil.rmtree(model)  # the cache holds its own copy
+    return HUB_CACHE
 
 
 @pytest.fixture(scope="session")

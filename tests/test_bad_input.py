@@ -333,20 +333,17 @@ def _run(tmp: Path, *extra: str, spec: str | None = None, output: str | None = N
 
 def _model_folder(tmp: Path, index: dict | None = None, transformer: dict | None = None,
                   text_encoder: dict | None = None, weights: str = ".safetensors") -> str:
-    """A stand-in save_pretrained folder: the configs the driver reads, and empty weight files (the driver
-    lists weights, it never reads them)."""
+    """A save_pretrained folder holding Latte-1's published configs (tests/data/latte-1/) with `index`,
+    `transformer` and `text_encoder` changes, and empty weight files (the driver lists weights, it never reads
+    them)."""
+    from hubcache import latte_1_file
+
     folder = tmp / "model"
-    configs = {
-        "model_index.json": {"_class_name": "LattePipeline", "transformer": ["diffusers", "LatteTransformer3DModel"],
-                             "text_encoder": ["transformers", "T5EncoderModel"], "vae": ["diffusers", "AutoencoderKL"],
-                             **(index or {})},
-        "transformer/config.json": {"video_length": 16, "caption_channels": 32, **(transformer or {})},
-        "text_encoder/config.json": {"d_model": 32, **(text_encoder or {})},
-        "vae/config.json": {},
-    }
-    for rel, value in configs.items():
+    changes = {"model_index.json": index, "transformer/config.json": transformer,
+               "text_encoder/config.json": text_encoder, "vae/config.json": None}
+    for rel, change in changes.items():
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        (folder / rel).write_text(json.dumps(value))
+        (folder / rel).write_text(json.dumps({**json.loads(latte_1_file(rel)), **(change or {})}))
     for component in ("transformer", "vae", "text_encoder"):
         (folder / component / f"model{weights}").write_bytes(b"")
     return str(folder)
@@ -429,7 +426,7 @@ SETUP_CASES = {
         ["model.source", "transformer/ has no .safetensors weights"]),
     "model whose text encoder width differs": (
         lambda t: _run(t, spec=_spec(t, model={"source": _model_folder(t, text_encoder={"d_model": 64})})),
-        ["text_encoder d_model 64", "caption_channels 32"]),
+        ["text_encoder d_model 64", "caption_channels 4096"]),
     "model that is not a Latte pipeline": (
         lambda t: _run(t, spec=_spec(t, model={"source": _model_folder(t, index={"_class_name": "StableDiffusionPipeline"})})),
         ["is a StableDiffusionPipeline", "not a LattePipeline"]),

@@ -1,0 +1,255 @@
+"""The production path against the real Latte-1: its published configs (tests/data/latte-1/) and a
+Latte-1-shaped model (tests/latte1.py) loaded by hub id from a local Hugging Face cache, as a user who has
+the model cached runs it.
+
+What CPU forces on the production spec here, and nothing else: `model.device: cpu`; float32 (float16 on CPU
+runs, but is emulated: one 2-step video took minutes, not seconds; the tiny model runs both half dtypes in
+test_half_dtypes_on_cpu); 32x32 frames instead of 512x512 and 2 steps instead of 50 (the VAE decode of 16
+real-width frames dominates); compile off (inductor's C++ compile of the real-width blocks on 2 cores would
+cost more than the rest of the file); one actor on CPUs instead of GPUs. 16 frames, batch 2, the pinned
+revision, the shipped DDIM with `learned_range`, TeaCache with its published Latte-1 coefficients and the
+text-encode stage are as shipped or as a user turns them on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from hubcache import LATTE_1, LATTE_1_COMMIT, LATTE_1_CONFIGS, LATTE_1_DATA, LATTE_1_SCHEDULERS, latte_1_file, write_hub_cache
+from latte_ray.spec import TEACACHE_LATTE_COEFFICIENTS, SpecError, load_pipeline_spec, parse_pipeline_spec
+
+PROMPT, SEED = "a golden retriever running on a beach at sunset", 7
+
+
+def production(**sampling) -> dict:
+    raw = yaml.safe_load(load_pipeline_spec("latte-1-t2v-512").model_dump_json())
+    raw["model"].update(device="cpu", dtype="float32")
+    raw["model"]["compile"]["enabled"] = False
+    raw["sampling"].update(height=32, width=32, num_inference_steps=2, **sampling)
+    raw["execution"].update(concurrency=[1, 1], num_gpus_per_actor=0, num_cpus_per_actor=0.5,
+                            cpu_stage_max_actors=1)
+    return raw
+
+
+# ---- the published configs ---------------------------------------------------------------------------------
+
+
+def test_vendored_configs_are_the_published_files():
+    """Sizes the hub shows for the files copied whole (SOURCE.md); the transformer's config has no video_length."""
+    sizes = {"transformer/config.json": 503, "text_encoder/config.json": 780,
+             "versions/model_index@2d6e87c667469e2210f58516cb4f47061e214441.json": 423,
+             LATTE_1_SCHEDULERS["ddim learned_range (86e75847)"]: 421,
+             LATTE_1_SCHEDULERS["dpm-solver++ (b873980c, first upload)"]: 655}
+    for rel, size in sizes.items():
+        assert len(latte_1_file(rel)) == size, rel
+        assert rel in (LATTE_1_DATA / "SOURCE.md").read_text(), f"{rel} has no source line"
+    transformer = json.loads(latte_1_file("transformer/config.json"))
+    assert "video_length" not in transformer and transformer["out_channels"] == 2 * transformer["in_channels"]
+
+
+def test_checks_read_configs_as_diffusers_loads_them():
+    """resolve_config gives what diffusers builds from the published file (meta device: no weights): the
+    missing video_length becomes the class default, 16."""
+    import torch
+    from diffusers import LatteTransformer3DModel
+
+    from latte_ray.model.configs import resolve_config
+
+    raw = json.loads(latte_1_file("transformer/config.json"))
+    resolved = resolve_config(json.loads(latte_1_file("model_index.json")), "transformer", raw)
+    with torch.device("meta"):
+        built = LatteTransformer3DModel.from_config(raw)
+    assert resolved["video_length"] == built.config.video_length == 16
+    assert {k: v for k, v in built.config.items() if not k.startswith("_")} == resolved
+
+
+def _hub_with(tmp_path: Path, **replace: bytes) -> Path:
+    files = {**LATTE_1_CONFIGS, **replace}
+    return write_hub_cache(tmp_path / "hub", LATTE_1, files)
+
+
+def _check(hub: Path, raw: dict) -> tuple[str, dict]:
+    """check_model against a hub cache (huggingface_hub's cache folder passed by its env var, as users do)."""
+    import huggingface_hub.constants as constants
+
+    from latte_ray.model.configs import check_model
+
+    old = constants.HF_HUB_CACHE
+    constants.HF_HUB_CACHE = str(hub)
+    try:
+        return check_model(parse_pipeline_spec(raw))
+    finally:
+        constants.HF_HUB_CACHE = old
+
+
+def test_production_spec_passes_preflight_on_published_configs(tmp_path):
+    line, identity = _check(_hub_with(tmp_path), yaml.safe_load(load_pipeline_spec("latte-1-t2v-512").model_dump_json()))
+    assert "16 frames, text width 4096" in line and LATTE_1_COMMIT[:12] in line
+    assert identity == {"kind": "hub", "source": LATTE_1, "revision": LATTE_1_COMMIT, "commit": LATTE_1_COMMIT}
+
+
+@pytest.mark.parametrize("rel,change,words", [
+    ("transformer/config.json", {"video_length": 24}, ["sampling.video_length is 16", "24-frame"]),
+    ("text_encoder/config.json", {"d_model": 2048}, ["text_encoder d_model 2048", "caption_channels 4096"]),
+])
+def test_a_genuinely_wrong_config_is_still_refused(tmp_path, rel, change, words):
+    wrong = json.dumps({**json.loads(latte_1_file(rel)), **change}).encode()
+    with pytest.raises(SpecError) as refused:
+        _check(_hub_with(tmp_path, **{rel: wrong}), yaml.safe_load(load_pipeline_spec("latte-1-t2v-512").model_dump_json()))
+    message = str(refused.value)
+    assert "\n" not in message and all(w in message for w in words), message
+
+
+# ---- the Latte-1-shaped model -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine(latte1_hub):
+    """The production spec's engine on the Latte-1-shaped model, loaded by hub id (offline), batch 1."""
+    from latte_ray.model.engine import LatteEngine
+
+    raw = production()
+    raw["execution"]["batch_size"] = 1
+    return LatteEngine(parse_pipeline_spec(raw))
+
+
+def _scheduler(rel: str, **changes):
+    import diffusers
+
+    config = json.loads(latte_1_file(rel))
+    return getattr(diffusers, config["_class_name"]).from_config({**config, **changes})
+
+
+def test_learned_sigma_is_read_from_the_model_for_every_published_scheduler(engine):
+    """The shipped DDIM says variance_type learned_range, which makes diffusers' own loop keep all 8 output
+    channels and fail at the first step; the engine splits the output because the model predicts variance
+    (out 8 = 2 x in 4), whatever the scheduler's spelling, so learned_range and null give the same video, and
+    the first upload's DPM-Solver++ runs too."""
+    from diffusers import LattePipeline
+
+    assert engine.pipe.transformer.config.out_channels == 8 and engine.pipe.transformer.config.video_length == 16
+    ddim = LATTE_1_SCHEDULERS["ddim learned_range (86e75847)"]
+    assert type(engine.pipe.scheduler).__name__ == "DDIMScheduler"
+    assert engine.pipe.scheduler.config.variance_type == "learned_range", "the hub's file is what was loaded"
+    shipped = engine.generate([PROMPT], [""], [SEED])[0][0]
+    videos = {"learned_range": shipped}
+    for name, scheduler in (("null", _scheduler(ddim, variance_type=None)),
+                            ("dpm++", _scheduler(LATTE_1_SCHEDULERS["dpm-solver++ (b873980c, first upload)"]))):
+        engine.pipe.scheduler = scheduler
+        try:
+            videos[name] = engine.generate([PROMPT], [""], [SEED])[0][0]
+        finally:
+            engine.pipe.scheduler = _scheduler(ddim)
+    assert shipped.shape == (16, 32, 32, 3) and shipped.std() > 5
+    assert np.array_equal(videos["learned_range"], videos["null"]), "DDIM does not read variance_type"
+    assert videos["dpm++"].shape == shipped.shape and np.abs(videos["dpm++"].astype(int) - shipped).max() > 0
+
+    # diffusers' own LattePipeline on the same folder, for one prompt: the shipped config fails at once ...
+    import torch
+
+    s = engine.sampling
+    # dtype given, as the engine gives it: transformers 5 would otherwise load T5 in the float16 its published
+    # config names (torch_dtype) beside a float32 VAE and transformer.
+    stock = LattePipeline.from_pretrained(LATTE_1, revision=LATTE_1_COMMIT, use_safetensors=True, dtype=torch.float32)
+    stock.set_progress_bar_config(disable=True)
+    call = dict(prompt=PROMPT, negative_prompt="", num_inference_steps=s.num_inference_steps, height=s.height,
+                width=s.width, guidance_scale=s.guidance_scale, video_length=s.video_length, output_type="np",
+                clean_caption=False, mask_feature=s.mask_feature)
+    with pytest.raises(RuntimeError, match="must match the size"):
+        stock(**call, generator=torch.Generator("cpu").manual_seed(SEED))
+    # ... and with variance_type null (which DDIM's step never reads) it makes the engine's video.
+    stock.scheduler = _scheduler(ddim, variance_type=None)
+    reference = (stock(**call, generator=torch.Generator("cpu").manual_seed(SEED)).frames[0] * 255).round()
+    assert np.abs(reference.astype(int) - shipped.astype(int)).max() <= 1
+
+
+def test_production_spec_end_to_end_on_the_latte1_shaped_model(latte1_hub, ray_local, tmp_path):
+    """The production spec through the real job: hub id at the pinned commit, 16 frames, batch 2, the text-encode
+    stage, TeaCache with the published coefficients; the run record keeps the commit it resolved."""
+    from latte_ray import runner
+    from latte_ray.record.storage import OutputLayout, filesystem, latest_rows, read_manifest
+    from latte_ray.spec import RunSpec
+    from latte_ray.stages.encode import decode_mp4
+    from tests.conftest import write_prompts
+
+    raw = production()
+    raw["model"]["cache"] = {"kind": "teacache"}
+    raw["execution"]["text_encode_stage"] = True
+    spec = parse_pipeline_spec(raw)
+    assert spec.execution.batch_size == 2 and spec.model.cache.coefficients == TEACACHE_LATTE_COEFFICIENTS
+    prompts = write_prompts(tmp_path / "prompts.parquet", {"prompt": [PROMPT, "waves crashing on rocks"],
+                                                           "seed": [SEED, 8]})
+    out = tmp_path / "out"
+    summary = runner.run(RunSpec(pipeline=spec, prompts=[str(prompts)], output=str(out)))
+    assert (summary.ok, summary.error) == (2, 0), summary.errors
+    fs, root = filesystem(str(out))
+    rows = latest_rows(read_manifest(fs, OutputLayout(str(out), root))).to_pylist()
+    for row in rows:
+        frames = decode_mp4(fs.cat_file(row["video_uri"]))
+        assert frames.shape == (16, 32, 32, 3) and row["model"] == LATTE_1
+    record = json.loads(next((out / "runs").glob("*.json")).read_text())
+    assert record["model_identity"]["commit"] == LATTE_1_COMMIT
+    assert json.loads((out / "latte-ray.json").read_text())["model_identity"]["commit"] == LATTE_1_COMMIT
+
+
+def test_a_resume_that_resolves_another_commit_is_refused(tmp_path):
+    """An unpinned hub id follows `main`: once the branch moves, the same spec would make other videos into the
+    same output. The driver refuses that in one line, before Ray starts."""
+    import huggingface_hub.constants as constants
+
+    from latte_ray import runner
+    from latte_ray.record import output as outputs
+    from latte_ray.spec import RunSpec
+    from tests.conftest import write_prompts
+
+    raw = yaml.safe_load(load_pipeline_spec("latte-1-t2v-512").model_dump_json())
+    raw["model"]["revision"] = None
+    spec = parse_pipeline_spec(raw)
+    hub = _hub_with(tmp_path)
+    prompts = write_prompts(tmp_path / "prompts.parquet", {"prompt": ["a dog"]})
+    run = RunSpec(pipeline=spec, prompts=[str(prompts)], output=str(tmp_path / "out"))
+    old = constants.HF_HUB_CACHE
+    constants.HF_HUB_CACHE = str(hub)
+    try:
+        first = runner.preflight(run)
+        assert first.model_identity["commit"] == LATTE_1_COMMIT  # main -> the pinned commit, in this cache
+        outputs.bind(first.output, spec, run.seed, "test", model_identity=first.model_identity)
+        assert runner.preflight(run).model_identity == first.model_identity  # the same commit: fine
+        moved = "1" * 40  # main moves on (the same files at a new commit, as a README edit would do)
+        write_hub_cache(hub, LATTE_1, LATTE_1_CONFIGS, commit=moved)
+        with pytest.raises(SpecError) as refused:
+            runner.preflight(run)
+    finally:
+        constants.HF_HUB_CACHE = old
+    message = str(refused.value)
+    assert "\n" not in message and LATTE_1_COMMIT in message and moved in message and "model.revision" in message
+
+
+# ---- production dtypes on CPU (tiny model) ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_dtypes_on_cpu(model_cache, dtype):
+    """The engine in the production dtypes, so a dtype mismatch between latents, text embeddings (also as they
+    come back from the text-encode stage, through numpy), the attention mask and the VAE fails here."""
+    import torch
+
+    from latte_ray.model.engine import LatteEngine, TextBatch
+
+    raw = yaml.safe_load(load_pipeline_spec("tiny-cpu").model_dump_json())
+    raw["model"]["dtype"] = dtype
+    raw["sampling"].update(num_inference_steps=2, height=64, width=64)  # float16 on CPU is emulated: slow
+    raw["execution"]["batch_size"] = 2
+    engine = LatteEngine(parse_pipeline_spec(raw), cache_dir=str(model_cache))
+    assert engine.pipe.transformer.dtype == getattr(torch, dtype) and engine.pipe.vae.dtype == getattr(torch, dtype)
+    text = engine.encode_text(["a dog", "a cat on a wall"], ["", "blurry"])
+    assert text.embeds.dtype == getattr(torch, dtype)
+    direct = engine.denoise(text, [1, 2])
+    staged = engine.denoise(TextBatch.from_numpy(text.to_numpy(), engine.device, engine.dtype), [1, 2])
+    assert direct.shape == (2, 16, 64, 64, 3) and direct.dtype == np.uint8 and direct.std() > 5
+    assert np.abs(direct.astype(int) - staged.astype(int)).max() <= 1
