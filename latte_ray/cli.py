@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -75,6 +76,8 @@ MinMotionOpt = typer.Option(None, "--min-motion", min=0.0, help="Export only vid
 MinClipOpt = typer.Option(None, "--min-clip-score", help="Export only videos whose clip_score (CLIPScore, 0-100) is at least this; unscored videos are rejected.")
 MinAestheticOpt = typer.Option(None, "--min-aesthetic", help="Export only videos whose aesthetic_score is at least this; unscored videos are rejected.")
 WithEmbeddingsOpt = typer.Option(None, "--with-embeddings/--without-embeddings", help="Put each prompt's T5 embeddings (fp16, <key>.t5.npy) in its sample; videos generated without them are rejected.")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Print Ray Data's operator progress, Ray's notices, library warnings and the actors' output on the console, as they come, instead of into the run's log file (OUTPUT/runs/<run_id>.log).")
+ReportRunOpt = typer.Option(True, "--report/--no-report", help="Write OUTPUT/report/ (the video gallery, as `latte-ray report` does) when the run ends (default).")
 WithLatentsOpt = typer.Option(None, "--with-latents/--without-latents", help="Put each video's final latents (<key>.latents.npy) in its sample; videos generated without them are rejected.")
 
 
@@ -133,6 +136,60 @@ def _fail(e: Exception, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+@contextmanager
+def _captured(console):
+    """The console's capture around a command's work (latte_ray/console.py). A process that owns its Ray
+    stops it inside the capture, so that no line Ray forwards from its workers or prints at shutdown lands
+    on the console after the summary or the error line."""
+    with console.capture():
+        try:
+            yield console
+        finally:
+            if STANDALONE["stop_ray_before_failing"]:
+                _stop_ray()
+
+
+def _run_report(output: str, storage_options: dict, console) -> str | None:
+    """Write OUTPUT/report/ after a run; a report that cannot be written is a warning, not a failed run."""
+    from latte_ray.ops.report import write_report
+
+    try:
+        return write_report(output, storage_options).url
+    except Exception as e:  # noqa: BLE001 - the run's videos and manifest are committed whatever happens here
+        logging.getLogger("latte_ray.cli").warning("the report was not written (%s: %s); run `latte-ray report %s`",
+                                                   type(e).__name__, e, output)
+        return None
+
+
+def _open_hint(url: str) -> str:
+    from latte_ray.record.storage import filesystem, is_local
+
+    try:
+        local = is_local(filesystem(url)[0])
+    except Exception:  # noqa: BLE001
+        local = False
+    return f"open {url}" if local else f"{url} (copy the report/ folder next to a browser, or serve it)"
+
+
+def print_run_summary(summary, output: str, report_url: str | None = None) -> None:
+    """The summary of a run: counts, the first few real videos, the manifest, the run's record and log, the
+    report."""
+    typer.echo(summary.line())
+    for err in summary.errors[:5]:
+        typer.echo(f"  error: {err}")
+    out = output.rstrip("/")
+    for n, uri in enumerate(summary.videos):
+        more = summary.ok - len(summary.videos)
+        tail = f"   (+{more} more; the manifest lists every one)" if n == len(summary.videos) - 1 and more > 0 else ""
+        typer.echo(f"{'videos:' if n == 0 else '':<10}{uri}{tail}")
+    typer.echo(f"manifest: {out}/manifest/")
+    typer.echo(f"run:      {out}/runs/{summary.run_id}.json")
+    if summary.log:
+        typer.echo(f"log:      {summary.log}")
+    if report_url:
+        typer.echo(f"report:   {_open_hint(report_url)}")
+
+
 def _stop_ray() -> None:
     """Disconnect from Ray (stopping a local one this process started) before the final error line, so that
     no log line Ray forwards from its workers lands after it."""
@@ -163,9 +220,15 @@ def run(
     keep_latents: Optional[bool] = KeepLatentsOpt,
     dry_run: bool = typer.Option(False, "--dry-run", help="Make every check a run makes before Ray starts (tables, output, model configs, video settings), count what it would do (new, already done, duplicate, conflicting, invalid rows) and estimate GPU-hours and wall time; load no model, start no Ray, write nothing (but a probe of the output it deletes)."),
     gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="With --dry-run: GPUs to estimate wall time for (generation actors for a CPU spec). Default 1."),
+    report: bool = ReportRunOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
-    """Generate one mp4 per prompt and a Parquet manifest. With no options: the tiny demo into ./outputs/demo."""
+    """Generate one mp4 per prompt and a Parquet manifest, then the report. With no options: the tiny demo into ./outputs/demo."""
     from latte_ray import runner
+    from latte_ray.console import Console
+
+    console = Console(verbose=verbose)
+    report_url = None
 
     try:
         spec = build_run_spec(pipeline, prompts or [str(EXAMPLE_PROMPTS)], output, storage_option, batch_size,
@@ -178,19 +241,18 @@ def run(
             typer.echo(f"checked: {checked.model}")
             typer.echo("\n".join(plan(spec, checked.in_fs, checked.files, gpus).lines()))
             return
-        summary = runner.run(spec)
+        with _captured(console):
+            summary = runner.run(spec, console=console)
+            if report:
+                report_url = _run_report(output, spec.storage_options, console)
     except SpecError as e:
         _fail(e)
     except RunFailed as e:
         _fail(e, 1)
     except RunStalled as e:
         _fail(e, EXIT_STALLED)
-    typer.echo(summary.line())
-    for err in summary.errors[:5]:
-        typer.echo(f"  error: {err}")
-    typer.echo(f"videos:   {output.rstrip('/')}/videos/<shard>/<id>.<sha256[:32]>.mp4")
-    typer.echo(f"manifest: {output.rstrip('/')}/manifest/*.parquet")
-    typer.echo(f"run:      {output.rstrip('/')}/runs/{summary.run_id}.json")
+    summary.log = console.log_location or summary.log
+    print_run_summary(summary, output, report_url)
     if summary.error and not summary.ok:
         raise typer.Exit(1)
 
@@ -329,6 +391,8 @@ def backfill(
     retry_errors: bool = RetryOpt,
     limit: Optional[int] = LimitOpt,
     cache_dir: Optional[str] = CacheOpt,
+    report: bool = ReportRunOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Generate every row of the input tables that lacks an ok row in OUTPUT; a second backfill does nothing.
 
@@ -336,23 +400,30 @@ def backfill(
     far): duplicates across tables are generated once, and when nothing is left no model is loaded.
     """
     from latte_ray import runner
+    from latte_ray.console import Console
 
+    console = Console(verbose=verbose, name="backfill")
+    report_url = None
     try:
         spec = build_run_spec(pipeline, prompts, output, storage_option, batch_size, concurrency, seed, True,
                               retry_errors, limit, cache_dir)
-        summary = runner.run(spec)
+        with _captured(console):
+            summary = runner.run(spec, console=console)
+            if report and (summary.ok or summary.error):
+                report_url = _run_report(output, spec.storage_options, console)
     except SpecError as e:
         _fail(e)
     except RunFailed as e:
         _fail(e, 1)
     except RunStalled as e:
         _fail(e, EXIT_STALLED)
+    summary.log = console.log_location or summary.log
     if summary.ok == 0 and summary.error == 0:
         typer.echo(f"backfill: nothing to do ({summary.skipped_done} rows already done) -> {output}")
+        if summary.log:
+            typer.echo(f"log:      {summary.log}")
         return
-    typer.echo(summary.line())
-    for err in summary.errors[:5]:
-        typer.echo(f"  error: {err}")
+    print_run_summary(summary, output, report_url)
     if summary.error and not summary.ok:
         raise typer.Exit(1)
 
