@@ -27,6 +27,7 @@ from latte_ray.resources import examples_dir
 from latte_ray.spec import DEFAULT_PIPELINE, PIPELINES_DIR, RunSpec, SpecError, load_pipeline_spec, option_error
 
 EXAMPLE_PROMPTS = examples_dir() / "prompts.parquet"
+MAX_GALLERY_DEFAULT = 5000  # latte_ray.ops.report.MAX_GALLERY (not imported here: the report pulls in matplotlib)
 DEMO_OUTPUT = "outputs/demo"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch text-to-video generation with Latte on Ray Data.")
@@ -149,7 +150,7 @@ def _captured(console):
                 _stop_ray()
 
 
-def _run_report(output: str, storage_options: dict, console) -> str | None:
+def _run_report(output: str, storage_options: dict) -> str | None:
     """Write OUTPUT/report/ after a run; a report that cannot be written is a warning, not a failed run."""
     from latte_ray.ops.report import write_report
 
@@ -244,7 +245,7 @@ def run(
         with _captured(console):
             summary = runner.run(spec, console=console)
             if report:
-                report_url = _run_report(output, spec.storage_options, console)
+                report_url = _run_report(output, spec.storage_options)
     except SpecError as e:
         _fail(e)
     except RunFailed as e:
@@ -272,15 +273,21 @@ def synth(
     scoring: Optional[str] = typer.Option(None, "--scoring", help="Score videos as they are generated with this scoring spec (overrides the recipe's `scoring`)."),
     export_only: bool = typer.Option(False, "--export-only", help="Skip generation; re-export what the output already holds (e.g. with other filters)."),
     cache_dir: Optional[str] = CacheOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Build a synthetic video dataset: expand the recipe, generate (resumable), export WebDataset shards + a Parquet index."""
+    from latte_ray.console import Console
     from latte_ray.datasets.synth import synthesize
 
+    console = Console(verbose=verbose, name="synth")
     try:
-        summary = synthesize(recipe, output, pipeline=pipeline, storage_options=parse_storage_options(storage_option),
-                             min_motion=min_motion, drop_blank=drop_blank, cache_dir=cache_dir,
-                             generate=not export_only, min_clip_score=min_clip_score, min_aesthetic=min_aesthetic,
-                             with_embeddings=with_embeddings, with_latents=with_latents, scoring=scoring)
+        with _captured(console):
+            summary = synthesize(recipe, output, pipeline=pipeline,
+                                 storage_options=parse_storage_options(storage_option), min_motion=min_motion,
+                                 drop_blank=drop_blank, cache_dir=cache_dir, generate=not export_only,
+                                 min_clip_score=min_clip_score, min_aesthetic=min_aesthetic,
+                                 with_embeddings=with_embeddings, with_latents=with_latents, scoring=scoring,
+                                 console=console)
     except SpecError as e:
         _fail(e)
     except RunFailed as e:
@@ -288,6 +295,12 @@ def synth(
     except RunStalled as e:
         _fail(e, EXIT_STALLED)
     typer.echo("\n".join(summary.lines()))
+    if summary.run is not None:
+        for n, uri in enumerate(summary.run.videos):
+            typer.echo(f"{'videos:' if n == 0 else '':<10}{uri}")
+        typer.echo(f"run:      {output.rstrip('/')}/runs/{summary.run.run_id}.json")
+    if console.log_location:
+        typer.echo(f"log:      {console.log_location}")
     if summary.run is not None and summary.run.error and not summary.run.ok:
         raise typer.Exit(1)
 
@@ -299,21 +312,28 @@ def score(
     storage_option: Optional[list[str]] = StorageOpt,
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score at most this many videos."),
     cache_dir: Optional[str] = CacheOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Score the ok videos of OUTPUT that have no scores of this scorer yet (CLIPScore, aesthetic); resumable.
 
     Scores go to OUTPUT/scores/ (the manifest is never rewritten); export, report and status read them.
     """
+    from latte_ray.console import Console
     from latte_ray.datasets.scoring import load_scoring_spec, score_output
 
+    console = Console(verbose=verbose, name="score")
     try:
-        result = score_output(output, load_scoring_spec(scoring), parse_storage_options(storage_option),
-                              cache_dir=cache_dir, limit=limit)
+        spec = load_scoring_spec(scoring)
+        with _captured(console):
+            result = score_output(output, spec, parse_storage_options(storage_option), cache_dir=cache_dir,
+                                  limit=limit, console=console)
     except SpecError as e:
         _fail(e)
     typer.echo(result.line())
     for err in result.errors[:5]:
         typer.echo(f"  error: {err}")
+    if console.log_location:
+        typer.echo(f"log:      {console.log_location}")
     if result.failed and not result.scored:
         raise typer.Exit(1)
 
@@ -366,17 +386,23 @@ def report(
     samples: int = typer.Option(12, "--samples", min=1, help="Videos on the contact sheet (evenly spaced by id)."),
     extremes: int = typer.Option(3, "--extremes", min=0, help="Lowest- and highest-scoring videos (by clip_score and by aesthetic_score) added to the contact sheet when the output has scores."),
     scoring: Optional[str] = typer.Option(None, "--scoring", help="Which scores to show: a scoring spec or its hash (default: the scorer that scored the most videos)."),
+    video_base_url: Optional[str] = typer.Option(None, "--video-base-url", help="For a remote output: the https URL (endpoint, CDN) that serves OUTPUT's objects; the gallery plays <URL>/videos/<shard>/<name>.mp4. Default: the object's URL on the storage endpoint."),
+    presign_expiry: Optional[int] = typer.Option(None, "--presign-expiry", min=1, max=7 * 24 * 3600, help="For an s3:// output: link each video by a presigned URL valid this many seconds (they carry the access key id and a signature, never the secret key; the page says when they expire)."),
+    max_gallery: int = typer.Option(MAX_GALLERY_DEFAULT, "--max-gallery", min=1, help="Most cards in the gallery; a larger output is sampled (every latest error row up to a quarter of it, the extremes by each score, the rest evenly spaced by id)."),
 ) -> None:
-    """Write an HTML report of a run: counts, throughput over time, errors, score distributions and a contact sheet."""
+    """Write OUTPUT/report/: a gallery of the videos (each plays inline; sort by score, motion or time; filter by status, error rows with their message), counts, throughput, errors, score distributions and a contact sheet."""
     from latte_ray.ops.report import write_report
 
     try:
         result = write_report(output, parse_storage_options(storage_option), dest=dest, samples=samples,
-                              extremes=extremes, scoring_hash=_scoring_hash(scoring))
+                              extremes=extremes, scoring_hash=_scoring_hash(scoring), video_base_url=video_base_url,
+                              presign_seconds=presign_expiry, max_gallery=max_gallery)
     except SpecError as e:
         _fail(e)
     c = result.counts
-    typer.echo(f"report: {c['ok']} ok, {c['error']} error of {c['prompts']} prompts -> {result.url}")
+    sampled = f" (gallery: a sample of {result.gallery})" if result.gallery < result.gallery_of else ""
+    typer.echo(f"report: {c['ok']} ok, {c['error']} error of {c['prompts']} prompts{sampled} -> {result.url}")
+    typer.echo(f"        {_open_hint(result.url)}")
 
 
 @app.command()
@@ -410,7 +436,7 @@ def backfill(
         with _captured(console):
             summary = runner.run(spec, console=console)
             if report and (summary.ok or summary.error):
-                report_url = _run_report(output, spec.storage_options, console)
+                report_url = _run_report(output, spec.storage_options)
     except SpecError as e:
         _fail(e)
     except RunFailed as e:

@@ -255,6 +255,11 @@ class Console:
         self.stream.close()
         self.stream = sys.stdout
         logging.captureWarnings(False)
+        if self.log_url is None and self.log_local is not None:
+            # Never attached: the command stopped before its output was bound (a refused run, exit 2, whose
+            # one-line error says why); what Ray and the libraries printed until then is not kept.
+            os.unlink(self.log_local)
+            self.log_local = None
         if self._upload is not None:
             fs, target = self._upload
             try:

@@ -272,7 +272,13 @@ def test_report_renders_counts_errors_and_a_contact_sheet(synth_out, tmp_path):
 
     page = (dest / "index.html").read_text()
     assert "<tr><th>ok</th><td>6</td></tr>" in page and "<tr><th>error</th><td>1</td></tr>" in page
-    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    gallery = (dest / "gallery.js").read_text()
+    assert "<" not in gallery, "no text in the gallery's data can close a script element"
+    rows = json.loads(gallery.removeprefix("window.LATTE_GALLERY = ").rstrip().removesuffix(";"))["rows"]
+    (error,) = [r for r in rows if r["status"] == "error"]
+    assert "<script>alert(1)</script>" in error["error"] and error["src"] is None
+    assert len(rows) == 7 and all((dest / r["src"]).is_file() for r in rows if r["status"] == "ok")
 
     sheet = np.asarray(Image.open(dest / "contact_sheet.png").convert("RGB")).astype(float)
     assert sheet.shape[1::-1] == sheet_size(4) == (PAD + 3 * (THUMB + PAD), PAD + 4 * (LABEL + THUMB + PAD))
@@ -401,3 +407,18 @@ def test_export_and_report_on_s3(synth_out, s3_server, tmp_path, monkeypatch):
     report = write_report(url, options, samples=2)
     assert report.url == f"{url}/report/index.html" and report.counts["ok"] == 6
     assert fs.size(f"{root}/report/contact_sheet.png") > 1000 and fs.exists(f"{root}/report/throughput.png")
+    # The gallery links each object on the storage endpoint (path-style), with no credential in the page.
+    def gallery() -> tuple[str, list[dict]]:
+        text = fs.cat_file(f"{root}/report/gallery.js").decode()
+        return text, json.loads(text.removeprefix("window.LATTE_GALLERY = ").rstrip().removesuffix(";"))["rows"]
+    text, rows = gallery()
+    assert {r["src"] for r in rows} == {f"{s3_server.endpoint}/{root}/{OutputLayout.key_of(r['uri'])}" for r in rows}
+    assert "testing" not in text + fs.cat_file(f"{root}/report/index.html").decode()
+    # Presigned on request: each URL serves the video's bytes until it expires; still no secret in the page.
+    write_report(url, {**options, "secret": "s3cr3t-never-in-the-page"}, samples=1, presign_seconds=600)
+    text, rows = gallery()
+    assert "s3cr3t-never-in-the-page" not in text and all("Expires=600" in r["src"] for r in rows)
+    page = fs.cat_file(f"{root}/report/index.html").decode()
+    assert "presigned URLs, valid until" in page
+    with urllib.request.urlopen(rows[0]["src"], timeout=30) as response:
+        assert response.read() == fs.cat_file(OutputLayout(url=url, root=root).video_path(rows[0]["uri"]))
