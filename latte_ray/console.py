@@ -71,6 +71,7 @@ class Progress:
         self._last_print: float | None = None
         self._printed_done = -1
         self._shown = False  # a live line is on the terminal
+        self._drawn = ""
         self.lock = threading.RLock()
 
     def line(self) -> str:
@@ -107,9 +108,12 @@ class Progress:
         """Draw the line now (terminal), or print it when `interval` has passed and the count moved."""
         with self.lock:
             if self.tty:
-                self.stream.write("\r\x1b[K" + self.line())
+                line = self.line()
+                if self._shown and line == self._drawn:
+                    return
+                self.stream.write("\r\x1b[K" + line)
                 self.stream.flush()
-                self._shown = True
+                self._shown, self._drawn = True, line
                 return
             now = self.clock()
             due = self._last_print is None or now - self._last_print >= self.interval
@@ -295,6 +299,13 @@ class Console:
         os.close(fd)
         os.unlink(self.log_local)
         self.log_local = path
+
+    @property
+    def log_now(self) -> str | None:
+        """The log as the line saying what will run names it: a remote output's log is still local then."""
+        if self._upload is not None:
+            return f"{self.log_local} (uploaded to {self.log_url} when the command ends)"
+        return self.log_location
 
     @property
     def log_location(self) -> str | None:

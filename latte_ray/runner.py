@@ -405,9 +405,9 @@ def _execute(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_i
         baseline["done"] = summary.skipped_done = work.done
         summary.duplicates = work.duplicates
         if console is not None:
-            console.echo(plan_line(run, work, console.log_location))
+            console.echo(plan_line(run, work, console.log_now))
             if work.todo:
-                console.start_progress(work.todo)
+                console.start_progress(min(work.todo, run.limit) if run.limit else work.todo)
     else:  # re-planned: what this run committed so far is now in the done set (delivered to us or not)
         committed = work.done - summary.skipped_done
         if run.retry_errors:  # errored ids are tried again, and counted again
@@ -458,7 +458,9 @@ def plan_line(run: RunSpec, work, log_location: str | None = None) -> str:
     """The one line saying what will run: spec, prompts to do and already done, cluster size, log file."""
     spec = run.pipeline
     extra = f", {work.duplicates} duplicate rows skipped" if work.duplicates else ""
-    line = (f"run: {spec.name} (spec {spec.spec_hash()}) over {work.rows} prompts: {work.todo} to do, "
+    todo = f"{min(work.todo, run.limit)} to do (--limit {run.limit})" if run.limit and run.limit < work.todo \
+        else f"{work.todo} to do"
+    line = (f"run: {spec.name} (spec {spec.spec_hash()}) over {work.rows} prompts: {todo}, "
             f"{work.done} already done{extra}; cluster: {cluster_line()}")
     return line + (f"; log: {log_location}" if log_location else "")
 

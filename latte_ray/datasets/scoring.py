@@ -160,7 +160,7 @@ def score_output(output: str, scoring: ScoringSpec, storage_options: dict | None
     if console is not None:
         from latte_ray.runner import cluster_line
 
-        log_part = f"; log: {console.log_location}" if console.log_location else ""
+        log_part = f"; log: {console.log_now}" if console.log_now else ""
         console.echo(f"score: scorer {digest} ({scoring.clip_model}) over {output}: {summary.todo} videos to "
                      f"score; cluster: {cluster_line()}{log_part}")
         if summary.todo:
