@@ -426,3 +426,30 @@ def test_export_and_report_on_s3(synth_out, s3_server, tmp_path, monkeypatch):
     assert "presigned URLs, valid until" in page
     with urllib.request.urlopen(rows[0]["src"], timeout=30) as response:
         assert response.read() == fs.cat_file(OutputLayout(url=url, root=root).video_path(rows[0]["uri"]))
+
+
+def test_a_large_gallery_holds_a_sample_with_every_kind_of_row():
+    """Past max_gallery rows the gallery samples: the latest error rows (at most a quarter of it), the lowest
+    and highest by each score, the rest evenly spaced by id; its note says so."""
+    from datetime import datetime, timedelta, timezone
+
+    from latte_ray.ops import report
+
+    n, t0 = 400, datetime(2026, 12, 1, tzinfo=timezone.utc)
+    status = ["error" if i % 10 == 0 else "ok" for i in range(n)]
+    table = pa.table({
+        "id": [f"v{i:04d}" for i in range(n)], "status": status,
+        "finished_at": [t0 + timedelta(seconds=i) for i in range(n)],
+        "clip_score": [None if s == "error" else float((i * 37) % n) for i, s in enumerate(status)],
+        "aesthetic_score": [None if s == "error" else float((i * 91) % n) for i, s in enumerate(status)],
+    })
+    rows, note = report.gallery_rows(table, 200)
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)) == 200 and ids == sorted(ids)
+    assert note.startswith("a sample of 200 of 400 prompts: the latest 40 error rows")
+    assert [r["id"] for r in rows if r["status"] == "error"] == [f"v{i:04d}" for i in range(0, n, 10)]
+    ok = table.filter(pc.equal(table["status"], "ok")).to_pylist()
+    for column in ("clip_score", "aesthetic_score"):
+        ranked = [r["id"] for r in sorted(ok, key=lambda r: (r[column], r["id"]))]
+        assert set(ranked[:12] + ranked[-12:]) <= set(ids), column  # 200 // 16 each way
+    assert report.gallery_rows(table, n) == (table.sort_by("id").to_pylist(), None)

@@ -51,7 +51,7 @@ PAD = 6
 MAX_ERRORS = 200
 MAX_GALLERY = 5000  # cards the gallery holds; a larger output is sampled (the page says how)
 MAX_GALLERY_ERRORS = 1000  # of those, error rows (the latest)
-GALLERY_EXTREMES = 100  # lowest and highest by each score, kept in a sampled gallery
+GALLERY_EXTREMES = 100  # lowest and highest by each score, kept in a sampled gallery (at most a quarter of it)
 PAGE_SIZE = 48
 _COLUMNS = ["id", "prompt", "seed", "status", "error", "bytes", "started_at", "finished_at", "generate_seconds",
             "mean_brightness", "motion_score", "blank_frames", "frozen_frames", "video_uri", "sha256",
@@ -192,7 +192,7 @@ def _with_scores(latest: pa.Table, ok_scored: pa.Table) -> pa.Table:
     columns = [c for c in ok_scored.column_names if c in errors.column_names]
     if not errors.num_rows:
         return ok_scored.select(columns)
-    return pa.concat_tables([ok_scored.select(columns), errors.select(columns).cast(ok_scored.select(columns).schema)])
+    return pa.concat_tables([ok_scored.select(columns), errors.select(columns)], promote_options="permissive")
 
 
 def gallery_rows(rows: pa.Table, limit: int) -> tuple[list[dict], str | None]:
@@ -206,12 +206,13 @@ def gallery_rows(rows: pa.Table, limit: int) -> tuple[list[dict], str | None]:
     for video_id in errors["id"].to_pylist()[:min(MAX_GALLERY_ERRORS, limit // 4)]:
         chosen[video_id] = None
     ok = rows.filter(pc.equal(rows["status"], "ok"))
+    k = min(GALLERY_EXTREMES, limit // (4 * 2 * len(SCORES)))  # extremes: at most a quarter of the gallery
     for column in SCORES:
-        if column not in ok.column_names:
+        if column not in ok.column_names or not k:
             continue
         scored = ok.filter(pc.is_valid(ok[column])).sort_by([(column, "ascending"), ("id", "ascending")])
         ids = scored["id"].to_pylist()
-        for video_id in ids[:GALLERY_EXTREMES] + ids[::-1][:GALLERY_EXTREMES]:
+        for video_id in ids[:k] + ids[::-1][:k]:
             chosen[video_id] = None
     rest = [i for i in ok["id"].to_pylist() if i not in chosen]
     for video_id in _spread(rest, max(limit - len(chosen), 0)):
@@ -219,7 +220,7 @@ def gallery_rows(rows: pa.Table, limit: int) -> tuple[list[dict], str | None]:
     keep = rows.filter(pc.is_in(rows["id"], pa.array(list(chosen)[:limit])))
     n_err = sum(1 for r in keep["status"].to_pylist() if r != "ok")
     note = (f"a sample of {keep.num_rows} of {rows.num_rows} prompts: the latest {n_err} error rows, the "
-            f"{GALLERY_EXTREMES} lowest and highest by each score, the rest evenly spaced by id "
+            f"{k} lowest and highest by each score, the rest evenly spaced by id "
             f"(`latte-ray report --max-gallery N` holds more)")
     return keep.to_pylist(), note
 
