@@ -453,3 +453,6 @@ def test_a_large_gallery_holds_a_sample_with_every_kind_of_row():
         ranked = [r["id"] for r in sorted(ok, key=lambda r: (r[column], r["id"]))]
         assert set(ranked[:12] + ranked[-12:]) <= set(ids), column  # 200 // 16 each way
     assert report.gallery_rows(table, n) == (table.sort_by("id").to_pylist(), None)
+    from latte_ray.cli import MAX_GALLERY_DEFAULT
+
+    assert MAX_GALLERY_DEFAULT == report.MAX_GALLERY, "`report --max-gallery` defaults to the report's own limit"
