@@ -211,35 +211,6 @@ def test_quantize_pipeline_quantizes_the_named_components(model_cache):
     assert type(pipe.text_encoder.encoder.block[0].layer[0].SelfAttention.q.weight).__name__ == "Parameter"
 
 
-def test_a_model_actor_without_quantization_never_imports_torchao():
-    """What a generation actor does first when its spec has no model.quantization (stages/denoise.py): the
-    model libraries are imported as loading a pipeline imports them, and torchao is not (importing it prints
-    load failures of its CUDA kernels on this machine); a quantized load later in the same process still
-    gets the real torchao."""
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-
-    code = (
-        "import sys\n"
-        "from latte_ray.model.quantize import leave_torchao_unimported, torchao_config\n"
-        "from latte_ray.spec import QuantizationSpec\n"
-        "leave_torchao_unimported(None)\n"
-        "import transformers.modeling_utils, diffusers\n"
-        "from diffusers.utils import is_torchao_available\n"
-        "print(sys.modules['torchao'], transformers.utils.is_torchao_available(), is_torchao_available(), flush=True)\n"
-        "print('--- quantized', file=sys.stderr, flush=True)\n"
-        "torchao_config(QuantizationSpec(kind='int8_weight_only'))\n"
-        "print(type(sys.modules['torchao']).__name__)\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["None", "False", "False", "module"], done.stdout
-    before = done.stderr.split("--- quantized")[0]
-    assert "torchao" not in before, before[-2000:]
-
-
 def test_float8_fails_before_any_weights_load(tmp_path, prompts_path, monkeypatch):
     from typer.testing import CliRunner
 
