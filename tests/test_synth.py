@@ -456,3 +456,17 @@ def test_a_large_gallery_holds_a_sample_with_every_kind_of_row():
     from latte_ray.cli import MAX_GALLERY_DEFAULT
 
     assert MAX_GALLERY_DEFAULT == report.MAX_GALLERY, "`report --max-gallery` defaults to the report's own limit"
+
+
+def test_shipped_specs_encode_videos_browsers_play():
+    """The gallery plays the stored mp4 (H.264 in mp4, 4:2:0, even sizes); the lossless spec's libx264rgb
+    does not play, and its report says so."""
+    from latte_ray.ops.report import unplayable
+    from latte_ray.stages.encode import browser_unplayable
+
+    for name in ("tiny-cpu", "latte-1-t2v-512"):
+        spec = load_pipeline_spec(name)
+        assert browser_unplayable(spec.video, spec.sampling.height, spec.sampling.width) is None, name
+    lossless = load_pipeline_spec("tiny-cpu-lossless")
+    assert "libx264rgb is not played" in unplayable({"pipeline": lossless.model_dump(mode="json")})
+    assert "odd side" in browser_unplayable(lossless.video.model_copy(update={"codec": "libx264"}), 129, 128)

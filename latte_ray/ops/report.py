@@ -98,7 +98,8 @@ def write_report(output: str, storage_options: dict | None = None, dest: str | N
     scored_latest = _with_scores(latest, ok)
     cards, note = gallery_rows(scored_latest, max_gallery)
     data = {"rows": [card_of(r, links) for r in cards], "total": latest.num_rows, "sampled": note,
-            "links": links.describe(), "page_size": PAGE_SIZE, "scored": bool(selection.scored)}
+            "links": links.describe(), "page_size": PAGE_SIZE, "scored": bool(selection.scored),
+            "unplayable": unplayable(record)}
     page = render_html(output, record, (total_runs, runs), counts, latest, sampled, selection, distributions,
                        sections, gallery=data)
     try:
@@ -184,6 +185,20 @@ class VideoLinks:
             return (f"videos are read from {self.endpoint}/<bucket>/<key>: they play when the bucket is readable "
                     f"from this browser (else write the report with --presign-expiry SECONDS or --video-base-url)")
         return "videos are linked by their URIs (this storage has no https endpoint latte-ray knows)"
+
+
+def unplayable(record: dict) -> str | None:
+    """Why the output's videos will not play in a browser (its spec's video settings), or None."""
+    from latte_ray.spec import VideoSpec
+    from latte_ray.stages.encode import browser_unplayable
+
+    pipeline = record.get("pipeline") or {}
+    sampling = pipeline.get("sampling") or {}
+    try:
+        video = VideoSpec.model_validate(pipeline.get("video") or {})
+    except Exception:  # noqa: BLE001 - a record of another version: no claim either way
+        return None
+    return browser_unplayable(video, int(sampling.get("height") or 2), int(sampling.get("width") or 2))
 
 
 def _with_scores(latest: pa.Table, ok_scored: pa.Table) -> pa.Table:
@@ -498,6 +513,8 @@ def _gallery_html(gallery: dict) -> list[str]:
     return [
         "<h2>Gallery</h2>",
         f"<p id='gallery-note'>{e(note)}; {e(gallery['links'])}.</p>",
+        *([f"<p id='unplayable'><b>These videos will not play here</b>: {e(gallery['unplayable'])}; the contact "
+           "sheet below shows their frames.</p>"] if gallery.get("unplayable") else []),
         "<div id='controls'><label>sort <select id='sort'>",
         *(f"<option value='{v}'>{e(t)}</option>" for v, t in sorts),
         "</select></label> <label>status <select id='status'><option value='all'>all</option>"
