@@ -244,13 +244,14 @@ class Preflight:
     files: list[str]
     without_id: list[str]
     model: str  # a line describing the model source
+    model_identity: dict | None = None  # what the source resolved to (model/configs.py ModelConfigs.identity)
 
 
 def preflight(run: RunSpec, tables: bool = True) -> Preflight:
     """Every check that needs neither Ray nor model weights, in the driver, cheapest first; SpecError (one
     line, exit 2) names the option, field, path or URL. Writes nothing but a probe it deletes again.
     `tables=False` leaves out the prompt tables (synth checks the rest before it writes its table)."""
-    from latte_ray.model.configs import check_model_source
+    from latte_ray.model.configs import check_model
     from latte_ray.plan.preflight import check_output_location, check_urls
     from latte_ray.stages.encode import check_video_settings
 
@@ -269,12 +270,14 @@ def preflight(run: RunSpec, tables: bool = True) -> Preflight:
         from latte_ray.model.quantize import check_before_run
 
         check_before_run(run.pipeline.model)  # float8 on a machine without float8 GPUs: refused here
-    model = check_model_source(run.pipeline, run.storage_options)
+    model, identity = check_model(run.pipeline, run.storage_options)
+    outputs.check_model_identity(out, identity)  # the same source resolving to other weights: refused
     if run.pipeline.scoring.enabled:
         from latte_ray.model.clip import check_sources
 
         check_sources(run.pipeline.scoring, run.storage_options)
-    return Preflight(output=out, in_fs=in_fs, files=files, without_id=without_id, model=model)
+    return Preflight(output=out, in_fs=in_fs, files=files, without_id=without_id, model=model,
+                     model_identity=identity)
 
 
 SHOWN_VIDEOS = 3  # videos a summary names
@@ -295,9 +298,10 @@ def run(run: RunSpec, console=None) -> RunSummary:
     use_task_cpu_cap(run.pipeline.execution.num_cpus_per_cpu_task)
     check_fit(run.pipeline)  # before any actor starts: refuse a plan this cluster can never schedule
     # Every check has passed: bind the output to this spec (first run only) and open this run's record.
-    outputs.bind(out, run.pipeline, run.seed, package_versions().get("latte-ray", "unknown"))
+    outputs.bind(out, run.pipeline, run.seed, package_versions().get("latte-ray", "unknown"),
+                 model_identity=checked.model_identity)
     run_id = f"{started_wall:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
-    record = run_record(run, files, started_wall)
+    record = {**run_record(run, files, started_wall), "model_identity": checked.model_identity}
     if console is not None and console.log_local is not None:
         log_path, log_url = f"{out.layout.runs_dir}/{run_id}.log", f"{out.layout.url}/runs/{run_id}.log"
         console.attach_log(out.fs, log_path, log_url)

@@ -13,8 +13,10 @@ This module imports neither torch nor diffusers, so `run --dry-run` stays light.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from latte_ray.spec import NULL_SOURCE, TINY_SOURCE, ModelSpec, PipelineSpec, SpecError
@@ -47,6 +49,44 @@ class ModelConfigs:
     transformer: dict | None
     text_encoder: dict | None
     files: set[str] | None = None  # every file of the model (relative paths), when it could be listed
+    identity: dict = field(default_factory=dict)  # what exactly was read: hub commit, or a fingerprint
+
+    def resolved(self) -> tuple[dict | None, dict | None]:
+        """The transformer's and text encoder's configs as the loaded models will have them."""
+        return (resolve_config(self.model_index, "transformer", self.transformer),
+                resolve_config(self.model_index, "text_encoder", self.text_encoder))
+
+
+def resolve_config(model_index: dict, component: str, raw: dict | None) -> dict | None:
+    """`raw` (a component's config.json) as its library resolves it when it loads the component: the class
+    named in model_index.json builds it from the keys its `__init__` takes, with the `__init__` defaults for
+    the ones the file leaves out. diffusers: `ConfigMixin.extract_init_dict` (what `from_config` calls),
+    over the signature's defaults (what `register_to_config` records); transformers: the config class
+    itself. A class we do not know is left as the raw file."""
+    if raw is None:
+        return None
+    library, name = (model_index.get(component) or [None, None])[:2]
+    if library == "diffusers" and name:
+        import diffusers
+
+        cls = getattr(diffusers, name, None)
+        if cls is None or not hasattr(cls, "extract_init_dict"):
+            return dict(raw)
+        init, _unused, _hidden = cls.extract_init_dict(dict(raw))
+        signature = inspect.signature(cls.__init__)
+        ignored = set(getattr(cls, "ignore_for_config", ()))
+        defaults = {k: p.default for k, p in signature.parameters.items()
+                    if k != "self" and k not in ignored and p.default is not inspect.Parameter.empty
+                    and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        return {**defaults, **init}
+    if library == "transformers" and raw.get("model_type"):
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.for_model(**raw).to_dict()
+        except (ValueError, KeyError, TypeError):
+            return dict(raw)
+    return dict(raw)
 
 
 def read_model_configs(model: ModelSpec, storage_options: dict | None = None) -> ModelConfigs | None:
@@ -58,8 +98,11 @@ def read_model_configs(model: ModelSpec, storage_options: dict | None = None) ->
     if kind == "tiny":
         from latte_ray.model.tiny import model_configs
 
+        from latte_ray.model.tiny import TINY_MODEL_VERSION
+
         configs = model_configs()
-        return ModelConfigs("the tiny model", configs["model_index"], configs["transformer"], configs["text_encoder"])
+        return ModelConfigs("the tiny model", configs["model_index"], configs["transformer"], configs["text_encoder"],
+                            identity={"kind": "tiny", "source": TINY_SOURCE, "version": TINY_MODEL_VERSION})
     if kind == "missing":
         raise SpecError(f"{src}: no such folder")
     if kind == "hub":
@@ -74,9 +117,11 @@ def _fs_configs(model: ModelSpec, src: str, storage_options: dict | None, where:
     fs, root = filesystem(url, storage_options)
     root = root.rstrip("/")
     try:
-        files = {p[len(root) + 1:] for p in fs.find(root)}
+        listing = fs.find(root, detail=True)
     except Exception as e:  # noqa: BLE001 - unreachable endpoint, missing bucket, permission
         raise SpecError(f"{src}: cannot list it: {type(e).__name__}: {_first_line(e)}") from e
+    listing = {p[len(root) + 1:]: info for p, info in listing.items() if info.get("type") != "directory"}
+    files = set(listing)
     if CONFIG_FILES["model_index"] not in files:
         raise SpecError(f"{src}: no model_index.json there (not a diffusers save_pretrained folder)")
     loaded = {}
@@ -88,7 +133,25 @@ def _fs_configs(model: ModelSpec, src: str, storage_options: dict | None, where:
             loaded[name] = json.loads(fs.cat_file(f"{root}/{rel}"))
         except Exception as e:  # noqa: BLE001
             raise SpecError(f"{src}: cannot read {rel}: {type(e).__name__}: {_first_line(e)}") from e
-    return ModelConfigs(where, loaded["model_index"], loaded["transformer"], loaded["text_encoder"], files)
+    identity = {"kind": "folder" if where == "local folder" else "mirror", "source": model.source,
+                "fingerprint": _fingerprint(fs, root, listing)}
+    return ModelConfigs(where, loaded["model_index"], loaded["transformer"], loaded["text_encoder"], files,
+                        identity=identity)
+
+
+def _fingerprint(fs, root: str, listing: dict[str, dict]) -> str:
+    """A cheap content hash of a model folder: every file's path and size, an object store's ETag (a content
+    hash of the object), and the bytes of every JSON file (the configs). Weights are not read in full, so a
+    weight file rewritten in place with the same size on local disk goes unseen: publish a changed model
+    under a new folder or prefix."""
+    digest = hashlib.sha256()
+    for rel in sorted(listing):
+        info = listing[rel]
+        etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+        digest.update(f"{rel}\0{int(info.get('size') or 0)}\0{etag}\n".encode())
+        if rel.endswith(".json"):
+            digest.update(fs.cat_file(f"{root}/{rel}"))
+    return digest.hexdigest()[:32]
 
 
 def _hub_configs(model: ModelSpec, src: str) -> ModelConfigs:
@@ -111,16 +174,25 @@ def _hub_configs(model: ModelSpec, src: str) -> ModelConfigs:
                 f"its {rel} cannot be fetched{hint}: {type(e).__name__}: {_first_line(e)}"
             ) from None
         loaded[name] = json.loads(Path(path).read_text())
-    return ModelConfigs("Hugging Face Hub", loaded["model_index"], loaded["transformer"], loaded["text_encoder"])
+        if name == "model_index":  # huggingface_hub keeps a revision's files under snapshots/<commit>/
+            commit = Path(path).parent.name
+    identity = {"kind": "hub", "source": model.source, "revision": model.revision or "main", "commit": commit}
+    return ModelConfigs("Hugging Face Hub", loaded["model_index"], loaded["transformer"], loaded["text_encoder"],
+                        identity=identity)
 
 
 def check_model_source(spec: PipelineSpec, storage_options: dict | None = None) -> str:
     """Check that the source is a Latte pipeline whose configs agree with the spec; returns a one-line
     summary, raises SpecError (one line) naming the field that disagrees."""
+    return check_model(spec, storage_options)[0]
+
+
+def check_model(spec: PipelineSpec, storage_options: dict | None = None) -> tuple[str, dict]:
+    """check_model_source's summary line, and the source's identity (ModelConfigs.identity)."""
     model = spec.model
     configs = read_model_configs(model, storage_options)
     if configs is None:
-        return f"model.source {model.source!r}: the benchmark null engine (no model)"
+        return f"model.source {model.source!r}: the benchmark null engine (no model)", {"kind": "null"}
     src = f"model.source {model.source!r}"
     pipeline_class = configs.model_index.get("_class_name")
     if pipeline_class != "LattePipeline":
@@ -128,15 +200,17 @@ def check_model_source(spec: PipelineSpec, storage_options: dict | None = None) 
                         f"not a LattePipeline")
     if not configs.transformer:
         raise SpecError(f"{src}: no transformer/config.json (a Latte pipeline needs its transformer)")
-    frames = configs.transformer.get("video_length")
+    transformer, text_encoder = configs.resolved()
+    frames = transformer.get("video_length")
     if frames != spec.sampling.video_length:
         raise SpecError(f"sampling.video_length is {spec.sampling.video_length} but {src} makes {frames}-frame "
-                        f"videos (transformer/config.json video_length); set sampling.video_length: {frames}")
+                        f"videos (transformer video_length, as diffusers loads transformer/config.json); set "
+                        f"sampling.video_length: {frames}")
     if configs.text_encoder is None:
         if not _component_present(configs.model_index, "text_encoder"):
             raise SpecError(f"{src}: the pipeline was saved without a text encoder (model_index.json)")
         raise SpecError(f"{src}: no text_encoder/config.json")
-    width, channels = configs.text_encoder.get("d_model"), configs.transformer.get("caption_channels")
+    width, channels = text_encoder.get("d_model"), transformer.get("caption_channels")
     if width != channels:
         raise SpecError(f"{src}: its text encoder's width (text_encoder d_model {width}) is not the width the "
                         f"transformer reads (caption_channels {channels})")
@@ -146,7 +220,9 @@ def check_model_source(spec: PipelineSpec, storage_options: dict | None = None) 
                        for f in configs.files):
                 raise SpecError(f"{src}: {component}/ has no .safetensors weights (latte-ray loads safetensors "
                                 f"only, never pickled weights)")
-    return f"{src} ({configs.where}): a LattePipeline, {frames} frames, text width {width}"
+    pinned = configs.identity.get("commit") or configs.identity.get("fingerprint") or configs.identity.get("version")
+    return (f"{src} ({configs.where}{', ' + str(pinned)[:12] if pinned else ''}): a LattePipeline, {frames} frames, "
+            f"text width {width}", configs.identity)
 
 
 def _component_present(model_index: dict, name: str) -> bool:

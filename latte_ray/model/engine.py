@@ -251,7 +251,7 @@ class LatteEngine:
             embeds.dtype, self.device, generators,
         )
         extra = pipe.prepare_extra_step_kwargs(generators, s.eta)
-        learned_sigma = getattr(pipe.scheduler.config, "variance_type", None) in ("learned", "learned_range")
+        split_variance = keeps_noise_half(pipe.transformer.config, pipe.scheduler)
         if self.teacache is not None:
             self.teacache.start(videos=batch, real=n, cfg=cfg)
         for i, t in enumerate(timesteps):
@@ -274,7 +274,7 @@ class LatteEngine:
             if cfg:
                 uncond, cond = noise.chunk(2)
                 noise = uncond + s.guidance_scale * (cond - uncond)
-            if not learned_sigma:
+            if split_variance:  # the model's output is [noise, variance]: the step takes the noise
                 noise = noise.chunk(2, dim=1)[0]
             latents = pipe.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
         pipe._current_timestep = None
@@ -305,6 +305,28 @@ class LatteEngine:
             TextBatch(pad(text.embeds), pad(text.negative_embeds), pad(text.keep), text.tokens, text.truncated),
             seeds + [seeds[0]] * extra,
         )
+
+
+def predicts_variance(transformer_config) -> bool:
+    """Does the transformer predict a variance beside the noise? Decided from the model, as Latte's own
+    sampling code does (`learn_sigma`: out_channels == 2 * in_channels), not from the scheduler's config."""
+    return int(transformer_config.out_channels) == 2 * int(transformer_config.in_channels)
+
+
+def keeps_noise_half(transformer_config, scheduler) -> bool:
+    """Should the denoise loop drop the variance half of the model output before the scheduler step?
+
+    diffusers' LattePipeline decides this from `scheduler.config.variance_type` and leaves all 8 channels in
+    when it reads "learned_range", which Latte-1's published DDIM config says (hub commit 86e75847): DDIM's
+    step then fails on the first step (4 vs 8 channels). Only DDPM's step reads a predicted variance itself
+    (it splits a 2x-channel output when its variance_type is learned or learned_range); every other
+    scheduler (DDIM, DPM-Solver, Euler, PNDM) wants the noise alone."""
+    if not predicts_variance(transformer_config):
+        return False
+    from diffusers import DDPMScheduler
+
+    consumes = isinstance(scheduler, DDPMScheduler) and scheduler.config.variance_type in ("learned", "learned_range")
+    return not consumes
 
 
 def _retrieve_timesteps(scheduler, steps: int, device: torch.device):

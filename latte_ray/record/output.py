@@ -193,7 +193,54 @@ def check_binding(out: Output, spec: PipelineSpec, seed: int) -> dict | None:
     return None
 
 
-def bind(out: Output, spec: PipelineSpec, seed: int, version: str) -> dict:
+def _identity_key(identity: dict | None) -> str | None:
+    """What must stay the same for an output: the hub commit, a folder's or mirror's fingerprint, the tiny
+    model's version (None: nothing recorded, e.g. an output made before identities were recorded)."""
+    if not identity:
+        return None
+    for key in ("commit", "fingerprint", "version"):
+        if identity.get(key):
+            return f"{identity.get('kind')}:{identity[key]}"
+    return identity.get("kind")
+
+
+def _identity_words(identity: dict) -> str:
+    kind = identity.get("kind")
+    if kind == "hub":
+        return f"hub commit {identity.get('commit')} (revision {identity.get('revision')})"
+    if identity.get("fingerprint"):
+        return f"{kind} fingerprint {identity['fingerprint']}"
+    return str(_identity_key(identity))
+
+
+def check_model_identity(out: Output, identity: dict | None) -> None:
+    """Refuse (SpecError) a run whose model source resolves to other weights than the ones this output's videos
+    were made with: a hub id whose branch moved to another commit, a folder or mirror whose files changed.
+    Compared with the output's record and its newest run record that has one. Reads only."""
+    new = _identity_key(identity)
+    if new is None:
+        return
+    known, where = None, None
+    record = read_record(out)
+    if record and record.get("model_identity"):
+        known, where = record["model_identity"], OUTPUT_RECORD
+    else:
+        _, runs = list_runs(out)
+        for past in reversed(runs):
+            if past.get("model_identity"):
+                known, where = past["model_identity"], f"runs/{past.get('run_id', '?')}.json"
+                break
+    if known is None or _identity_key(known) == new:
+        return
+    raise SpecError(
+        f"output {out.url} was made from model.source {known.get('source')!r} at {_identity_words(known)} "
+        f"({where}); this run resolves it to {_identity_words(identity)}. Its videos would come from other "
+        f"weights under the same spec: pin model.revision to {known.get('commit') or 'the old version'} to "
+        f"continue this output, or write the new model to a new --output"
+    )
+
+
+def bind(out: Output, spec: PipelineSpec, seed: int, version: str, model_identity: dict | None = None) -> dict:
     """Create the output's record if it has none (create-only: when two runs start at once, one writes it
     and the other is checked against it). Call after every check has passed, before generation."""
     record = {
@@ -204,6 +251,7 @@ def bind(out: Output, spec: PipelineSpec, seed: int, version: str) -> dict:
         "pipeline": spec.model_dump(mode="json"),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "latte_ray_version": version,
+        "model_identity": model_identity,
     }
     try:
         created = write_exclusive(out.fs, out.layout.record_json, json.dumps(record, indent=2).encode())
