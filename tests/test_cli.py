@@ -188,3 +188,48 @@ def test_progress_line_elsewhere_is_printed_at_most_every_30_seconds():
     clock.now += 60
     progress.update(6, 0)
     assert len(log.getvalue().splitlines()) == 3, "an unchanged count is not printed again"
+
+
+_CAPTURE_CHILD = """
+import logging, os, sys
+import fsspec
+from latte_ray.console import Console
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+out = sys.argv[1]
+console = Console()
+with console.capture():
+    os.write(2, b"C++ core worker line (fd 2)\\n")
+    print("a library's print (fd 1)")
+    logging.getLogger("ray.data").info("Running Dataset: before the output is bound")
+    console.echo("run: what will run")
+    console.attach_log(fsspec.filesystem("file"), out + "/runs/r1.log", out + "/runs/r1.log")
+    logging.getLogger("latte_ray.runner").warning("re-planning from the manifest")
+    os.write(1, b"an actor's forwarded output\\n")
+    console.echo("latte-ray: 1 ok")
+print("after: " + console.log_location)
+refused = Console()
+with refused.capture():
+    print("noise of a run refused before its output was bound")
+    early = refused.log_local
+print("refused: " + str(refused.log_location) + " " + str(os.path.exists(early)))
+"""
+
+
+def test_console_capture_moves_everything_else_to_the_log(tmp_path):
+    """A real process (the capture works on file descriptors 1 and 2): the console gets only its own lines
+    (and latte-ray's warnings); what anything else writes, before and after the output is bound, is in
+    OUTPUT/runs/<run_id>.log; a command refused before binding keeps no log."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", _CAPTURE_CHILD, str(out)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert done.stdout.splitlines() == ["run: what will run", "warning: re-planning from the manifest",
+                                        "latte-ray: 1 ok", f"after: {out}/runs/r1.log", "refused: None False"]
+    log = (out / "runs" / "r1.log").read_text()
+    for line in ("C++ core worker line (fd 2)", "a library's print (fd 1)", "Running Dataset: before the output",
+                 "re-planning from the manifest", "an actor's forwarded output"):
+        assert line in log, line
+    assert "what will run" not in log and "refused before" not in log
