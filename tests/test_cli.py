@@ -213,21 +213,27 @@ with refused.capture():
     print("noise of a run refused before its output was bound")
     early = refused.log_local
 print("refused: " + str(refused.log_location) + " " + str(os.path.exists(early)))
+loud = Console(verbose=True)  # --verbose: nothing is captured
+with loud.capture():
+    os.write(2, b"verbose: Ray's line on stderr\\n")
+    loud.echo("verbose: our line")
+print("verbose log: " + str(loud.log_location))
 """
 
 
 def test_console_capture_moves_everything_else_to_the_log(tmp_path):
     """A real process (the capture works on file descriptors 1 and 2): the console gets only its own lines
     (and latte-ray's warnings); what anything else writes, before and after the output is bound, is in
-    OUTPUT/runs/<run_id>.log; a command refused before binding keeps no log."""
+    OUTPUT/runs/<run_id>.log; a command refused before binding keeps no log; --verbose captures nothing."""
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", _CAPTURE_CHILD, str(out)], env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stderr == ""
+    assert done.stderr == "verbose: Ray's line on stderr\n", "--verbose leaves everything on the console"
     assert done.stdout.splitlines() == ["run: what will run", "warning: re-planning from the manifest",
-                                        "latte-ray: 1 ok", f"after: {out}/runs/r1.log", "refused: None False"]
+                                        "latte-ray: 1 ok", f"after: {out}/runs/r1.log", "refused: None False",
+                                        "verbose: our line", "verbose log: None"]
     log = (out / "runs" / "r1.log").read_text()
     for line in ("C++ core worker line (fd 2)", "a library's print (fd 1)", "Running Dataset: before the output",
                  "re-planning from the manifest", "an actor's forwarded output"):
