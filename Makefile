@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean wheel image push
+.PHONY: demo test install clean wheel image push chromium
 
 # The venv is built once and rebuilt only when the dependencies change.
 $(STAMP): pyproject.toml requirements/constraints.txt
@@ -15,11 +15,18 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 
 install: $(STAMP)
 
+# The run ends by writing outputs/demo/report/ (its summary says what to open).
 demo: $(STAMP)
 	$(BIN)/latte-ray run
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q tests
+
+# The report's browser test (tests/test_scoring.py) opens the gallery in Debian's headless chromium, driven by
+# the playwright package (a dev dependency; it downloads no browser of its own). Installed once, if missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	@command -v chromium >/dev/null || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends chromium)
 
 clean:
 	rm -rf $(VENV) outputs build dist

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +27,7 @@ from latte_ray.resources import examples_dir
 from latte_ray.spec import DEFAULT_PIPELINE, PIPELINES_DIR, RunSpec, SpecError, load_pipeline_spec, option_error
 
 EXAMPLE_PROMPTS = examples_dir() / "prompts.parquet"
+MAX_GALLERY_DEFAULT = 5000  # latte_ray.ops.report.MAX_GALLERY (not imported here: the report pulls in matplotlib)
 DEMO_OUTPUT = "outputs/demo"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch text-to-video generation with Latte on Ray Data.")
@@ -75,6 +77,8 @@ MinMotionOpt = typer.Option(None, "--min-motion", min=0.0, help="Export only vid
 MinClipOpt = typer.Option(None, "--min-clip-score", help="Export only videos whose clip_score (CLIPScore, 0-100) is at least this; unscored videos are rejected.")
 MinAestheticOpt = typer.Option(None, "--min-aesthetic", help="Export only videos whose aesthetic_score is at least this; unscored videos are rejected.")
 WithEmbeddingsOpt = typer.Option(None, "--with-embeddings/--without-embeddings", help="Put each prompt's T5 embeddings (fp16, <key>.t5.npy) in its sample; videos generated without them are rejected.")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Print Ray Data's operator progress, Ray's notices, library warnings and the actors' output on the console, as they come, instead of into the run's log file (OUTPUT/runs/<run_id>.log).")
+ReportRunOpt = typer.Option(True, "--report/--no-report", help="Write OUTPUT/report/ (the video gallery, as `latte-ray report` does) when the run ends (default).")
 WithLatentsOpt = typer.Option(None, "--with-latents/--without-latents", help="Put each video's final latents (<key>.latents.npy) in its sample; videos generated without them are rejected.")
 
 
@@ -133,6 +137,60 @@ def _fail(e: Exception, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+@contextmanager
+def _captured(console):
+    """The console's capture around a command's work (latte_ray/console.py). A process that owns its Ray
+    stops it inside the capture, so that no line Ray forwards from its workers or prints at shutdown lands
+    on the console after the summary or the error line."""
+    with console.capture():
+        try:
+            yield console
+        finally:
+            if STANDALONE["stop_ray_before_failing"]:
+                _stop_ray()
+
+
+def _run_report(output: str, storage_options: dict) -> str | None:
+    """Write OUTPUT/report/ after a run; a report that cannot be written is a warning, not a failed run."""
+    from latte_ray.ops.report import write_report
+
+    try:
+        return write_report(output, storage_options).url
+    except Exception as e:  # noqa: BLE001 - the run's videos and manifest are committed whatever happens here
+        logging.getLogger("latte_ray.cli").warning("the report was not written (%s: %s); run `latte-ray report %s`",
+                                                   type(e).__name__, e, output)
+        return None
+
+
+def _open_hint(url: str) -> str:
+    from latte_ray.record.storage import filesystem, is_local
+
+    try:
+        local = is_local(filesystem(url)[0])
+    except Exception:  # noqa: BLE001
+        local = False
+    return f"open {url}" if local else f"{url} (copy the report/ folder next to a browser, or serve it)"
+
+
+def print_run_summary(summary, output: str, report_url: str | None = None) -> None:
+    """The summary of a run: counts, the first few real videos, the manifest, the run's record and log, the
+    report."""
+    typer.echo(summary.line())
+    for err in summary.errors[:5]:
+        typer.echo(f"  error: {err}")
+    out = output.rstrip("/")
+    for n, uri in enumerate(summary.videos):
+        more = summary.ok - len(summary.videos)
+        tail = f"   (+{more} more; the manifest lists every one)" if n == len(summary.videos) - 1 and more > 0 else ""
+        typer.echo(f"{'videos:' if n == 0 else '':<10}{uri}{tail}")
+    typer.echo(f"manifest: {out}/manifest/")
+    typer.echo(f"run:      {out}/runs/{summary.run_id}.json")
+    if summary.log:
+        typer.echo(f"log:      {summary.log}")
+    if report_url:
+        typer.echo(f"report:   {_open_hint(report_url)}")
+
+
 def _stop_ray() -> None:
     """Disconnect from Ray (stopping a local one this process started) before the final error line, so that
     no log line Ray forwards from its workers lands after it."""
@@ -163,9 +221,15 @@ def run(
     keep_latents: Optional[bool] = KeepLatentsOpt,
     dry_run: bool = typer.Option(False, "--dry-run", help="Make every check a run makes before Ray starts (tables, output, model configs, video settings), count what it would do (new, already done, duplicate, conflicting, invalid rows) and estimate GPU-hours and wall time; load no model, start no Ray, write nothing (but a probe of the output it deletes)."),
     gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="With --dry-run: GPUs to estimate wall time for (generation actors for a CPU spec). Default 1."),
+    report: bool = ReportRunOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
-    """Generate one mp4 per prompt and a Parquet manifest. With no options: the tiny demo into ./outputs/demo."""
+    """Generate one mp4 per prompt and a Parquet manifest, then the report. With no options: the tiny demo into ./outputs/demo."""
     from latte_ray import runner
+    from latte_ray.console import Console
+
+    console = Console(verbose=verbose)
+    report_url = None
 
     try:
         spec = build_run_spec(pipeline, prompts or [str(EXAMPLE_PROMPTS)], output, storage_option, batch_size,
@@ -178,19 +242,18 @@ def run(
             typer.echo(f"checked: {checked.model}")
             typer.echo("\n".join(plan(spec, checked.in_fs, checked.files, gpus).lines()))
             return
-        summary = runner.run(spec)
+        with _captured(console):
+            summary = runner.run(spec, console=console)
+            if report:
+                report_url = _run_report(output, spec.storage_options)
     except SpecError as e:
         _fail(e)
     except RunFailed as e:
         _fail(e, 1)
     except RunStalled as e:
         _fail(e, EXIT_STALLED)
-    typer.echo(summary.line())
-    for err in summary.errors[:5]:
-        typer.echo(f"  error: {err}")
-    typer.echo(f"videos:   {output.rstrip('/')}/videos/<shard>/<id>.<sha256[:32]>.mp4")
-    typer.echo(f"manifest: {output.rstrip('/')}/manifest/*.parquet")
-    typer.echo(f"run:      {output.rstrip('/')}/runs/{summary.run_id}.json")
+    summary.log = console.log_location or summary.log
+    print_run_summary(summary, output, report_url)
     if summary.error and not summary.ok:
         raise typer.Exit(1)
 
@@ -210,15 +273,21 @@ def synth(
     scoring: Optional[str] = typer.Option(None, "--scoring", help="Score videos as they are generated with this scoring spec (overrides the recipe's `scoring`)."),
     export_only: bool = typer.Option(False, "--export-only", help="Skip generation; re-export what the output already holds (e.g. with other filters)."),
     cache_dir: Optional[str] = CacheOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Build a synthetic video dataset: expand the recipe, generate (resumable), export WebDataset shards + a Parquet index."""
+    from latte_ray.console import Console
     from latte_ray.datasets.synth import synthesize
 
+    console = Console(verbose=verbose, name="synth")
     try:
-        summary = synthesize(recipe, output, pipeline=pipeline, storage_options=parse_storage_options(storage_option),
-                             min_motion=min_motion, drop_blank=drop_blank, cache_dir=cache_dir,
-                             generate=not export_only, min_clip_score=min_clip_score, min_aesthetic=min_aesthetic,
-                             with_embeddings=with_embeddings, with_latents=with_latents, scoring=scoring)
+        with _captured(console):
+            summary = synthesize(recipe, output, pipeline=pipeline,
+                                 storage_options=parse_storage_options(storage_option), min_motion=min_motion,
+                                 drop_blank=drop_blank, cache_dir=cache_dir, generate=not export_only,
+                                 min_clip_score=min_clip_score, min_aesthetic=min_aesthetic,
+                                 with_embeddings=with_embeddings, with_latents=with_latents, scoring=scoring,
+                                 console=console)
     except SpecError as e:
         _fail(e)
     except RunFailed as e:
@@ -226,6 +295,12 @@ def synth(
     except RunStalled as e:
         _fail(e, EXIT_STALLED)
     typer.echo("\n".join(summary.lines()))
+    if summary.run is not None:
+        for n, uri in enumerate(summary.run.videos):
+            typer.echo(f"{'videos:' if n == 0 else '':<10}{uri}")
+        typer.echo(f"run:      {output.rstrip('/')}/runs/{summary.run.run_id}.json")
+    if console.log_location:
+        typer.echo(f"log:      {console.log_location}")
     if summary.run is not None and summary.run.error and not summary.run.ok:
         raise typer.Exit(1)
 
@@ -237,21 +312,28 @@ def score(
     storage_option: Optional[list[str]] = StorageOpt,
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score at most this many videos."),
     cache_dir: Optional[str] = CacheOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Score the ok videos of OUTPUT that have no scores of this scorer yet (CLIPScore, aesthetic); resumable.
 
     Scores go to OUTPUT/scores/ (the manifest is never rewritten); export, report and status read them.
     """
+    from latte_ray.console import Console
     from latte_ray.datasets.scoring import load_scoring_spec, score_output
 
+    console = Console(verbose=verbose, name="score")
     try:
-        result = score_output(output, load_scoring_spec(scoring), parse_storage_options(storage_option),
-                              cache_dir=cache_dir, limit=limit)
+        spec = load_scoring_spec(scoring)
+        with _captured(console):
+            result = score_output(output, spec, parse_storage_options(storage_option), cache_dir=cache_dir,
+                                  limit=limit, console=console)
     except SpecError as e:
         _fail(e)
     typer.echo(result.line())
     for err in result.errors[:5]:
         typer.echo(f"  error: {err}")
+    if console.log_location:
+        typer.echo(f"log:      {console.log_location}")
     if result.failed and not result.scored:
         raise typer.Exit(1)
 
@@ -304,17 +386,23 @@ def report(
     samples: int = typer.Option(12, "--samples", min=1, help="Videos on the contact sheet (evenly spaced by id)."),
     extremes: int = typer.Option(3, "--extremes", min=0, help="Lowest- and highest-scoring videos (by clip_score and by aesthetic_score) added to the contact sheet when the output has scores."),
     scoring: Optional[str] = typer.Option(None, "--scoring", help="Which scores to show: a scoring spec or its hash (default: the scorer that scored the most videos)."),
+    video_base_url: Optional[str] = typer.Option(None, "--video-base-url", help="For a remote output: the https URL (endpoint, CDN) that serves OUTPUT's objects; the gallery plays <URL>/videos/<shard>/<name>.mp4. Default: the object's URL on the storage endpoint."),
+    presign_expiry: Optional[int] = typer.Option(None, "--presign-expiry", min=1, max=7 * 24 * 3600, help="For an s3:// output: link each video by a presigned URL valid this many seconds (they carry the access key id and a signature, never the secret key; the page says when they expire)."),
+    max_gallery: int = typer.Option(MAX_GALLERY_DEFAULT, "--max-gallery", min=1, help="Most cards in the gallery; a larger output is sampled (every latest error row up to a quarter of it, the extremes by each score, the rest evenly spaced by id)."),
 ) -> None:
-    """Write an HTML report of a run: counts, throughput over time, errors, score distributions and a contact sheet."""
+    """Write OUTPUT/report/: a gallery of the videos (each plays inline; sort by score, motion or time; filter by status, error rows with their message), counts, throughput, errors, score distributions and a contact sheet."""
     from latte_ray.ops.report import write_report
 
     try:
         result = write_report(output, parse_storage_options(storage_option), dest=dest, samples=samples,
-                              extremes=extremes, scoring_hash=_scoring_hash(scoring))
+                              extremes=extremes, scoring_hash=_scoring_hash(scoring), video_base_url=video_base_url,
+                              presign_seconds=presign_expiry, max_gallery=max_gallery)
     except SpecError as e:
         _fail(e)
     c = result.counts
-    typer.echo(f"report: {c['ok']} ok, {c['error']} error of {c['prompts']} prompts -> {result.url}")
+    sampled = f" (gallery: a sample of {result.gallery})" if result.gallery < result.gallery_of else ""
+    typer.echo(f"report: {c['ok']} ok, {c['error']} error of {c['prompts']} prompts{sampled} -> {result.url}")
+    typer.echo(f"        {_open_hint(result.url)}")
 
 
 @app.command()
@@ -329,6 +417,8 @@ def backfill(
     retry_errors: bool = RetryOpt,
     limit: Optional[int] = LimitOpt,
     cache_dir: Optional[str] = CacheOpt,
+    report: bool = ReportRunOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Generate every row of the input tables that lacks an ok row in OUTPUT; a second backfill does nothing.
 
@@ -336,23 +426,30 @@ def backfill(
     far): duplicates across tables are generated once, and when nothing is left no model is loaded.
     """
     from latte_ray import runner
+    from latte_ray.console import Console
 
+    console = Console(verbose=verbose, name="backfill")
+    report_url = None
     try:
         spec = build_run_spec(pipeline, prompts, output, storage_option, batch_size, concurrency, seed, True,
                               retry_errors, limit, cache_dir)
-        summary = runner.run(spec)
+        with _captured(console):
+            summary = runner.run(spec, console=console)
+            if report and (summary.ok or summary.error):
+                report_url = _run_report(output, spec.storage_options)
     except SpecError as e:
         _fail(e)
     except RunFailed as e:
         _fail(e, 1)
     except RunStalled as e:
         _fail(e, EXIT_STALLED)
+    summary.log = console.log_location or summary.log
     if summary.ok == 0 and summary.error == 0:
         typer.echo(f"backfill: nothing to do ({summary.skipped_done} rows already done) -> {output}")
+        if summary.log:
+            typer.echo(f"log:      {summary.log}")
         return
-    typer.echo(summary.line())
-    for err in summary.errors[:5]:
-        typer.echo(f"  error: {err}")
+    print_run_summary(summary, output, report_url)
     if summary.error and not summary.ok:
         raise typer.Exit(1)
 

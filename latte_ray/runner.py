@@ -43,6 +43,8 @@ class RunSummary:
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
     run_id: str = ""  # its record: OUTPUT/runs/<run_id>.json
+    videos: list[str] = field(default_factory=list)  # the first few videos this run wrote (their URIs)
+    log: str | None = None  # the run's log file (OUTPUT/runs/<run_id>.log) when a Console captured it
 
     @property
     def videos_per_second(self) -> float:
@@ -278,7 +280,12 @@ def preflight(run: RunSpec, tables: bool = True) -> Preflight:
                      model_identity=identity)
 
 
-def run(run: RunSpec) -> RunSummary:
+SHOWN_VIDEOS = 3  # videos a summary names
+
+
+def run(run: RunSpec, console=None) -> RunSummary:
+    """Check, bind, generate. `console` (latte_ray.console.Console, the CLI's): what will run, the progress
+    line and the run's log file; without one (library use) nothing is printed but the log records."""
     started_wall = datetime.now(timezone.utc)
     started = time.perf_counter()
     checked = preflight(run)
@@ -294,17 +301,21 @@ def run(run: RunSpec) -> RunSummary:
     outputs.bind(out, run.pipeline, run.seed, package_versions().get("latte-ray", "unknown"),
                  model_identity=checked.model_identity)
     run_id = f"{started_wall:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
-    history = outputs.RunLog(out, run_id, {**run_record(run, files, started_wall),
-                                           "model_identity": checked.model_identity})
+    record = {**run_record(run, files, started_wall), "model_identity": checked.model_identity}
+    if console is not None and console.log_local is not None:
+        log_path, log_url = f"{out.layout.runs_dir}/{run_id}.log", f"{out.layout.url}/runs/{run_id}.log"
+        console.attach_log(out.fs, log_path, log_url)
+        record["log"] = log_url
+    history = outputs.RunLog(out, run_id, record)
     history.start()
     if run.pipeline.scoring.enabled:  # what made this output's scores (latte_ray/record/scores.py)
         from latte_ray.record.scores import write_scoring_record
 
         write_scoring_record(out.fs, out.layout, run.pipeline.scoring)
-    summary = RunSummary(output=run.output, run_id=run_id)
+    summary = RunSummary(output=run.output, run_id=run_id, log=console.log_location if console else None)
     try:
         with _console_without_ray_data_tracebacks():
-            _generate(run, in_fs, files, checked.without_id, run_id, summary)
+            _generate(run, in_fs, files, checked.without_id, run_id, summary, console)
     except RunStalled as e:
         history.finish("stalled", str(e), **_counts(summary))
         raise
@@ -355,7 +366,7 @@ def _counts(summary: RunSummary) -> dict:
 
 
 def _generate(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_id: str,
-              summary: RunSummary) -> None:
+              summary: RunSummary, console=None) -> None:
     """The work of a run under its progress watchdog: executions re-planned from the manifest (at most
     MAX_REPLANS times) when a node, actor or object was lost; RunStalled when the watchdog stopped it."""
     from latte_ray.faults.nodeloss import MAX_REPLANS, end_stage_actors, replannable
@@ -366,7 +377,7 @@ def _generate(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_
         try:
             for attempt in range(MAX_REPLANS + 1):
                 try:
-                    _execute(run, in_fs, files, without_id, run_id, summary, dog, baseline)
+                    _execute(run, in_fs, files, without_id, run_id, summary, dog, baseline, console)
                     break
                 except Exception as e:  # noqa: BLE001 - classified: only a lost node or actor is re-planned
                     if attempt == MAX_REPLANS or not replannable(e):
@@ -386,7 +397,7 @@ def _generate(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_
 
 
 def _execute(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_id: str, summary: RunSummary,
-             dog, baseline: dict) -> None:
+             dog, baseline: dict, console=None) -> None:
     """The pre-pass and the rounds of one execution attempt, counting committed rows into `summary`; a
     re-planned attempt reads the manifest again, so ids committed before it are skipped."""
     from latte_ray.plan.workplan import plan_work
@@ -397,6 +408,10 @@ def _execute(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_i
     if not baseline:
         baseline["done"] = summary.skipped_done = work.done
         summary.duplicates = work.duplicates
+        if console is not None:
+            console.echo(plan_line(run, work, console.log_now))
+            if work.todo:
+                console.start_progress(min(work.todo, run.limit) if run.limit else work.todo)
     else:  # re-planned: what this run committed so far is now in the done set (delivered to us or not)
         committed = work.done - summary.skipped_done
         if run.retry_errors:  # errored ids are tried again, and counted again
@@ -416,16 +431,42 @@ def _execute(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_i
         try:
             for batch in batches:
                 dog.progress()
-                for status, error in zip(batch["status"].to_pylist(), batch["error"].to_pylist()):
+                uris = batch["video_uri"].to_pylist()
+                for status, error, uri in zip(batch["status"].to_pylist(), batch["error"].to_pylist(), uris):
                     if status == "ok":
                         summary.ok += 1
+                        if len(summary.videos) < SHOWN_VIDEOS and uri:
+                            summary.videos.append(uri)
                     else:
                         summary.error += 1
                         if len(summary.errors) < 20:
                             summary.errors.append(error)
+                if console is not None and console.progress is not None:
+                    console.progress.update(summary.ok + summary.error, summary.error)
         finally:
             batches.close()  # shuts the execution's actors down now, also when the run is stopped or failed
         del ds, batches  # frees the execution's per-block bookkeeping before the next round
+
+
+def cluster_line() -> str:
+    """`1 node, 2 CPUs, 0 GPUs`: what the connected Ray cluster has now (an autoscaling one may grow)."""
+    import ray
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    res = ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 0), res.get("GPU", 0)
+    return f"{nodes} node{'s' if nodes != 1 else ''}, {cpus:g} CPUs, {gpus:g} GPUs"
+
+
+def plan_line(run: RunSpec, work, log_location: str | None = None) -> str:
+    """The one line saying what will run: spec, prompts to do and already done, cluster size, log file."""
+    spec = run.pipeline
+    extra = f", {work.duplicates} duplicate rows skipped" if work.duplicates else ""
+    todo = f"{min(work.todo, run.limit)} to do (--limit {run.limit})" if run.limit and run.limit < work.todo \
+        else f"{work.todo} to do"
+    line = (f"run: {spec.name} (spec {spec.spec_hash()}) over {work.rows} prompts: {todo}, "
+            f"{work.done} already done{extra}; cluster: {cluster_line()}")
+    return line + (f"; log: {log_location}" if log_location else "")
 
 
 def summary_dict(summary: RunSummary) -> dict:

@@ -3,6 +3,7 @@ tests/test_wheel.py; bad rows becoming error rows: tests/test_bad_input.py.)"""
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -133,3 +134,108 @@ def test_fault_injection_recognises_every_driver_command_line():
         assert is_driver_argv(argv), argv
     for argv in (["python", "jobs/generate.py"], ["python", "-m", "pytest"], ["ray::IDLE"], ["raylet"]):
         assert not is_driver_argv(argv), argv
+
+
+# ----------------------------------------------------------------------- the progress line
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_line_on_a_terminal_is_redrawn_in_place():
+    from latte_ray.console import Progress
+
+    clock, term = _Clock(), _Terminal()
+    progress = Progress(term, total=100, clock=clock)
+    assert progress.tty
+    clock.now += 30  # the model loads: no video yet, no rate, no ETA
+    progress.update(0, 0)
+    assert term.getvalue() == "\r\x1b[K0/100 videos (0%) · ETA - · 0 errors · 0:30 elapsed"
+    progress.update(10, 0)  # the first batch: the rate counts from here (loading is not in it)
+    clock.now += 20
+    progress.update(30, 1)
+    line = term.getvalue().rsplit("\r\x1b[K", 1)[1]
+    assert line == "30/100 videos (30%) · 1.00/s · ETA 1:10 · 1 error · 0:50 elapsed"
+    assert "\n" not in term.getvalue(), "a terminal gets one line, rewritten"
+    progress.close()
+    assert term.getvalue().endswith(line + "\n")
+
+
+def test_progress_line_elsewhere_is_printed_at_most_every_30_seconds():
+    from latte_ray.console import PROGRESS_INTERVAL_S, Progress
+
+    clock, log = _Clock(), io.StringIO()
+    progress = Progress(log, total=6, clock=clock)
+    assert not progress.tty and PROGRESS_INTERVAL_S == 30
+    for step in range(1, 7):  # a batch every 10 s
+        progress.update(step, 0)
+        clock.now += 10
+    lines = log.getvalue().splitlines()
+    assert [line.split(" ")[0] for line in lines] == ["1/6", "4/6"], lines
+    clock.now += 60
+    progress.update(6, 0)  # 30 s passed and the count moved
+    assert log.getvalue().splitlines()[-1].startswith("6/6 videos (100%)")
+    clock.now += 60
+    progress.update(6, 0)
+    assert len(log.getvalue().splitlines()) == 3, "an unchanged count is not printed again"
+
+
+_CAPTURE_CHILD = """
+import logging, os, sys
+import fsspec
+from latte_ray.console import Console
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+out = sys.argv[1]
+console = Console()
+with console.capture():
+    os.write(2, b"C++ core worker line (fd 2)\\n")
+    print("a library's print (fd 1)")
+    logging.getLogger("ray.data").info("Running Dataset: before the output is bound")
+    console.echo("run: what will run")
+    console.attach_log(fsspec.filesystem("file"), out + "/runs/r1.log", out + "/runs/r1.log")
+    logging.getLogger("latte_ray.runner").warning("re-planning from the manifest")
+    os.write(1, b"an actor's forwarded output\\n")
+    console.echo("latte-ray: 1 ok")
+print("after: " + console.log_location)
+refused = Console()
+with refused.capture():
+    print("noise of a run refused before its output was bound")
+    early = refused.log_local
+print("refused: " + str(refused.log_location) + " " + str(os.path.exists(early)))
+loud = Console(verbose=True)  # --verbose: nothing is captured
+with loud.capture():
+    os.write(2, b"verbose: Ray's line on stderr\\n")
+    loud.echo("verbose: our line")
+print("verbose log: " + str(loud.log_location))
+"""
+
+
+def test_console_capture_moves_everything_else_to_the_log(tmp_path):
+    """A real process (the capture works on file descriptors 1 and 2): the console gets only its own lines
+    (and latte-ray's warnings); what anything else writes, before and after the output is bound, is in
+    OUTPUT/runs/<run_id>.log; a command refused before binding keeps no log; --verbose captures nothing."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", _CAPTURE_CHILD, str(out)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "verbose: Ray's line on stderr\n", "--verbose leaves everything on the console"
+    assert done.stdout.splitlines() == ["run: what will run", "warning: re-planning from the manifest",
+                                        "latte-ray: 1 ok", f"after: {out}/runs/r1.log", "refused: None False",
+                                        "verbose: our line", "verbose log: None"]
+    log = (out / "runs" / "r1.log").read_text()
+    for line in ("C++ core worker line (fd 2)", "a library's print (fd 1)", "Running Dataset: before the output",
+                 "re-planning from the manifest", "an actor's forwarded output"):
+        assert line in log, line
+    assert "what will run" not in log and "refused before" not in log

@@ -173,8 +173,17 @@ def test_ray_job_submit_generates_to_s3(ray_head, s3_server, tmp_path):
         data = out_fs.cat_file(r["video_uri"].removeprefix("s3://"))
         assert len(data) == r["bytes"] and hashlib.sha256(data).hexdigest() == r["sha256"]
     assert out_fs.exists(layout.record_json)
-    (run,) = out_fs.ls(layout.runs_dir, detail=False)
-    assert json.loads(out_fs.cat_file(run))["outcome"] == "ok"
+    runs = out_fs.ls(layout.runs_dir, detail=False)
+    (run,) = [p for p in runs if p.endswith(".json")]
+    record = json.loads(out_fs.cat_file(run))
+    assert record["outcome"] == "ok"
+    # The job's log is the quiet console; what Ray Data and the actors printed is in the run's log, which
+    # was kept on the driver's node during the run and uploaded next to the record when the command ended.
+    (run_log,) = [p for p in runs if p.endswith(".log")]
+    assert record["log"] == f"{output}/runs/{run_log.rsplit('/', 1)[1]}" and f"log:      {record['log']}" in logs
+    log_text = out_fs.cat_file(run_log).decode()
+    assert "Starting execution of Dataset" in log_text and "Starting execution of Dataset" not in logs
+    assert ray_head.secret not in log_text
 
     # What Ray uploaded as the working dir: the code, without the virtualenv, tests or git data.
     (pkg,) = {p.resolve() for p in ray_head.temp_dir.glob("session_*/runtime_resources/working_dir_files/*")

@@ -80,7 +80,7 @@ def test_losing_the_generation_node_mid_run_is_ridden_out(cluster, model_cache, 
     table = write_prompts(tmp_path / "p.parquet", {"id": ids, "prompt": [f"a ship at sea {i}" for i in ids]})
     out = tmp_path / "out"
     args = ["run", "--pipeline", str(write_spec(tmp_path / "spec.yaml", spec)), "--prompts", str(table),
-            "--output", str(out)]
+            "--output", str(out), "--no-report"]  # the report after a run: tests/test_wheel.py, test_jobs.py
     log = tmp_path / "run.log"
     proc = start_cli(args, cli_env(model_cache, RAY_ADDRESS=cluster.address), log)
     try:

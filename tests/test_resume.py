@@ -225,7 +225,7 @@ def test_backfill_generates_only_what_lacks_an_ok_row_and_then_nothing(failures_
     write_prompts(tmp / "prompts" / "date=2026-11-02" / "part-0.parquet",
                   {"id": ["new-1", "row-0", "new-2"], "prompt": ["a new day", "a scene row-0", "a new night"]})
     args = ["backfill", "--pipeline", str(write_spec(tmp / "spec.yaml", fast_spec())),
-            "--prompts", f"{tmp}/prompts/date=2026-11-*/", "--output", str(out)]
+            "--prompts", f"{tmp}/prompts/date=2026-11-*/", "--output", str(out), "--no-report"]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
     assert "4 ok, 0 error, 10 already done" in first.output  # poison and pill (retried), new-1, new-2

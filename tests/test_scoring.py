@@ -450,3 +450,68 @@ def test_report_shows_score_distributions_and_extremes(scored_run, tmp_path):
     sheet = Image.open(dest / "contact_sheet.png")
     assert sheet.size == sheet_size(2 + 4, headings=4)  # 2 evenly spaced, 4 extremes under 4 headings
     assert np.asarray(Image.open(dest / "scores.png").convert("L")).std() > 10
+
+
+# ------------------------------------------------------------------ the gallery, in a real browser
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's chromium package (the Makefile's test target installs it)
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def test_report_gallery_in_chromium_plays_sorts_and_shows_errors(scored_run, tmp_path):
+    """The report of a real scored run, plus a real error row (made by the real prepare and write code), opened
+    from its folder in headless Chromium (one browser session): a card's <video> loads the stored mp4 by its
+    relative path and reports the duration frames/fps; sorting by CLIP score puts the cards in score order;
+    the status filter shows the error row with its message. The screenshot stays in the test's temp folder."""
+    from playwright.sync_api import sync_playwright
+
+    from latte_ray.plan.prompts import prepare_rows
+    from latte_ray.record.storage import latest_rows
+    from latte_ray.stages.write import WriteStage
+
+    src, spec = scored_run
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    WriteStage(str(out), spec.model_dump_json())(prepare_rows(pa.table({"id": ["bad id!"], "prompt": ["x"]}), "", 0))
+    rows = {r["id"]: r for r in latest_rows(read_manifest(*_fs(out))).to_pylist()}
+    (bad,) = [i for i, r in rows.items() if r["status"] == "error"]
+    assert len(rows) == 5 and "'bad id!' is invalid" in rows[bad]["error"]
+    result = CliRunner().invoke(app, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"open {out}/report/index.html" in result.output
+
+    ok_ids = [i for i, r in rows.items() if r["status"] == "ok"]
+    by_clip = sorted(ok_ids, key=lambda i: -rows[i]["clip_score"])
+    shot = tmp_path / "report.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.goto((out / "report" / "index.html").as_uri())
+            cards = lambda: page.eval_on_selector_all(".card", "cs => cs.map(c => c.dataset.id)")  # noqa: E731
+            assert cards() == sorted(rows), "the gallery opens sorted by id, every prompt on it"
+            assert page.evaluate("""() => document.createElement('video')
+                                     .canPlayType('video/mp4; codecs="avc1.64000a"')""") == "probably"
+            page.wait_for_function("() => [...document.querySelectorAll('video')].every(v => v.readyState >= 1)",
+                                   timeout=30_000)
+            videos = page.eval_on_selector_all("video", """vs => vs.map(v => ({id: v.closest('.card').dataset.id,
+                src: v.getAttribute('src'), duration: v.duration, width: v.videoWidth, error: v.error && v.error.code}))""")
+            assert sorted(v["id"] for v in videos) == sorted(ok_ids), "one playable video per ok row, none for errors"
+            for v in videos:
+                assert v["error"] is None and v["width"] == spec.sampling.width
+                assert v["duration"] == pytest.approx(spec.sampling.video_length / spec.video.fps, abs=0.5 / spec.video.fps)
+                assert (out / "report" / v["src"]).resolve() == Path(rows[v["id"]]["video_uri"].replace(str(src), str(out))).resolve()
+
+            page.select_option("#sort", "clip-desc")
+            assert cards()[:len(by_clip)] == by_clip and cards()[-1] == bad, "unscored rows sort last"
+            page.select_option("#sort", "clip-asc")
+            assert cards()[:len(by_clip)] == by_clip[::-1]
+            page.select_option("#status", "error")
+            assert cards() == [bad]
+            assert page.text_content(".card.error .message") == rows[bad]["error"]
+            page.select_option("#status", "all")
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert shot.stat().st_size > 10_000

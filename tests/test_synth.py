@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -272,7 +273,13 @@ def test_report_renders_counts_errors_and_a_contact_sheet(synth_out, tmp_path):
 
     page = (dest / "index.html").read_text()
     assert "<tr><th>ok</th><td>6</td></tr>" in page and "<tr><th>error</th><td>1</td></tr>" in page
-    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    gallery = (dest / "gallery.js").read_text()
+    assert "<" not in gallery, "no text in the gallery's data can close a script element"
+    rows = json.loads(gallery.removeprefix("window.LATTE_GALLERY = ").rstrip().removesuffix(";"))["rows"]
+    (error,) = [r for r in rows if r["status"] == "error"]
+    assert "<script>alert(1)</script>" in error["error"] and error["src"] is None
+    assert len(rows) == 7 and all((dest / r["src"]).is_file() for r in rows if r["status"] == "ok")
 
     sheet = np.asarray(Image.open(dest / "contact_sheet.png").convert("RGB")).astype(float)
     assert sheet.shape[1::-1] == sheet_size(4) == (PAD + 3 * (THUMB + PAD), PAD + 4 * (LABEL + THUMB + PAD))
@@ -401,3 +408,65 @@ def test_export_and_report_on_s3(synth_out, s3_server, tmp_path, monkeypatch):
     report = write_report(url, options, samples=2)
     assert report.url == f"{url}/report/index.html" and report.counts["ok"] == 6
     assert fs.size(f"{root}/report/contact_sheet.png") > 1000 and fs.exists(f"{root}/report/throughput.png")
+    # The gallery links each object on the storage endpoint (path-style), with no credential in the page.
+    def gallery() -> tuple[str, list[dict]]:
+        text = fs.cat_file(f"{root}/report/gallery.js").decode()
+        return text, json.loads(text.removeprefix("window.LATTE_GALLERY = ").rstrip().removesuffix(";"))["rows"]
+    text, rows = gallery()
+    assert {r["src"] for r in rows} == {f"{s3_server.endpoint}/{root}/{OutputLayout.key_of(r['uri'])}" for r in rows}
+    assert "testing" not in text + fs.cat_file(f"{root}/report/index.html").decode()
+    # Presigned on request: each URL serves the video's bytes until it expires; still no secret in the page.
+    write_report(url, {**options, "secret": "s3cr3t-never-in-the-page"}, samples=1, presign_seconds=600)
+    text, rows = gallery()
+    assert "s3cr3t-never-in-the-page" not in text
+    for r in rows:  # botocore signs these with SigV2 (an absolute Expires) or SigV4 (X-Amz-Expires seconds)
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(r["src"]).query))
+        assert query.get("X-Amz-Expires") == "600" or abs(int(query["Expires"]) - time.time() - 600) < 300, query
+    page = fs.cat_file(f"{root}/report/index.html").decode()
+    assert "presigned URLs, valid until" in page
+    with urllib.request.urlopen(rows[0]["src"], timeout=30) as response:
+        assert response.read() == fs.cat_file(OutputLayout(url=url, root=root).video_path(rows[0]["uri"]))
+
+
+def test_a_large_gallery_holds_a_sample_with_every_kind_of_row():
+    """Past max_gallery rows the gallery samples: the latest error rows (at most a quarter of it), the lowest
+    and highest by each score, the rest evenly spaced by id; its note says so."""
+    from datetime import datetime, timedelta, timezone
+
+    from latte_ray.ops import report
+
+    n, t0 = 400, datetime(2026, 12, 1, tzinfo=timezone.utc)
+    status = ["error" if i % 10 == 0 else "ok" for i in range(n)]
+    table = pa.table({
+        "id": [f"v{i:04d}" for i in range(n)], "status": status,
+        "finished_at": [t0 + timedelta(seconds=i) for i in range(n)],
+        "clip_score": [None if s == "error" else float((i * 37) % n) for i, s in enumerate(status)],
+        "aesthetic_score": [None if s == "error" else float((i * 91) % n) for i, s in enumerate(status)],
+    })
+    rows, note = report.gallery_rows(table, 200)
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)) == 200 and ids == sorted(ids)
+    assert note.startswith("a sample of 200 of 400 prompts: the latest 40 error rows")
+    assert [r["id"] for r in rows if r["status"] == "error"] == [f"v{i:04d}" for i in range(0, n, 10)]
+    ok = table.filter(pc.equal(table["status"], "ok")).to_pylist()
+    for column in ("clip_score", "aesthetic_score"):
+        ranked = [r["id"] for r in sorted(ok, key=lambda r: (r[column], r["id"]))]
+        assert set(ranked[:12] + ranked[-12:]) <= set(ids), column  # 200 // 16 each way
+    assert report.gallery_rows(table, n) == (table.sort_by("id").to_pylist(), None)
+    from latte_ray.cli import MAX_GALLERY_DEFAULT
+
+    assert MAX_GALLERY_DEFAULT == report.MAX_GALLERY, "`report --max-gallery` defaults to the report's own limit"
+
+
+def test_shipped_specs_encode_videos_browsers_play():
+    """The gallery plays the stored mp4 (H.264 in mp4, 4:2:0, even sizes); the lossless spec's libx264rgb
+    does not play, and its report says so."""
+    from latte_ray.ops.report import unplayable
+    from latte_ray.stages.encode import browser_unplayable
+
+    for name in ("tiny-cpu", "latte-1-t2v-512"):
+        spec = load_pipeline_spec(name)
+        assert browser_unplayable(spec.video, spec.sampling.height, spec.sampling.width) is None, name
+    lossless = load_pipeline_spec("tiny-cpu-lossless")
+    assert "libx264rgb is not played" in unplayable({"pipeline": lossless.model_dump(mode="json")})
+    assert "odd side" in browser_unplayable(lossless.video.model_copy(update={"codec": "libx264"}), 129, 128)

@@ -28,11 +28,17 @@ GEN_KWARGS = dict(
 FINGERPRINT_SCRIPT = textwrap.dedent(
     """
     import json, sys
+    from latte_ray.model.quantize import leave_torchao_unimported
+    leave_torchao_unimported(None)  # as a model actor whose spec has no model.quantization starts
     sys.path.insert(0, {tests_dir!r})
     from test_tiny_model import PROMPTS, weights_hash
     from latte_ray.model.tiny import build_tiny_pipeline
     pipe = build_tiny_pipeline()
-    print(json.dumps({{"weights": weights_hash(pipe), "ids": [pipe.tokenizer(p).input_ids for p in PROMPTS]}}))
+    from diffusers.utils import is_torchao_available
+    from transformers.utils import is_torchao_available as transformers_sees_torchao
+    print(json.dumps({{"weights": weights_hash(pipe), "ids": [pipe.tokenizer(p).input_ids for p in PROMPTS],
+                      "torchao": repr(sys.modules["torchao"]),
+                      "torchao seen": [is_torchao_available(), transformers_sees_torchao()]}}))
     """
 )
 
@@ -61,7 +67,7 @@ def fresh_process() -> dict:
     script = FINGERPRINT_SCRIPT.format(tests_dir=str(Path(__file__).parent))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "stderr": proc.stderr}
 
 
 def test_save_load_round_trip_is_safetensors_only_and_identical(pipe, tmp_path):
@@ -88,6 +94,15 @@ def test_save_load_round_trip_is_safetensors_only_and_identical(pipe, tmp_path):
 def test_same_weights_in_a_fresh_process(pipe, fresh_process):
     assert fresh_process["weights"] == weights_hash(pipe)
     assert weights_hash(build_tiny_pipeline(seed=1)) != weights_hash(pipe)
+
+
+def test_a_model_process_without_quantization_never_imports_torchao(fresh_process):
+    """The fresh process starts as a model actor without model.quantization does (stages/denoise.py): it
+    builds and runs a LattePipeline (diffusers and transformers imported) and torchao is never imported
+    (transformers' modeling code would import it, and it prints load failures of its CUDA kernels on a
+    machine without them); both libraries take their no-torchao path."""
+    assert fresh_process["torchao"] == "None" and fresh_process["torchao seen"] == [False, False]
+    assert "torchao" not in fresh_process["stderr"], fresh_process["stderr"][-2000:]
 
 
 def test_same_token_ids_in_a_fresh_process(pipe, fresh_process):

@@ -246,19 +246,47 @@ def test_installed_demo_runs_end_to_end(wheel_venv, empty_dir, tmp_path):
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "6 ok, 0 error" in done.stdout, done.stdout
-    assert "outputs/demo/videos/" in done.stdout and "outputs/demo/manifest/" in done.stdout
     out = empty_dir / "outputs" / "demo"
     videos = sorted((out / "videos").rglob("*.mp4"))
     assert len(videos) == 6 and all(v.stat().st_size > 1000 for v in videos)
     assert (cache / "tiny-latte-v1").is_dir()
     binding = json.loads((out / "latte-ray.json").read_text())
     assert binding["spec_hash"] == load_pipeline_spec("tiny-cpu").spec_hash() and binding["run_seed"] == 0
-    (record_path,) = (out / "runs").iterdir()
+    (record_path,) = (out / "runs").glob("*.json")
     assert f"runs/{record_path.name}" in done.stdout
+    _assert_quiet_console(done, out, record_path.stem)
     record = _run_record(out)
     assert record["outcome"] == "ok"
     assert record["versions"]["latte-ray"] == pyproject_version()
     assert record["versions"]["latte-ray-commit"] is None, "an installed wheel has no commit"
+
+
+def _assert_quiet_console(done: subprocess.CompletedProcess, out: Path, run_id: str) -> None:
+    """What a newcomer reads (stdout is a pipe here, not a terminal): the line saying what will run, a
+    progress line at most every 30 s, the summary naming real files; nothing on stderr. Ray Data's progress
+    blocks, Ray's notices and the actors' output are in the run's log file, and no actor imported torchao
+    (the spec asks for no quantization)."""
+    from latte_ray.console import PROGRESS_INTERVAL_S
+
+    lines = done.stdout.splitlines()
+    print(f"\nthe demo's console: {len(lines)} lines on stdout, {len(done.stderr.splitlines())} on stderr")
+    assert done.stderr == "", done.stderr[-3000:]
+    assert lines[0].startswith("run: tiny-cpu (spec ") and "6 to do, 0 already done; cluster: 1 node" in lines[0]
+    assert lines[0].endswith(f"log: outputs/demo/runs/{run_id}.log")
+    progress = [line for line in lines if " videos (" in line and " elapsed" in line]
+    summary = lines[1 + len(progress):]
+    assert lines[1:1 + len(progress)] == progress and summary[0].startswith("latte-ray: 6 ok, 0 error")
+    seconds = float(summary[0].split("; ", 1)[1].split("s ", 1)[0])
+    assert len(progress) <= seconds // PROGRESS_INTERVAL_S + 1
+    named = [line.removeprefix("videos:").split()[0] for line in summary if line.startswith(("videos:", " " * 10))]
+    assert len(named) == 3 and all((out.parent.parent / path).is_file() for path in named), summary
+    assert f"log:      outputs/demo/runs/{run_id}.log" in summary
+    assert summary[-1] == "report:   open outputs/demo/report/index.html"
+    assert (out / "report" / "index.html").is_file() and (out / "report" / "gallery.js").is_file()
+    text = (out / "runs" / f"{run_id}.log").read_text()
+    for moved in ("======= Running Dataset", "Token authentication is enabled", "MapWorker(MapBatches(DenoiseStage))"):
+        assert moved in text and moved not in done.stdout, moved
+    assert "torchao" not in text
 
 
 def _run_record(out: Path) -> dict:

@@ -116,8 +116,10 @@ def rows_to_score(batch: pa.Table, output: str, storage_options: dict | None, sc
 
 
 def score_output(output: str, scoring: ScoringSpec, storage_options: dict | None = None,
-                 cache_dir: str | None = None, limit: int | None = None) -> ScoreSummary:
-    """Score every ok video of `output` that has no scores of this scorer yet (see the module docstring)."""
+                 cache_dir: str | None = None, limit: int | None = None, console=None) -> ScoreSummary:
+    """Score every ok video of `output` that has no scores of this scorer yet (see the module docstring).
+    `console` (latte_ray.console.Console, the CLI's): the line saying what will run, the progress line and
+    the log file, OUTPUT/runs/score-<stamp>.log."""
     import ray
 
     from latte_ray.record.output import require_output
@@ -141,6 +143,9 @@ def score_output(output: str, scoring: ScoringSpec, storage_options: dict | None
     check_sources(scoring, storage_options)
     digest = write_scoring_record(fs, layout, scoring)
     summary = ScoreSummary(output=output, scoring_hash=digest)
+    run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    if console is not None and console.log_local is not None:
+        console.attach_log(fs, f"{layout.runs_dir}/score-{run_id}.log", f"{layout.url}/runs/score-{run_id}.log")
 
     init_ray()
     done = ray.remote(scored_keys).options(num_cpus=CPU_PER_TASK).remote(output, storage_options, digest)
@@ -152,10 +157,17 @@ def score_output(output: str, scoring: ScoringSpec, storage_options: dict | None
         ds = ds.limit(limit)
     ds = ds.materialize()  # the rows to score, in the object store: counted before any model loads
     summary.todo = ds.count()
+    if console is not None:
+        from latte_ray.runner import cluster_line
+
+        log_part = f"; log: {console.log_now}" if console.log_now else ""
+        console.echo(f"score: scorer {digest} ({scoring.clip_model}) over {output}: {summary.todo} videos to "
+                     f"score; cluster: {cluster_line()}{log_part}")
+        if summary.todo:
+            console.start_progress(summary.todo)
     if not summary.todo:
         summary.seconds = time.perf_counter() - started
         return summary
-    run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     cpu_pool = ray.data.ActorPoolStrategy(min_size=1, max_size=ExecutionSpec().cpu_stage_max_actors)
     ds = ds.repartition(target_num_rows_per_block=scoring.batch_size)
     ds = add_scoring_stages(ds, scoring, cpu_pool, CPU_PER_TASK, cache_dir, storage_options, fetch_from=output)
@@ -171,6 +183,8 @@ def score_output(output: str, scoring: ScoringSpec, storage_options: dict | None
                 summary.failed += 1
                 if len(summary.errors) < 20:
                     summary.errors.append(f"{video_id}: {error}")
+        if console is not None and console.progress is not None:
+            console.progress.update(summary.scored + summary.failed, summary.failed)
     summary.seconds = time.perf_counter() - started
     log.info(summary.line())
     return summary

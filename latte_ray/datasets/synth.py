@@ -348,8 +348,10 @@ def synthesize(
     with_embeddings: bool | None = None,
     with_latents: bool | None = None,
     scoring: str | None = None,
+    console=None,
 ) -> SynthSummary:
-    """Expand the recipe, generate what is missing (resume), and export the dataset shards."""
+    """Expand the recipe, generate what is missing (resume), and export the dataset shards. `console`: the
+    CLI's (latte_ray/console.py), handed to the run."""
     from latte_ray import runner
     from latte_ray.datasets.export import export_dataset
 
@@ -378,7 +380,7 @@ def synthesize(
     write_prompt_table(table, output, storage_options)
     fs, root = filesystem(output, storage_options)
     write_atomic(fs, f"{root.rstrip('/')}/recipe.yaml", text.encode())
-    summary = runner.run(run) if generate else None
+    summary = runner.run(run, console=console) if generate else None
     exported = export_dataset(
         output, storage_options=storage_options, prompts_url=prompts_url,
         min_motion=recipe.export.min_motion if min_motion is None else min_motion,

@@ -17,6 +17,7 @@ check can call `check_supported` for other nodes).
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 
@@ -58,8 +59,29 @@ def check_before_run(model: ModelSpec) -> None:
         raise SpecError(str(e)) from None
 
 
+def leave_torchao_unimported(quantization: QuantizationSpec | None) -> None:
+    """In a model actor whose spec asks for no quantization, keep torchao from being imported at all.
+
+    Importing transformers' modeling code imports torchao whenever it is installed (transformers/quantizers/
+    quantizer_torchao.py: `if is_torchao_available(): from torchao... import ...`), and so do diffusers'
+    torchao quantizer and group offloading; torchao's import then prints its load failures on a machine
+    without its CUDA kernels (`Failed to load .../torchao/_C_cutlass_90a.abi3.so`, `Unable to import
+    torchao Tensor objects`) in every actor, which read as errors. A `None` entry in sys.modules is Python's
+    documented way to make a module unimportable: `importlib.util.find_spec` (the libraries' availability
+    check) then answers None, so they take their no-torchao path. Only when torchao is not imported yet;
+    `quantize_pipeline` lifts it again, so a later quantized load in the same process still works."""
+    if quantization is None and "torchao" not in sys.modules:
+        sys.modules["torchao"] = None
+
+
+def _allow_torchao() -> None:
+    if "torchao" in sys.modules and sys.modules["torchao"] is None:
+        del sys.modules["torchao"]
+
+
 def torchao_config(quantization: QuantizationSpec):
     """The torchao AOBaseConfig for the spec's kind (what diffusers' TorchAoConfig would wrap)."""
+    _allow_torchao()
     import torchao.quantization as ao
 
     return getattr(ao, QUANTIZATION_KINDS[quantization.kind][0])()
@@ -71,6 +93,7 @@ def quantize_pipeline(pipe, quantization: QuantizationSpec | None) -> dict[str, 
     Returns {component: Linear layers quantized}."""
     if quantization is None:
         return {}
+    _allow_torchao()
     from torchao.quantization import quantize_
 
     done = {}

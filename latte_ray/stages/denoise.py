@@ -29,9 +29,12 @@ log = logging.getLogger(__name__)
 class DenoiseStage:
     def __init__(self, spec_json: str, cache_dir: str | None = None, storage_options: dict | None = None,
                  run_id: str = ""):
-        from latte_ray.model.engine import make_engine
+        from latte_ray.model.quantize import leave_torchao_unimported
 
         self.spec = PipelineSpec.model_validate_json(spec_json)
+        leave_torchao_unimported(self.spec.model.quantization)  # before diffusers/transformers are imported
+        from latte_ray.model.engine import make_engine
+
         self.text_encoded = self.spec.execution.text_encode_stage
         self.sidecars = self.spec.sidecars  # training tensors to hand on (latte_ray/record/sidecars.py)
         self.metrics = StageMetrics(self.spec.name)

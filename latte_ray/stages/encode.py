@@ -34,6 +34,20 @@ def encode_mp4(frames: np.ndarray, video: VideoSpec) -> bytes:
     return buf.getvalue()
 
 
+def browser_unplayable(video: VideoSpec, height: int, width: int) -> str | None:
+    """Why browsers would not play these videos inline, or None: the report's gallery plays the stored mp4
+    with a `<video>` element, which Chromium, Firefox and Safari decode for H.264 (or VP9) in 4:2:0 at even
+    sizes; libx264rgb (the lossless spec), 4:4:4, x265 and MPEG-4 part 2 are not played."""
+    pix_fmt = video.resolved_pix_fmt
+    if video.codec not in ("libx264", "libvpx-vp9"):
+        return f"video.codec {video.codec} is not played by browsers (libx264 is)"
+    if pix_fmt != "yuv420p":
+        return f"video.pix_fmt {pix_fmt} is not played by browsers (yuv420p is)"
+    if height % 2 or width % 2:
+        return f"{width}x{height} has an odd side (4:2:0 video needs even sizes)"
+    return None
+
+
 def check_video_settings(video: VideoSpec, height: int, width: int) -> None:
     """Encode (and decode back) a 2-frame clip of the spec's size with the spec's settings, in the driver,
     before any model loads: settings the encoder refuses would otherwise turn every generated video into an

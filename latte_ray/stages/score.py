@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 
 class ScoreStage:
     def __init__(self, scoring_json: str, cache_dir: str | None = None, storage_options: dict | None = None):
+        from latte_ray.model.quantize import leave_torchao_unimported
+
+        leave_torchao_unimported(None)  # the scorer is never quantized (before transformers is imported)
         from latte_ray.model.clip import ClipScorer
 
         self.scoring = ScoringSpec.model_validate_json(scoring_json)

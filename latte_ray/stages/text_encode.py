@@ -23,9 +23,12 @@ log = logging.getLogger(__name__)
 
 class TextEncodeStage:
     def __init__(self, spec_json: str, cache_dir: str | None = None, storage_options: dict | None = None):
-        from latte_ray.model.engine import LatteEngine
+        from latte_ray.model.quantize import leave_torchao_unimported
 
         self.spec = PipelineSpec.model_validate_json(spec_json)
+        leave_torchao_unimported(self.spec.model.quantization)  # before diffusers/transformers are imported
+        from latte_ray.model.engine import LatteEngine
+
         self.engine = LatteEngine(self.spec, cache_dir=cache_dir, storage_options=storage_options, with_denoiser=False)
         self.length = self.spec.sampling.max_sequence_length
         self.width = self.engine.pipe.text_encoder.config.d_model
