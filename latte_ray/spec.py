@@ -167,6 +167,19 @@ class ModelSpec(_Strict):
         return v
 
     @model_validator(mode="after")
+    def _compile_with_cache(self) -> "ModelSpec":
+        """FasterCache/PAB hooks run outside the compiled blocks (acceleration.compile_under_hooks): there is
+        no single graph to ask for."""
+        c, cache = self.compile, self.cache
+        if c.enabled and c.fullgraph and cache is not None and cache.kind != "teacache":
+            raise ValueError(
+                f"model.compile.fullgraph is true with model.cache.kind {cache.kind!r}, whose hooks run outside "
+                "the compiled graphs (graph breaks by design); set model.compile.fullgraph: false, or use "
+                "model.cache.kind teacache"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _float8_needs_cuda(self) -> "ModelSpec":
         q = self.quantization
         if q is not None and q.needs_float8 and self.device == "cpu":

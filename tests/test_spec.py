@@ -129,6 +129,8 @@ def test_teacache_and_quantization_specs():
         ({"quantization": {"kind": "int4"}}, "model.quantization.kind"),
         ({"quantization": {"kind": "int8_weight_only", "components": ["vae"]}}, "model.quantization.components"),
         ({"quantization": {"kind": "float8_dynamic"}}, "model.quantization.kind 'float8_dynamic' needs a CUDA GPU"),
+        ({"cache": {"kind": "faster_cache"}, "compile": {"enabled": True, "fullgraph": True}},
+         "model.compile.fullgraph is true with model.cache.kind 'faster_cache'"),
     ):
         with pytest.raises(SpecError) as err:
             with_model(**model)

@@ -142,6 +142,11 @@ class LatteEngine:
         if self.teacache is not None:
             # TeaCache runs the model in three parts, the blocks at a few fixed sub-batch sizes (teacache.py).
             self.teacache.compile(opts.backend, opts.mode, opts.fullgraph)
+        elif self.spec.model.cache is not None:
+            # FasterCache/PAB hooks decide per step in Python: compile the blocks, run the hooks outside the graphs.
+            from latte_ray.model.acceleration import compile_under_hooks
+
+            compile_under_hooks(self.pipe.transformer, opts.backend, opts.mode)
         else:
             self.transformer = torch.compile(
                 self.pipe.transformer, backend=opts.backend, fullgraph=opts.fullgraph, dynamic=False, **kwargs
