@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -203,6 +204,50 @@ def test_compile_cache_dir_from_spec_is_what_inductor_reads(compiled):
     _, _, _, inductor_dir = compiled
     assert FxGraphCache._get_tmp_dir().startswith(str(inductor_dir))
     assert str(CacheBase.get_local_cache_path()).startswith(str(inductor_dir))
+
+
+def test_compile_threads_bounded_by_the_actors_cpus(monkeypatch):
+    """Inductor's compile workers: the actor's CPUs (at least 1), not the node's cores."""
+    import torch._inductor.config as inductor_config
+
+    from latte_ray.model.engine import bound_compile_threads
+
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    monkeypatch.setattr(inductor_config, "compile_threads", inductor_config.compile_threads)
+    assert bound_compile_threads(2.0) == 2
+    assert os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == "2" and inductor_config.compile_threads == 2
+    assert bound_compile_threads(0.25) == 1 and inductor_config.compile_threads == 1
+
+
+def test_compile_cache_defaults_to_the_model_cache_volume(monkeypatch, tmp_path):
+    """Unset, inductor's cache goes under the model cache ($LATTE_RAY_CACHE = /cache on the infra/ nodes);
+    the production spec leaves it unset, so its kernels land on that volume."""
+    from latte_ray.model.engine import inductor_cache_dir
+    from latte_ray.spec import load_pipeline_spec
+
+    monkeypatch.setenv("LATTE_RAY_CACHE", "/cache")
+    prod = load_pipeline_spec("latte-1-t2v-512").model.compile
+    assert inductor_cache_dir(prod.cache_dir) == "/cache/inductor"
+    assert inductor_cache_dir(None, str(tmp_path)) == str(tmp_path / "inductor")
+    assert inductor_cache_dir("/elsewhere", str(tmp_path)) == "/elsewhere"
+
+
+def test_cuda_graph_outputs_are_cloned_before_they_are_kept():
+    """A CUDA graph replays into the same buffers: what the wrapper returns must not alias them."""
+    import torch
+
+    from latte_ray.model.engine import CudaGraphOutputs
+
+    buffer = torch.zeros(3)
+
+    def replay(x):
+        buffer.copy_(x)
+        return (buffer,)
+
+    wrapped = CudaGraphOutputs(replay, "test")
+    first = wrapped(torch.ones(3))[0]
+    second = wrapped(torch.full((3,), 2.0))[0]
+    assert first.tolist() == [1.0] * 3 and second.tolist() == [2.0] * 3
 
 
 # ---------------------------------------------------------------------------------- cache acceleration
