@@ -129,7 +129,7 @@ class QuantizationSpec(_Strict):
     )
     components: tuple[Literal["transformer", "text_encoder"], ...] = Field(
         ("transformer",), min_length=1, description="Which models to quantize: the transformer, and optionally "
-        "the T5 text encoder (Latte-1's is ~9.5 GB in fp16).",
+        "the T5 text encoder (Latte-1's is ~11.5 GB in fp16: transformers keeps its wo layers in fp32).",
     )
 
     @field_validator("components")
