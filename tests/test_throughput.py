@@ -146,6 +146,14 @@ def test_compiled_engine_warms_up_at_load_never_recompiles_and_matches_eager(com
     assert diff(short[0], want[1]) <= 1, "padding a short batch changed its video"
 
 
+def test_compile_cache_dir_from_spec_is_what_inductor_reads(compiled):
+    from torch._inductor.codecache import CacheBase, FxGraphCache
+
+    _, _, _, inductor_dir = compiled
+    assert FxGraphCache._get_tmp_dir().startswith(str(inductor_dir))
+    assert str(CacheBase.get_local_cache_path()).startswith(str(inductor_dir))
+
+
 class DynamoCompiles:
     """Counts what dynamo compiles while it is open: frames converted (a first compile or a recompile of a
     function each), and the times it gave up on a function at its recompile limit (after which that function
@@ -196,14 +204,6 @@ def test_compile_with_hook_cache_compiles_once_and_matches_eager(kind, model_cac
     assert not compiles.limit_hits, compiles.limit_hits
     eager, _ = LatteEngine(spec_with(1, cache=cached), cache_dir=str(model_cache)).generate([LONG], ["blurry"], [4])
     assert eager.std() > 5 and diff(video, eager) <= 1, f"{kind}: compiled differs from eager"
-
-
-def test_compile_cache_dir_from_spec_is_what_inductor_reads(compiled):
-    from torch._inductor.codecache import CacheBase, FxGraphCache
-
-    _, _, _, inductor_dir = compiled
-    assert FxGraphCache._get_tmp_dir().startswith(str(inductor_dir))
-    assert str(CacheBase.get_local_cache_path()).startswith(str(inductor_dir))
 
 
 def test_compile_threads_bounded_by_the_actors_cpus(monkeypatch):

@@ -170,8 +170,8 @@ class LatteEngine:
             finally:
                 self.teacache.script(None)
         else:
-            # Cache hooks branch on the step (inside their window or not, reuse or recompute), and each branch
-            # is its own graph: with a cache, warm up over the full schedule so every branch is compiled now.
+            # With a hook cache the blocks see two batch shapes (both CFG halves, or FasterCache's conditional
+            # half alone at steps inside its window): warm up over the full schedule so both are compiled now.
             steps = self.sampling.num_inference_steps if self.spec.model.cache else 2
             self.denoise(self._warmup_text(), seeds, steps=steps)
         self.warmup_seconds = time.perf_counter() - started
