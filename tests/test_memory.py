@@ -93,3 +93,21 @@ def test_activation_estimate_grows_with_batch_cfg_frames_and_decode_chunk():
     assert base.vae_decode == 4 * 16 * 512 * 512 * 256 * 2 and act(batch=4).vae_decode == base.vae_decode
     assert act(decode_chunk_size=8).vae_decode == base.vae_decode // 2
     assert act(height=256, width=256).vae_decode == base.vae_decode // 4
+
+
+def test_dry_run_memory_line_reads_the_sources_configs(model_cache):
+    """A GPU spec's dry run prints weights computed from its source's own configs (read by diffusers' and
+    transformers' config loaders) and the activation estimate; a source it cannot read says why."""
+    from latte_ray.model.tiny import ensure_tiny_model
+
+    root = ensure_tiny_model(model_cache)
+    raw = yaml.safe_load(load_pipeline_spec("latte-1-t2v-512").model_dump_json())
+    raw["model"].update(source=str(root), revision=None)
+    raw["sampling"].update(height=128, width=128)
+    spec = parse_pipeline_spec(raw)
+    saved = [json.loads((root / c / "config.json").read_text()) for c in ("transformer", "text_encoder", "vae")]
+    line = memory.dry_run_line(spec)
+    assert line.startswith("GPU memory per generation actor") and "estimate" in line, line
+    assert line == memory.memory_plan(spec, *saved).line()
+    raw["model"]["source"] = "tiny"
+    assert "not computed for a tiny model.source" in memory.dry_run_line(parse_pipeline_spec(raw))

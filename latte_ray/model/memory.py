@@ -172,3 +172,35 @@ def memory_plan(spec, transformer: dict, text_encoder: dict | None, vae: dict) -
         weights=pipeline_weights(transformer, encoder, vae, dtype),
         activations=activations(transformer, vae, spec.sampling, spec.execution.batch_size, dtype),
     )
+
+
+def source_configs(model) -> tuple[dict, dict, dict]:
+    """(transformer, text_encoder, vae) configs of a hub id or local folder, read by the libraries' own config
+    loaders (what from_pretrained reads first; a hub id honours model.revision and HF_HUB_OFFLINE)."""
+    from diffusers import AutoencoderKL, LatteTransformer3DModel
+    from transformers import T5Config
+
+    import os
+
+    kwargs = {"revision": model.revision} if model.revision else {}
+    source = model.source
+    if os.path.isdir(os.path.expanduser(source.removeprefix("file://"))):
+        source = os.path.expanduser(source.removeprefix("file://"))
+    transformer = LatteTransformer3DModel.load_config(source, subfolder="transformer", **kwargs)
+    vae = AutoencoderKL.load_config(source, subfolder="vae", **kwargs)
+    text_encoder = T5Config.from_pretrained(source, subfolder="text_encoder", **kwargs).to_dict()
+    return dict(transformer), text_encoder, dict(vae)
+
+
+def dry_run_line(spec) -> str:
+    """The dry run's memory line for `spec`'s source (a hub id or a local folder; other sources say why not)."""
+    from latte_ray.model.configs import source_kind
+
+    kind = source_kind(spec.model.source)
+    if kind not in ("hub", "local"):
+        return f"GPU memory: not computed for a {kind} model.source (a hub id or a local folder is read)"
+    try:
+        transformer, text_encoder, vae = source_configs(spec.model)
+        return memory_plan(spec, transformer, text_encoder, vae).line()
+    except Exception as e:  # noqa: BLE001 - an estimate; the run's own checks already passed
+        return f"GPU memory: not computed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
