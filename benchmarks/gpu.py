@@ -307,7 +307,8 @@ def main() -> None:
             r = {"name": step.name, "status": "skipped",
                  "reason": f"predicted peak {predicted:.0f} GiB > 95% of the GPU's {total_gib:.0f} GiB"}
         elif step.budget_s > left:
-            r = {"name": step.name, "status": "skipped", "reason": f"needs up to {step.budget_s:.0f} s, {left:.0f} s left"}
+            r = {"name": step.name, "status": "skipped",
+                 "reason": f"needs up to {step.budget_s:.0f} s, {left:.0f} s left"}
         else:
             r = _run_child(step, args, out, timeout=left)
             if step.sweep and r.get("status") == "oom":
