@@ -31,6 +31,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
 class CompileSpec(_Strict):
     enabled: bool = Field(False, description="torch.compile the transformer once per actor, then warm up.")
     mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
@@ -39,12 +42,18 @@ class CompileSpec(_Strict):
     vae_decode: bool = Field(False, description="Also compile the VAE decoder.")
     fullgraph: bool = Field(False, description="Ask torch.compile for a single graph (errors on graph breaks).")
     cache_dir: str | None = Field(
-        None, description="Inductor cache folder (TORCHINDUCTOR_CACHE_DIR); reuse across actors and runs."
+        None, description="Inductor cache folder (TORCHINDUCTOR_CACHE_DIR), shared by the actors of a node and "
+        "kept across runs; null: inductor/ under the model cache ($LATTE_RAY_CACHE, /cache on the infra/ nodes)."
     )
     backend: Literal["inductor", "aot_eager", "eager"] = Field(
         "inductor", description="torch.compile backend; 'eager'/'aot_eager' trace with dynamo but generate no "
         "kernels (for checking graphs and recompiles cheaply)."
     )
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """inductor's "reduce-overhead" and "max-autotune" modes replay CUDA graphs."""
+        return self.enabled and self.backend == "inductor" and self.mode in CUDA_GRAPH_MODES
 
 
 # TeaCache's polynomial for Latte (Liu et al. 2024, "Timestep Embedding Tells: It's Time to Cache for Video
@@ -120,7 +129,7 @@ class QuantizationSpec(_Strict):
     )
     components: tuple[Literal["transformer", "text_encoder"], ...] = Field(
         ("transformer",), min_length=1, description="Which models to quantize: the transformer, and optionally "
-        "the T5 text encoder (Latte-1's is ~9.5 GB in fp16).",
+        "the T5 text encoder (Latte-1's is ~11.5 GB in fp16: transformers keeps its wo layers in fp32).",
     )
 
     @field_validator("components")
@@ -165,6 +174,25 @@ class ModelSpec(_Strict):
         if not v.strip():
             raise ValueError("model.source must not be empty")
         return v
+
+    @model_validator(mode="after")
+    def _compile_with_cache(self) -> "ModelSpec":
+        """FasterCache/PAB hooks run outside the compiled blocks (acceleration.compile_under_hooks): there is
+        no single graph to ask for."""
+        c, cache = self.compile, self.cache
+        if c.uses_cuda_graphs and cache is not None:
+            raise ValueError(
+                f"model.compile.mode {c.mode!r} replays CUDA graphs, which overwrite their outputs at the next "
+                f"call, and model.cache.kind {cache.kind!r} keeps outputs across steps; use model.compile.mode "
+                "max-autotune-no-cudagraphs (or default) with a cache"
+            )
+        if c.enabled and c.fullgraph and cache is not None and cache.kind != "teacache":
+            raise ValueError(
+                f"model.compile.fullgraph is true with model.cache.kind {cache.kind!r}, whose hooks run outside "
+                "the compiled graphs (graph breaks by design); set model.compile.fullgraph: false, or use "
+                "model.cache.kind teacache"
+            )
+        return self
 
     @model_validator(mode="after")
     def _float8_needs_cuda(self) -> "ModelSpec":

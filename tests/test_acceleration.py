@@ -127,13 +127,15 @@ def test_teacache_compiled_runs_fixed_sizes_warmed_at_load(model_cache, teacache
     engine = LatteEngine(spec(4, cache=TEACACHE, compile={"enabled": True, "backend": "eager"}),
                          cache_dir=str(model_cache))
     assert {size for _, size in engine.teacache.block_runs} == {1, 2, 4}
-    graphs, recompiles = counters["stats"]["unique_graphs"], sum(counters["recompiles"].values())
-    assert graphs >= 3
+    # dynamo converted each of embed, head and the blocks at 1, 2 and 4 videos once: no recompile (its
+    # `recompiles` counter stays empty in this torch; the frame counter counts first compiles and recompiles).
+    graphs, frames = counters["stats"]["unique_graphs"], counters["frames"]["total"]
+    assert graphs >= 3 and frames == 2 + 3, dict(counters["frames"])
     engine.teacache.block_runs.clear()
     full, calls = generate(engine, [0, 1, 2, 3])
     short, short_calls = generate(engine, [3, 1, 0])  # padded to 4 videos; the padding never computes
     assert counters["stats"]["unique_graphs"] == graphs, "a batch after warm-up compiled a new graph"
-    assert sum(counters["recompiles"].values()) == recompiles, dict(counters["recompiles"])
+    assert counters["frames"]["total"] == frames, "a batch after warm-up recompiled"
     runs = engine.teacache.block_runs
     assert any(k < size for k, size in runs), f"no sub-batch was padded: {dict(runs)}"
     assert any(size < 4 for _, size in runs), f"no step ran a smaller compiled size: {dict(runs)}"

@@ -131,6 +131,12 @@ def test_teacache_and_quantization_specs():
         ({"quantization": {"kind": "int4"}}, "model.quantization.kind"),
         ({"quantization": {"kind": "int8_weight_only", "components": ["vae"]}}, "model.quantization.components"),
         ({"quantization": {"kind": "float8_dynamic"}}, "model.quantization.kind 'float8_dynamic' needs a CUDA GPU"),
+        ({"cache": {"kind": "faster_cache"}, "compile": {"enabled": True, "fullgraph": True}},
+         "model.compile.fullgraph is true with model.cache.kind 'faster_cache'"),
+        *(({"cache": {"kind": kind}, "compile": {"enabled": True, "mode": mode}},
+           f"model.compile.mode '{mode}' replays CUDA graphs")
+          for kind in ("faster_cache", "pyramid_attention_broadcast", "teacache")
+          for mode in ("reduce-overhead", "max-autotune")),
     ):
         with pytest.raises(SpecError) as err:
             with_model(**model)

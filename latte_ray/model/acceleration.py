@@ -51,6 +51,40 @@ def enable_cache(pipe, cache: CacheSpec, guidance_scale: float = 7.5) -> None:
     pipe.transformer.enable_cache(config)
 
 
+def compile_under_hooks(transformer, backend: str, mode: str | None = None) -> int:
+    """torch.compile a transformer that carries FasterCache or PAB hooks, so that it compiles a fixed set of
+    graphs once and never again. Returns how many blocks were compiled.
+
+    Why not `torch.compile(transformer)`: the hooks decide per step in Python (is the timestep inside the
+    window, is the step counter a multiple of the skip range, is the cache filled yet), and dynamo guards on
+    those values: a tensor timestep in the range check is a data-dependent branch (a graph break), and every
+    new value of the hooks' `iteration` counter fails a guard and recompiles. Measured on the tiny model
+    (tests/test_throughput.py): FasterCache recompiled at every step until dynamo's recompile limit (8) and
+    then ran the frame eagerly for good; a graph break inside the transformer's loop over blocks also made
+    dynamo skip its whole `forward` (it cannot resume inside a loop), so nothing of the top module was
+    compiled. Here instead:
+    - every module a hook is attached to (the attention layers the cache reuses) runs its hooked forward under
+      `torch.compiler.disable`: the hook's decision and, when it computes, that attention layer run eagerly,
+      as diffusers' own newer caches (first_block_cache, mag_cache) disable their decision functions;
+    - each transformer block (spatial and temporal) is compiled on its own ("regional compilation"): every
+      block shares one code object, so dynamo compiles its graphs once for all 28 blocks; they differ only
+      by shape (spatial or temporal sequences; both CFG halves, or FasterCache's conditional half alone);
+    - the top module's `forward` (FasterCache's denoiser hook splits the CFG batch there) stays eager.
+    What is compiled: the blocks' norms, AdaLN modulation, cross-attention and feed-forward; what is not:
+    the hooked self-attention layers (mostly matmuls and SDPA, kernels eager already runs)."""
+    import torch
+
+    kwargs = {"mode": mode} if backend == "inductor" and mode else {}
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if module is not transformer and registry is not None and registry.hooks:
+            module.forward = torch.compiler.disable(module.forward)
+    blocks = [*transformer.transformer_blocks, *transformer.temporal_transformer_blocks]
+    for block in blocks:
+        block.compile(backend=backend, dynamic=False, **kwargs)
+    return len(blocks)
+
+
 def transformer_calls(cache: CacheSpec | None, timesteps, guidance_scale: float) -> int:
     """Transformer calls one video makes over `timesteps` with no cache or a diffusers hook cache: rows of
     the video that go through the transformer, summed over steps (a CFG half at one step is one call).

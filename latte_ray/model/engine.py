@@ -75,6 +75,7 @@ class LatteEngine:
         """`pipe`: an already built LattePipeline to use instead of loading spec.model.source
         (benchmarks/gpu.py passes full-size random weights this way)."""
         self.spec = spec
+        self.cache_dir = cache_dir
         self.sampling = spec.sampling
         self.device = pick_device(spec.model.device)
         self.dtype = DTYPES[spec.model.dtype]
@@ -136,18 +137,28 @@ class LatteEngine:
         batch_size (_pad_batch), so no prompt and no last batch triggers a recompile.
         """
         opts = self.spec.model.compile
-        if opts.cache_dir:
-            set_inductor_cache_dir(opts.cache_dir)
+        bound_compile_threads(self.spec.execution.num_cpus_per_actor)
+        set_inductor_cache_dir(inductor_cache_dir(opts.cache_dir, self.cache_dir))
         kwargs = {"mode": opts.mode} if opts.backend == "inductor" else {}
+        cuda_graphs = opts.uses_cuda_graphs and self.device.type == "cuda"
         if self.teacache is not None:
             # TeaCache runs the model in three parts, the blocks at a few fixed sub-batch sizes (teacache.py).
             self.teacache.compile(opts.backend, opts.mode, opts.fullgraph)
+        elif self.spec.model.cache is not None:
+            # FasterCache/PAB hooks decide per step in Python: compile the blocks, run the hooks outside the graphs.
+            from latte_ray.model.acceleration import compile_under_hooks
+
+            compile_under_hooks(self.pipe.transformer, opts.backend, opts.mode)
         else:
             self.transformer = torch.compile(
                 self.pipe.transformer, backend=opts.backend, fullgraph=opts.fullgraph, dynamic=False, **kwargs
             )
+            if cuda_graphs:
+                self.transformer = CudaGraphOutputs(self.transformer, "transformer")
         if opts.vae_decode:
             self.pipe.vae.decode = torch.compile(self.pipe.vae.decode, backend=opts.backend, dynamic=False, **kwargs)
+            if cuda_graphs:
+                self.pipe.vae.decode = CudaGraphOutputs(self.pipe.vae.decode, "VAE decode")
         started = time.perf_counter()
         seeds = list(range(self.spec.execution.batch_size))
         if self.teacache is not None:
@@ -159,8 +170,8 @@ class LatteEngine:
             finally:
                 self.teacache.script(None)
         else:
-            # Cache hooks branch on the step (inside their window or not, reuse or recompute), and each branch
-            # is its own graph: with a cache, warm up over the full schedule so every branch is compiled now.
+            # With a hook cache the blocks see two batch shapes (both CFG halves, or FasterCache's conditional
+            # half alone at steps inside its window): warm up over the full schedule so both are compiled now.
             steps = self.sampling.num_inference_steps if self.spec.model.cache else 2
             self.denoise(self._warmup_text(), seeds, steps=steps)
         self.warmup_seconds = time.perf_counter() - started
@@ -341,6 +352,71 @@ def _reset_cache_state(pipe) -> None:
     the transformer's HookRegistry and resets every stateful hook."""
     if getattr(pipe.transformer, "is_cache_enabled", False):
         pipe.transformer._reset_stateful_cache()
+
+
+class CudaGraphOutputs:
+    """A compiled callable in a CUDA-graph mode ("reduce-overhead", "max-autotune"), made safe to keep outputs
+    of. A CUDA graph replays into the same output buffers, and under inference_mode every call of a compiled
+    function starts a new cudagraph-trees generation that may overwrite the last one's outputs; the engine keeps
+    outputs past the next call (the DPM multistep scheduler keeps model outputs across steps, and
+    pipe.decode_latents holds each VAE chunk until it concatenates them), so every output is cloned before the
+    call returns. CUDA graph trees are per thread: a Ray actor (max_concurrency 1) runs __init__ (warm-up) and
+    every batch on its one task thread; a call from another thread records its graphs again (correct, with a
+    second memory pool), which is logged once."""
+
+    def __init__(self, fn, what: str):
+        import threading
+
+        self.fn, self.what, self.thread, self.warned = fn, what, threading.get_ident(), False
+
+    def __call__(self, *args, **kwargs):
+        import threading
+
+        if threading.get_ident() != self.thread and not self.warned:
+            self.warned = True
+            log.warning("compiled %s called from another thread than its warm-up: CUDA graphs are recorded "
+                        "again for this thread", self.what)
+        torch.compiler.cudagraph_mark_step_begin()
+        return _clone_outputs(self.fn(*args, **kwargs))
+
+
+def _clone_outputs(out):
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, tuple):
+        return tuple(_clone_outputs(x) for x in out)
+    if hasattr(out, "sample") and isinstance(out.sample, torch.Tensor):  # diffusers' DecoderOutput
+        out.sample = out.sample.clone()
+    return out
+
+
+def bound_compile_threads(num_cpus: float) -> int:
+    """Inductor's compile workers, bounded by the CPUs Ray gave this actor (execution.num_cpus_per_actor, at
+    least 1). Inductor's default is min(32, the node's cores): on a GPU node each actor would start a worker
+    pool the size of the machine. Set as TORCHINDUCTOR_COMPILE_THREADS (read by inductor at import and by its
+    worker subprocesses) and, when inductor's config is already imported, as its compile_threads."""
+    import os
+    import sys
+
+    threads = max(1, int(num_cpus))
+    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = str(threads)
+    config = sys.modules.get("torch._inductor.config")
+    if config is not None:
+        config.compile_threads = threads
+    return threads
+
+
+def inductor_cache_dir(spec_dir: str | None, model_cache_dir: str | None = None) -> str:
+    """model.compile.cache_dir, or else `inductor/` under the model cache (LATTE_RAY_CACHE: /cache on the
+    infra/ nodes, a volume shared by a pod's actors and kept across restarts), so compiled kernels are reused
+    by every actor of a node and by the next run."""
+    if spec_dir:
+        return spec_dir
+    from latte_ray.model.loading import default_cache_dir
+
+    import os
+
+    return os.path.join(model_cache_dir or str(default_cache_dir()), "inductor")
 
 
 def set_inductor_cache_dir(path: str) -> str:

@@ -35,6 +35,7 @@ class DryRunPlan:
     seconds_source: str = "unknown"
     gpus: int = 1  # GPUs given to the run; for a CPU spec (0 GPUs per actor), generation actors
     gpus_per_actor: float = 1.0
+    memory: str | None = None  # a GPU spec's memory per generation actor (latte_ray/model/memory.py)
 
     @property
     def actors(self) -> int:
@@ -70,6 +71,8 @@ class DryRunPlan:
                 f"= {self.gpu_hours:.4g} {'GPU' if gpu else 'actor'}-hours; wall time {_duration(self.wall_hours)} "
                 f"on {where}, plus actor start-up and compile warm-up"
             )
+        if self.memory:
+            out.append(self.memory)
         out.append("nothing was loaded or written (the output is writable: a probe was written and deleted)")
         return out
 
@@ -103,6 +106,10 @@ def plan(run: RunSpec, in_fs, files: list[str], gpus: int | None = None) -> DryR
     result.invalid = counts["todo"] - counts["conflicts"] - counts["generate"]
     result.to_generate = min(counts["generate"], run.limit) if run.limit else counts["generate"]
     result.seconds_per_video, result.seconds_source = _seconds_per_video(run, layout, out_fs)
+    if ex.num_gpus_per_actor:  # weights computed from the source's configs, activations estimated
+        from latte_ray.model.memory import dry_run_line
+
+        result.memory = dry_run_line(run.pipeline)
     return result
 
 

@@ -2,8 +2,8 @@
 
 Each actor loads only the tokenizer and text encoder (no transformer, no VAE). Generation actors then load
 the pipeline with `text_encoder=None` and denoise from these embeddings, which frees their GPU memory for
-larger batches (Latte-1's T5-XXL is ~9.5 GB in fp16). Prompts are padded to the spec's fixed text length
-with the same code the generation actors would run, so videos are unchanged.
+larger batches (Latte-1's T5-XXL is ~11.5 GB in fp16, latte_ray/model/memory.py). Prompts are padded to the
+spec's fixed text length with the same code the generation actors would run, so videos are unchanged.
 
 Every row leaves with embedding columns of one fixed shape, zeros for rows that are not pending (error
 rows pass through): Ray Data needs every block to carry the same column types, a block of only error

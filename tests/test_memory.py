@@ -1,0 +1,113 @@
+"""Memory figures from the real model's configs (latte_ray/model/memory.py).
+
+- Latte-1's published configs (tests/data/latte-1/, see its SOURCE.md) in fp16: T5-XXL ~11.5 GB because
+  transformers keeps its `wo` layers in fp32, transformer ~2.1 GB, VAE ~0.17 GB, ~13.8 GB in all;
+- the count agrees byte for byte with what `from_pretrained(dtype=float16)` actually loads (the tiny model's
+  saved components, through the libraries' own loaders), so the fp32 rule is the installed transformers' own;
+- the activation estimate grows as the README says: linearly with batch, CFG and frames; the VAE decode with
+  decode_chunk_size and frame area.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from latte_ray.model import memory
+from latte_ray.spec import load_pipeline_spec, parse_pipeline_spec
+
+LATTE1 = Path(__file__).parent / "data" / "latte-1"
+
+
+def config(component: str) -> dict:
+    return json.loads((LATTE1 / component / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def latte1_fp16():
+    import torch
+
+    return {w.component: w for w in memory.pipeline_weights(config("transformer"), config("text_encoder"),
+                                                             config("vae"), torch.float16)}
+
+
+def test_latte1_weights_in_fp16_from_the_published_configs(latte1_fp16):
+    t5, transformer, vae = latte1_fp16["text_encoder"], latte1_fp16["transformer"], latte1_fp16["vae"]
+    te = config("text_encoder")
+    wo = te["num_layers"] * te["d_ff"] * te["d_model"]  # one wo (d_ff -> d_model, no bias) per encoder layer
+    assert t5.by_dtype["float32"] == wo * 4, "T5's wo layers are not counted in fp32"
+    assert t5.by_dtype["float16"] == (t5.params - wo) * 2
+    assert 11.4 < t5.gb < 11.6, t5.gb
+    assert 2.0 < transformer.gb < 2.2 and transformer.by_dtype["float32"] < 10e6, transformer  # fp32 buffers
+    assert 0.15 < vae.gb < 0.19, vae.gb
+    assert 13.7 < sum(w.gb for w in latte1_fp16.values()) < 13.9
+
+
+def test_weight_count_is_what_from_pretrained_loads(model_cache):
+    """The tiny model's saved T5 and transformer, loaded in fp16 by transformers and diffusers: the bytes they
+    hold (wo in fp32 included) equal memory.py's count from their configs."""
+    import torch
+    from diffusers import LatteTransformer3DModel
+    from transformers import T5EncoderModel
+
+    from latte_ray.model.tiny import ensure_tiny_model
+
+    root = ensure_tiny_model(model_cache)
+
+    def held(model) -> tuple[int, dict]:
+        by = {}
+        for t in [*model.parameters(), *model.buffers()]:
+            by[str(t.dtype).removeprefix("torch.")] = by.get(str(t.dtype).removeprefix("torch."), 0) + t.nbytes
+        return sum(by.values()), by
+
+    t5 = T5EncoderModel.from_pretrained(root / "text_encoder", dtype=torch.float16)
+    counted = memory.t5_encoder_weights(json.loads((root / "text_encoder" / "config.json").read_text()),
+                                        torch.float16)
+    assert "float32" in held(t5)[1], "transformers no longer keeps wo in fp32: update memory.py's docstring"
+    assert held(t5) == (counted.bytes, counted.by_dtype)
+    tr = LatteTransformer3DModel.from_pretrained(root / "transformer", dtype=torch.float16)
+    counted = memory.diffusers_weights("transformer", json.loads((root / "transformer" / "config.json").read_text()),
+                                       torch.float16)
+    assert held(tr) == (counted.bytes, counted.by_dtype)
+
+
+def test_activation_estimate_grows_with_batch_cfg_frames_and_decode_chunk():
+    spec = load_pipeline_spec("latte-1-t2v-512")
+
+    def act(batch=2, **sampling):
+        raw = yaml.safe_load(spec.sampling.model_dump_json())
+        raw.update(sampling)
+        s = parse_pipeline_spec({"sampling": raw}).sampling
+        return memory.activations(config("transformer"), config("vae"), s, batch, "float16")
+
+    base = act()
+    # rows (batch x 2 CFG halves) x frames x tokens x hidden, 14 values each
+    tokens, hidden = (512 // 8 // 2) ** 2, 16 * 72
+    assert base.denoise == 14 * 4 * 16 * tokens * hidden * 2
+    assert act(batch=4).denoise == 2 * base.denoise and act(guidance_scale=1.0).denoise == base.denoise // 2
+    assert act(video_length=8, decode_chunk_size=8).denoise == base.denoise // 2
+    # decode_chunk_size frames x H x W x 256 channels (the SD VAE's widest at full resolution), 4 values each
+    assert base.vae_decode == 4 * 16 * 512 * 512 * 256 * 2 and act(batch=4).vae_decode == base.vae_decode
+    assert act(decode_chunk_size=8).vae_decode == base.vae_decode // 2
+    assert act(height=256, width=256).vae_decode == base.vae_decode // 4
+
+
+def test_dry_run_memory_line_reads_the_sources_configs(model_cache):
+    """A GPU spec's dry run prints weights computed from its source's own configs (read by diffusers' and
+    transformers' config loaders) and the activation estimate; a source it cannot read says why."""
+    from latte_ray.model.tiny import ensure_tiny_model
+
+    root = ensure_tiny_model(model_cache)
+    raw = yaml.safe_load(load_pipeline_spec("latte-1-t2v-512").model_dump_json())
+    raw["model"].update(source=str(root), revision=None)
+    raw["sampling"].update(height=128, width=128)
+    spec = parse_pipeline_spec(raw)
+    saved = [json.loads((root / c / "config.json").read_text()) for c in ("transformer", "text_encoder", "vae")]
+    line = memory.dry_run_line(spec)
+    assert line.startswith("GPU memory per generation actor") and "estimate" in line, line
+    assert line == memory.memory_plan(spec, *saved).line()
+    raw["model"]["source"] = "tiny"
+    assert "not computed for a tiny model.source" in memory.dry_run_line(parse_pipeline_spec(raw))
