@@ -23,7 +23,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from latte_ray.spec import SpecError
+from latte_ray.spec import STAND_IN_SOURCES, SpecError
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,9 @@ def check_fit(spec, generate: bool = True, nodes: list[dict] | None = None,
     demands = plan_minimum(spec, generate)
     nodes = alive_nodes() if nodes is None else nodes
     left = pack(demands, nodes)
-    needs_cuda = generate and spec.model.device == "cuda" and _have(nodes)[1] == 0
+    # The stand-in engines (null, sim) touch no device: a sim fleet of CPU actors is a valid plan.
+    needs_cuda = (generate and spec.model.device == "cuda" and _have(nodes)[1] == 0
+                  and spec.model.source not in STAND_IN_SOURCES)
     if not left and not needs_cuda:
         return
     need_cpu, need_gpu = _need(demands)
