@@ -62,15 +62,15 @@ class Fleet:
 
         os.environ["RAY_TMPDIR"] = str(tmp)
         self.gpus_per_node = gpus_per_node
-        self.cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-            "num_cpus": 0, "include_dashboard": False, "object_store_memory": 200 * 2**20})
+        self.cluster = _retry(lambda: Cluster(initialize_head=True, connect=False, head_node_args={
+            "num_cpus": 0, "include_dashboard": False, "object_store_memory": 200 * 2**20}))
         self.events: list[tuple[float, int]] = []  # (time.time(), +/- GPUs)
         self.nodes = []
 
     def add(self, n: int = 1) -> None:
         for _ in range(n):
-            self.nodes.append(self.cluster.add_node(num_cpus=1, num_gpus=self.gpus_per_node,
-                                                    object_store_memory=100 * 2**20))
+            self.nodes.append(_retry(lambda: self.cluster.add_node(
+                num_cpus=1, num_gpus=self.gpus_per_node, object_store_memory=100 * 2**20)))
         self.cluster.wait_for_nodes()
         self.events.append((time.time(), n * self.gpus_per_node))
 
@@ -89,6 +89,18 @@ class Fleet:
 
     def shutdown(self) -> None:
         self.cluster.shutdown()
+
+
+def _retry(start, tries: int = 3):
+    """A node start, again when it timed out: Ray gives a raylet 30 s to register, which a machine shared
+    with other tenants at load average 20+ does not always meet."""
+    for attempt in range(tries):
+        try:
+            return start()
+        except Exception as e:  # noqa: BLE001
+            if attempt == tries - 1 or "timed out during startup" not in str(e):
+                raise
+            print(f"(a node start timed out, trying again: {e})")
 
 
 def groups(found):

@@ -104,9 +104,9 @@ def test_fleet_lives_and_summary_from_busy_intervals():
 
 
 def test_a_sim_run_records_where_and_when_each_row_was_generated(tmp_path, ray_local):
-    """A real run (two sim actors, one Ray Data execution): every generated row names its actor and node,
-    the actor's start and its call's interval, which follows the slept load and lasts the slept call; the
-    report draws the fleet from them."""
+    """A real run (a sim pool of 1..2 actors, one Ray Data execution): the pool starts with both actors the
+    cluster holds; every generated row names its actor and node, the actor's start and its call's interval,
+    which follows the slept load and lasts the slept call; the report draws the fleet from them."""
     from typer.testing import CliRunner
 
     from latte_ray import runner
@@ -116,7 +116,7 @@ def test_a_sim_run_records_where_and_when_each_row_was_generated(tmp_path, ray_l
     from tests.conftest import write_prompts
 
     spec = sim_spec(compile_on=False, load_s=100, compile_s=0, batch_s_per_video=10, time_scale=0.01)
-    spec = spec.with_overrides(concurrency=2, num_gpus_per_actor=0.0, num_cpus_per_actor=0.25, batch_size=2,
+    spec = spec.with_overrides(concurrency=(1, 2), num_gpus_per_actor=0.0, num_cpus_per_actor=0.25, batch_size=2,
                                cpu_stage_max_actors=1)
     ids = [f"f-{i:02d}" for i in range(12)]
     table = write_prompts(tmp_path / "in.parquet", {"id": ids, "prompt": [f"a fleet of {i}" for i in ids]})
@@ -128,7 +128,8 @@ def test_a_sim_run_records_where_and_when_each_row_was_generated(tmp_path, ray_l
     rows = read_manifest(fs, OutputLayout(str(out), root))
     assert rows.num_rows == 12 and set(rows["actor"].to_pylist()) - {None} and None not in rows["node"].to_pylist()
     found = fleet.lives(rows)
-    assert 1 <= len(found) <= 2 and sum(len(l.calls) for l in found) == 6  # 12 rows, 2 per call
+    assert len(found) == 2 and sum(len(l.calls) for l in found) == 6  # 12 rows, 2 per call
+    assert len({l.node for l in found}) == 1 and all(l.node for l in found)
     for life in found:
         assert life.load_s >= 1.0  # load_s x time_scale slept before the first call
         assert all(b - a >= 0.2 - 1e-3 for a, b in life.calls)  # 2 videos x 10 s x 0.01 each
@@ -143,3 +144,18 @@ def test_a_sim_run_records_where_and_when_each_row_was_generated(tmp_path, ray_l
     page = (dest / "index.html").read_text()
     assert "<table id='fleet'>" in page and f"<tr><th>actor lives (model loads)</th><td>{len(found)}</td>" in page
     assert (dest / "fleet.png").stat().st_size > 5000
+
+
+def test_the_generation_pool_starts_with_every_actor_the_cluster_holds():
+    from latte_ray.plan.fit import Autoscaler, initial_pool_size
+
+    prod = load_pipeline_spec("latte-1-t2v-512")  # concurrency [1, 64], 1 GPU and 2 CPUs per actor
+    gpu_node = {"CPU": 17.0, "GPU": 8.0}
+    fixed, scaling = Autoscaler(False, "none"), Autoscaler(True, "test")
+    assert initial_pool_size(prod, [gpu_node] * 2, fixed) == 16  # every GPU of two 8-GPU nodes, at once
+    assert initial_pool_size(prod, [gpu_node] * 9, fixed) == 64  # never above the pool's maximum
+    assert initial_pool_size(prod, [gpu_node], scaling) == 64  # pending actors: the autoscaler's demand
+    assert initial_pool_size(prod, [{"CPU": 4.0, "GPU": 0.0}], fixed) == 1  # never below the minimum
+    tiny = load_pipeline_spec("tiny-cpu")  # 1..2 actors of 0.5 CPU beside 3 x 0.25 CPU on 2 cores: both
+    assert initial_pool_size(tiny, [{"CPU": 2.0}], fixed) == 2
+    assert initial_pool_size(tiny.with_overrides(concurrency=3), [{"CPU": 2.0}], fixed) == 3  # a fixed size
