@@ -139,6 +139,7 @@ def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "
     import ray
     import pyarrow.parquet as pq  # noqa: F401  (pyarrow must be importable on workers)
 
+    from latte_ray.plan.fit import initial_pool_size
     from latte_ray.stages import DenoiseStage, EncodeStage, WriteStage
     from latte_ray.stages.prepare import prepare_batch
 
@@ -189,7 +190,8 @@ def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "
                                "storage_options": run.storage_options, "run_id": run_id},
         batch_size=ex.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+        # Every actor the cluster can hold starts at once (plan/fit.initial_pool_size says why).
+        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, initial_size=initial_pool_size(spec)),
         num_cpus=ex.num_cpus_per_actor,
         num_gpus=ex.num_gpus_per_actor,
         **restart_args(ex),

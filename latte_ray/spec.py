@@ -21,6 +21,8 @@ PIPELINES_DIR = pipelines_dir()  # the built-in specs: pipelines/ in a checkout,
 DEFAULT_PIPELINE = "tiny-cpu"
 TINY_SOURCE = "tiny"
 NULL_SOURCE = "null"  # benchmark tool: an engine that returns frames instantly (latte_ray/model/null.py)
+SIM_SOURCE = "sim"  # benchmark tool: null's frames after a real GPU's load, compile and batch times (model/sim.py)
+STAND_IN_SOURCES = (NULL_SOURCE, SIM_SOURCE)  # no model, no torch: frames from the seed alone
 
 
 class SpecError(ValueError):
@@ -150,13 +152,45 @@ class QuantizationSpec(_Strict):
                 f"(Ada, Hopper), but {but}; use {instead}")
 
 
+# Latte-1 on one 80 GB A100 with torch.compile: 14.6 s per video (diffusers docs, Latte's page; DESIGN.md).
+LATTE1_SECONDS_PER_VIDEO = 14.6
+
+
+class SimSpec(_Strict):
+    """The simulated engine's timings (`model.source: sim`, latte_ray/model/sim.py): what a real GPU actor
+    spends, slept instead of computed, so a benchmark can schedule a fleet of logical GPUs on a few CPUs."""
+
+    load_s: float = Field(90.0, ge=0.0, description="Seconds from actor start to a loaded pipeline: Latte-1's "
+                          "~20 GB of fp16 weights (T5 XXL, transformer, VAE) read from the node-local cache and "
+                          "moved to the GPU.")
+    compile_s: float = Field(150.0, ge=0.0, description="Seconds of torch.compile warm-up after the load, spent "
+                             "only when model.compile.enabled (the production spec compiles the transformer and "
+                             "the VAE decoder with max-autotune-no-cudagraphs).")
+    batch_s_fixed: float = Field(0.0, ge=0.0, description="Seconds per generation call whatever its size "
+                                 "(launch and sync overhead).")
+    batch_s_per_video: float = Field(LATTE1_SECONDS_PER_VIDEO, ge=0.0, description="Seconds per video in a "
+                                     "call: default Latte-1's published 14.6 s on an 80 GB A100 with "
+                                     "torch.compile (16 frames, 512x512, 50 steps).")
+    time_scale: float = Field(1.0, gt=0.0, le=1.0, description="Real seconds slept per simulated second (0.01: a "
+                              "simulated second takes 10 ms). Benchmarks scale a run down with it; manifests "
+                              "then record real (scaled) seconds.")
+
+    def batch_seconds(self, videos: int) -> float:
+        """Simulated seconds of one generation call of `videos` videos."""
+        return self.batch_s_fixed + self.batch_s_per_video * videos
+
+
 class ModelSpec(_Strict):
     source: str = Field(
         TINY_SOURCE,
         description="'tiny' (offline random-weight model, built on first use), a hub id, a local folder, "
         "or an fsspec URL of a save_pretrained folder (e.g. s3://bucket/models/latte-1/). 'null' is a "
-        "benchmark tool: no model, frames returned instantly, to measure the data plane alone.",
+        "benchmark tool: no model, frames returned instantly, to measure the data plane alone. 'sim' is "
+        "another: null's frames after sleeping a real GPU's load, compile and batch times (model.sim), to "
+        "measure how a fleet of GPU actors is kept busy.",
     )
+    sim: SimSpec | None = Field(None, description="model.source 'sim' only: its timings (null: the defaults). "
+                                "Not in the spec hash: they change no pixel.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when source is a hub id.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weights and compute dtype.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks cuda when one is visible.")
@@ -193,6 +227,16 @@ class ModelSpec(_Strict):
                 "model.cache.kind teacache"
             )
         return self
+
+    @model_validator(mode="after")
+    def _sim_only_for_sim(self) -> "ModelSpec":
+        if self.sim is not None and self.source != SIM_SOURCE:
+            raise ValueError(f"model.sim applies to model.source {SIM_SOURCE!r} only, not {self.source!r}")
+        return self
+
+    @property
+    def sim_timing(self) -> SimSpec:
+        return self.sim or SimSpec()
 
     @model_validator(mode="after")
     def _float8_needs_cuda(self) -> "ModelSpec":
@@ -271,7 +315,7 @@ class ExecutionSpec(_Strict):
         "steady timeout (the pre-pass, and while a generation actor works); 'auto': max(600, 10 x "
         "seconds_per_video x batch_size). While a round starts and whenever no generation actor is running "
         "(being created or restarted), a start-up allowance is added: model load (120 s for tiny/null, "
-        "1200 s otherwise) + compile warm-up (when model.compile.enabled: 900 s with inductor, 120 s with "
+        "the scaled model.sim load + compile for sim, at least 120 s; 1200 s otherwise) + compile warm-up (when model.compile.enabled: 900 s with inductor, 120 s with "
         "eager/aot_eager). null: off.",
     )
     batch_deadline_s: float | Literal["auto"] | None = Field(
@@ -378,13 +422,15 @@ class PipelineSpec(_Strict):
 
 def hashed_fields(raw: dict) -> dict:
     """The part of a dumped pipeline spec that the spec hash covers: everything but the name, the description,
-    the execution, scoring and sidecars sections, the device and the compile cache folder. Works on a plain
+    the execution, scoring and sidecars sections, the device, the simulated engine's timings and the compile
+    cache folder. Works on a plain
     dict, so that a spec recorded by another version can be compared field by field (latte_ray/record/output.py)."""
     payload = json.loads(json.dumps(raw))
     for key in ("name", "description", "execution", "scoring", "sidecars"):
         payload.pop(key, None)
     model = payload.get("model") or {}
     model.pop("device", None)
+    model.pop("sim", None)  # the simulated engine's timings: when its frames come, not what they are
     (model.get("compile") or {}).pop("cache_dir", None)
     # Fields added after outputs already existed enter the hash only when set, so the hash of a spec
     # that does not use them (and so the binding of its existing outputs) is unchanged.

@@ -34,7 +34,7 @@ import time
 from typing import Callable
 
 from latte_ray.faults.deadline import seconds_per_video
-from latte_ray.spec import NULL_SOURCE, TINY_SOURCE
+from latte_ray.spec import NULL_SOURCE, SIM_SOURCE, TINY_SOURCE
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,10 @@ def stall_timeouts(spec) -> tuple[float, float] | None:
         steady = max(FLOOR_S, STEADY_FACTOR * seconds_per_video(spec) * spec.execution.batch_size)
     load = LOAD_S["small"] if spec.model.source in (TINY_SOURCE, NULL_SOURCE) else LOAD_S["model"]
     compile_s = COMPILE_S[spec.model.compile.backend] if spec.model.compile.enabled else 0.0
+    if spec.model.source == SIM_SOURCE:  # the simulated engine's own (scaled) start-up, with the same floor
+        t = spec.model.sim_timing
+        load = max(LOAD_S["small"], (t.load_s + (t.compile_s if spec.model.compile.enabled else 0.0)) * t.time_scale)
+        compile_s = 0.0
     return steady + load + compile_s, steady
 
 

@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from latte_ray.spec import NULL_SOURCE, TINY_SOURCE, ModelSpec, PipelineSpec, SpecError
+from latte_ray.spec import NULL_SOURCE, SIM_SOURCE, TINY_SOURCE, ModelSpec, PipelineSpec, SpecError
 
 CONFIG_FILES = {"model_index": "model_index.json", "transformer": "transformer/config.json",
                 "text_encoder": "text_encoder/config.json"}
@@ -27,12 +27,14 @@ WEIGHTED = ("transformer", "vae", "text_encoder")  # components whose weights mu
 
 
 def source_kind(source: str) -> str:
-    """'tiny', 'null', 'remote' (an fsspec URL), 'local' (an existing folder), 'missing' (a path that does
+    """'tiny', 'null', 'sim', 'remote' (an fsspec URL), 'local' (an existing folder), 'missing' (a path that does
     not exist) or 'hub' (anything else: a Hugging Face Hub id). model/loading.py resolves by the same rule."""
     if source == TINY_SOURCE:
         return "tiny"
     if source == NULL_SOURCE:
         return "null"
+    if source == SIM_SOURCE:
+        return "sim"
     if "://" in source and not source.startswith("file://"):
         return "remote"
     if Path(source.removeprefix("file://")).expanduser().is_dir():
@@ -90,10 +92,10 @@ def resolve_config(model_index: dict, component: str, raw: dict | None) -> dict 
 
 
 def read_model_configs(model: ModelSpec, storage_options: dict | None = None) -> ModelConfigs | None:
-    """The source's configs (None for the benchmark 'null' source); SpecError naming model.source."""
+    """The source's configs (None for the benchmark stand-ins 'null' and 'sim'); SpecError naming model.source."""
     kind = source_kind(model.source)
     src = f"model.source {model.source!r}"
-    if kind == "null":
+    if kind in ("null", "sim"):
         return None
     if kind == "tiny":
         from latte_ray.model.tiny import model_configs
@@ -192,6 +194,11 @@ def check_model(spec: PipelineSpec, storage_options: dict | None = None) -> tupl
     model = spec.model
     configs = read_model_configs(model, storage_options)
     if configs is None:
+        if model.source == SIM_SOURCE:
+            t = model.sim_timing
+            return (f"model.source {model.source!r}: the benchmark simulated engine (no model; load {t.load_s:g} s"
+                    f"{f' + compile {t.compile_s:g} s' if model.compile.enabled else ''}, {t.batch_s_fixed:g} s + "
+                    f"{t.batch_s_per_video:g} s/video per call, time scale {t.time_scale:g})", {"kind": "sim"})
         return f"model.source {model.source!r}: the benchmark null engine (no model)", {"kind": "null"}
     src = f"model.source {model.source!r}"
     pipeline_class = configs.model_index.get("_class_name")

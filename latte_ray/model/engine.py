@@ -434,11 +434,7 @@ def set_inductor_cache_dir(path: str) -> str:
 
 
 def make_engine(spec: PipelineSpec, **kwargs):
-    """The spec's engine: LatteEngine, or the benchmark NullEngine for `model.source: null`."""
-    from latte_ray.spec import NULL_SOURCE
+    """The spec's engine (latte_ray/model/choose.py, which the denoise stage calls without importing torch)."""
+    from latte_ray.model.choose import make_engine as choose
 
-    if spec.model.source == NULL_SOURCE:
-        from latte_ray.model.null import NullEngine
-
-        return NullEngine(spec)
-    return LatteEngine(spec, **kwargs)
+    return choose(spec, **kwargs)

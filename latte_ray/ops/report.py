@@ -5,6 +5,7 @@
     DEST/gallery.js          the gallery's rows as JSON (`window.LATTE_GALLERY = {...}`: a script, not a
                              .json fetched at run time, because browsers refuse fetch() from file:// pages)
     DEST/throughput.png      videos finished per minute over time, and the cumulative count
+    DEST/fleet.png           generation actors busy and alive over time (latte_ray/ops/fleet.py)
     DEST/contact_sheet.png   first, middle and last frame of an evenly spaced sample of ok videos and, when the
                              output has quality scores, of its lowest- and highest-scoring videos (labelled)
     DEST/scores.png          histograms of clip_score and aesthetic_score (when the output has scores)
@@ -38,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from latte_ray.ops.fleet import add_fleet_section
 from latte_ray.record.output import list_runs, require_output, run_line
 from latte_ray.record.scores import attach_scores, distribution
 from latte_ray.record.storage import OutputLayout, filesystem, is_local, latest_rows, read_manifest, write_atomic
@@ -102,10 +104,12 @@ def write_report(output: str, storage_options: dict | None = None, dest: str | N
             "unplayable": unplayable(record)}
     page = render_html(output, record, (total_runs, runs), counts, latest, sampled, selection, distributions,
                        sections, gallery=data)
+    fleet_png, page = add_fleet_section(fs, layout, page)  # latte_ray/ops/fleet.py: the GPUs' busy intervals
     try:
         write_atomic(dest_fs, f"{dest_root}/gallery.js", gallery_js(data))
         write_atomic(dest_fs, f"{dest_root}/contact_sheet.png", sheet)
         write_atomic(dest_fs, f"{dest_root}/throughput.png", chart)
+        write_atomic(dest_fs, f"{dest_root}/fleet.png", fleet_png)
         if selection.scored:
             write_atomic(dest_fs, f"{dest_root}/scores.png", score_histograms(ok))
         write_atomic(dest_fs, f"{dest_root}/index.html", page.encode())

@@ -23,7 +23,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from latte_ray.spec import SpecError
+from latte_ray.spec import STAND_IN_SOURCES, SpecError
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,9 @@ def check_fit(spec, generate: bool = True, nodes: list[dict] | None = None,
     demands = plan_minimum(spec, generate)
     nodes = alive_nodes() if nodes is None else nodes
     left = pack(demands, nodes)
-    needs_cuda = generate and spec.model.device == "cuda" and _have(nodes)[1] == 0
+    # The stand-in engines (null, sim) touch no device: a sim fleet of CPU actors is a valid plan.
+    needs_cuda = (generate and spec.model.device == "cuda" and _have(nodes)[1] == 0
+                  and spec.model.source not in STAND_IN_SOURCES)
     if not left and not needs_cuda:
         return
     need_cpu, need_gpu = _need(demands)
@@ -228,3 +230,32 @@ def check_fit(spec, generate: bool = True, nodes: list[dict] | None = None,
     else:
         what += f" ({scaler.how})"
     raise SpecError(f"the plan cannot run on this cluster: {what}. Fix: {_fix(spec, demands, nodes, left)}")
+
+
+# ---- 3. the generation pool starts as large as the cluster allows
+
+
+def initial_pool_size(spec, nodes: list[dict] | None = None, scaler: Autoscaler | None = None) -> int:
+    """How many generation actors the pool starts with (Ray Data's ActorPoolStrategy `initial_size`).
+
+    Ray Data starts an autoscaling pool at its minimum and adds actors only while inputs queue up, a few at
+    a time, each then loading its model: with `concurrency: [1, 64]` a fleet took many load times to fill,
+    and did so again in every round (benchmarks/fleet.py). Actors that start together load together, so
+    the pool starts with as many as the alive nodes hold beside the plan's other minimum (every GPU busy
+    about one load time after the first), and with its maximum when an autoscaler can add nodes: the
+    pending actors are the resource demand that makes it add them at once rather than one at a time. On a
+    fixed cluster smaller than the maximum, no actor is left pending that could never be placed; the
+    pool still grows toward its maximum when nodes join."""
+    ex = spec.execution
+    lo, hi = (ex.concurrency, ex.concurrency) if isinstance(ex.concurrency, int) else ex.concurrency
+    if lo == hi:
+        return lo
+    if (scaler or autoscaler()).present:
+        return hi
+    nodes = alive_nodes() if nodes is None else nodes
+    others = [d for d in plan_minimum(spec) if d.what != "generation actor"]
+    gen = Demand("generation actor", ex.num_cpus_per_actor, ex.num_gpus_per_actor)
+    fits = lo
+    while fits < hi and not pack(others + [gen] * (fits + 1), nodes):
+        fits += 1
+    return fits

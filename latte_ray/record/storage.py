@@ -62,6 +62,14 @@ MANIFEST_SCHEMA = pa.schema(
         ("started_at", pa.timestamp("us", tz="UTC")),
         ("finished_at", pa.timestamp("us", tz="UTC")),
         ("generate_seconds", pa.float64()),
+        # Where and when the generation ran (latte_ray/ops/fleet.py draws the fleet's utilization from them):
+        # the generation actor (Ray actor id) and its node, when that actor started (its model load begins
+        # then), and the generation call that made this row, from start to end. Rows of one call share it.
+        ("actor", pa.string()),
+        ("node", pa.string()),
+        ("actor_started_at", pa.timestamp("us", tz="UTC")),
+        ("busy_start", pa.timestamp("us", tz="UTC")),
+        ("busy_end", pa.timestamp("us", tz="UTC")),
         ("mean_brightness", pa.float64()),
         ("motion_score", pa.float64()),
         ("blank_frames", pa.int32()),

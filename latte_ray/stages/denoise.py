@@ -6,6 +6,10 @@ batch whose earlier attempt killed the process is also run one row at a time, an
 MAX_CRASHES times becomes an error row (latte_ray/faults/crashes.py). Each generation call has a deadline
 (execution.batch_deadline_s): a call that hangs ends its own process, which counts as such a death
 (latte_ray/faults/deadline.py).
+
+Every row carries where and when it was generated: the actor and node, when the actor started (its model
+load begins then) and its generation call's start and end, so any run's manifest shows where its GPUs
+waited (latte_ray/ops/fleet.py, `latte-ray report`).
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ class DenoiseStage:
                  run_id: str = ""):
         from latte_ray.model.quantize import leave_torchao_unimported
 
+        self.started_at = _now()  # before the model loads: the load is part of this actor's time
+        self.actor, self.node = _placement()
         self.spec = PipelineSpec.model_validate_json(spec_json)
         leave_torchao_unimported(self.spec.model.quantization)  # before diffusers/transformers are imported
-        from latte_ray.model.engine import make_engine
+        from latte_ray.model.choose import make_engine
 
         self.text_encoded = self.spec.execution.text_encode_stage
         self.sidecars = self.spec.sidecars  # training tensors to hand on (latte_ray/record/sidecars.py)
@@ -54,6 +60,11 @@ class DenoiseStage:
         out["started_at"] = np.full(n, _now(), dtype="datetime64[us]")
         out["generate_seconds"] = np.zeros(n, dtype=np.float64)
         out["transformer_calls"] = np.zeros(n, dtype=np.int32)
+        out["actor"] = np.array([self.actor] * n, dtype=object)
+        out["node"] = np.array([self.node] * n, dtype=object)
+        out["actor_started_at"] = np.full(n, self.started_at, dtype="datetime64[us]")
+        out["busy_start"] = np.full(n, np.datetime64("NaT"), dtype="datetime64[us]")
+        out["busy_end"] = np.full(n, np.datetime64("NaT"), dtype="datetime64[us]")
         out["status"] = np.array(batch["status"], dtype=object)
         out["error"] = np.array(batch["error"], dtype=object)
         for column in self._sidecar_columns():
@@ -74,7 +85,7 @@ class DenoiseStage:
                 self.crashes.end(watched)
                 log.warning("row %s killed its worker %d times", ids[rows[0]], died)
                 continue
-            started = time.perf_counter()
+            started, busy_start = time.perf_counter(), _now()
             seconds = batch_deadline(self.spec, len(rows))
             try:
                 # A hung call ends this process; the ledger entry of this attempt (row or batch) says why.
@@ -94,6 +105,7 @@ class DenoiseStage:
             finally:
                 if watched:
                     self.crashes.end(watched)
+                out["busy_start"][rows], out["busy_end"][rows] = busy_start, _now()  # failed calls count too
             per_video = (time.perf_counter() - started) / len(rows)
             self.metrics.generated(per_video, len(rows))
             for j, i in enumerate(rows):
@@ -155,6 +167,16 @@ class DenoiseStage:
             latents = latents.float() if latents.dtype == torch.bfloat16 else latents
             out[LATENTS] = to_npy(latents.numpy())
         return out
+
+
+def _placement() -> tuple[str | None, str | None]:
+    """(actor id, node id) of this process; None outside a Ray actor (a stage called in-process)."""
+    import ray
+
+    if not ray.is_initialized():
+        return None, None
+    ctx = ray.get_runtime_context()
+    return ctx.get_actor_id(), ctx.get_node_id()
 
 
 def _now() -> np.datetime64:

@@ -113,6 +113,7 @@ class WriteStage:
             "bytes": np.where(ok, batch.get("bytes", np.zeros(n)), None),
             "prompt_tokens": batch.get("prompt_tokens"), "prompt_truncated": batch.get("prompt_truncated"),
             "started_at": batch.get("started_at"), "generate_seconds": batch.get("generate_seconds"),
+            **{k: batch.get(k) for k in ("actor", "node", "actor_started_at", "busy_start", "busy_end")},
             "transformer_calls": np.where(ok, batch.get("transformer_calls", [None] * n), None),
         }
         for k in ("num_frames", "height", "width", "mean_brightness", "motion_score", "blank_frames", "frozen_frames",

@@ -1,0 +1,265 @@
+"""fleet: does a simulated 64-GPU fleet ever wait? A real multi-node Ray on this machine, the sim engine.
+
+`ray.cluster_utils.Cluster` starts a head (no CPUs: the driver) and N worker nodes, each its own raylet,
+declaring G logical GPUs. The run uses the production spec's execution settings (pipelines/latte-1-t2v-512.yaml:
+batch 2, one GPU per actor, the autoscaling pool bounds, rounds) with `model.source: sim`: each actor sleeps
+Latte-1's load + compile and 14.6 s per video, all times multiplied by --time-scale, and makes null frames
+at a small size so the encode and write stages do their real work. Scaled down to fit 2 cores:
+  - time: every simulated second takes --time-scale real seconds (stated in the output);
+  - CPUs: a node declares 1 logical CPU (Ray wants whole numbers) and every CPU share of the spec is divided
+    by the CPUs a production 8-GPU node has (8 actors x 2 + 1 = 17), so a node's actors and CPU stages fit
+    in it as they fit in the real node;
+  - rounds: execution.round_rows is scaled to --batches-per-round batches per GPU (production's 100,000
+    rows are ~781 batches per GPU on 64 GPUs), so the per-round costs show within minutes.
+Measured from the manifest's busy intervals (latte_ray/ops/fleet.py), as ratios:
+  fleet utilization (GPU-busy s / GPU-s available), also after the first load; time to a full fleet against
+  one load time; idle GPU-seconds in the ramp-up against GPUs x one load; per round: actor lives (model
+  loads), tail and reload; the end tail in batch times. Scenarios: all nodes from the start (steady), nodes
+  that join late (autoscaling), a node lost mid-run (and its replacement joining).
+
+    .venv/bin/python benchmarks/fleet.py [--scenario steady|late|loss] [--nodes 8] [--gpus-per-node 8]
+                                         [--time-scale 0.1] [--rounds 3] [--batches-per-round 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from _common import machine, write_prompt_table
+
+NODE_CPUS_REAL = 17  # a production 8-GPU node: 8 actors x 2 CPUs + 1 for the CPU stages (latte-1-t2v-512.yaml)
+
+
+def fleet_spec(time_scale: float, round_rows: int, concurrency=None):
+    from latte_ray.spec import load_pipeline_spec, parse_pipeline_spec
+
+    raw = json.loads(load_pipeline_spec("latte-1-t2v-512").model_dump_json())
+    raw["model"]["source"] = "sim"
+    raw["model"]["sim"] = {"time_scale": time_scale}  # the defaults: Latte-1's times
+    raw["sampling"].update(height=32, width=32, video_length=16)  # null frames, encoded and written for real
+    raw["video"]["preset"] = "ultrafast"
+    ex = raw["execution"]
+    cpu = 1.0 / NODE_CPUS_REAL
+    ex.update(num_cpus_per_actor=round(ex["num_cpus_per_actor"] * cpu, 4),
+              num_cpus_per_cpu_task=round(ex["num_cpus_per_cpu_task"] * cpu, 4), round_rows=round_rows)
+    if concurrency is not None:
+        ex["concurrency"] = concurrency
+    return parse_pipeline_spec(raw)
+
+
+class Fleet:
+    """The cluster, and the GPUs it offered over time (node joins and losses) for the utilization."""
+
+    def __init__(self, gpus_per_node: int, tmp: Path):
+        from ray.cluster_utils import Cluster
+
+        os.environ["RAY_TMPDIR"] = str(tmp)
+        self.gpus_per_node = gpus_per_node
+        self.cluster = _retry(lambda: Cluster(initialize_head=True, connect=False, head_node_args={
+            "num_cpus": 0, "include_dashboard": False, "object_store_memory": 200 * 2**20}))
+        self.events: list[tuple[float, int]] = []  # (time.time(), +/- GPUs)
+        self.nodes = []
+
+    def add(self, n: int = 1) -> None:
+        for _ in range(n):
+            self.nodes.append(_retry(lambda: self.cluster.add_node(
+                num_cpus=1, num_gpus=self.gpus_per_node, object_store_memory=100 * 2**20)))
+        self.cluster.wait_for_nodes()
+        self.events.append((time.time(), n * self.gpus_per_node))
+
+    def lose(self) -> None:
+        node = self.nodes.pop(0)
+        self.cluster.remove_node(node, allow_graceful=False)  # raylet, workers, object store: gone at once
+        self.events.append((time.time(), -self.gpus_per_node))
+
+    def slots_at(self, t: float) -> int:
+        return sum(d for at, d in self.events if at <= t)
+
+    def available(self, t0: float, t1: float) -> float:
+        """GPU-seconds the cluster offered in [t0, t1]."""
+        marks = sorted({t0, t1, *(at for at, _ in self.events if t0 < at < t1)})
+        return sum(self.slots_at(a) * (b - a) for a, b in zip(marks, marks[1:]))
+
+    def shutdown(self) -> None:
+        self.cluster.shutdown()
+
+
+def _retry(start, tries: int = 3):
+    """A node start, again when it timed out: Ray gives a raylet 30 s to register, which a machine shared
+    with other tenants at load average 20+ does not always meet."""
+    for attempt in range(tries):
+        try:
+            return start()
+        except Exception as e:  # noqa: BLE001
+            if attempt == tries - 1 or "timed out during startup" not in str(e):
+                raise
+            print(f"(a node start timed out, trying again: {e})")
+
+
+def groups(found):
+    """Actor lives grouped by execution (round): a life that starts after every life of the group so far
+    has ended begins the next one; replacements for lost actors start while others live, in the same one."""
+    out = []
+    for life in sorted(found, key=lambda l: l.started):
+        if out and life.started <= max(l.last_end for l in out[-1]):
+            out[-1].append(life)
+        else:
+            out.append([life])
+    return out
+
+
+def first_full(found, fleet: Fleet, after: float) -> float | None:
+    """The first time at or after `after` when every GPU offered is busy."""
+    from latte_ray.ops.fleet import busy_calls, step_curve
+
+    times, counts = step_curve(busy_calls(found))
+    for t, c in zip(times, counts):
+        if t >= after and c >= fleet.slots_at(t) > 0:
+            return float(t)
+    return None
+
+
+def measure(found, fleet: Fleet, t_run0: float, t_run1: float, load: float, batch: float) -> dict:
+    from latte_ray.ops.fleet import busy_between
+
+    gpus = max(fleet.slots_at(t) for t, _ in fleet.events)
+    busy = sum(l.busy_s for l in found)
+    t_first = min(l.started for l in found)
+    rounds = groups(found)
+    r = {"GPUs": gpus, "actor lives": len(found), "rounds": len(rounds), "wall_s": t_run1 - t_run0,
+         "busy_gpu_s": busy, "utilization": busy / fleet.available(t_run0, t_run1)}
+    after_load = t_first + load
+    r["utilization_after_first_load"] = (busy_between(found, after_load, t_run1)
+                                         / fleet.available(after_load, t_run1))
+    full = first_full(found, fleet, t_first)
+    r["full_fleet_after_first_start_in_loads"] = (full - t_first) / load if full else None
+    r["actor_starts_spread_s"] = max(l.started for l in rounds[0]) - t_first
+    window_end = full or max(l.first_busy for l in rounds[0])
+    idle = fleet.available(t_first, window_end) - busy_between(found, t_first, window_end)
+    r["ramp_idle_gpu_s_in_gpu_loads"] = idle / (gpus * load)
+    per_round = []
+    for k, lives in enumerate(rounds):
+        end = max(l.last_end for l in lives)
+        tail_start = min(l.last_end for l in lives)
+        entry = {"lives": len(lives), "tail_s_in_batches": (end - tail_start) / batch}
+        if k:
+            prev_tail = min(l.last_end for l in rounds[k - 1])
+            back = first_full(found, fleet, min(l.started for l in lives)) or max(l.first_busy for l in lives)
+            gap = fleet.available(prev_tail, back) - busy_between(found, prev_tail, back)
+            entry["reload_idle_gpu_s_in_gpu_loads"] = gap / (gpus * load)
+            entry["reload_s_in_loads"] = (back - max(l.last_end for l in rounds[k - 1])) / load
+        per_round.append(entry)
+    r["per_round"] = per_round
+    r["end_tail_in_batches"] = per_round[-1]["tail_s_in_batches"]
+    gaps = sorted(b[0] - a[1] for l in found for a, b in zip(l.calls, l.calls[1:]))
+    r["median_gap_between_calls_ms"] = 1000 * gaps[len(gaps) // 2] if gaps else None
+    return r
+
+
+def run_scenario(name: str, args, work: Path) -> dict:
+    import ray
+
+    from latte_ray import runner
+    from latte_ray.ops.fleet import lives
+    from latte_ray.record.storage import OutputLayout, filesystem, read_manifest
+    from latte_ray.spec import RunSpec
+
+    gpus = args.nodes * args.gpus_per_node
+    round_rows = gpus * 2 * args.batches_per_round
+    prompts = round_rows * args.rounds
+    spec = fleet_spec(args.time_scale, round_rows)
+    sim = spec.model.sim_timing
+    load = (sim.load_s + (sim.compile_s if spec.model.compile.enabled else 0)) * sim.time_scale
+    batch = sim.batch_seconds(spec.execution.batch_size) * sim.time_scale
+    table = write_prompt_table(work / f"{name}.parquet", prompts)
+    out = work / f"out-{name}"
+    tmp = Path(tempfile.mkdtemp(prefix="lrf", dir="/tmp"))  # short: unix socket paths
+    fleet = Fleet(args.gpus_per_node, tmp)
+    try:
+        fleet.add(args.nodes if name != "late" else args.late_start)
+        ray.init(address=fleet.cluster.address, logging_level="WARNING")
+        stop = threading.Event()
+
+        def events():
+            if name == "late":  # the autoscaler brings 2 more nodes every load time
+                while len(fleet.nodes) < args.nodes and not stop.wait(load):
+                    fleet.add(min(2, args.nodes - len(fleet.nodes)))
+            elif name == "loss":  # a node lost once ~40% of the batches are committed; its replacement joins
+                parts = out / "manifest"
+                while not stop.wait(0.5):
+                    if parts.exists() and len(os.listdir(parts)) >= 0.4 * prompts / spec.execution.batch_size:
+                        fleet.lose()
+                        fleet.add(1)
+                        return
+
+        thread = threading.Thread(target=events, daemon=True)
+        t_run0 = time.time()
+        thread.start()
+        summary = runner.run(RunSpec(pipeline=spec, prompts=[str(table)], output=str(out)))
+        t_run1 = time.time()
+        stop.set()
+        thread.join()
+        fs, root = filesystem(str(out))
+        rows = read_manifest(fs, OutputLayout(str(out), root))
+        ok = [r["id"] for r in rows.to_pylist() if r["status"] == "ok"]
+        assert summary.ok == prompts and len(ok) == len(set(ok)) == prompts, (summary.ok, len(ok), len(set(ok)))
+        r = measure(lives(rows), fleet, t_run0, t_run1, load, batch)
+        r.update(scenario=name, prompts=prompts, round_rows=round_rows, load_s=load, batch_s=batch,
+                 time_scale=args.time_scale, concurrency=spec.execution.concurrency)
+        return r
+    finally:
+        ray.shutdown()
+        fleet.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report(r: dict) -> None:
+    f = lambda v, p=2: "n/a" if v is None else f"{v:.{p}f}"  # noqa: E731
+    print(f"[{r['scenario']}] {r['GPUs']} GPUs, {r['prompts']} prompts in {r['rounds']} round(s) of "
+          f"{r['round_rows']} rows; load+compile {r['load_s']:.1f} s, batch {r['batch_s']:.2f} s (real, scale "
+          f"{r['time_scale']}); pool {r['concurrency']}; wall {r['wall_s']:.1f} s")
+    print(f"    fleet utilization {r['utilization']:.1%} (after the first load: "
+          f"{r['utilization_after_first_load']:.1%}); {r['actor lives']} model loads for {r['GPUs']} GPUs")
+    print(f"    full fleet {f(r['full_fleet_after_first_start_in_loads'])} load times after the first actor "
+          f"started (actor starts spread over {r['actor_starts_spread_s']:.1f} s); ramp-up idle "
+          f"{f(r['ramp_idle_gpu_s_in_gpu_loads'])} x (GPUs x one load)")
+    for k, p in enumerate(r["per_round"]):
+        extra = (f"; reload {f(p['reload_s_in_loads'])} load times, idle "
+                 f"{f(p['reload_idle_gpu_s_in_gpu_loads'])} x (GPUs x one load)" if k else "")
+        print(f"    round {k + 1}: {p['lives']} actor lives, tail {f(p['tail_s_in_batches'])} batch times{extra}")
+    print(f"    end tail {f(r['end_tail_in_batches'])} batch times; median gap between an actor's calls "
+          f"{f(r['median_gap_between_calls_ms'], 0)} ms")
+    print("RESULT " + json.dumps(r, default=str))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scenario", choices=["steady", "late", "loss"], nargs="+", default=["steady"])
+    ap.add_argument("--nodes", type=int, default=8)
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--late-start", type=int, default=2, help="late: nodes at the start (2 more per load time)")
+    ap.add_argument("--time-scale", type=float, default=0.1, help="real seconds per simulated second")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batches-per-round", type=int, default=4, help="batches per GPU per round")
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.pop("RAY_ADDRESS", None)
+    print(f"machine: {machine()}")
+    work = Path(tempfile.mkdtemp(prefix="latte-ray-fleet-"))
+    try:
+        for name in args.scenario:
+            report(run_scenario(name, args, work))
+        print(f"machine after: load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
