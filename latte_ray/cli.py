@@ -75,7 +75,17 @@ MinMotionOpt = typer.Option(None, "--min-motion", min=0.0, help="Export only vid
 MinClipOpt = typer.Option(None, "--min-clip-score", help="Export only videos whose clip_score (CLIPScore, 0-100) is at least this; unscored videos are rejected.")
 MinAestheticOpt = typer.Option(None, "--min-aesthetic", help="Export only videos whose aesthetic_score is at least this; unscored videos are rejected.")
 WithEmbeddingsOpt = typer.Option(None, "--with-embeddings/--without-embeddings", help="Put each prompt's T5 embeddings (fp16, <key>.t5.npy) in its sample; videos generated without them are rejected.")
+WaitLeaseOpt = typer.Option(False, "--wait-for-lease", help="When another run holds the output's lease (one writer per output), wait until it ends or its lease expires instead of exiting with code 2.")
+NoLeaseOpt = typer.Option(False, "--no-lease", help="Take no output lease: for a store without create-only writes, when nothing else writes to this output. Two writers may then generate the same ids twice.")
 WithLatentsOpt = typer.Option(None, "--with-latents/--without-latents", help="Put each video's final latents (<key>.latents.npy) in its sample; videos generated without them are rejected.")
+
+
+def _lease_policy(wait_for_lease: bool, no_lease: bool):
+    from latte_ray.record.lease import Policy
+
+    if wait_for_lease and no_lease:
+        raise SpecError("--wait-for-lease and --no-lease exclude each other")
+    return Policy(take=not no_lease, wait=wait_for_lease)
 
 
 def _concurrency(value: str | None):
@@ -163,6 +173,8 @@ def run(
     keep_latents: Optional[bool] = KeepLatentsOpt,
     dry_run: bool = typer.Option(False, "--dry-run", help="Make every check a run makes before Ray starts (tables, output, model configs, video settings), count what it would do (new, already done, duplicate, conflicting, invalid rows) and estimate GPU-hours and wall time; load no model, start no Ray, write nothing (but a probe of the output it deletes)."),
     gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="With --dry-run: GPUs to estimate wall time for (generation actors for a CPU spec). Default 1."),
+    wait_for_lease: bool = WaitLeaseOpt,
+    no_lease: bool = NoLeaseOpt,
 ) -> None:
     """Generate one mp4 per prompt and a Parquet manifest. With no options: the tiny demo into ./outputs/demo."""
     from latte_ray import runner
@@ -178,7 +190,7 @@ def run(
             typer.echo(f"checked: {checked.model}")
             typer.echo("\n".join(plan(spec, checked.in_fs, checked.files, gpus).lines()))
             return
-        summary = runner.run(spec)
+        summary = runner.run(spec, _lease_policy(wait_for_lease, no_lease))
     except SpecError as e:
         _fail(e)
     except RunFailed as e:
@@ -210,6 +222,8 @@ def synth(
     scoring: Optional[str] = typer.Option(None, "--scoring", help="Score videos as they are generated with this scoring spec (overrides the recipe's `scoring`)."),
     export_only: bool = typer.Option(False, "--export-only", help="Skip generation; re-export what the output already holds (e.g. with other filters)."),
     cache_dir: Optional[str] = CacheOpt,
+    wait_for_lease: bool = WaitLeaseOpt,
+    no_lease: bool = NoLeaseOpt,
 ) -> None:
     """Build a synthetic video dataset: expand the recipe, generate (resumable), export WebDataset shards + a Parquet index."""
     from latte_ray.datasets.synth import synthesize
@@ -218,7 +232,8 @@ def synth(
         summary = synthesize(recipe, output, pipeline=pipeline, storage_options=parse_storage_options(storage_option),
                              min_motion=min_motion, drop_blank=drop_blank, cache_dir=cache_dir,
                              generate=not export_only, min_clip_score=min_clip_score, min_aesthetic=min_aesthetic,
-                             with_embeddings=with_embeddings, with_latents=with_latents, scoring=scoring)
+                             with_embeddings=with_embeddings, with_latents=with_latents, scoring=scoring,
+                             lease=_lease_policy(wait_for_lease, no_lease))
     except SpecError as e:
         _fail(e)
     except RunFailed as e:
@@ -237,6 +252,8 @@ def score(
     storage_option: Optional[list[str]] = StorageOpt,
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score at most this many videos."),
     cache_dir: Optional[str] = CacheOpt,
+    wait_for_lease: bool = WaitLeaseOpt,
+    no_lease: bool = NoLeaseOpt,
 ) -> None:
     """Score the ok videos of OUTPUT that have no scores of this scorer yet (CLIPScore, aesthetic); resumable.
 
@@ -246,9 +263,11 @@ def score(
 
     try:
         result = score_output(output, load_scoring_spec(scoring), parse_storage_options(storage_option),
-                              cache_dir=cache_dir, limit=limit)
+                              cache_dir=cache_dir, limit=limit, lease=_lease_policy(wait_for_lease, no_lease))
     except SpecError as e:
         _fail(e)
+    except RunFailed as e:
+        _fail(e, 1)
     typer.echo(result.line())
     for err in result.errors[:5]:
         typer.echo(f"  error: {err}")
@@ -329,6 +348,8 @@ def backfill(
     retry_errors: bool = RetryOpt,
     limit: Optional[int] = LimitOpt,
     cache_dir: Optional[str] = CacheOpt,
+    wait_for_lease: bool = WaitLeaseOpt,
+    no_lease: bool = NoLeaseOpt,
 ) -> None:
     """Generate every row of the input tables that lacks an ok row in OUTPUT; a second backfill does nothing.
 
@@ -340,7 +361,7 @@ def backfill(
     try:
         spec = build_run_spec(pipeline, prompts, output, storage_option, batch_size, concurrency, seed, True,
                               retry_errors, limit, cache_dir)
-        summary = runner.run(spec)
+        summary = runner.run(spec, _lease_policy(wait_for_lease, no_lease), command="backfill")
     except SpecError as e:
         _fail(e)
     except RunFailed as e:
@@ -387,15 +408,19 @@ def compact(
     storage_option: Optional[list[str]] = StorageOpt,
     min_age_minutes: float = typer.Option(60.0, "--min-age-minutes", min=0.0, help="Leave parts and videos younger than this alone (a running job's batch may still rewrite its part, or be about to commit its video)."),
     parts_per_file: int = typer.Option(10_000, "--parts-per-file", min=2, help="Most parts merged into one compacted part."),
+    wait_for_lease: bool = WaitLeaseOpt,
+    no_lease: bool = NoLeaseOpt,
 ) -> None:
     """Merge the manifest's small parts (one per batch) into a few large ones, and delete video objects no ok row names (older than the margin); safe to stop at any instant."""
     from latte_ray.record.compact import compact as compact_manifest
 
     try:
         result = compact_manifest(output, parse_storage_options(storage_option), min_age_s=min_age_minutes * 60,
-                                  parts_per_file=parts_per_file)
+                                  parts_per_file=parts_per_file, lease=_lease_policy(wait_for_lease, no_lease))
     except SpecError as e:
         _fail(e)
+    except RunFailed as e:
+        _fail(e, 1)
     typer.echo(result.line())
 
 

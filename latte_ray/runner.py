@@ -23,6 +23,7 @@ from importlib import metadata
 from latte_ray.faults.rootcause import RunFailed, describe
 from latte_ray.faults.watchdog import RunStalled
 from latte_ray.plan.prompts import inspect_prompt_tables, resolve_prompt_files
+from latte_ray.record import lease as leases
 from latte_ray.record import output as outputs
 from latte_ray.record.storage import is_local
 from latte_ray.spec import RunSpec, SpecError
@@ -130,7 +131,7 @@ def read_input(run: RunSpec, in_fs, files: list[str]):
 
 
 def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "",
-               round_of: tuple[int, int] | None = None):
+               round_of: tuple[int, int] | None = None, fence: dict | None = None):
     """The Ray Data dataset whose rows are the manifest rows of this run (`work`: a workplan.WorkPlan;
     when none of its rows needs a model, only error rows are written and no generation actor starts;
     `round_of`: (k, rounds) to take on only the ids of round k, see `rounds`)."""
@@ -163,7 +164,7 @@ def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "
         return ds.map_batches(
             WriteStage,
             fn_constructor_kwargs={"output_url": run.output, "spec_json": spec_json,
-                                   "storage_options": run.storage_options, "run_id": run_id},
+                                   "storage_options": run.storage_options, "run_id": run_id, "fence": fence},
             batch_format="numpy", compute=cpu_pool, num_cpus=ex.num_cpus_per_cpu_task,
         )
     # Small blocks, one generation batch each, so every actor in the pool gets work.
@@ -204,7 +205,7 @@ def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "
     ds = ds.map_batches(
         WriteStage,
         fn_constructor_kwargs={"output_url": run.output, "spec_json": spec_json,
-                               "storage_options": run.storage_options, "run_id": run_id},
+                               "storage_options": run.storage_options, "run_id": run_id, "fence": fence},
         batch_format="numpy", compute=cpu_pool, num_cpus=ex.num_cpus_per_cpu_task,
     )
     return ds
@@ -275,22 +276,39 @@ def preflight(run: RunSpec, tables: bool = True) -> Preflight:
     return Preflight(output=out, in_fs=in_fs, files=files, without_id=without_id, model=model)
 
 
-def run(run: RunSpec) -> RunSummary:
+def run(run: RunSpec, lease: leases.Policy | leases.Lease | None = None, command: str = "run",
+        run_id: str | None = None) -> RunSummary:
+    """Check, take the output's lease (`lease`: a Policy, default take it and refuse if held; or a Lease the
+    caller already holds, as synth does), then generate. `command` names the CLI command in the lease."""
     started_wall = datetime.now(timezone.utc)
     started = time.perf_counter()
     checked = preflight(run)
     in_fs, files, out = checked.in_fs, checked.files, checked.output
     log.info("checked: %s", checked.model)
+    run_id = run_id or outputs.new_run_id(started_wall)
+    if isinstance(lease, leases.Lease):
+        return _run_holding(run, checked, run_id, started_wall, started, lease)
+    # Before Ray or any model starts: a second writer is refused here, in one line (record/lease.py).
+    terms = leases.Terms.of(run.pipeline.execution)
+    with leases.hold_output(out, run_id, command, terms, lease or leases.Policy()) as held:
+        return _run_holding(run, checked, run_id, started_wall, started, held)
 
+
+def _run_holding(run: RunSpec, checked: Preflight, run_id: str, started_wall: datetime, started: float,
+                 held: leases.Lease | None) -> RunSummary:
+    in_fs, files, out = checked.in_fs, checked.files, checked.output
     init_ray()
     from latte_ray.plan.fit import check_fit, use_task_cpu_cap
 
     use_task_cpu_cap(run.pipeline.execution.num_cpus_per_cpu_task)
     check_fit(run.pipeline)  # before any actor starts: refuse a plan this cluster can never schedule
+    if held is not None:
+        held.check()
     # Every check has passed: bind the output to this spec (first run only) and open this run's record.
     outputs.bind(out, run.pipeline, run.seed, package_versions().get("latte-ray", "unknown"))
-    run_id = f"{started_wall:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
-    history = outputs.RunLog(out, run_id, run_record(run, files, started_wall))
+    record = run_record(run, files, started_wall)
+    record["lease"] = held.generation if held is not None else None
+    history = outputs.RunLog(out, run_id, record)
     history.start()
     if run.pipeline.scoring.enabled:  # what made this output's scores (latte_ray/record/scores.py)
         from latte_ray.record.scores import write_scoring_record
@@ -299,18 +317,24 @@ def run(run: RunSpec) -> RunSummary:
     summary = RunSummary(output=run.output, run_id=run_id)
     try:
         with _console_without_ray_data_tracebacks():
-            _generate(run, in_fs, files, checked.without_id, run_id, summary)
-    except RunStalled as e:
-        history.finish("stalled", str(e), **_counts(summary))
-        raise
-    except KeyboardInterrupt:
-        history.finish("interrupted", **_counts(summary))
-        raise
-    except SpecError as e:
-        history.finish("failed", str(e), **_counts(summary))
-        raise
-    except Exception as e:  # noqa: BLE001 - Ray's errors carry whole tracebacks: keep the root cause
-        reason = describe(e)
+            _generate(run, in_fs, files, checked.without_id, run_id, summary, held)
+    except BaseException as e:
+        lost = held.verify() if held is not None else None
+        if lost:  # whatever stopped the execution (a write actor refusing to commit, most likely): the lease
+            history.finish("lost-lease", lost, **_counts(summary))
+            raise leases.LeaseLost(lost) from None
+        if isinstance(e, RunStalled):
+            history.finish("stalled", str(e), **_counts(summary))
+            raise
+        if isinstance(e, KeyboardInterrupt):
+            history.finish("interrupted", **_counts(summary))
+            raise
+        if isinstance(e, SpecError):
+            history.finish("failed", str(e), **_counts(summary))
+            raise
+        if not isinstance(e, Exception):
+            raise
+        reason = describe(e)  # Ray's errors carry whole tracebacks: keep the root cause
         log.debug("run %s failed", run_id, exc_info=e)
         history.finish("failed", reason, **_counts(summary))
         raise RunFailed(reason) from None
@@ -350,7 +374,7 @@ def _counts(summary: RunSummary) -> dict:
 
 
 def _generate(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_id: str,
-              summary: RunSummary) -> None:
+              summary: RunSummary, held: leases.Lease | None = None) -> None:
     """The work of a run under its progress watchdog: executions re-planned from the manifest (at most
     MAX_REPLANS times) when a node, actor or object was lost; RunStalled when the watchdog stopped it."""
     from latte_ray.faults.nodeloss import MAX_REPLANS, end_stage_actors, replannable
@@ -361,10 +385,10 @@ def _generate(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_
         try:
             for attempt in range(MAX_REPLANS + 1):
                 try:
-                    _execute(run, in_fs, files, without_id, run_id, summary, dog, baseline)
+                    _execute(run, in_fs, files, without_id, run_id, summary, dog, baseline, held)
                     break
                 except Exception as e:  # noqa: BLE001 - classified: only a lost node or actor is re-planned
-                    if attempt == MAX_REPLANS or not replannable(e):
+                    if attempt == MAX_REPLANS or not replannable(e) or (held is not None and held.verify()):
                         raise
                     log.warning("the execution failed (%s); re-planning from the manifest (%d of at most %d): "
                                 "committed ids are skipped", replannable(e), attempt + 1, MAX_REPLANS)
@@ -381,7 +405,7 @@ def _generate(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_
 
 
 def _execute(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_id: str, summary: RunSummary,
-             dog, baseline: dict) -> None:
+             dog, baseline: dict, held: leases.Lease | None = None) -> None:
     """The pre-pass and the rounds of one execution attempt, counting committed rows into `summary`; a
     re-planned attempt reads the manifest again, so ids committed before it are skipped."""
     from latte_ray.plan.workplan import plan_work
@@ -406,11 +430,16 @@ def _execute(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_i
         if n_rounds > 1:
             log.info("round %d of %d (about %d rows each)", k + 1, n_rounds, work.todo // n_rounds)
         dog.phase(f"round {k + 1} of {n_rounds}", loads_models=work.generate > 0)
-        ds = build_plan(run, in_fs, files, work, run_id, (k, n_rounds) if n_rounds > 1 else None)
+        if held is not None:
+            held.check()
+        ds = build_plan(run, in_fs, files, work, run_id, (k, n_rounds) if n_rounds > 1 else None,
+                        fence=held.fence if held is not None else None)
         batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0))
         try:
             for batch in batches:
                 dog.progress()
+                if held is not None:
+                    held.check()
                 for status, error in zip(batch["status"].to_pylist(), batch["error"].to_pylist()):
                     if status == "ok":
                         summary.ok += 1
