@@ -11,8 +11,11 @@ Every run leaves its own record, OUTPUT/runs/<run_id>.json (latte_ray/record/out
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import platform
+import signal
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -315,8 +318,9 @@ def _run_holding(run: RunSpec, checked: Preflight, run_id: str, started_wall: da
 
         write_scoring_record(out.fs, out.layout, run.pipeline.scoring)
     summary = RunSummary(output=run.output, run_id=run_id)
+    stopper = _StopOnLoss(held)
     try:
-        with _console_without_ray_data_tracebacks():
+        with _console_without_ray_data_tracebacks(), stopper:
             _generate(run, in_fs, files, checked.without_id, run_id, summary, held)
     except BaseException as e:
         lost = held.verify() if held is not None else None
@@ -342,6 +346,45 @@ def _run_holding(run: RunSpec, checked: Preflight, run_id: str, started_wall: da
     history.finish("ok", **_counts(summary))
     log.info(summary.line())
     return summary
+
+
+class _LeaseInterrupt(KeyboardInterrupt):
+    """Raised in the run's thread when its lease was lost (a BaseException, so no `except Exception` on the
+    way swallows it); the runner turns it into LeaseLost."""
+
+
+class _StopOnLoss:
+    """While the run generates, a lost lease stops it at once (the renewal thread interrupts the run's
+    thread, as the progress watchdog does), rather than at the next batch a write actor would refuse to
+    commit: the GPUs are not kept busy for a run whose videos another run now makes."""
+
+    def __init__(self, held: leases.Lease | None):
+        self.held = held
+        self._armed = False
+        self._lock = threading.Lock()
+        self._thread = threading.current_thread()
+
+    def __enter__(self) -> "_StopOnLoss":
+        if self.held is not None:
+            self._armed = True
+            self.held.on_lost = self._interrupt
+            self.held.check()  # lost before it was armed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._armed = False
+
+    def _interrupt(self, reason: str) -> None:
+        with self._lock:
+            if not self._armed:
+                return
+            self._armed = False
+            if self._thread is threading.main_thread():
+                signal.pthread_kill(self._thread.ident, signal.SIGINT)  # also breaks blocking waits (ray.get)
+            else:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._thread.ident),
+                                                           ctypes.py_object(_LeaseInterrupt))
 
 
 class _HideOnConsole(logging.Filter):

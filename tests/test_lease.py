@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import threading
 import time
 import uuid
@@ -23,10 +22,11 @@ from typer.testing import CliRunner
 from latte_ray.cli import app
 from latte_ray.record import lease as leases
 from latte_ray.record.output import open_output
-from latte_ray.record.storage import filesystem, read_manifest, write_exclusive
+from latte_ray.record.storage import OutputLayout, filesystem, read_manifest, write_exclusive
 from latte_ray.spec import SpecError, parse_pipeline_spec
 from tests.conftest import write_prompts
 from tests.invariants import assert_exactly_once, cli_env, fast_spec, kill_run, start_cli, write_spec
+from tests.test_liveness import fault_rules, null_spec
 
 TERMS = leases.Terms(heartbeat_s=0.05, expiry_s=5.0)
 
@@ -200,23 +200,19 @@ def test_lease_terms_are_checked_in_the_spec():
 
 
 # ------------------------------------------------------------------------- real `latte-ray` processes
+#
+# The drivers join the session's Ray (RAY_ADDRESS), as `ray job submit` drivers join one cluster; the null
+# engine stands in for the model (the lease is about the control plane). A `hang` fault rule on one batch
+# (read by every worker of the session: conftest.faults_file) holds a run mid-way for as long as the test
+# needs, with its heartbeat alive, instead of timing a kill against a run's speed.
 
 
-def _lease_spec(tmp_path: Path, heartbeat_s: float, expiry_s: float, steps: int = 10) -> Path:
-    """tiny-cpu, 10 steps at 64x64 (~0.3 s a video: a run lasts long enough to be caught mid-way), with
-    short lease terms so that an expiry passes within the test."""
-    spec = fast_spec(batch_size=2, num_inference_steps=steps).with_overrides(
-        lease_heartbeat_s=heartbeat_s, lease_expiry_s=expiry_s)
-    return write_spec(tmp_path / "spec.yaml", spec)
+def _lease_spec(tmp_path: Path, heartbeat_s: float, expiry_s: float) -> Path:
+    return write_spec(tmp_path / "spec.yaml", null_spec(lease_heartbeat_s=heartbeat_s, lease_expiry_s=expiry_s))
 
 
 def _ray_address(ray_local) -> str:
-    """The session's Ray: the CLI drivers join it, as `ray job submit` drivers join one cluster."""
     return ray_local.get_runtime_context().gcs_address
-
-
-def _parts(out: Path) -> int:
-    return len(list((out / "manifest").glob("*.parquet"))) if (out / "manifest").exists() else 0
 
 
 def _last_line(log: Path) -> str:
@@ -224,118 +220,130 @@ def _last_line(log: Path) -> str:
     return lines[-1] if lines else ""
 
 
-def _records(out: Path) -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
+def _started_together(args: list[str], env: dict, logs: list[Path]):
+    """Two `latte-ray` drivers started at the same moment: (the holder, its log) once the other has been
+    refused, exit 2, with the one-line reason naming the holder."""
+    procs = [start_cli(args, env, log) for log in logs]
+    try:
+        _until(lambda: any(p.poll() is not None for p in procs), "one of the two runs to be refused")
+        (loser,) = [i for i, p in enumerate(procs) if p.poll() is not None]
+        text = logs[loser].read_text()
+        assert procs[loser].returncode == 2, text[-3000:]
+        refusal = _last_line(logs[loser])
+        assert refusal.startswith(f"error: output {args[args.index('--output') + 1]} is being written by run "), refusal
+        for part in ("`latte-ray run` on host", "last heartbeat", "--wait-for-lease", "taken over automatically"):
+            assert part in refusal, (part, refusal)
+        assert "Traceback" not in text
+    except BaseException:
+        for p in procs:
+            kill_run(p)
+        raise
+    return procs[1 - loser], logs[1 - loser]
 
 
-def test_two_runs_at_once_one_is_refused_and_a_killed_holder_is_taken_over(tmp_path, model_cache, ray_local):
-    """Two `latte-ray run` on one local output at the same moment: one generates, the other exits 2 in one
-    line naming the holder. The holder is SIGKILLed mid-run; `status` said `running (heartbeat Ns ago)` and
-    now says `died`; the next run (--wait-for-lease) waits out the expiry, takes the output over and
-    finishes it: every id exactly once."""
-    ids = [f"lease-{i:02d}" for i in range(16)]
-    table = write_prompts(tmp_path / "p.parquet", {"id": ids, "prompt": [f"a lighthouse {i}" for i in ids]})
+def _record_ids(out: Path) -> list[str]:
+    return sorted(p.stem for p in (out / "runs").glob("*.json"))
+
+
+def _committed(out: Path) -> set[str]:
+    fs, root = filesystem(str(out))
+    return {r["id"] for r in read_manifest(fs, OutputLayout(str(out), root), ["id", "status"]).to_pylist()
+            if r["status"] == "ok"}
+
+
+def _status(out, *options: str) -> str:
+    result = CliRunner().invoke(app, ["status", str(out), *options])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+# Batches of 2 in input order, one generation actor: the first run commits two batches, then hangs on
+# lease-hold-1; the second commits two more and hangs on lease-hold-2 (each rule fires once in all).
+LOCAL_IDS = ["a-0", "a-1", "a-2", "a-3", "lease-hold-1", "a-4", "a-5", "a-6", "lease-hold-2", "a-7", "a-8", "a-9"]
+HOLD_RULES = ("point=generate match=lease-hold-1 action=hang times=1\n"
+              "point=generate match=lease-hold-2 action=hang times=1")
+
+
+def test_one_writer_per_local_output(tmp_path, model_cache, ray_local, faults_file):
+    """Two `latte-ray run` on one output at the same moment: one generates, the other exits 2 naming it.
+    `status` shows the holder `running (heartbeat Ns ago)`; it is SIGKILLed mid-run and the next run
+    (--wait-for-lease) takes over once its heartbeat is older than the expiry, marking it `died`. That run's
+    lease is then stolen mid-run: it stops committing and exits 1 in one line. A last run takes over from
+    the thief and finishes: every id exactly once."""
+    table = write_prompts(tmp_path / "p.parquet", {"id": LOCAL_IDS, "prompt": [f"a lighthouse {i}" for i in LOCAL_IDS]})
     out = tmp_path / "out"
     args = ["run", "--pipeline", str(_lease_spec(tmp_path, 0.2, 2.0)), "--prompts", str(table),
             "--output", str(out)]
     env = cli_env(model_cache, RAY_ADDRESS=_ray_address(ray_local))
-    logs = [tmp_path / "first.log", tmp_path / "second.log"]
-    procs = [start_cli(args, env, log) for log in logs]
-    try:
-        _until(lambda: any(p.poll() is not None for p in procs), "one run to be refused")
-        (loser,) = [i for i, p in enumerate(procs) if p.poll() is not None]
-        holder, holder_log = procs[1 - loser], logs[1 - loser]
-        assert procs[loser].returncode == 2, logs[loser].read_text()[-3000:]
-        refusal = _last_line(logs[loser])
-        assert refusal.startswith(f"error: output {out} is being written by run "), refusal
-        assert "last heartbeat" in refusal and "--wait-for-lease" in refusal and "host" in refusal
-        assert "Traceback" not in logs[loser].read_text()
-        _until(lambda: _parts(out) >= 1, "the holder's first commit", proc=holder, log=holder_log)
-        running = CliRunner().invoke(app, ["status", str(out)])
-        assert running.exit_code == 0 and "running (heartbeat " in running.output, running.output
-        kill_run(holder)
-    finally:
-        for p in procs:
-            kill_run(p)
-    (dead_id,) = _records(out)  # the refused run left no record
-    committed = {r["id"] for r in read_manifest(*_fs_layout(out)).to_pylist() if r["status"] == "ok"}
-    assert 0 < len(committed) < len(ids), "the holder was not killed mid-run"
-    dead = CliRunner().invoke(app, ["status", str(out)])
-    assert f"{dead_id}  died (last heartbeat " in dead.output, dead.output
+    with fault_rules(faults_file, HOLD_RULES):
+        holder, log = _started_together(args, env, [tmp_path / "first.log", tmp_path / "second.log"])
+        try:
+            _until(lambda: _committed(out) == set(LOCAL_IDS[:4]), "the first run's commits", proc=holder, log=log)
+            (first,) = _record_ids(out)  # the refused run left no record
+            assert f"{first}  running (heartbeat " in _status(out)
+        finally:
+            kill_run(holder)  # SIGKILL, mid-run (it hangs on lease-hold-1)
 
-    taker = CliRunner().invoke(app, args + ["--wait-for-lease"])
-    assert taker.exit_code == 0, taker.output
-    assert f"{len(ids) - len(committed)} ok, 0 error, {len(committed)} already done" in taker.output
-    assert_exactly_once(out, set(ids))
-    records = _records(out)
-    assert records[dead_id]["outcome"] == "died" and records[dead_id]["last_heartbeat_at"]
-    after = CliRunner().invoke(app, ["status", str(out)])
-    assert f"{dead_id}  died: its lease expired (last heartbeat" in after.output, after.output
-    assert [p.name for p in (out / "lease").iterdir()] == ["000000000001.json"]  # the dead run's, left alone
+        second = start_cli(args + ["--wait-for-lease"], env, tmp_path / "third.log")
+        try:
+            _until(lambda: f"{first}  died" in _status(out), "status to show the killed run as died")
+            _until(lambda: _committed(out) == set(LOCAL_IDS[:8]), "the second run's commits", proc=second,
+                   log=tmp_path / "third.log")
+            assert "took over the lease on" in (tmp_path / "third.log").read_text()
+            fs, root = filesystem(str(out))
+            thief = leases.generations(fs, leases.lease_dir(root))[-1] + 1
+            _forge(fs, root, thief, "thief", heartbeat_ago=600)  # a taker that judged the second run dead
+            code = second.wait(timeout=120)
+        finally:
+            kill_run(second)
+    text = (tmp_path / "third.log").read_text()
+    assert code == 1, text[-3000:]
+    line = _last_line(tmp_path / "third.log")
+    assert line.startswith(f"error: lease lost: output {out} was taken over by run thief"), line
+    assert _committed(out) == set(LOCAL_IDS[:8])  # nothing after the theft
+    records = {r: json.loads((out / "runs" / f"{r}.json").read_text()) for r in _record_ids(out)}
+    (second_id,) = set(records) - {first}
+    assert records[first]["outcome"] == "died" and records[first]["last_heartbeat_at"]
+    assert records[second_id]["outcome"] == "lost-lease" and "thief" in records[second_id]["reason"]
+
+    last = CliRunner().invoke(app, args)  # the thief's lease is stale: taken over at once
+    assert last.exit_code == 0, last.output
+    assert "4 ok, 0 error, 8 already done" in last.output
+    assert_exactly_once(out, set(LOCAL_IDS))
+    lines = _status(out)
+    assert f"{first}  died: its lease expired (last heartbeat" in lines and f"{second_id}  lost-lease: lease lost" in lines
+    # Each run deleted its own lease object; the dead run's and the thief's stay (and a heartbeat's temp file
+    # when the SIGKILL landed mid-renewal).
+    assert sorted(p.name for p in (out / "lease").glob("*.json")) == ["000000000001.json", f"{thief:012d}.json"]
 
 
-def _fs_layout(out: Path):
-    from latte_ray.record.storage import OutputLayout
-
-    fs, root = filesystem(str(out))
-    return fs, OutputLayout(str(out), root)
-
-
-def test_two_runs_at_once_on_s3_one_waits_and_then_has_nothing_to_do(tmp_path, model_cache, ray_local, s3_server):
-    """The same on an s3:// output (the lease object created with a conditional PUT): both started with
-    --wait-for-lease; one generates every id, the other waits for it and then finds nothing to do."""
+def test_one_writer_per_s3_output(tmp_path, model_cache, ray_local, faults_file, s3_server):
+    """The same on an s3:// output (lease objects created with a conditional PUT): two runs at once, one
+    refused; the holder SIGKILLed mid-run; the next run waits for its lease to expire, takes over and
+    finishes: every id exactly once."""
     bucket = s3_server.make_bucket("lease-" + uuid.uuid4().hex[:8])
     url = f"s3://{bucket}/out"
-    ids = [f"s3-lease-{i}" for i in range(6)]
+    ids = ["s-0", "s-1", "s3-hold", "s-2", "s-3"]
     table = write_prompts(tmp_path / "p.parquet", {"id": ids, "prompt": [f"a harbour {i}" for i in ids]})
-    args = ["run", "--pipeline", str(_lease_spec(tmp_path, 0.5, 10.0, steps=2)), "--prompts", str(table),
-            "--output", url, "--wait-for-lease"]
-    env = cli_env(model_cache, RAY_ADDRESS=_ray_address(ray_local), **s3_server.env)
-    logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    procs = [start_cli(args, env, log) for log in logs]
-    try:
-        codes = [p.wait(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            kill_run(p)
-    texts = [log.read_text() for log in logs]
-    assert codes == [0, 0], [t[-3000:] for t in texts]
-    generated = [t for t in texts if f"{len(ids)} ok, 0 error, 0 already done" in t]
-    waited = [t for t in texts if f"0 ok, 0 error, {len(ids)} already done" in t]
-    assert len(generated) == 1 and len(waited) == 1, [t[-2000:] for t in texts]
-    assert f"waiting for the lease on {url}" in waited[0]
+    options = [f"--storage-option={k}={v}" for k, v in s3_server.storage_options().items()]
+    args = ["run", "--pipeline", str(_lease_spec(tmp_path, 0.2, 3.0)), "--prompts", str(table),
+            "--output", url, *options]
     fs, root = filesystem(url, s3_server.storage_options())
-    from latte_ray.record.storage import OutputLayout
-
-    rows = read_manifest(fs, OutputLayout(url, root)).to_pylist()
+    layout = OutputLayout(url, root)
+    ok = lambda: {r["id"] for r in read_manifest(fs, layout, ["id", "status"]).to_pylist() if r["status"] == "ok"}  # noqa: E731
+    with fault_rules(faults_file, "point=generate match=s3-hold action=hang times=1"):
+        holder, log = _started_together(args, cli_env(model_cache, RAY_ADDRESS=_ray_address(ray_local)),
+                                        [tmp_path / "a.log", tmp_path / "b.log"])
+        try:
+            _until(lambda: ok() == set(ids[:2]), "the holder's commits", proc=holder, log=log)
+            assert "running (heartbeat " in _status(url, *options)
+        finally:
+            kill_run(holder)
+        taker = CliRunner().invoke(app, args + ["--wait-for-lease"])
+    assert taker.exit_code == 0, taker.output
+    assert "3 ok, 0 error, 2 already done" in taker.output
+    rows = read_manifest(fs, layout).to_pylist()
     assert Counter(r["id"] for r in rows) == Counter(ids) and {r["status"] for r in rows} == {"ok"}
-    assert leases.generations(fs, leases.lease_dir(root)) == []  # both released theirs
-
-
-def test_a_holder_whose_lease_is_stolen_stops_committing(tmp_path, model_cache, ray_local):
-    """Mid-run another run takes the lease (here: the next generation created as a taker would after judging
-    the holder dead): the holder's write actors refuse to commit, and it exits 1 in one line."""
-    ids = [f"stolen-{i:02d}" for i in range(24)]
-    table = write_prompts(tmp_path / "p.parquet", {"id": ids, "prompt": [f"a windmill {i}" for i in ids]})
-    out = tmp_path / "out"
-    args = ["run", "--pipeline", str(_lease_spec(tmp_path, 0.2, 30.0)), "--prompts", str(table),
-            "--output", str(out)]
-    log = tmp_path / "holder.log"
-    proc = start_cli(args, cli_env(model_cache, RAY_ADDRESS=_ray_address(ray_local)), log)
-    try:
-        _until(lambda: _parts(out) >= 1, "the holder's first commit", proc=proc, log=log)
-        fs, root = filesystem(str(out))
-        _forge(fs, root, 2, "thief", heartbeat_ago=0, expiry_s=30)
-        at_steal = _parts(out)
-        code = proc.wait(timeout=300)
-    finally:
-        kill_run(proc)
-    assert code == 1, log.read_text()[-3000:]
-    line = _last_line(log)
-    assert line.startswith(f"error: lease lost: output {out} was taken over by run thief"), line
-    (record,) = _records(out).values()
-    assert record["outcome"] == "lost-lease" and "thief" in record["reason"]
-    # At most the commits already past their fence check when the lease was taken (one per write actor).
-    assert _parts(out) - at_steal <= fast_spec().execution.cpu_stage_max_actors
-    assert len({r["id"] for r in read_manifest(*_fs_layout(out)).to_pylist()}) < len(ids)
-    assert [p.name for p in (out / "lease").iterdir()] == ["000000000002.json"]  # its own went, the thief's stays
+    runs = [json.loads(fs.cat_file(p)) for p in fs.ls(layout.runs_dir, detail=False, refresh=True)]
+    assert sorted(r["outcome"] for r in runs) == ["died", "ok"]
+    assert len(leases.generations(fs, leases.lease_dir(root))) == 1  # the dead run's; the taker released its own
