@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 import time
 import uuid
@@ -164,6 +165,31 @@ def test_a_holder_whose_lease_was_stolen_stops(store):
     assert leases.generations(fs, leases.lease_dir(root)) == [2]  # its own object went; the thief's stays
 
 
+def test_a_write_actor_whose_run_lost_its_lease_commits_nothing(tmp_path):
+    """The write stage checks the fence before each manifest part: once another run holds the lease, the
+    batch raises LeaseLost and no part is written."""
+    import numpy as np
+
+    from latte_ray.stages.write import WriteStage
+
+    out = tmp_path / "out"
+    fs, root = filesystem(str(out))
+    lease = leases.acquire(fs, root, str(out), "run-a", "run", TERMS)
+    stage = WriteStage(str(out), fast_spec().model_dump_json(), run_id="run-a", fence=lease.fence)
+
+    def batch(i: str) -> dict:
+        return {"id": np.array([i], object), "prompt": np.array(["p"], object), "seed": np.array([1]),
+                "negative_prompt": np.array([""], object), "status": np.array(["error"], object),
+                "error": np.array(["a bad row"], object)}
+
+    stage(batch("x"))
+    assert len(list((out / "manifest").glob("*.parquet"))) == 1
+    _forge(fs, root, 2, "thief", heartbeat_ago=0)
+    with pytest.raises(leases.LeaseLost, match="taken over by run thief"):
+        stage(batch("y"))
+    assert len(list((out / "manifest").glob("*.parquet"))) == 1
+
+
 def test_a_deleted_lease_object_fences_its_holder(tmp_path):
     fs, root = filesystem(str(tmp_path / "out"))
     holder = leases.acquire(fs, root, str(tmp_path / "out"), "run-a", "run", TERMS)
@@ -257,76 +283,66 @@ def _status(out, *options: str) -> str:
     return result.output
 
 
-# Batches of 2 in input order, one generation actor: the first run commits two batches, then hangs on
-# lease-hold-1; the second commits two more and hangs on lease-hold-2 (each rule fires once in all).
-LOCAL_IDS = ["a-0", "a-1", "a-2", "a-3", "lease-hold-1", "a-4", "a-5", "a-6", "lease-hold-2", "a-7", "a-8", "a-9"]
-HOLD_RULES = ("point=generate match=lease-hold-1 action=hang times=1\n"
-              "point=generate match=lease-hold-2 action=hang times=1")
+# Batches of 2 in input order, one generation actor: the first run commits two batches, then its generation
+# call hangs on lease-hold (the rule fires once in all), with its driver and heartbeat alive.
+LOCAL_IDS = ["a-0", "a-1", "a-2", "a-3", "lease-hold", "a-4", "a-5", "a-6"]
 
 
 def test_one_writer_per_local_output(tmp_path, model_cache, ray_local, faults_file):
-    """Two `latte-ray run` on one output at the same moment: one generates, the other exits 2 naming it.
-    `status` shows the holder `running (heartbeat Ns ago)`; it is SIGKILLed mid-run and the next run
-    (--wait-for-lease) takes over once its heartbeat is older than the expiry, marking it `died`. That run's
-    lease is then stolen mid-run: it stops committing and exits 1 in one line. A last run takes over from
-    the thief and finishes: every id exactly once."""
+    """Two `latte-ray run` on one output at the same moment: one generates, the other exits 2 naming it, and
+    `status` shows the holder `running (heartbeat Ns ago)`. The holder's driver is then frozen (SIGSTOP:
+    alive, but no heartbeat, as a driver cut off from storage or stuck would be): once its heartbeat is older
+    than the expiry `status` calls it `died`, and the next run takes the output over, marks it `died` and
+    finishes: every id exactly once. Thawed, the old holder finds its lease taken and exits 1 in one line,
+    committing nothing more."""
     table = write_prompts(tmp_path / "p.parquet", {"id": LOCAL_IDS, "prompt": [f"a lighthouse {i}" for i in LOCAL_IDS]})
     out = tmp_path / "out"
     args = ["run", "--pipeline", str(_lease_spec(tmp_path, 0.2, 2.0)), "--prompts", str(table),
             "--output", str(out)]
     env = cli_env(model_cache, RAY_ADDRESS=_ray_address(ray_local))
-    with fault_rules(faults_file, HOLD_RULES):
+    with fault_rules(faults_file, "point=generate match=lease-hold action=hang times=1"):
         holder, log = _started_together(args, env, [tmp_path / "first.log", tmp_path / "second.log"])
         try:
             _until(lambda: _committed(out) == set(LOCAL_IDS[:4]), "the first run's commits", proc=holder, log=log)
             (first,) = _record_ids(out)  # the refused run left no record
             assert f"{first}  running (heartbeat " in _status(out)
-        finally:
-            kill_run(holder)  # SIGKILL, mid-run (it hangs on lease-hold-1)
+            os.kill(holder.pid, signal.SIGSTOP)
+            _until(lambda: f"{first}  died (last heartbeat " in _status(out), "status to call the frozen run died")
+            assert "its lease expired" in _status(out)
 
-        second = start_cli(args + ["--wait-for-lease"], env, tmp_path / "third.log")
-        try:
-            _until(lambda: f"{first}  died" in _status(out), "status to show the killed run as died")
-            _until(lambda: _committed(out) == set(LOCAL_IDS[:8]), "the second run's commits", proc=second,
-                   log=tmp_path / "third.log")
-            assert "took over the lease on" in (tmp_path / "third.log").read_text()
-            fs, root = filesystem(str(out))
-            thief = leases.generations(fs, leases.lease_dir(root))[-1] + 1
-            _forge(fs, root, thief, "thief", heartbeat_ago=600)  # a taker that judged the second run dead
-            code = second.wait(timeout=120)
-        finally:
-            kill_run(second)
-    text = (tmp_path / "third.log").read_text()
-    assert code == 1, text[-3000:]
-    line = _last_line(tmp_path / "third.log")
-    assert line.startswith(f"error: lease lost: output {out} was taken over by run thief"), line
-    assert _committed(out) == set(LOCAL_IDS[:8])  # nothing after the theft
-    records = {r: json.loads((out / "runs" / f"{r}.json").read_text()) for r in _record_ids(out)}
-    (second_id,) = set(records) - {first}
-    assert records[first]["outcome"] == "died" and records[first]["last_heartbeat_at"]
-    assert records[second_id]["outcome"] == "lost-lease" and "thief" in records[second_id]["reason"]
+            taker = CliRunner().invoke(app, args)
+            assert taker.exit_code == 0, taker.output
+            assert "4 ok, 0 error, 4 already done" in taker.output
+            assert_exactly_once(out, set(LOCAL_IDS))
+            (second,) = set(_record_ids(out)) - {first}
+            died = json.loads((out / "runs" / f"{first}.json").read_text())
+            assert died["outcome"] == "died" and died["last_heartbeat_at"] and second in died["reason"]
 
-    last = CliRunner().invoke(app, args)  # the thief's lease is stale: taken over at once
-    assert last.exit_code == 0, last.output
-    assert "4 ok, 0 error, 8 already done" in last.output
-    assert_exactly_once(out, set(LOCAL_IDS))
-    lines = _status(out)
-    assert f"{first}  died: its lease expired (last heartbeat" in lines and f"{second_id}  lost-lease: lease lost" in lines
-    # Each run deleted its own lease object; the dead run's and the thief's stay (and a heartbeat's temp file
-    # when the SIGKILL landed mid-renewal).
-    assert sorted(p.name for p in (out / "lease").glob("*.json")) == ["000000000001.json", f"{thief:012d}.json"]
+            os.kill(holder.pid, signal.SIGCONT)
+            code = holder.wait(timeout=120)
+        finally:
+            os.kill(holder.pid, signal.SIGCONT) if holder.poll() is None else None
+            kill_run(holder)
+    assert code == 1, log.read_text()[-3000:]
+    line = _last_line(log)
+    assert line.startswith(f"error: lease lost: output {out} was taken over by run {second}"), line
+    assert_exactly_once(out, set(LOCAL_IDS))  # it committed nothing more
+    record = json.loads((out / "runs" / f"{first}.json").read_text())
+    assert record["outcome"] == "lost-lease"  # it was alive after all: its own end replaces `died`
+    assert f"{first}  lost-lease: lease lost" in _status(out)
+    assert not list((out / "lease").glob("*.json"))  # each run deleted its own lease object, and only it
 
 
 def test_one_writer_per_s3_output(tmp_path, model_cache, ray_local, faults_file, s3_server):
     """The same on an s3:// output (lease objects created with a conditional PUT): two runs at once, one
-    refused; the holder SIGKILLed mid-run; the next run waits for its lease to expire, takes over and
-    finishes: every id exactly once."""
+    refused; the holder SIGKILLed mid-run; the next run on this host sees its process gone, takes the output
+    over at once and finishes: every id exactly once, the killed run recorded `died`."""
     bucket = s3_server.make_bucket("lease-" + uuid.uuid4().hex[:8])
     url = f"s3://{bucket}/out"
     ids = ["s-0", "s-1", "s3-hold", "s-2", "s-3"]
     table = write_prompts(tmp_path / "p.parquet", {"id": ids, "prompt": [f"a harbour {i}" for i in ids]})
     options = [f"--storage-option={k}={v}" for k, v in s3_server.storage_options().items()]
-    args = ["run", "--pipeline", str(_lease_spec(tmp_path, 0.2, 3.0)), "--prompts", str(table),
+    args = ["run", "--pipeline", str(_lease_spec(tmp_path, 0.2, 60.0)), "--prompts", str(table),
             "--output", url, *options]
     fs, root = filesystem(url, s3_server.storage_options())
     layout = OutputLayout(url, root)
@@ -339,11 +355,13 @@ def test_one_writer_per_s3_output(tmp_path, model_cache, ray_local, faults_file,
             assert "running (heartbeat " in _status(url, *options)
         finally:
             kill_run(holder)
-        taker = CliRunner().invoke(app, args + ["--wait-for-lease"])
+        assert "died (last heartbeat " in _status(url, *options)  # long before its 60 s expiry
+        taker = CliRunner().invoke(app, args)
     assert taker.exit_code == 0, taker.output
     assert "3 ok, 0 error, 2 already done" in taker.output
     rows = read_manifest(fs, layout).to_pylist()
     assert Counter(r["id"] for r in rows) == Counter(ids) and {r["status"] for r in rows} == {"ok"}
-    runs = [json.loads(fs.cat_file(p)) for p in fs.ls(layout.runs_dir, detail=False, refresh=True)]
-    assert sorted(r["outcome"] for r in runs) == ["died", "ok"]
-    assert len(leases.generations(fs, leases.lease_dir(root))) == 1  # the dead run's; the taker released its own
+    runs = {r["outcome"]: r for r in (json.loads(fs.cat_file(p)) for p in fs.ls(layout.runs_dir, detail=False,
+                                                                                   refresh=True))}
+    assert sorted(runs) == ["died", "ok"] and "its process on this host is gone" in runs["died"]["reason"]
+    assert leases.generations(fs, leases.lease_dir(root)) == [1]  # the dead run's; the taker released its own

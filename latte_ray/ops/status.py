@@ -143,7 +143,7 @@ def liveness(record: dict, held: dict[str, dict] | None, now: float | None = Non
     """What a run whose record says `running` is: `running (heartbeat Ns ago)` while its lease is live,
     `died (...)` when its lease expired or is gone; None when it cannot tell (no lease: --no-lease, or a run
     of a latte-ray before the lease)."""
-    from latte_ray.record.lease import heartbeat_age, is_live
+    from latte_ray.record.lease import gone_here, heartbeat_age, is_live
 
     if held is None or record.get("lease") is None:
         return None
@@ -153,8 +153,9 @@ def liveness(record: dict, held: dict[str, dict] | None, now: float | None = Non
     age = heartbeat_age(holder, now)
     if is_live(holder, now):
         return f"running (heartbeat {age:.0f}s ago)"
-    return (f"died (last heartbeat {age:.0f}s ago, {holder.get('heartbeat_at')}; its lease expired, the next "
-            f"writing run takes the output over)")
+    why = "its process on this host is gone" if gone_here(holder) else "its lease expired"
+    return (f"died (last heartbeat {age:.0f}s ago, {holder.get('heartbeat_at')}; {why}, the next writing run "
+            f"takes the output over)")
 
 
 def _scores(fs, layout, latest, result: Status) -> None:

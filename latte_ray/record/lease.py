@@ -14,7 +14,8 @@ create-only (local disk: a hard link, which fails if the name exists, storage.wr
 conditional PUT, `If-None-Match: *`), so of two runs that start together exactly one wins; the other is
 refused in one line naming the holder (exit 2), or with --wait-for-lease polls until the holder ends or its
 lease expires. Where the top generation is still live (its heartbeat younger than its own `expiry_s`) the
-output is held; where it is stale, its holder is taken to be dead: the next run creates top+1 (create-only
+output is held; where it is stale, or its holder ran on this machine (same host, boot and PID namespace) and
+its process is gone (a killed driver submitted again), its holder is taken to be dead: the next run creates top+1 (create-only
 again, so two takers cannot both win) and marks the dead run's record `died` with its last heartbeat.
 
 The holder renews its heartbeat every `execution.lease_heartbeat_s` from a driver thread (rewriting its own
@@ -145,8 +146,38 @@ def heartbeat_age(holder: dict, now: float | None = None) -> float:
 
 
 def is_live(holder: dict, now: float | None = None) -> bool:
-    """Its heartbeat is younger than the expiry its holder declared."""
-    return heartbeat_age(holder, now) < holder["expiry_s"]
+    """Its heartbeat is younger than the expiry its holder declared, and its process is not known to be gone."""
+    return heartbeat_age(holder, now) < holder["expiry_s"] and not gone_here(holder)
+
+
+def _machine() -> dict:
+    """What tells this machine's processes apart from another's: host name, boot and PID namespace."""
+    def read(path: str, link: bool = False) -> str | None:
+        try:
+            return os.readlink(path) if link else open(path).read().strip()
+        except OSError:
+            return None
+
+    return {"host": platform.node(), "boot_id": read("/proc/sys/kernel/random/boot_id"),
+            "pid_ns": read("/proc/self/ns/pid", link=True)}
+
+
+def gone_here(holder: dict) -> bool:
+    """The holder ran on this machine (same host, boot and PID namespace) and its process no longer exists: a
+    killed driver restarted on its host is taken over at once, not after the expiry. Anything uncertain (another
+    machine, no /proc, a pid that exists, even if reused) counts as not gone, leaving it to the expiry."""
+    here = _machine()
+    if not here["boot_id"] or not here["pid_ns"]:
+        return False
+    if any(holder.get(k) != here[k] for k in ("host", "boot_id", "pid_ns")):
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+    return False
 
 
 def top_holder(fs: fsspec.AbstractFileSystem, folder: str) -> dict | None:
@@ -365,16 +396,16 @@ def acquire(fs: fsspec.AbstractFileSystem, root: str, url: str, run_id: str, com
             sleep(max(0.05, min(holder.get("heartbeat_s", 1.0), left, 30.0)))
             continue
         generation = (holder["generation"] if holder is not None else 0) + 1
-        record = {"format": FORMAT, "run_id": run_id, "command": command, "host": platform.node(),
-                  "pid": os.getpid(), "started_at": _now_iso(now), "heartbeat_at": _now_iso(now),
+        record = {"format": FORMAT, "run_id": run_id, "command": command, **_machine(), "pid": os.getpid(), "started_at": _now_iso(now), "heartbeat_at": _now_iso(now),
                   "heartbeat_unix": now, "heartbeat_s": terms.heartbeat_s, "expiry_s": terms.expiry_s}
         created = write_exclusive(fs, f"{folder}/{_name(generation)}", json.dumps(record, indent=2).encode())
         if not created:
             continue  # another run took this generation first: look again (it holds the lease now)
         lease = Lease(fs=fs, url=url.rstrip("/"), folder=folder, generation=generation, record=record, terms=terms)
         if holder is not None:
-            log.warning("took over the lease on %s from %s: its heartbeat is older than its expiry (%.0f s)",
-                        url, describe_holder(holder, url, now), holder["expiry_s"])
+            why = ("its process on this host is gone" if gone_here(holder) else
+                   f"its heartbeat is older than its expiry ({holder['expiry_s']:.0f} s)")
+            log.warning("took over the lease on %s from %s: %s", url, describe_holder(holder, url, now), why)
             if on_takeover is not None:
                 on_takeover(holder, lease)
         return lease
@@ -403,7 +434,8 @@ def hold_output(out, run_id: str, command: str, terms: Terms, policy: Policy = P
     from latte_ray.record import output as outputs
 
     def died(holder: dict, lease: Lease) -> None:
-        if outputs.mark_died(out, holder.get("run_id", "?"), holder.get("heartbeat_at", "?"), run_id):
+        why = "its process on this host is gone" if gone_here(holder) else "its lease expired"
+        if outputs.mark_died(out, holder.get("run_id", "?"), holder.get("heartbeat_at", "?"), run_id, why):
             log.warning("run %s is recorded as died (last heartbeat %s)", holder.get("run_id"),
                         holder.get("heartbeat_at"))
 

@@ -6,8 +6,10 @@
                                 report and compact refuse a path without it.
     OUTPUT/runs/<run_id>.json   one per run: written once the run's checks have passed and before anything
                                 is generated (outcome "running"), rewritten by that same run at its end (ok,
-                                failed with a reason, interrupted). No run writes another run's record, so a
-                                failed run never replaces the record of a good one.
+                                failed with a reason, interrupted, lost-lease). No run writes another run's
+                                record, so a failed run never replaces the record of a good one; the one
+                                exception: the run that takes over a dead run's lease (record/lease.py)
+                                marks its record "died".
 
 Why an output is bound to one spec: resume matches on ids, and an id does not change with the spec, so a
 second spec would skip every id the first one finished (the manifest would then mix two specs), and with
@@ -255,9 +257,9 @@ def new_run_id(started: datetime | None = None) -> str:
     return f"{started or datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
 
 
-def mark_died(out: Output, run_id: str, last_heartbeat: str, found_by: str) -> bool:
-    """Record that run `run_id` died: its lease expired (last heartbeat `last_heartbeat`) and run `found_by`
-    took the output over. Only a record still `running` is changed (False otherwise, or when the run left
+def mark_died(out: Output, run_id: str, last_heartbeat: str, found_by: str, why: str = "its lease expired") -> bool:
+    """Record that run `run_id` died (`why`: its lease expired, or its process is gone; last heartbeat
+    `last_heartbeat`) and run `found_by` took the output over. Only a record still `running` is changed (False otherwise, or when the run left
     none: it died before its checks passed); a failure is logged, not raised."""
     path = f"{out.layout.runs_dir}/{run_id}.json"
     try:
@@ -265,7 +267,7 @@ def mark_died(out: Output, run_id: str, last_heartbeat: str, found_by: str) -> b
         if record.get("outcome") != "running":
             return False
         record.update(outcome="died", last_heartbeat_at=last_heartbeat,
-                      reason=f"its lease expired (last heartbeat {last_heartbeat}); run {found_by} took the output over")
+                      reason=f"{why} (last heartbeat {last_heartbeat}); run {found_by} took the output over")
         write_atomic(out.fs, path, json.dumps(record, indent=2, default=str).encode())
         return True
     except FileNotFoundError:
