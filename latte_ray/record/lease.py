@@ -238,6 +238,7 @@ class Lease:
     terms: Terms
     on_lost: Callable[[str], None] | None = None
     lost: str | None = None
+    made: list[str] = field(default_factory=list)  # local folders its creation made (deepest first)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -330,6 +331,11 @@ class Lease:
             current = read_holder(self.fs, self.folder, self.generation)
             if current is not None and current.get("run_id") == self.run_id:
                 self.fs.rm_file(self.path)
+            for folder in self.made:  # an output left as it was found: no empty lease/ (or output) folder
+                try:
+                    os.rmdir(folder)
+                except OSError:  # not empty (another run's lease, the run's outputs): kept
+                    break
         except Exception as e:  # noqa: BLE001
             log.warning("could not release the lease %s: %s: %s (it expires after %.0f s)", self.path,
                         type(e).__name__, e, self.terms.expiry_s)
@@ -398,10 +404,15 @@ def acquire(fs: fsspec.AbstractFileSystem, root: str, url: str, run_id: str, com
         generation = (holder["generation"] if holder is not None else 0) + 1
         record = {"format": FORMAT, "run_id": run_id, "command": command, **_machine(), "pid": os.getpid(), "started_at": _now_iso(now), "heartbeat_at": _now_iso(now),
                   "heartbeat_unix": now, "heartbeat_s": terms.heartbeat_s, "expiry_s": terms.expiry_s}
-        created = write_exclusive(fs, f"{folder}/{_name(generation)}", json.dumps(record, indent=2).encode())
+        made = _missing_folders(folder) if is_local(fs) else []
+        try:
+            created = write_exclusive(fs, f"{folder}/{_name(generation)}", json.dumps(record, indent=2).encode())
+        except FileNotFoundError:
+            continue  # a run releasing its lease removed the empty folder meanwhile: look again
         if not created:
             continue  # another run took this generation first: look again (it holds the lease now)
-        lease = Lease(fs=fs, url=url.rstrip("/"), folder=folder, generation=generation, record=record, terms=terms)
+        lease = Lease(fs=fs, url=url.rstrip("/"), folder=folder, generation=generation, record=record, terms=terms,
+                      made=made)
         if holder is not None:
             why = ("its process on this host is gone" if gone_here(holder) else
                    f"its heartbeat is older than its expiry ({holder['expiry_s']:.0f} s)")
@@ -409,6 +420,18 @@ def acquire(fs: fsspec.AbstractFileSystem, root: str, url: str, run_id: str, com
             if on_takeover is not None:
                 on_takeover(holder, lease)
         return lease
+
+
+def _missing_folders(folder: str) -> list[str]:
+    """The local folders from `folder` up that do not exist yet, deepest first."""
+    missing = []
+    while folder and not os.path.exists(folder):
+        missing.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return missing
 
 
 @contextmanager
