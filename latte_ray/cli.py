@@ -3,9 +3,11 @@
 Also `python -m latte_ray` (latte_ray/__main__.py), the entrypoint for jobs that ship the package as a wheel.
 
 Exit codes: 0 done; 1 a run that failed (every row an error, or an error only an actor could hit, reported
-as one line: `error: generation actor failed: <Type>: <message>`); 2 bad input, caught before any model
-loads (one line: `error: <what>`, naming the option, field, path or URL), or a plan that cannot fit the
-cluster; 3 a run the progress watchdog stopped because it made no progress (resume with the same command).
+as one line: `error: generation actor failed: <Type>: <message>`), or whose output lease another run took
+over mid-run (`error: lease lost: ...`); 2 bad input, caught before any model loads (one line: `error:
+<what>`, naming the option, field, path or URL), a plan that cannot fit the cluster, or an output another
+live run is writing (its lease, latte_ray/record/lease.py; --wait-for-lease waits instead); 3 a run the
+progress watchdog stopped because it made no progress (resume with the same command).
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ def status(output: str, storage_options: dict | None = None, prompts: list[str] 
     result.runs, runs = list_runs(out, last=RUNS_SHOWN)
     result.last_runs = [{k: r.get(k) for k in ("run_id", "started_at", "ended_at", "outcome", "reason", "counts",
                                                "spec_hash", "seed", "last_heartbeat_at")} for r in runs]
-    held = _lease_holders(out)
+    held = lease_holders(out)
     for r, full in zip(result.last_runs, runs):
         r["liveness"] = liveness(full, held) if r["outcome"] == "running" else None
     latest = latest_rows(manifest)
@@ -129,7 +129,7 @@ def status(output: str, storage_options: dict | None = None, prompts: list[str] 
     return result
 
 
-def _lease_holders(out) -> dict[str, dict] | None:
+def lease_holders(out) -> dict[str, dict] | None:
     """run id -> its lease object (record/lease.py); None when the lease folder cannot be read."""
     from latte_ray.record.lease import holders
 
