@@ -38,6 +38,7 @@ def _until(condition, what: str, timeout: float = 300.0, proc=None, log: Path | 
     while True:
         value = condition()
         if value:
+            print(f"{time.strftime('%H:%M:%S')} {what}: done", flush=True)
             return value
         if proc is not None and proc.poll() is not None:
             pytest.fail(f"the process ended before {what}: {log.read_text()[-3000:] if log else ''}")
@@ -236,7 +237,11 @@ def test_lease_terms_are_checked_in_the_spec():
 
 
 def _lease_spec(tmp_path: Path, heartbeat_s: float, expiry_s: float) -> Path:
-    return write_spec(tmp_path / "spec.yaml", null_spec(lease_heartbeat_s=heartbeat_s, lease_expiry_s=expiry_s))
+    """One actor per stage at 0.25 CPU each: a frozen holder's actors (0.75 CPU) leave room on 2 CPUs for
+    the run that takes over (1 CPU with its read tasks)."""
+    spec = null_spec(lease_heartbeat_s=heartbeat_s, lease_expiry_s=expiry_s, cpu_stage_max_actors=1,
+                     num_cpus_per_actor=0.25, num_cpus_per_cpu_task=0.25)
+    return write_spec(tmp_path / "spec.yaml", spec)
 
 
 def _ray_address(ray_local) -> str:
