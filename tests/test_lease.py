@@ -193,6 +193,26 @@ def test_a_write_actor_whose_run_lost_its_lease_commits_nothing(tmp_path):
     assert len(list((out / "manifest").glob("*.parquet"))) == 1
 
 
+def test_a_frozen_holder_waking_after_its_taker_ended_is_still_fenced(store):
+    """The taker's `<generation>.taken.json` mark outlives its own lease: a holder frozen past its expiry that
+    wakes once the taker has ended and released finds itself taken over, and the next lease gets a new number."""
+    fs, root, url = store
+    frozen = leases.acquire(fs, root, url, "frozen-run", "run", TERMS)
+    frozen.record.update(heartbeat_unix=time.time() - 600)  # its last heartbeat, long ago
+    from latte_ray.record.storage import write_atomic
+
+    write_atomic(fs, frozen.path, json.dumps(frozen.record).encode())
+    taker = leases.acquire(fs, root, url, "taker-run", "run", TERMS)
+    assert taker.generation == 2
+    taker.release()
+    assert leases.generations(fs, leases.lease_dir(root)) == [1]
+    assert "taken over by run taker-run" in frozen.verify()
+    frozen.release()  # its own object; the mark stays
+    later = leases.acquire(fs, root, url, "later-run", "run", TERMS)
+    assert later.generation == 2 and later.verify() is None
+    later.release()
+
+
 def test_a_deleted_lease_object_fences_its_holder(tmp_path):
     fs, root = filesystem(str(tmp_path / "out"))
     holder = leases.acquire(fs, root, str(tmp_path / "out"), "run-a", "run", TERMS)
@@ -337,7 +357,8 @@ def test_one_writer_per_local_output(tmp_path, model_cache, ray_local, faults_fi
     record = json.loads((out / "runs" / f"{first}.json").read_text())
     assert record["outcome"] == "lost-lease"  # it was alive after all: its own end replaces `died`
     assert f"{first}  lost-lease: lease lost" in _status(out)
-    assert not list((out / "lease").glob("*.json"))  # each run deleted its own lease object, and only it
+    # Each run deleted its own lease object, and only it; the taker's mark on the first run's generation stays.
+    assert sorted(p.name for p in (out / "lease").glob("*.json")) == ["000000000001.taken.json"]
 
 
 def test_one_writer_per_s3_output(tmp_path, model_cache, ray_local, faults_file, s3_server):
@@ -366,6 +387,7 @@ def test_one_writer_per_s3_output(tmp_path, model_cache, ray_local, faults_file,
         taker = CliRunner().invoke(app, args)
     assert taker.exit_code == 0, taker.output
     assert "3 ok, 0 error, 2 already done" in taker.output
+    fs.invalidate_cache()  # the polls above listed manifest/ through this s3fs instance
     rows = read_manifest(fs, layout).to_pylist()
     assert Counter(r["id"] for r in rows) == Counter(ids) and {r["status"] for r in rows} == {"ok"}
     runs = {r["outcome"]: r for r in (json.loads(fs.cat_file(p)) for p in fs.ls(layout.runs_dir, detail=False,

@@ -28,7 +28,9 @@ commit already past its check when the takeover lands can still land (at worst o
 whose ids then have two ok rows; readers take one, storage.latest_rows).
 
 At its end (ok, failed, interrupted, lease lost) a run deletes the lease object it created, and only that
-one. A taken-over run's object stays (the next generation needs its number; a few hundred bytes).
+one. A taken-over run's object stays (the next generation needs its number; a few hundred bytes), and next
+to it the taker writes `<generation>.taken.json` (who took it over, when): it outlives the taker's own lease,
+so a holder that was only frozen and wakes after the taker has ended still finds itself fenced.
 Stores other than local disk and S3 have no create-only write latte-ray can use: a writing command refuses
 to run there unless given --no-lease (the user then promises that nothing else writes the output).
 """
@@ -106,21 +108,33 @@ def create_only_supported(fs: fsspec.AbstractFileSystem) -> bool:
     return is_local(fs) or bool({"s3", "s3a"} & set(_protocols(fs)))
 
 
-def generations(fs: fsspec.AbstractFileSystem, folder: str) -> list[int]:
-    """The lease generations present, ascending (a fresh listing: s3fs would otherwise answer from its cache)."""
+def _listing(fs: fsspec.AbstractFileSystem, folder: str) -> tuple[list[int], set[int]]:
+    """(the lease generations present, ascending; the generations marked taken over), from a fresh listing
+    (s3fs would otherwise answer from its cache)."""
     try:
         if is_local(fs):
             names = os.listdir(folder)
         else:
             names = [p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False, refresh=True)]
     except FileNotFoundError:
-        return []
-    found = []
+        return [], set()
+    found, taken = [], set()
     for name in names:
         stem, dot, ext = name.partition(".")
-        if ext == "json" and dot and len(stem) == _DIGITS and stem.isdigit():
-            found.append(int(stem))
-    return sorted(found)
+        if dot and len(stem) == _DIGITS and stem.isdigit():
+            if ext == "json":
+                found.append(int(stem))
+            elif ext == TAKEN_SUFFIX:
+                taken.add(int(stem))
+    return sorted(found), taken
+
+
+def generations(fs: fsspec.AbstractFileSystem, folder: str) -> list[int]:
+    """The lease generations present, ascending."""
+    return _listing(fs, folder)[0]
+
+
+TAKEN_SUFFIX = "taken.json"  # <generation>.taken.json: written by the run that took that generation over
 
 
 def read_holder(fs: fsspec.AbstractFileSystem, folder: str, generation: int) -> dict | None:
@@ -180,16 +194,20 @@ def gone_here(holder: dict) -> bool:
     return False
 
 
-def top_holder(fs: fsspec.AbstractFileSystem, folder: str) -> dict | None:
-    """The lease object of the highest generation (live or stale), None when there is none."""
+def top_holder(fs: fsspec.AbstractFileSystem, folder: str) -> tuple[dict | None, int]:
+    """(the lease object of the highest generation, live or stale, or None; the next generation number). A
+    generation marked taken over counts for the numbering even once its object is gone, so that a new lease
+    never reuses a number whose mark would fence it."""
     for _ in range(10):  # its holder may delete it between the listing and the read: list again
-        gens = generations(fs, folder)
-        if not gens:
-            return None
-        holder = read_holder(fs, folder, gens[-1])
+        gens, taken = _listing(fs, folder)
+        top = max([*gens, *taken], default=0)
+        if top not in gens:
+            return None, top + 1
+        holder = read_holder(fs, folder, top)
         if holder is not None:
-            return holder
-    return None
+            holder["taken"] = top in taken
+            return holder, top + 1
+    return None, top + 1
 
 
 def holders(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict]:
@@ -345,7 +363,14 @@ def fence_breach(fs: fsspec.AbstractFileSystem, fence: dict) -> str | None:
     """Why the run of `fence` (Lease.fence) no longer holds its output's lease, or None while it does: its
     generation must be present and the highest one."""
     folder, mine, url = fence["folder"], int(fence["generation"]), fence["url"]
-    gens = generations(fs, folder)
+    gens, taken = _listing(fs, folder)
+    if mine in taken:  # the taker's own lease may be gone already (it ended): its mark stays
+        try:
+            mark = json.loads(fs.cat_file(f"{folder}/{mine:0{_DIGITS}d}.{TAKEN_SUFFIX}"))
+        except Exception:  # noqa: BLE001
+            mark = {}
+        return (f"lease lost: output {url} was taken over by run {mark.get('taken_by', '?')} at "
+                f"{mark.get('taken_at', '?')} after this run's heartbeat went stale; this run commits nothing more")
     if mine not in gens:
         return (f"lease lost: this run's lease object {url}/{LEASE_DIR}/{_name(mine)} was deleted; this run "
                 f"commits nothing more")
@@ -390,9 +415,9 @@ def acquire(fs: fsspec.AbstractFileSystem, root: str, url: str, run_id: str, com
     folder = lease_dir(root)
     last_said = 0.0
     while True:
-        holder = top_holder(fs, folder)
+        holder, generation = top_holder(fs, folder)
         now = time.time()
-        if holder is not None and is_live(holder, now):
+        if holder is not None and is_live(holder, now) and not holder["taken"]:
             if not policy.wait:
                 raise _held_error(url, holder)
             if time.monotonic() - last_said >= WAIT_LOG_S:
@@ -401,7 +426,6 @@ def acquire(fs: fsspec.AbstractFileSystem, root: str, url: str, run_id: str, com
             left = holder["expiry_s"] - heartbeat_age(holder, now)
             sleep(max(0.05, min(holder.get("heartbeat_s", 1.0), left, 30.0)))
             continue
-        generation = (holder["generation"] if holder is not None else 0) + 1
         record = {"format": FORMAT, "run_id": run_id, "command": command, **_machine(), "pid": os.getpid(), "started_at": _now_iso(now), "heartbeat_at": _now_iso(now),
                   "heartbeat_unix": now, "heartbeat_s": terms.heartbeat_s, "expiry_s": terms.expiry_s}
         made = _missing_folders(folder) if is_local(fs) else []
@@ -413,7 +437,13 @@ def acquire(fs: fsspec.AbstractFileSystem, root: str, url: str, run_id: str, com
             continue  # another run took this generation first: look again (it holds the lease now)
         lease = Lease(fs=fs, url=url.rstrip("/"), folder=folder, generation=generation, record=record, terms=terms,
                       made=made)
-        if holder is not None:
+        if holder is not None and not holder["taken"]:
+            # The mark outlives the taker's own lease object (deleted when it ends), so that the old holder,
+            # were it only slow, still finds that its generation was taken over (fence_breach).
+            mark = {"generation": holder["generation"], "run_id": holder.get("run_id"), "taken_by": run_id,
+                    "taken_at": _now_iso(now), "last_heartbeat_at": holder.get("heartbeat_at")}
+            write_exclusive(fs, f"{folder}/{holder['generation']:0{_DIGITS}d}.{TAKEN_SUFFIX}",
+                            json.dumps(mark, indent=2).encode())
             why = ("its process on this host is gone" if gone_here(holder) else
                    f"its heartbeat is older than its expiry ({holder['expiry_s']:.0f} s)")
             log.warning("took over the lease on %s from %s: %s", url, describe_holder(holder, url, now), why)
