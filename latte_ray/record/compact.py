@@ -108,9 +108,10 @@ def _compact_group(fs, layout: OutputLayout, group: list[str]) -> int:
 
 
 def _sweep_temp_files(layout: OutputLayout, cutoff: float) -> int:
-    """Delete storage.write_atomic temp files (`<name>.tmp-<uuid>`) last modified before `cutoff`."""
+    """Delete storage.write_atomic temp files (`<name>.tmp-<uuid>`: a killed video, part or lease heartbeat
+    write) last modified before `cutoff`."""
     swept = 0
-    for folder in (layout.manifest_dir, f"{layout.root}/videos"):
+    for folder in (layout.manifest_dir, f"{layout.root}/videos", f"{layout.root}/lease"):
         for dirpath, _dirs, names in os.walk(folder):
             for name in names:
                 path = os.path.join(dirpath, name)
