@@ -3,9 +3,11 @@
 Also `python -m latte_ray` (latte_ray/__main__.py), the entrypoint for jobs that ship the package as a wheel.
 
 Exit codes: 0 done; 1 a run that failed (every row an error, or an error only an actor could hit, reported
-as one line: `error: generation actor failed: <Type>: <message>`); 2 bad input, caught before any model
-loads (one line: `error: <what>`, naming the option, field, path or URL), or a plan that cannot fit the
-cluster; 3 a run the progress watchdog stopped because it made no progress (resume with the same command).
+as one line: `error: generation actor failed: <Type>: <message>`), or whose output lease another run took
+over mid-run (`error: lease lost: ...`); 2 bad input, caught before any model loads (one line: `error:
+<what>`, naming the option, field, path or URL), a plan that cannot fit the cluster, or an output another
+live run is writing (its lease, latte_ray/record/lease.py; --wait-for-lease waits instead); 3 a run the
+progress watchdog stopped because it made no progress (resume with the same command).
 """
 
 from __future__ import annotations
@@ -79,7 +81,17 @@ MinAestheticOpt = typer.Option(None, "--min-aesthetic", help="Export only videos
 WithEmbeddingsOpt = typer.Option(None, "--with-embeddings/--without-embeddings", help="Put each prompt's T5 embeddings (fp16, <key>.t5.npy) in its sample; videos generated without them are rejected.")
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Print Ray Data's operator progress, Ray's notices, library warnings and the actors' output on the console, as they come, instead of into the run's log file (OUTPUT/runs/<run_id>.log).")
 ReportRunOpt = typer.Option(True, "--report/--no-report", help="Write OUTPUT/report/ (the video gallery, as `latte-ray report` does) when the run ends (default).")
+WaitLeaseOpt = typer.Option(False, "--wait-for-lease", help="When another run holds the output's lease (one writer per output), wait until it ends or its lease expires instead of exiting with code 2.")
+NoLeaseOpt = typer.Option(False, "--no-lease", help="Take no output lease: for a store without create-only writes, when nothing else writes to this output. Two writers may then generate the same ids twice.")
 WithLatentsOpt = typer.Option(None, "--with-latents/--without-latents", help="Put each video's final latents (<key>.latents.npy) in its sample; videos generated without them are rejected.")
+
+
+def _lease_policy(wait_for_lease: bool, no_lease: bool):
+    from latte_ray.record.lease import Policy
+
+    if wait_for_lease and no_lease:
+        raise SpecError("--wait-for-lease and --no-lease exclude each other")
+    return Policy(take=not no_lease, wait=wait_for_lease)
 
 
 def _concurrency(value: str | None):
@@ -223,6 +235,8 @@ def run(
     gpus: Optional[int] = typer.Option(None, "--gpus", min=1, help="With --dry-run: GPUs to estimate wall time for (generation actors for a CPU spec). Default 1."),
     report: bool = ReportRunOpt,
     verbose: bool = VerboseOpt,
+    wait_for_lease: bool = WaitLeaseOpt,
+    no_lease: bool = NoLeaseOpt,
 ) -> None:
     """Generate one mp4 per prompt and a Parquet manifest, then the report. With no options: the tiny demo into ./outputs/demo."""
     from latte_ray import runner
@@ -243,7 +257,7 @@ def run(
             typer.echo("\n".join(plan(spec, checked.in_fs, checked.files, gpus).lines()))
             return
         with _captured(console):
-            summary = runner.run(spec, console=console)
+            summary = runner.run(spec, _lease_policy(wait_for_lease, no_lease), console=console)
             if report:
                 report_url = _run_report(output, spec.storage_options)
     except SpecError as e:
@@ -274,6 +288,8 @@ def synth(
     export_only: bool = typer.Option(False, "--export-only", help="Skip generation; re-export what the output already holds (e.g. with other filters)."),
     cache_dir: Optional[str] = CacheOpt,
     verbose: bool = VerboseOpt,
+    wait_for_lease: bool = WaitLeaseOpt,
+    no_lease: bool = NoLeaseOpt,
 ) -> None:
     """Build a synthetic video dataset: expand the recipe, generate (resumable), export WebDataset shards + a Parquet index."""
     from latte_ray.console import Console
@@ -287,7 +303,7 @@ def synth(
                                  drop_blank=drop_blank, cache_dir=cache_dir, generate=not export_only,
                                  min_clip_score=min_clip_score, min_aesthetic=min_aesthetic,
                                  with_embeddings=with_embeddings, with_latents=with_latents, scoring=scoring,
-                                 console=console)
+                                 console=console, lease=_lease_policy(wait_for_lease, no_lease))
     except SpecError as e:
         _fail(e)
     except RunFailed as e:
@@ -313,6 +329,8 @@ def score(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score at most this many videos."),
     cache_dir: Optional[str] = CacheOpt,
     verbose: bool = VerboseOpt,
+    wait_for_lease: bool = WaitLeaseOpt,
+    no_lease: bool = NoLeaseOpt,
 ) -> None:
     """Score the ok videos of OUTPUT that have no scores of this scorer yet (CLIPScore, aesthetic); resumable.
 
@@ -326,9 +344,12 @@ def score(
         spec = load_scoring_spec(scoring)
         with _captured(console):
             result = score_output(output, spec, parse_storage_options(storage_option), cache_dir=cache_dir,
-                                  limit=limit, console=console)
+                                  limit=limit, console=console,
+                                  lease=_lease_policy(wait_for_lease, no_lease))
     except SpecError as e:
         _fail(e)
+    except RunFailed as e:
+        _fail(e, 1)
     typer.echo(result.line())
     for err in result.errors[:5]:
         typer.echo(f"  error: {err}")
@@ -419,6 +440,8 @@ def backfill(
     cache_dir: Optional[str] = CacheOpt,
     report: bool = ReportRunOpt,
     verbose: bool = VerboseOpt,
+    wait_for_lease: bool = WaitLeaseOpt,
+    no_lease: bool = NoLeaseOpt,
 ) -> None:
     """Generate every row of the input tables that lacks an ok row in OUTPUT; a second backfill does nothing.
 
@@ -434,7 +457,7 @@ def backfill(
         spec = build_run_spec(pipeline, prompts, output, storage_option, batch_size, concurrency, seed, True,
                               retry_errors, limit, cache_dir)
         with _captured(console):
-            summary = runner.run(spec, console=console)
+            summary = runner.run(spec, _lease_policy(wait_for_lease, no_lease), command="backfill", console=console)
             if report and (summary.ok or summary.error):
                 report_url = _run_report(output, spec.storage_options)
     except SpecError as e:
@@ -484,15 +507,19 @@ def compact(
     storage_option: Optional[list[str]] = StorageOpt,
     min_age_minutes: float = typer.Option(60.0, "--min-age-minutes", min=0.0, help="Leave parts and videos younger than this alone (a running job's batch may still rewrite its part, or be about to commit its video)."),
     parts_per_file: int = typer.Option(10_000, "--parts-per-file", min=2, help="Most parts merged into one compacted part."),
+    wait_for_lease: bool = WaitLeaseOpt,
+    no_lease: bool = NoLeaseOpt,
 ) -> None:
     """Merge the manifest's small parts (one per batch) into a few large ones, and delete video objects no ok row names (older than the margin); safe to stop at any instant."""
     from latte_ray.record.compact import compact as compact_manifest
 
     try:
         result = compact_manifest(output, parse_storage_options(storage_option), min_age_s=min_age_minutes * 60,
-                                  parts_per_file=parts_per_file)
+                                  parts_per_file=parts_per_file, lease=_lease_policy(wait_for_lease, no_lease))
     except SpecError as e:
         _fail(e)
+    except RunFailed as e:
+        _fail(e, 1)
     typer.echo(result.line())
 
 

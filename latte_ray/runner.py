@@ -11,10 +11,12 @@ Every run leaves its own record, OUTPUT/runs/<run_id>.json (latte_ray/record/out
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import platform
+import signal
+import threading
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -23,6 +25,7 @@ from importlib import metadata
 from latte_ray.faults.rootcause import RunFailed, describe
 from latte_ray.faults.watchdog import RunStalled
 from latte_ray.plan.prompts import inspect_prompt_tables, resolve_prompt_files
+from latte_ray.record import lease as leases
 from latte_ray.record import output as outputs
 from latte_ray.record.storage import is_local
 from latte_ray.spec import RunSpec, SpecError
@@ -132,7 +135,7 @@ def read_input(run: RunSpec, in_fs, files: list[str]):
 
 
 def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "",
-               round_of: tuple[int, int] | None = None):
+               round_of: tuple[int, int] | None = None, fence: dict | None = None):
     """The Ray Data dataset whose rows are the manifest rows of this run (`work`: a workplan.WorkPlan;
     when none of its rows needs a model, only error rows are written and no generation actor starts;
     `round_of`: (k, rounds) to take on only the ids of round k, see `rounds`)."""
@@ -166,7 +169,7 @@ def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "
         return ds.map_batches(
             WriteStage,
             fn_constructor_kwargs={"output_url": run.output, "spec_json": spec_json,
-                                   "storage_options": run.storage_options, "run_id": run_id},
+                                   "storage_options": run.storage_options, "run_id": run_id, "fence": fence},
             batch_format="numpy", compute=cpu_pool, num_cpus=ex.num_cpus_per_cpu_task,
         )
     # Small blocks, one generation batch each, so every actor in the pool gets work.
@@ -208,7 +211,7 @@ def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "
     ds = ds.map_batches(
         WriteStage,
         fn_constructor_kwargs={"output_url": run.output, "spec_json": spec_json,
-                               "storage_options": run.storage_options, "run_id": run_id},
+                               "storage_options": run.storage_options, "run_id": run_id, "fence": fence},
         batch_format="numpy", compute=cpu_pool, num_cpus=ex.num_cpus_per_cpu_task,
     )
     return ds
@@ -285,25 +288,41 @@ def preflight(run: RunSpec, tables: bool = True) -> Preflight:
 SHOWN_VIDEOS = 3  # videos a summary names
 
 
-def run(run: RunSpec, console=None) -> RunSummary:
-    """Check, bind, generate. `console` (latte_ray.console.Console, the CLI's): what will run, the progress
-    line and the run's log file; without one (library use) nothing is printed but the log records."""
+def run(run: RunSpec, lease: leases.Policy | leases.Lease | None = None, command: str = "run",
+        run_id: str | None = None, console=None) -> RunSummary:
+    """Check, take the output's lease (`lease`: a Policy, default take it and refuse if held; or a Lease the
+    caller already holds, as synth does), then generate. `command` names the CLI command in the lease.
+    `console` (latte_ray.console.Console, the CLI's): what will run, the progress line and the run's log
+    file; without one (library use) nothing is printed but the log records."""
     started_wall = datetime.now(timezone.utc)
     started = time.perf_counter()
     checked = preflight(run)
     in_fs, files, out = checked.in_fs, checked.files, checked.output
     log.info("checked: %s", checked.model)
+    run_id = run_id or outputs.new_run_id(started_wall)
+    if isinstance(lease, leases.Lease):
+        return _run_holding(run, checked, run_id, started_wall, started, lease, console)
+    # Before Ray or any model starts: a second writer is refused here, in one line (record/lease.py).
+    terms = leases.Terms.of(run.pipeline.execution)
+    with leases.hold_output(out, run_id, command, terms, lease or leases.Policy()) as held:
+        return _run_holding(run, checked, run_id, started_wall, started, held, console)
 
+
+def _run_holding(run: RunSpec, checked: Preflight, run_id: str, started_wall: datetime, started: float,
+                 held: leases.Lease | None, console=None) -> RunSummary:
+    in_fs, files, out = checked.in_fs, checked.files, checked.output
     init_ray()
     from latte_ray.plan.fit import check_fit, use_task_cpu_cap
 
     use_task_cpu_cap(run.pipeline.execution.num_cpus_per_cpu_task)
     check_fit(run.pipeline)  # before any actor starts: refuse a plan this cluster can never schedule
+    if held is not None:
+        held.check()
     # Every check has passed: bind the output to this spec (first run only) and open this run's record.
     outputs.bind(out, run.pipeline, run.seed, package_versions().get("latte-ray", "unknown"),
                  model_identity=checked.model_identity)
-    run_id = f"{started_wall:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     record = {**run_record(run, files, started_wall), "model_identity": checked.model_identity}
+    record["lease"] = held.generation if held is not None else None
     if console is not None and console.log_local is not None:
         log_path, log_url = f"{out.layout.runs_dir}/{run_id}.log", f"{out.layout.url}/runs/{run_id}.log"
         console.attach_log(out.fs, log_path, log_url)
@@ -315,20 +334,27 @@ def run(run: RunSpec, console=None) -> RunSummary:
 
         write_scoring_record(out.fs, out.layout, run.pipeline.scoring)
     summary = RunSummary(output=run.output, run_id=run_id, log=console.log_location if console else None)
+    stopper = _StopOnLoss(held)
     try:
-        with _console_without_ray_data_tracebacks():
-            _generate(run, in_fs, files, checked.without_id, run_id, summary, console)
-    except RunStalled as e:
-        history.finish("stalled", str(e), **_counts(summary))
-        raise
-    except KeyboardInterrupt:
-        history.finish("interrupted", **_counts(summary))
-        raise
-    except SpecError as e:
-        history.finish("failed", str(e), **_counts(summary))
-        raise
-    except Exception as e:  # noqa: BLE001 - Ray's errors carry whole tracebacks: keep the root cause
-        reason = describe(e)
+        with _console_without_ray_data_tracebacks(), stopper:
+            _generate(run, in_fs, files, checked.without_id, run_id, summary, held, console)
+    except BaseException as e:
+        lost = held.verify() if held is not None else None
+        if lost:  # whatever stopped the execution (a write actor refusing to commit, most likely): the lease
+            history.finish("lost-lease", lost, **_counts(summary))
+            raise leases.LeaseLost(lost) from None
+        if isinstance(e, RunStalled):
+            history.finish("stalled", str(e), **_counts(summary))
+            raise
+        if isinstance(e, KeyboardInterrupt):
+            history.finish("interrupted", **_counts(summary))
+            raise
+        if isinstance(e, SpecError):
+            history.finish("failed", str(e), **_counts(summary))
+            raise
+        if not isinstance(e, Exception):
+            raise
+        reason = describe(e)  # Ray's errors carry whole tracebacks: keep the root cause
         log.debug("run %s failed", run_id, exc_info=e)
         history.finish("failed", reason, **_counts(summary))
         raise RunFailed(reason) from None
@@ -336,6 +362,45 @@ def run(run: RunSpec, console=None) -> RunSummary:
     history.finish("ok", **_counts(summary))
     log.info(summary.line())
     return summary
+
+
+class _LeaseInterrupt(KeyboardInterrupt):
+    """Raised in the run's thread when its lease was lost (a BaseException, so no `except Exception` on the
+    way swallows it); the runner turns it into LeaseLost."""
+
+
+class _StopOnLoss:
+    """While the run generates, a lost lease stops it at once (the renewal thread interrupts the run's
+    thread, as the progress watchdog does), rather than at the next batch a write actor would refuse to
+    commit: the GPUs are not kept busy for a run whose videos another run now makes."""
+
+    def __init__(self, held: leases.Lease | None):
+        self.held = held
+        self._armed = False
+        self._lock = threading.Lock()
+        self._thread = threading.current_thread()
+
+    def __enter__(self) -> "_StopOnLoss":
+        if self.held is not None:
+            self._armed = True
+            self.held.on_lost = self._interrupt
+            self.held.check()  # lost before it was armed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._armed = False
+
+    def _interrupt(self, reason: str) -> None:
+        with self._lock:
+            if not self._armed:
+                return
+            self._armed = False
+            if self._thread is threading.main_thread():
+                signal.pthread_kill(self._thread.ident, signal.SIGINT)  # also breaks blocking waits (ray.get)
+            else:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._thread.ident),
+                                                           ctypes.py_object(_LeaseInterrupt))
 
 
 class _HideOnConsole(logging.Filter):
@@ -368,7 +433,7 @@ def _counts(summary: RunSummary) -> dict:
 
 
 def _generate(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_id: str,
-              summary: RunSummary, console=None) -> None:
+              summary: RunSummary, held: leases.Lease | None = None, console=None) -> None:
     """The work of a run under its progress watchdog: executions re-planned from the manifest (at most
     MAX_REPLANS times) when a node, actor or object was lost; RunStalled when the watchdog stopped it."""
     from latte_ray.faults.nodeloss import MAX_REPLANS, end_stage_actors, replannable
@@ -379,10 +444,10 @@ def _generate(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_
         try:
             for attempt in range(MAX_REPLANS + 1):
                 try:
-                    _execute(run, in_fs, files, without_id, run_id, summary, dog, baseline, console)
+                    _execute(run, in_fs, files, without_id, run_id, summary, dog, baseline, held, console)
                     break
                 except Exception as e:  # noqa: BLE001 - classified: only a lost node or actor is re-planned
-                    if attempt == MAX_REPLANS or not replannable(e):
+                    if attempt == MAX_REPLANS or not replannable(e) or (held is not None and held.verify()):
                         raise
                     log.warning("the execution failed (%s); re-planning from the manifest (%d of at most %d): "
                                 "committed ids are skipped", replannable(e), attempt + 1, MAX_REPLANS)
@@ -399,7 +464,7 @@ def _generate(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_
 
 
 def _execute(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_id: str, summary: RunSummary,
-             dog, baseline: dict, console=None) -> None:
+             dog, baseline: dict, held: leases.Lease | None = None, console=None) -> None:
     """The pre-pass and the rounds of one execution attempt, counting committed rows into `summary`; a
     re-planned attempt reads the manifest again, so ids committed before it are skipped."""
     from latte_ray.plan.workplan import plan_work
@@ -428,11 +493,16 @@ def _execute(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_i
         if n_rounds > 1:
             log.info("round %d of %d (about %d rows each)", k + 1, n_rounds, work.todo // n_rounds)
         dog.phase(f"round {k + 1} of {n_rounds}", loads_models=work.generate > 0)
-        ds = build_plan(run, in_fs, files, work, run_id, (k, n_rounds) if n_rounds > 1 else None)
+        if held is not None:
+            held.check()
+        ds = build_plan(run, in_fs, files, work, run_id, (k, n_rounds) if n_rounds > 1 else None,
+                        fence=held.fence if held is not None else None)
         batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0))
         try:
             for batch in batches:
                 dog.progress()
+                if held is not None:
+                    held.check()
                 uris = batch["video_uri"].to_pylist()
                 for status, error, uri in zip(batch["status"].to_pylist(), batch["error"].to_pylist(), uris):
                     if status == "ok":

@@ -325,10 +325,27 @@ class ExecutionSpec(_Strict):
         "null: off.",
     )
 
+    lease_heartbeat_s: float = Field(
+        30.0, gt=0, description="How often the driver renews its output lease's heartbeat "
+        "(latte_ray/record/lease.py: one writer per output).",
+    )
+    lease_expiry_s: float = Field(
+        180.0, gt=0, description="After how long without a heartbeat the output lease counts as dead and the "
+        "next writing run takes it over (and marks the dead run's record `died`). At least twice "
+        "lease_heartbeat_s; longer than the longest pause a live driver can have (storage outage, GC).",
+    )
+
     @field_validator("concurrency")
     @classmethod
     def _concurrency(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
         return check_concurrency(v)
+
+    @model_validator(mode="after")
+    def _lease_expiry_covers_heartbeats(self) -> "ExecutionSpec":
+        if self.lease_expiry_s < 2 * self.lease_heartbeat_s:
+            raise ValueError(f"execution.lease_expiry_s ({self.lease_expiry_s:g}) must be at least twice "
+                             f"execution.lease_heartbeat_s ({self.lease_heartbeat_s:g})")
+        return self
 
     @field_validator("stall_timeout_s", "batch_deadline_s")
     @classmethod
@@ -371,10 +388,27 @@ class ScoringSpec(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="CLIP weights and compute dtype.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks cuda when one is visible.")
 
+    lease_heartbeat_s: float = Field(
+        30.0, gt=0, description="How often the driver renews its output lease's heartbeat "
+        "(latte_ray/record/lease.py: one writer per output).",
+    )
+    lease_expiry_s: float = Field(
+        180.0, gt=0, description="After how long without a heartbeat the output lease counts as dead and the "
+        "next writing run takes it over (and marks the dead run's record `died`). At least twice "
+        "lease_heartbeat_s; longer than the longest pause a live driver can have (storage outage, GC).",
+    )
+
     @field_validator("concurrency")
     @classmethod
     def _concurrency(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
         return check_concurrency(v)
+
+    @model_validator(mode="after")
+    def _lease_expiry_covers_heartbeats(self) -> "ExecutionSpec":
+        if self.lease_expiry_s < 2 * self.lease_heartbeat_s:
+            raise ValueError(f"execution.lease_expiry_s ({self.lease_expiry_s:g}) must be at least twice "
+                             f"execution.lease_heartbeat_s ({self.lease_heartbeat_s:g})")
+        return self
 
     def scoring_hash(self) -> str:
         """Hash of what determines a score (models, frames, dtype), not placement or batch size."""

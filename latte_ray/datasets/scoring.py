@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -116,10 +114,22 @@ def rows_to_score(batch: pa.Table, output: str, storage_options: dict | None, sc
 
 
 def score_output(output: str, scoring: ScoringSpec, storage_options: dict | None = None,
-                 cache_dir: str | None = None, limit: int | None = None, console=None) -> ScoreSummary:
-    """Score every ok video of `output` that has no scores of this scorer yet (see the module docstring).
-    `console` (latte_ray.console.Console, the CLI's): the line saying what will run, the progress line and
-    the log file, OUTPUT/runs/score-<stamp>.log."""
+                 cache_dir: str | None = None, limit: int | None = None, console=None, lease=None) -> ScoreSummary:
+    """Score every ok video of `output` that has no scores of this scorer yet (see the module docstring),
+    holding the output's lease (record/lease.py; `lease`: a Policy, default take it and refuse if held)
+    from before Ray starts to the end. `console` (latte_ray.console.Console, the CLI's): the line saying what
+    will run, the progress line and the log file, OUTPUT/runs/score-<stamp>.log."""
+    from latte_ray.record.lease import Policy, hold_output, output_terms
+    from latte_ray.record.output import new_run_id, require_output
+
+    out, record = require_output(output, storage_options)
+    run_id = new_run_id()
+    with hold_output(out, run_id, "score", output_terms(record), lease or Policy()) as held:
+        return _score(output, scoring, storage_options, cache_dir, limit, run_id, held, console)
+
+
+def _score(output: str, scoring: ScoringSpec, storage_options: dict | None, cache_dir: str | None,
+           limit: int | None, run_id: str, held, console=None) -> ScoreSummary:
     import ray
 
     from latte_ray.record.output import require_output
@@ -143,7 +153,6 @@ def score_output(output: str, scoring: ScoringSpec, storage_options: dict | None
     check_sources(scoring, storage_options)
     digest = write_scoring_record(fs, layout, scoring)
     summary = ScoreSummary(output=output, scoring_hash=digest)
-    run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     if console is not None and console.log_local is not None:
         console.attach_log(fs, f"{layout.runs_dir}/score-{run_id}.log", f"{layout.url}/runs/score-{run_id}.log")
 
@@ -173,9 +182,12 @@ def score_output(output: str, scoring: ScoringSpec, storage_options: dict | None
     ds = add_scoring_stages(ds, scoring, cpu_pool, CPU_PER_TASK, cache_dir, storage_options, fetch_from=output)
     ds = ds.map_batches(WriteScoresStage, fn_constructor_kwargs={"output_url": output,
                                                                  "storage_options": storage_options,
-                                                                 "run_id": run_id, "scoring_hash": digest},
+                                                                 "run_id": run_id, "scoring_hash": digest,
+                                                                 "fence": held.fence if held is not None else None},
                         batch_format="numpy", compute=cpu_pool, num_cpus=CPU_PER_TASK)
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
+        if held is not None:
+            held.check()
         for video_id, error in zip(batch["id"].to_pylist(), batch["error"].to_pylist()):
             if error is None:
                 summary.scored += 1

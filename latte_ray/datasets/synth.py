@@ -349,9 +349,11 @@ def synthesize(
     with_latents: bool | None = None,
     scoring: str | None = None,
     console=None,
+    lease=None,
 ) -> SynthSummary:
-    """Expand the recipe, generate what is missing (resume), and export the dataset shards. `console`: the
-    CLI's (latte_ray/console.py), handed to the run."""
+    """Expand the recipe, generate what is missing (resume), and export the dataset shards, holding the
+    output's lease throughout (`lease`: a record/lease.Policy; default: take it, refuse if held). `console`:
+    the CLI's (latte_ray/console.py), handed to the run."""
     from latte_ray import runner
     from latte_ray.datasets.export import export_dataset
 
@@ -377,19 +379,27 @@ def synthesize(
     else:
         require_output(output, storage_options)
     _check_owned(output, storage_options)
-    write_prompt_table(table, output, storage_options)
-    fs, root = filesystem(output, storage_options)
-    write_atomic(fs, f"{root.rstrip('/')}/recipe.yaml", text.encode())
-    summary = runner.run(run, console=console) if generate else None
-    exported = export_dataset(
-        output, storage_options=storage_options, prompts_url=prompts_url,
-        min_motion=recipe.export.min_motion if min_motion is None else min_motion,
-        drop_blank=recipe.export.drop_blank if drop_blank is None else drop_blank,
-        samples_per_shard=recipe.export.samples_per_shard, max_shard_bytes=recipe.export.max_shard_bytes,
-        min_clip_score=min_clip_score, min_aesthetic=min_aesthetic, with_embeddings=with_embeddings,
-        with_latents=with_latents, name=recipe.name,
-        scoring_hash=spec.scoring.scoring_hash() if spec.scoring.enabled else None,
-    )
+    # One writer per output (record/lease.py): taken before the prompt table is written, held to the end.
+    from latte_ray.record.lease import Policy, Terms, hold_output
+    from latte_ray.record.output import new_run_id, open_output
+
+    run_id = new_run_id()
+    policy = lease or Policy()
+    with hold_output(open_output(output, storage_options), run_id, "synth", Terms.of(spec.execution),
+                           policy) as held:
+        write_prompt_table(table, output, storage_options)
+        fs, root = filesystem(output, storage_options)
+        write_atomic(fs, f"{root.rstrip('/')}/recipe.yaml", text.encode())
+        summary = runner.run(run, held or Policy(take=False), run_id=run_id, console=console) if generate else None
+        exported = export_dataset(
+            output, storage_options=storage_options, prompts_url=prompts_url,
+            min_motion=recipe.export.min_motion if min_motion is None else min_motion,
+            drop_blank=recipe.export.drop_blank if drop_blank is None else drop_blank,
+            samples_per_shard=recipe.export.samples_per_shard, max_shard_bytes=recipe.export.max_shard_bytes,
+            min_clip_score=min_clip_score, min_aesthetic=min_aesthetic, with_embeddings=with_embeddings,
+            with_latents=with_latents, name=recipe.name,
+            scoring_hash=spec.scoring.scoring_hash() if spec.scoring.enabled else None,
+        )
     return SynthSummary(prompts=table.num_rows, run=summary, export=exported)
 
 

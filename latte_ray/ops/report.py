@@ -86,6 +86,11 @@ def write_report(output: str, storage_options: dict | None = None, dest: str | N
     attempts = read_manifest(fs, layout, columns=_COLUMNS)
     latest = latest_rows(attempts)
     total_runs, runs = list_runs(out, last=RUNS_SHOWN)
+    from latte_ray.ops.status import lease_holders, liveness
+
+    held = lease_holders(out)
+    for r in runs:  # a `running` record: live, or died (its lease, record/lease.py)
+        r["liveness"] = liveness(r, held) if r.get("outcome") == "running" else None
 
     counts = count(attempts, latest)
     ok = latest.filter(pc.equal(latest["status"], "ok")).sort_by("id")
@@ -485,7 +490,7 @@ def render_html(output: str, record: dict, runs: tuple[int, list[dict]], counts:
         f"</table><h2>Runs</h2><p>The last {len(last_runs)} of {total_runs} runs (OUTPUT/runs/).</p>"
         "<table id='runs'><tr><th>run</th><th>started</th><th>ended</th><th>outcome</th></tr>",
         *(f"<tr><td>{e(str(r.get('run_id', '')))}</td><td>{e(str(r.get('started_at') or ''))}</td>"
-          f"<td>{e(str(r.get('ended_at') or ''))}</td><td>{e(run_line(r).split('  ', 1)[-1])}</td></tr>"
+          f"<td>{e(str(r.get('ended_at') or ''))}</td><td>{e(run_line(r, r.get('liveness')).split('  ', 1)[-1])}</td></tr>"
           for r in reversed(last_runs)),
         "</table><h2>Throughput</h2><img src='throughput.png' alt='throughput over time'>",
         *_scores_html(selection, distributions or {}),

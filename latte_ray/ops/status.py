@@ -60,7 +60,7 @@ class Status:
                f"spec: {self.spec_hash} ({self.pipeline}), run seed {self.run_seed}; {self.runs} runs recorded"]
         if self.last_runs:
             out.append(f"last {len(self.last_runs)} runs:")
-            out += [f"  {run_line(r)}" for r in self.last_runs]
+            out += [f"  {run_line(r, r.get('liveness'))}" for r in self.last_runs]
         if self.ok:
             out.append(
                 f"throughput: {self.videos_per_second:.3g} videos/s over {self.busy_seconds:.0f} s of generation "
@@ -105,7 +105,10 @@ def status(output: str, storage_options: dict | None = None, prompts: list[str] 
                     pipeline=pipeline.get("name"), run_seed=run_seed)
     result.runs, runs = list_runs(out, last=RUNS_SHOWN)
     result.last_runs = [{k: r.get(k) for k in ("run_id", "started_at", "ended_at", "outcome", "reason", "counts",
-                                               "spec_hash", "seed")} for r in runs]
+                                               "spec_hash", "seed", "last_heartbeat_at")} for r in runs]
+    held = lease_holders(out)
+    for r, full in zip(result.last_runs, runs):
+        r["liveness"] = liveness(full, held) if r["outcome"] == "running" else None
     latest = latest_rows(manifest)
     ok_mask = pc.equal(latest["status"], "ok").to_numpy(zero_copy_only=False)
     ids = latest["id"].to_pylist()
@@ -124,6 +127,35 @@ def status(output: str, storage_options: dict | None = None, prompts: list[str] 
     _throughput(manifest, result)
     _scores(fs, layout, latest, result)
     return result
+
+
+def lease_holders(out) -> dict[str, dict] | None:
+    """run id -> its lease object (record/lease.py); None when the lease folder cannot be read."""
+    from latte_ray.record.lease import holders
+
+    try:
+        return holders(out.fs, out.layout.root)
+    except Exception:  # noqa: BLE001 - status still shows the rest
+        return None
+
+
+def liveness(record: dict, held: dict[str, dict] | None, now: float | None = None) -> str | None:
+    """What a run whose record says `running` is: `running (heartbeat Ns ago)` while its lease is live,
+    `died (...)` when its lease expired or is gone; None when it cannot tell (no lease: --no-lease, or a run
+    of a latte-ray before the lease)."""
+    from latte_ray.record.lease import gone_here, heartbeat_age, is_live
+
+    if held is None or record.get("lease") is None:
+        return None
+    holder = held.get(record.get("run_id"))
+    if holder is None:
+        return "died (no end recorded and its lease is gone)"
+    age = heartbeat_age(holder, now)
+    if is_live(holder, now):
+        return f"running (heartbeat {age:.0f}s ago)"
+    why = "its process on this host is gone" if gone_here(holder) else "its lease expired"
+    return (f"died (last heartbeat {age:.0f}s ago, {holder.get('heartbeat_at')}; {why}, the next writing run "
+            f"takes the output over)")
 
 
 def _scores(fs, layout, latest, result: Status) -> None:

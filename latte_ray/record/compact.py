@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import pyarrow.compute as pc
 
 from latte_ray.faults import retry
-from latte_ray.record.output import require_output
+from latte_ray.record.lease import Lease, Policy, hold_output, output_terms
+from latte_ray.record.output import new_run_id, require_output
 from latte_ray.record.storage import (
     COMPACT_PREFIX, MANIFEST_SCHEMA, REPLACES_KEY, VIDEO_DIGEST_CHARS, OutputLayout, is_local, live_parts,
     manifest_listing, manifest_part_bytes, part_name, read_manifest, read_parts, shard_of, write_atomic,
@@ -61,11 +62,17 @@ class CompactResult:
 
 
 def compact(output: str, storage_options: dict | None = None, min_age_s: float = 3600.0,
-            parts_per_file: int = 10_000, collect_videos: bool = True) -> CompactResult:
+            parts_per_file: int = 10_000, collect_videos: bool = True, lease: Policy | None = None) -> CompactResult:
     """Merge the output's manifest parts older than `min_age_s` (compacted ones excepted) into compacted
     parts of up to `parts_per_file` parts each, then delete what they replace; then (`collect_videos`)
-    delete video objects older than `min_age_s` that no ok row names."""
-    out, _record = require_output(output, storage_options)
+    delete video objects older than `min_age_s` that no ok row names. Holds the output's lease throughout
+    (record/lease.py; `lease`: default take it, refuse if another run holds it)."""
+    out, record = require_output(output, storage_options)
+    with hold_output(out, new_run_id(), "compact", output_terms(record), lease or Policy()) as held:
+        return _compact(out, min_age_s, parts_per_file, collect_videos, held)
+
+
+def _compact(out, min_age_s: float, parts_per_file: int, collect_videos: bool, held: Lease | None) -> CompactResult:
     fs, layout = out.fs, out.layout
     listing = retry.call(lambda: manifest_listing(fs, layout), f"list {layout.manifest_dir}", retry.READ)
     live, replaced = live_parts(fs, listing)
@@ -76,6 +83,8 @@ def compact(output: str, storage_options: dict | None = None, min_age_s: float =
     groups = [todo[i:i + parts_per_file] for i in range(0, len(todo), parts_per_file)] if len(todo) > 1 else []
     rows = 0
     for group in groups:
+        if held is not None:
+            held.check()  # another run took the output over: commit no more
         rows += _compact_group(fs, layout, group)
         _delete(fs, group)
     _delete(fs, leftovers)
@@ -99,9 +108,10 @@ def _compact_group(fs, layout: OutputLayout, group: list[str]) -> int:
 
 
 def _sweep_temp_files(layout: OutputLayout, cutoff: float) -> int:
-    """Delete storage.write_atomic temp files (`<name>.tmp-<uuid>`) last modified before `cutoff`."""
+    """Delete storage.write_atomic temp files (`<name>.tmp-<uuid>`: a killed video, part or lease heartbeat
+    write) last modified before `cutoff`."""
     swept = 0
-    for folder in (layout.manifest_dir, f"{layout.root}/videos"):
+    for folder in (layout.manifest_dir, f"{layout.root}/videos", f"{layout.root}/lease"):
         for dirpath, _dirs, names in os.walk(folder):
             for name in names:
                 path = os.path.join(dirpath, name)

@@ -6,8 +6,10 @@
                                 report and compact refuse a path without it.
     OUTPUT/runs/<run_id>.json   one per run: written once the run's checks have passed and before anything
                                 is generated (outcome "running"), rewritten by that same run at its end (ok,
-                                failed with a reason, interrupted). No run writes another run's record, so a
-                                failed run never replaces the record of a good one.
+                                failed with a reason, interrupted, lost-lease). No run writes another run's
+                                record, so a failed run never replaces the record of a good one; the one
+                                exception: the run that takes over a dead run's lease (record/lease.py)
+                                marks its record "died".
 
 Why an output is bound to one spec: resume matches on ids, and an id does not change with the spec, so a
 second spec would skip every id the first one finished (the manifest would then mix two specs), and with
@@ -298,6 +300,31 @@ class RunLog:
         write_atomic(self.out.fs, self.path, json.dumps(self.record, indent=2, default=str).encode())
 
 
+def new_run_id(started: datetime | None = None) -> str:
+    """A run id: its UTC start time (so that run records sort in start order) and 8 random hex digits."""
+    return f"{started or datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+
+
+def mark_died(out: Output, run_id: str, last_heartbeat: str, found_by: str, why: str = "its lease expired") -> bool:
+    """Record that run `run_id` died (`why`: its lease expired, or its process is gone; last heartbeat
+    `last_heartbeat`) and run `found_by` took the output over. Only a record still `running` is changed (False otherwise, or when the run left
+    none: it died before its checks passed); a failure is logged, not raised."""
+    path = f"{out.layout.runs_dir}/{run_id}.json"
+    try:
+        record = json.loads(out.fs.cat_file(path))
+        if record.get("outcome") != "running":
+            return False
+        record.update(outcome="died", last_heartbeat_at=last_heartbeat,
+                      reason=f"{why} (last heartbeat {last_heartbeat}); run {found_by} took the output over")
+        write_atomic(out.fs, path, json.dumps(record, indent=2, default=str).encode())
+        return True
+    except FileNotFoundError:
+        return False
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not mark run %s died in %s: %s: %s", run_id, path, type(e).__name__, e)
+        return False
+
+
 def list_runs(out: Output, last: int | None = None) -> tuple[int, list[dict]]:
     """(how many runs are recorded, the records of the last `last` of them, oldest first). Run ids start
     with their UTC start time, so their names sort in start order."""
@@ -316,13 +343,14 @@ def list_runs(out: Output, last: int | None = None) -> tuple[int, list[dict]]:
     return len(names), records
 
 
-def run_line(record: dict) -> str:
-    """One run as a line for status and report."""
+def run_line(record: dict, liveness: str | None = None) -> str:
+    """One run as a line for status and report; `liveness` (from its lease, ops/status.py) replaces the
+    outcome of a run whose record says `running`."""
     counts = record.get("counts") or {}
     done = ", ".join(f"{v} {k}" for k, v in counts.items() if v) if counts else ""
     outcome = record.get("outcome", "?")
     if outcome == "running":
-        outcome = "running (no end recorded: still running, or killed)"
+        outcome = liveness or "running (no end recorded: still running, or killed)"
     reason = f": {record['reason']}" if record.get("reason") else ""
     return (f"{record.get('run_id', '?')}  {outcome}{reason}"
             f"{f' ({done})' if done else ''}; spec {record.get('spec_hash', '?')}")

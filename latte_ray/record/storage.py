@@ -4,6 +4,7 @@ Output layout under a prefix:
     latte-ray.json              the output's record: the one pipeline spec (and run seed) it is bound to,
                                 written once by its first run (latte_ray/record/output.py)
     runs/<run_id>.json          one record per run: spec, arguments (no secrets), versions, start, end, outcome
+    lease/<generation>.json     the output lease: one writer per output (latte_ray/record/lease.py)
     videos/<shard>/<id>.<h>.mp4 shard = first 2 hex chars of sha256(id); h = first 32 hex chars of the
                                 video's own sha256 (content-addressed: a recorded object never changes)
     manifest/part-*.parquet     one row per finished attempt: the commit record (part-compact-*: many

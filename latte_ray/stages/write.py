@@ -7,7 +7,9 @@ deleted by `latte-ray compact` once old enough). A video's key holds the first 1
 same bytes go to the same key, other bytes (a nondeterministic kernel, a perturbed retry) to a new one.
 Storage writes are retried with backoff; a video that still cannot be stored becomes an error row. The
 part's name is a hash of the run and the batch's ids, so a batch that Ray retries (its writer died after
-committing) replaces its own part rather than recording its ids twice.
+committing) replaces its own part rather than recording its ids twice. Before each commit the stage checks
+that its run still holds the output's lease (record/lease.py `fence`): a run whose lease was taken over
+by another commits nothing more (LeaseLost fails the execution, and the run ends with the reason).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from latte_ray.faults import injection as faults
 from latte_ray.faults import retry
 from latte_ray.metrics import StageMetrics
 from latte_ray.spec import PipelineSpec
+from latte_ray.record.lease import check_fence
 from latte_ray.record.scores import manifest_score_columns
 from latte_ray.record.storage import MANIFEST_SCHEMA, OutputLayout, filesystem, write_atomic, write_manifest_part
 
@@ -30,8 +33,10 @@ PUT_CONCURRENCY = 8  # video uploads in flight per write actor
 
 
 class WriteStage:
-    def __init__(self, output_url: str, spec_json: str, storage_options: dict | None = None, run_id: str = ""):
+    def __init__(self, output_url: str, spec_json: str, storage_options: dict | None = None, run_id: str = "",
+                 fence: dict | None = None):
         self.run_id = run_id
+        self.fence = fence  # None: a run without a lease (--no-lease)
         self.uploads = ThreadPoolExecutor(max_workers=PUT_CONCURRENCY)  # one per actor, for every batch
         self.fs, root = filesystem(output_url, storage_options)
         self.layout = OutputLayout(url=output_url.rstrip("/"), root=root.rstrip("/"))
@@ -66,6 +71,7 @@ class WriteStage:
                     batch.setdefault(column, np.array([None] * n, dtype=object))[i] = value
         rows = self._manifest_rows(batch, status, uris)
         name = self._part_name(batch["id"])
+        check_fence(self.fs, self.fence)
         retry.call(lambda: write_manifest_part(self.fs, self.layout, rows, name), "write manifest part",
                    retry.MANIFEST)
         self.metrics.committed(status, sum(len(batch["video"][i]) for i in range(n) if status[i] == "ok"))

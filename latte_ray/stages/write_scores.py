@@ -16,17 +16,19 @@ import numpy as np
 import pyarrow as pa
 
 from latte_ray.faults import retry
+from latte_ray.record.lease import check_fence
 from latte_ray.record.scores import SCORE_SCHEMA, write_score_part
 from latte_ray.record.storage import OutputLayout, filesystem
 
 
 class WriteScoresStage:
     def __init__(self, output_url: str, storage_options: dict | None = None, run_id: str = "",
-                 scoring_hash: str = ""):
+                 scoring_hash: str = "", fence: dict | None = None):
         self.fs, root = filesystem(output_url, storage_options)
         self.layout = OutputLayout(url=output_url.rstrip("/"), root=root.rstrip("/"))
         self.run_id = run_id
         self.scoring_hash = scoring_hash
+        self.fence = fence  # the output lease this scoring run holds (record/lease.py); None: --no-lease
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["id"])
@@ -44,5 +46,6 @@ class WriteScoresStage:
             "scored_at": pa.array([datetime.now(timezone.utc)] * n, SCORE_SCHEMA.field("scored_at").type),
         }, schema=SCORE_SCHEMA)
         name = hashlib.sha256("\0".join([self.run_id, *map(str, batch["id"])]).encode()).hexdigest()[:32]
+        check_fence(self.fs, self.fence)  # a run whose lease was taken over commits nothing more
         retry.call(lambda: write_score_part(self.fs, self.layout, rows, name), "write score part", retry.MANIFEST)
         return rows
