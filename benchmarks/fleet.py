@@ -185,27 +185,37 @@ def run_scenario(name: str, args, work: Path) -> dict:
     try:
         fleet.add(args.nodes if name != "late" else args.late_start)
         ray.init(address=fleet.cluster.address, logging_level="WARNING")
-        stop = threading.Event()
+        # Ray starts a node from the main thread only (signal handlers): the run goes in a thread, and the
+        # node events (joins, a loss) happen here.
+        done, result = threading.Event(), {}
 
-        def events():
-            if name == "late":  # the autoscaler brings 2 more nodes every load time
-                while len(fleet.nodes) < args.nodes and not stop.wait(load):
-                    fleet.add(min(2, args.nodes - len(fleet.nodes)))
-            elif name == "loss":  # a node lost once ~40% of the batches are committed; its replacement joins
-                parts = out / "manifest"
-                while not stop.wait(0.5):
-                    if parts.exists() and len(os.listdir(parts)) >= 0.4 * prompts / spec.execution.batch_size:
-                        fleet.lose()
-                        fleet.add(1)
-                        return
+        def generate():
+            try:
+                result["summary"] = runner.run(RunSpec(pipeline=spec, prompts=[str(table)], output=str(out)))
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                result["error"] = e
+            finally:
+                done.set()
 
-        thread = threading.Thread(target=events, daemon=True)
         t_run0 = time.time()
+        thread = threading.Thread(target=generate, daemon=True)
         thread.start()
-        summary = runner.run(RunSpec(pipeline=spec, prompts=[str(table)], output=str(out)))
+        if name == "late":  # the autoscaler brings 2 more nodes every load time
+            while len(fleet.nodes) < args.nodes and not done.wait(load):
+                fleet.add(min(2, args.nodes - len(fleet.nodes)))
+        elif name == "loss":  # a node lost once ~40% of the batches are committed; its replacement joins
+            parts = out / "manifest"
+            while not done.wait(0.5):
+                if parts.exists() and len(os.listdir(parts)) >= 0.4 * prompts / spec.execution.batch_size:
+                    fleet.lose()
+                    fleet.add(1)
+                    break
+        done.wait()
         t_run1 = time.time()
-        stop.set()
         thread.join()
+        if "error" in result:
+            raise result["error"]
+        summary = result["summary"]
         fs, root = filesystem(str(out))
         rows = read_manifest(fs, OutputLayout(str(out), root))
         ok = [r["id"] for r in rows.to_pylist() if r["status"] == "ok"]
