@@ -253,3 +253,32 @@ def test_half_dtypes_on_cpu(model_cache, dtype):
     staged = engine.denoise(TextBatch.from_numpy(text.to_numpy(), engine.device, engine.dtype), [1, 2])
     assert direct.shape == (2, 16, 64, 64, 3) and direct.dtype == np.uint8 and direct.std() > 5
     assert np.abs(direct.astype(int) - staged.astype(int)).max() <= 1
+
+
+def test_a_model_folder_whose_files_changed_is_refused(tmp_path):
+    """A local folder (or s3:// mirror) has no commit: its fingerprint (paths, sizes, ETags, config bytes) is
+    recorded instead, and a folder whose files changed under the same path is refused for the old output."""
+    from latte_ray import runner
+    from latte_ray.record import output as outputs
+    from latte_ray.spec import RunSpec
+    from tests.conftest import write_prompts
+
+    folder = tmp_path / "latte-1"
+    for rel in ("model_index.json", "transformer/config.json", "text_encoder/config.json", "vae/config.json"):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(latte_1_file(rel))
+    for component in ("transformer", "vae", "text_encoder"):
+        (folder / component / "model.safetensors").write_bytes(b"\0" * 8)  # listed, never read by the driver
+    raw = yaml.safe_load(load_pipeline_spec("latte-1-t2v-512").model_dump_json())
+    raw["model"].update(source=str(folder), revision=None)
+    spec = parse_pipeline_spec(raw)
+    prompts = write_prompts(tmp_path / "prompts.parquet", {"prompt": ["a dog"]})
+    run = RunSpec(pipeline=spec, prompts=[str(prompts)], output=str(tmp_path / "out"))
+    first = runner.preflight(run)
+    assert first.model_identity["kind"] == "folder" and len(first.model_identity["fingerprint"]) == 32
+    outputs.bind(first.output, spec, run.seed, "test", model_identity=first.model_identity)
+    (folder / "transformer" / "model.safetensors").write_bytes(b"\0" * 16)  # new weights, same path
+    with pytest.raises(SpecError) as refused:
+        runner.preflight(run)
+    message = str(refused.value)
+    assert "\n" not in message and first.model_identity["fingerprint"] in message and "new --output" in message
