@@ -360,7 +360,7 @@ def test_dry_run_counts_and_estimates_without_loading_a_model(synth_out, tmp_pat
     assert "10 rows in 2 files: 3 to generate, 6 already done, 1 invalid" in proc.stdout
     # 3 videos x 14.6 s (the published A100 figure) = 0.01217 GPU-hours; 4 GPUs: one round of 14.6 s.
     assert "3 videos x 14.6 s/video (spec) = 0.01217 GPU-hours; wall time 15 s on 4 GPUs" in proc.stdout
-    assert "checked: model.source 'tiny' (the tiny model): a LattePipeline, 16 frames" in proc.stdout
+    assert "checked: model.source 'tiny' (the tiny model, v1): a LattePipeline, 16 frames" in proc.stdout
     assert f"other spec: 2 error: output {synth_out} is bound to pipeline spec" in proc.stdout
     assert "loaded: []" in proc.stdout
     assert list(empty_cache.iterdir()) == [], "a model was built or loaded by a dry run"

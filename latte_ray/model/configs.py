@@ -54,7 +54,10 @@ class ModelConfigs:
     identity: dict = field(default_factory=dict)  # what exactly was read: hub commit, or a fingerprint
 
     def resolved(self) -> tuple[dict | None, dict | None]:
-        """The transformer's and text encoder's configs as the loaded models will have them."""
+        """The transformer's and text encoder's configs as the loaded models will have them. The tiny model's
+        are our own complete literals (model/tiny.py): no library import for them, so a dry run stays light."""
+        if self.identity.get("kind") == "tiny":
+            return self.transformer, self.text_encoder
         return (resolve_config(self.model_index, "transformer", self.transformer),
                 resolve_config(self.model_index, "text_encoder", self.text_encoder))
 

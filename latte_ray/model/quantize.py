@@ -12,14 +12,15 @@ Weight-only int8 works on CPU and CUDA; the float8 kinds need float8 tensor core
 `check_supported` fails the actor at load with one line, before any weights are read; when the actors run
 on the driver's machine (a local Ray) `check_before_run` refuses the run up front (a driver-side cluster
 check can call `check_supported` for other nodes).
+
+torch is imported inside the functions that use it: every model actor calls `leave_torchao_unimported`
+first, and the simulated engine's actors (model/sim.py) never import torch at all.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-
-import torch
 
 from latte_ray.spec import FLOAT8_MIN_CAPABILITY, QUANTIZATION_KINDS, ModelSpec, QuantizationSpec, SpecError
 
@@ -30,10 +31,12 @@ class QuantizationUnsupported(RuntimeError):
     """The spec's quantization kind cannot run on this device (the message says why, in one line)."""
 
 
-def check_supported(quantization: QuantizationSpec | None, device: torch.device | str) -> None:
+def check_supported(quantization: QuantizationSpec | None, device: "torch.device | str") -> None:
     """Raise QuantizationUnsupported when `quantization` cannot run on `device` (cpu, cuda, cuda:N)."""
     if quantization is None or not quantization.needs_float8:
         return
+    import torch
+
     device = torch.device(device)
     if device.type != "cuda":
         raise QuantizationUnsupported(quantization.refusal(f"the model runs on {device.type}", "int8_weight_only there"))
@@ -52,6 +55,8 @@ def check_before_run(model: ModelSpec) -> None:
     q = model.quantization
     if q is None or not q.needs_float8 or os.environ.get("RAY_ADDRESS"):
         return
+    import torch
+
     device = "cuda" if model.device != "cpu" and torch.cuda.is_available() else "cpu"
     try:
         check_supported(q, device)
@@ -94,6 +99,7 @@ def quantize_pipeline(pipe, quantization: QuantizationSpec | None) -> dict[str, 
     if quantization is None:
         return {}
     _allow_torchao()
+    import torch
     from torchao.quantization import quantize_
 
     done = {}

@@ -176,6 +176,11 @@ def _machine() -> dict:
             "pid_ns": read("/proc/self/ns/pid", link=True)}
 
 
+# Run ids whose lease this process holds now. A lease object left by a run of this very process that has
+# ended (its release failed, e.g. during a storage outage) names a pid that is alive - ours - but no live run.
+_HELD_HERE: set[str] = set()
+
+
 def gone_here(holder: dict) -> bool:
     """The holder ran on this machine (same host, boot and PID namespace) and its process no longer exists: a
     killed driver restarted on its host is taken over at once, not after the expiry. Anything uncertain (another
@@ -186,6 +191,8 @@ def gone_here(holder: dict) -> bool:
     if any(holder.get(k) != here[k] for k in ("host", "boot_id", "pid_ns")):
         return False
     try:
+        if int(holder["pid"]) == os.getpid():
+            return holder.get("run_id") not in _HELD_HERE
         os.kill(int(holder["pid"]), 0)
     except ProcessLookupError:
         return True
@@ -343,6 +350,7 @@ class Lease:
         """Stop renewing and delete this run's own lease object (only it, and only while it is this run's).
         A storage failure is logged, not raised: the lease then expires on its own."""
         self._stop.set()
+        _HELD_HERE.discard(self.run_id)  # ended: an object left behind (release failed) may be taken over at once
         if self._thread is not None:
             self._thread.join(timeout=max(5.0, 2 * self.terms.heartbeat_s))
         try:
@@ -437,6 +445,7 @@ def acquire(fs: fsspec.AbstractFileSystem, root: str, url: str, run_id: str, com
             continue  # another run took this generation first: look again (it holds the lease now)
         lease = Lease(fs=fs, url=url.rstrip("/"), folder=folder, generation=generation, record=record, terms=terms,
                       made=made)
+        _HELD_HERE.add(run_id)
         if holder is not None and not holder["taken"]:
             # The mark outlives the taker's own lease object (deleted when it ends), so that the old holder,
             # were it only slow, still finds that its generation was taken over (fence_breach).
