@@ -18,15 +18,24 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/hubcache.py, tests/latte
 # No hub at test time: huggingface_hub reads both when it is imported (and Ray's workers inherit them), so they
 # are set here, before any test module imports it. The cache is this session's own folder (a Latte-1-shaped
 # model is placed in it by the `latte1_hub` fixture); what a user has in ~/.cache/huggingface is never read.
-HUB_CACHE = Path(tempfile.mkdtemp(prefix="latte-ray-test-hub-"))
-os.environ["HF_HUB_CACHE"] = str(HUB_CACHE)
+# Made once per process: test modules also import this file as `tests.conftest`, a second module object whose
+# code runs again, and a second folder would then be the env's (inherited by Ray's workers) while the fixtures
+# fill the first. A child process (its own pid) makes its own.
+_OWNER = "LATTE_RAY_TEST_HUB_CACHE_PID"
+if os.environ.get(_OWNER) == str(os.getpid()):
+    HUB_CACHE = Path(os.environ["HF_HUB_CACHE"])
+else:
+    HUB_CACHE = Path(tempfile.mkdtemp(prefix="latte-ray-test-hub-"))
+    os.environ["HF_HUB_CACHE"] = str(HUB_CACHE)
+    os.environ[_OWNER] = str(os.getpid())
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _remove_hub_cache():
     yield
-    shutil.rmtree(HUB_CACHE, ignore_errors=True)  # this session's own folder, made above
+    if os.environ.get(_OWNER) == str(os.getpid()):
+        shutil.rmtree(HUB_CACHE, ignore_errors=True)  # this session's own folder, made above
 
 
 @pytest.fixture(scope="session")
