@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/latte-ray run
 
 test: $(STAMP) chromium
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=30 tests
 
 # The report's browser test (tests/test_scoring.py) opens the gallery in Debian's headless chromium, driven by
 # the playwright package (a dev dependency; it downloads no browser of its own). Installed once, if missing.
