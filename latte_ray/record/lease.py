@@ -350,7 +350,6 @@ class Lease:
         """Stop renewing and delete this run's own lease object (only it, and only while it is this run's).
         A storage failure is logged, not raised: the lease then expires on its own."""
         self._stop.set()
-        _HELD_HERE.discard(self.run_id)  # ended: an object left behind (release failed) may be taken over at once
         if self._thread is not None:
             self._thread.join(timeout=max(5.0, 2 * self.terms.heartbeat_s))
         try:
@@ -365,6 +364,10 @@ class Lease:
         except Exception as e:  # noqa: BLE001
             log.warning("could not release the lease %s: %s: %s (it expires after %.0f s)", self.path,
                         type(e).__name__, e, self.terms.expiry_s)
+        finally:
+            # Only once the object is gone (or its delete failed): an object left behind is then taken over
+            # at once by a later run in this process, while a taker polling meanwhile still sees it held.
+            _HELD_HERE.discard(self.run_id)
 
 
 def fence_breach(fs: fsspec.AbstractFileSystem, fence: dict) -> str | None:
