@@ -34,8 +34,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 @pytest.fixture(scope="session", autouse=True)
 def _remove_hub_cache():
     yield
-    if os.environ.get(_OWNER) == str(os.getpid()):
-        shutil.rmtree(HUB_CACHE, ignore_errors=True)  # this session's own folder, made above
+    shutil.rmtree(HUB_CACHE, ignore_errors=True)  # this session's own folder, made above
 
 
 @pytest.fixture(scope="session")

@@ -440,15 +440,19 @@ def acquire(fs: fsspec.AbstractFileSystem, root: str, url: str, run_id: str, com
         record = {"format": FORMAT, "run_id": run_id, "command": command, **_machine(), "pid": os.getpid(), "started_at": _now_iso(now), "heartbeat_at": _now_iso(now),
                   "heartbeat_unix": now, "heartbeat_s": terms.heartbeat_s, "expiry_s": terms.expiry_s}
         made = _missing_folders(folder) if is_local(fs) else []
+        _HELD_HERE.add(run_id)  # before the object exists: a taker in this process never sees it unheld
         try:
             created = write_exclusive(fs, f"{folder}/{_name(generation)}", json.dumps(record, indent=2).encode())
         except FileNotFoundError:
-            continue  # a run releasing its lease removed the empty folder meanwhile: look again
+            created = None  # a run releasing its lease removed the empty folder meanwhile: look again
+        except BaseException:
+            _HELD_HERE.discard(run_id)
+            raise
         if not created:
-            continue  # another run took this generation first: look again (it holds the lease now)
+            _HELD_HERE.discard(run_id)
+            continue  # another run took this generation first (it holds the lease now), or the folder went
         lease = Lease(fs=fs, url=url.rstrip("/"), folder=folder, generation=generation, record=record, terms=terms,
                       made=made)
-        _HELD_HERE.add(run_id)
         if holder is not None and not holder["taken"]:
             # The mark outlives the taker's own lease object (deleted when it ends), so that the old holder,
             # were it only slow, still finds that its generation was taken over (fence_breach).
