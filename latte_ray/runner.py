@@ -135,10 +135,11 @@ def read_input(run: RunSpec, in_fs, files: list[str]):
 
 
 def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "",
-               round_of: tuple[int, int] | None = None, fence: dict | None = None):
+               round_of: tuple[int, int] | None = None, fence: dict | None = None, servers=None):
     """The Ray Data dataset whose rows are the manifest rows of this run (`work`: a workplan.WorkPlan;
     when none of its rows needs a model, only error rows are written and no generation actor starts;
-    `round_of`: (k, rounds) to take on only the ids of round k, see `rounds`)."""
+    `round_of`: (k, rounds) to take on only the ids of round k, see `rounds`; `servers`: the run's
+    stages/servers.ModelServers when the models live for the whole run, execution.keep_model_actors)."""
     import ray
     import pyarrow.parquet as pq  # noqa: F401  (pyarrow must be importable on workers)
 
@@ -187,18 +188,25 @@ def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "
             **restart_args(ex),
         )
     lo, hi = (ex.concurrency, ex.concurrency) if isinstance(ex.concurrency, int) else ex.concurrency
-    ds = ds.map_batches(
-        DenoiseStage,
-        fn_constructor_kwargs={"spec_json": spec_json, "cache_dir": run.cache_dir,
-                               "storage_options": run.storage_options, "run_id": run_id},
-        batch_size=ex.batch_size,
-        batch_format="numpy",
-        # Every actor the cluster can hold starts at once (plan/fit.initial_pool_size says why).
-        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, initial_size=initial_pool_size(spec)),
-        num_cpus=ex.num_cpus_per_actor,
-        num_gpus=ex.num_gpus_per_actor,
-        **restart_args(ex),
-    )
+    # Every actor the cluster can hold starts at once (plan/fit.initial_pool_size says why).
+    pool = ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, initial_size=initial_pool_size(spec))
+    if servers is not None:  # thin clients of the run's generation servers, which hold the GPUs and models
+        from latte_ray.stages.denoise_client import DenoiseClient
+
+        ds = ds.map_batches(DenoiseClient, fn_constructor_kwargs={"broker": servers.broker},
+                            batch_size=ex.batch_size, batch_format="numpy", compute=pool, num_cpus=0)
+    else:
+        ds = ds.map_batches(
+            DenoiseStage,
+            fn_constructor_kwargs={"spec_json": spec_json, "cache_dir": run.cache_dir,
+                                   "storage_options": run.storage_options, "run_id": run_id},
+            batch_size=ex.batch_size,
+            batch_format="numpy",
+            compute=pool,
+            num_cpus=ex.num_cpus_per_actor,
+            num_gpus=ex.num_gpus_per_actor,
+            **restart_args(ex),
+        )
     ds = ds.map_batches(
         EncodeStage, fn_constructor_kwargs={"video_spec_json": spec.video.model_dump_json()},
         batch_format="numpy", compute=cpu_pool, num_cpus=ex.num_cpus_per_cpu_task,
@@ -440,11 +448,13 @@ def _generate(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_
     from latte_ray.faults.watchdog import Watchdog, stall_timeouts
 
     baseline: dict = {}  # the first work plan's done count: what was done before this run
+    servers: dict = {}  # "servers": the run's ModelServers, from the first round that generates to the end
     with Watchdog(stall_timeouts(run.pipeline)) as dog:
         try:
             for attempt in range(MAX_REPLANS + 1):
                 try:
-                    _execute(run, in_fs, files, without_id, run_id, summary, dog, baseline, held, console)
+                    _execute(run, in_fs, files, without_id, run_id, summary, dog, baseline, held, console,
+                             servers)
                     break
                 except Exception as e:  # noqa: BLE001 - classified: only a lost node or actor is re-planned
                     if attempt == MAX_REPLANS or not replannable(e) or (held is not None and held.verify()):
@@ -461,12 +471,17 @@ def _generate(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_
             if dog.reason is not None:
                 raise RunStalled(dog.reason) from None
             raise
+        finally:
+            if "servers" in servers:  # the run's generation servers end with the run, however it ends
+                servers.pop("servers").close()
 
 
 def _execute(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_id: str, summary: RunSummary,
-             dog, baseline: dict, held: leases.Lease | None = None, console=None) -> None:
+             dog, baseline: dict, held: leases.Lease | None = None, console=None, servers: dict | None = None
+             ) -> None:
     """The pre-pass and the rounds of one execution attempt, counting committed rows into `summary`; a
-    re-planned attempt reads the manifest again, so ids committed before it are skipped."""
+    re-planned attempt reads the manifest again, so ids committed before it are skipped. `servers`: where
+    the run's generation servers are kept across rounds and attempts (execution.keep_model_actors)."""
     from latte_ray.plan.workplan import plan_work
 
     dog.phase("pre-pass (work plan)")
@@ -489,14 +504,24 @@ def _execute(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_i
         log.info("nothing to do: %s", work.line())
         return
     n_rounds = rounds(run, work.todo)
+    kept = None
+    if servers is not None and work.generate and run.pipeline.execution.keep_model_actors:
+        if "servers" not in servers:
+            from latte_ray.stages.servers import ModelServers
+
+            servers["servers"] = ModelServers(run.pipeline, run.cache_dir, run.storage_options, run_id)
+        kept = servers["servers"]
     for k in range(n_rounds):
         if n_rounds > 1:
             log.info("round %d of %d (about %d rows each)", k + 1, n_rounds, work.todo // n_rounds)
-        dog.phase(f"round {k + 1} of {n_rounds}", loads_models=work.generate > 0)
+        # With kept servers only the first round (and servers added later) loads a model.
+        dog.phase(f"round {k + 1} of {n_rounds}", loads_models=work.generate > 0 and (kept is None or k == 0))
         if held is not None:
             held.check()
+        if kept is not None:
+            kept.new_round()  # the previous execution's clients are gone: its servers are free
         ds = build_plan(run, in_fs, files, work, run_id, (k, n_rounds) if n_rounds > 1 else None,
-                        fence=held.fence if held is not None else None)
+                        fence=held.fence if held is not None else None, servers=kept)
         batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0))
         try:
             for batch in batches:

@@ -303,6 +303,11 @@ class ExecutionSpec(_Strict):
         "rounds by a hash of the id, each with fresh actor pools (one model load per round), because Ray Data "
         "keeps some bookkeeping per block in the driver for the life of an execution.",
     )
+    keep_model_actors: bool = Field(
+        False, description="Keep the generation actors, with their loaded models, for the whole run: every "
+        "round (and a re-plan after a lost node) reuses them instead of loading the model again on every GPU "
+        "(latte_ray/stages/servers.py). Off: each round's actor pool loads its own.",
+    )
     seconds_per_video: float | None = Field(
         None, gt=0, description="Seconds one actor takes per video on its device, for `run --dry-run` "
         "estimates and the default stall timeout and batch deadline (null: estimate from the output's "

@@ -3,7 +3,9 @@ cores), each its own raylet (`ray.cluster_utils.Cluster`), shared by the tests o
 
 The node holding the generation actor is killed mid-run without draining, as a spot GPU preemption does,
 and a replacement node joins: the run must finish by itself, every id exactly once, every video matching
-its sha256.
+its sha256. The run keeps its generation actor for the whole run, as the production spec does
+(execution.keep_model_actors): the actor killed is the generation server that holds the model, and Ray
+restarts it on the replacement node while its Ray Data client waits and its call is retried.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pytest
 from tests.conftest import free_port, write_prompts
 from tests.invariants import assert_exactly_once, cli_env, fast_spec, kill_run, manifest, start_cli, write_spec
 
-GENERATION_ACTOR = "ray::MapWorker(MapBatches(DenoiseStage))"
+GENERATION_ACTOR = "ray::GenerationServer"  # stages/servers.py (the pooled stage: ray::MapWorker(MapBatches(DenoiseStage)))
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +78,7 @@ def _ok_rows(out: Path) -> int:
 
 def test_losing_the_generation_node_mid_run_is_ridden_out(cluster, model_cache, tmp_path):
     spec = fast_spec(batch_size=2, num_inference_steps=10)  # ~0.3 s per video: the kill lands mid-run
+    spec = spec.with_overrides(keep_model_actors=True)
     ids = [f"node-{i:02d}" for i in range(24)]
     table = write_prompts(tmp_path / "p.parquet", {"id": ids, "prompt": [f"a ship at sea {i}" for i in ids]})
     out = tmp_path / "out"

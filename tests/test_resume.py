@@ -142,7 +142,8 @@ FAILING = {"poison", "pill"}
 @pytest.fixture(scope="module")
 def failures_run(tmp_path_factory, ray_local, faults_file):
     """One run in which an actor dies mid-batch, a prompt always raises, a prompt always kills its worker,
-    and storage fails transiently."""
+    and storage fails transiently; with the production spec's generation servers kept for the run
+    (execution.keep_model_actors: Ray restarts a dead server and retries the call, the ledger counts it)."""
     tmp = tmp_path_factory.mktemp("failures")
     table = write_prompts(tmp / "prompts" / "date=2026-11-01" / "part-0.parquet",
                           {"id": FAILURE_IDS, "prompt": [f"a scene {i}" for i in FAILURE_IDS]})
@@ -150,7 +151,8 @@ def failures_run(tmp_path_factory, ray_local, faults_file):
     shutil.rmtree(state, ignore_errors=True)
     faults_file.write_text(FAILURE_RULES)
     try:
-        summary = runner.run(RunSpec(pipeline=fast_spec(), prompts=[str(table)], output=str(tmp / "out")))
+        summary = runner.run(RunSpec(pipeline=fast_spec().with_overrides(keep_model_actors=True),
+                                     prompts=[str(table)], output=str(tmp / "out")))
     finally:
         faults_file.write_text("")
     fired = faults.fired(str(state))
@@ -361,12 +363,13 @@ def test_rounds_bound_the_rows_of_one_execution():
 def test_a_run_split_into_rounds_is_exactly_once_resumes_and_compacts(tmp_path, ray_local, caplog):
     """With execution.round_rows below the rows to do, the run is several Ray Data executions, each taking
     the ids whose key falls in it: duplicates, conflicts and bad rows land in exactly one round, and a
-    resume over rounds skips what is done."""
+    resume over rounds skips what is done. With execution.keep_model_actors (the production spec's) the
+    rounds share one generation actor: its model is loaded once per run, not once per round."""
     ids = [f"r-{i:02d}" for i in range(10)]
     table = {"id": ids + ["r-01", "cx", "cx", "bad"],
              "prompt": [f"a round scene {i}" for i in ids] + ["a round scene r-01", "one", "other", ""]}
     write_prompts(tmp_path / "in" / "a.parquet", table)
-    spec = fast_spec(batch_size=2).with_overrides(round_rows=7)
+    spec = fast_spec(batch_size=2).with_overrides(round_rows=7, keep_model_actors=True)
     spec = spec.model_copy(update={"model": spec.model.model_copy(update={"source": "null"})})  # no model load
     out = tmp_path / "out"
     with caplog.at_level("INFO", logger="latte_ray.runner"):
@@ -374,6 +377,8 @@ def test_a_run_split_into_rounds_is_exactly_once_resumes_and_compacts(tmp_path, 
     assert "round 2 of 2" in caplog.text  # 10 ids + 2 conflicting rows + 1 bad row = 13 rows to do
     assert (summary.ok, summary.error, summary.duplicates) == (10, 3, 1)
     assert_exactly_once(out, set(ids), errors={"cx", *(r["id"] for r in manifest(out) if "empty" in (r["error"] or ""))})
+    lives = {(r["actor"], r["actor_started_at"]) for r in manifest(out) if r["status"] == "ok"}
+    assert len(lives) == 1 and None not in next(iter(lives)), lives  # both rounds: one actor, one model load
 
     write_prompts(tmp_path / "in" / "b.parquet", {"id": ["r-10", "r-11"], "prompt": ["new one", "new two"]})
     again = runner.run(RunSpec(pipeline=spec, prompts=[str(tmp_path / "in")], output=str(out),

@@ -44,7 +44,7 @@ STEADY_FACTOR = 10.0
 LOAD_S = {"small": 120.0, "model": 1200.0}  # tiny/null vs a real checkpoint (download + load)
 COMPILE_S = {"inductor": 900.0, "eager": 120.0, "aot_eager": 120.0}
 GRACE_S = 60.0
-GENERATION_OP = "DenoiseStage"
+GENERATION_OPS = ("DenoiseStage", "DenoiseClient")  # the pooled stage, or clients of kept servers
 
 
 class RunStalled(RuntimeError):
@@ -261,7 +261,7 @@ def generation_pool_idle() -> bool:
     created or restarted: the wait includes a model load)."""
     for executor in _executors():
         for op in list((getattr(executor, "_topology", None) or {})):
-            if GENERATION_OP in op.name:
+            if any(name in op.name for name in GENERATION_OPS):
                 info = _actor_info(op)
                 if info is not None and info.running == 0:
                     return True
