@@ -37,7 +37,7 @@ from _common import machine, write_prompt_table
 NODE_CPUS_REAL = 17  # a production 8-GPU node: 8 actors x 2 CPUs + 1 for the CPU stages (latte-1-t2v-512.yaml)
 
 
-def fleet_spec(time_scale: float, round_rows: int, concurrency=None):
+def fleet_spec(time_scale: float, round_rows: int, concurrency=None, keep: bool = True):
     from latte_ray.spec import load_pipeline_spec, parse_pipeline_spec
 
     raw = json.loads(load_pipeline_spec("latte-1-t2v-512").model_dump_json())
@@ -48,7 +48,8 @@ def fleet_spec(time_scale: float, round_rows: int, concurrency=None):
     ex = raw["execution"]
     cpu = 1.0 / NODE_CPUS_REAL
     ex.update(num_cpus_per_actor=round(ex["num_cpus_per_actor"] * cpu, 4),
-              num_cpus_per_cpu_task=round(ex["num_cpus_per_cpu_task"] * cpu, 4), round_rows=round_rows)
+              num_cpus_per_cpu_task=round(ex["num_cpus_per_cpu_task"] * cpu, 4), round_rows=round_rows,
+              keep_model_actors=keep)
     if concurrency is not None:
         ex["concurrency"] = concurrency
     return parse_pipeline_spec(raw)
@@ -103,16 +104,21 @@ def _retry(start, tries: int = 3):
             print(f"(a node start timed out, trying again: {e})")
 
 
-def groups(found):
-    """Actor lives grouped by execution (round): a life that starts after every life of the group so far
-    has ended begins the next one; replacements for lost actors start while others live, in the same one."""
-    out = []
-    for life in sorted(found, key=lambda l: l.started):
-        if out and life.started <= max(l.last_end for l in out[-1]):
-            out[-1].append(life)
-        else:
-            out.append([life])
-    return out
+def by_round(rows, n_rounds: int):
+    """The actor lives of each round, each with only that round's calls: a row's round is the one the runner
+    gave it (its id key modulo the rounds, stages/prepare.py), so the per-round figures are the same
+    whether the rounds share their actors (execution.keep_model_actors) or each has its own."""
+    import numpy as np
+    import pyarrow as pa
+
+    from latte_ray.ops.fleet import lives
+    from latte_ray.plan.keys import id_keys
+
+    if n_rounds <= 1:
+        return [lives(rows)]
+    k = id_keys(np.array(rows["id"].to_pylist(), dtype=object))["lo"] % np.uint64(n_rounds)
+    return [found for r in range(n_rounds)
+            if (found := lives(rows.filter(pa.array(k == np.uint64(r)))))]
 
 
 def first_full(found, fleet: Fleet, after: float) -> float | None:
@@ -126,13 +132,13 @@ def first_full(found, fleet: Fleet, after: float) -> float | None:
     return None
 
 
-def measure(found, fleet: Fleet, t_run0: float, t_run1: float, load: float, batch: float) -> dict:
+def measure(found, rounds, fleet: Fleet, t_run0: float, t_run1: float, load: float, batch: float) -> dict:
+    """`found`: every actor life of the run; `rounds`: each round's lives with that round's calls only."""
     from latte_ray.ops.fleet import busy_between
 
     gpus = max(fleet.slots_at(t) for t, _ in fleet.events)
     busy = sum(l.busy_s for l in found)
     t_first = min(l.started for l in found)
-    rounds = groups(found)
     r = {"GPUs": gpus, "actor lives": len(found), "rounds": len(rounds), "wall_s": t_run1 - t_run0,
          "busy_gpu_s": busy, "utilization": busy / fleet.available(t_run0, t_run1)}
     after_load = t_first + load
@@ -151,10 +157,12 @@ def measure(found, fleet: Fleet, t_run0: float, t_run1: float, load: float, batc
         entry = {"lives": len(lives), "tail_s_in_batches": (end - tail_start) / batch}
         if k:
             prev_tail = min(l.last_end for l in rounds[k - 1])
-            back = first_full(found, fleet, min(l.started for l in lives)) or max(l.first_busy for l in lives)
+            back = first_full(found, fleet, min(l.first_busy for l in lives)) or max(l.first_busy for l in lives)
             gap = fleet.available(prev_tail, back) - busy_between(found, prev_tail, back)
             entry["reload_idle_gpu_s_in_gpu_loads"] = gap / (gpus * load)
             entry["reload_s_in_loads"] = (back - max(l.last_end for l in rounds[k - 1])) / load
+            # Real seconds from the previous round's last call to this round's first: the execution's start.
+            entry["gap_s"] = min(l.first_busy for l in lives) - max(l.last_end for l in rounds[k - 1])
         per_round.append(entry)
     r["per_round"] = per_round
     r["end_tail_in_batches"] = per_round[-1]["tail_s_in_batches"]
@@ -174,7 +182,7 @@ def run_scenario(name: str, args, work: Path) -> dict:
     gpus = args.nodes * args.gpus_per_node
     round_rows = gpus * 2 * args.batches_per_round
     prompts = round_rows * args.rounds
-    spec = fleet_spec(args.time_scale, round_rows)
+    spec = fleet_spec(args.time_scale, round_rows, keep=not args.pooled)
     sim = spec.model.sim_timing
     load = (sim.load_s + (sim.compile_s if spec.model.compile.enabled else 0)) * sim.time_scale
     batch = sim.batch_seconds(spec.execution.batch_size) * sim.time_scale
@@ -220,9 +228,11 @@ def run_scenario(name: str, args, work: Path) -> dict:
         rows = read_manifest(fs, OutputLayout(str(out), root))
         ok = [r["id"] for r in rows.to_pylist() if r["status"] == "ok"]
         assert summary.ok == prompts and len(ok) == len(set(ok)) == prompts, (summary.ok, len(ok), len(set(ok)))
-        r = measure(lives(rows), fleet, t_run0, t_run1, load, batch)
+        n_rounds = runner.rounds(RunSpec(pipeline=spec, prompts=[str(table)], output=str(out)), prompts)
+        r = measure(lives(rows), by_round(rows, n_rounds), fleet, t_run0, t_run1, load, batch)
         r.update(scenario=name, prompts=prompts, round_rows=round_rows, load_s=load, batch_s=batch,
-                 time_scale=args.time_scale, concurrency=spec.execution.concurrency)
+                 time_scale=args.time_scale, concurrency=spec.execution.concurrency,
+                 keep_model_actors=spec.execution.keep_model_actors)
         return r
     finally:
         ray.shutdown()
@@ -234,14 +244,16 @@ def report(r: dict) -> None:
     f = lambda v, p=2: "n/a" if v is None else f"{v:.{p}f}"  # noqa: E731
     print(f"[{r['scenario']}] {r['GPUs']} GPUs, {r['prompts']} prompts in {r['rounds']} round(s) of "
           f"{r['round_rows']} rows; load+compile {r['load_s']:.1f} s, batch {r['batch_s']:.2f} s (real, scale "
-          f"{r['time_scale']}); pool {r['concurrency']}; wall {r['wall_s']:.1f} s")
+          f"{r['time_scale']}); pool {r['concurrency']}, "
+          f"{'models kept for the run' if r['keep_model_actors'] else 'a pool per round'}; wall {r['wall_s']:.1f} s")
     print(f"    fleet utilization {r['utilization']:.1%} (after the first load: "
           f"{r['utilization_after_first_load']:.1%}); {r['actor lives']} model loads for {r['GPUs']} GPUs")
     print(f"    full fleet {f(r['full_fleet_after_first_start_in_loads'])} load times after the first actor "
           f"started (actor starts spread over {r['actor_starts_spread_s']:.1f} s); ramp-up idle "
           f"{f(r['ramp_idle_gpu_s_in_gpu_loads'])} x (GPUs x one load)")
     for k, p in enumerate(r["per_round"]):
-        extra = (f"; reload {f(p['reload_s_in_loads'])} load times, idle "
+        extra = (f"; reload {f(p['reload_s_in_loads'])} load times (first call {p['gap_s']:.1f} s real after the "
+                 f"last of the round before), idle "
                  f"{f(p['reload_idle_gpu_s_in_gpu_loads'])} x (GPUs x one load)" if k else "")
         print(f"    round {k + 1}: {p['lives']} actor lives, tail {f(p['tail_s_in_batches'])} batch times{extra}")
     print(f"    end tail {f(r['end_tail_in_batches'])} batch times; median gap between an actor's calls "
@@ -258,6 +270,8 @@ def main() -> None:
     ap.add_argument("--time-scale", type=float, default=0.1, help="real seconds per simulated second")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batches-per-round", type=int, default=4, help="batches per GPU per round")
+    ap.add_argument("--pooled", action="store_true", help="each round's Ray Data pool loads its own models "
+                    "(execution.keep_model_actors off: the behaviour before the generation servers)")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.pop("RAY_ADDRESS", None)

@@ -188,11 +188,16 @@ def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "
             **restart_args(ex),
         )
     lo, hi = (ex.concurrency, ex.concurrency) if isinstance(ex.concurrency, int) else ex.concurrency
-    # Every actor the cluster can hold starts at once (plan/fit.initial_pool_size says why).
-    pool = ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, initial_size=initial_pool_size(spec))
     if servers is not None:  # thin clients of the run's generation servers, which hold the GPUs and models
         from latte_ray.stages.denoise_client import DenoiseClient
 
+        # A fixed pool, one client per server the cluster holds now (all `max` with an autoscaler, whose
+        # pending servers are the demand it scales on): clients hold no resources, so an autoscaling pool
+        # of them would grow to its maximum at once, each client asking for a server no node can place.
+        # Two batches in flight per client, each its own call: the server starts the second the moment the
+        # first ends (its calls queue in the server), so no data-plane latency falls between two calls.
+        pool = ray.data.ActorPoolStrategy(size=initial_pool_size(spec), max_tasks_in_flight_per_actor=2,
+                                          max_concurrent_calls_per_actor=2, enable_true_multi_threading=True)
         ds = ds.map_batches(DenoiseClient, fn_constructor_kwargs={"broker": servers.broker},
                             batch_size=ex.batch_size, batch_format="numpy", compute=pool, num_cpus=0)
     else:
@@ -202,7 +207,8 @@ def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "
                                    "storage_options": run.storage_options, "run_id": run_id},
             batch_size=ex.batch_size,
             batch_format="numpy",
-            compute=pool,
+            # Every actor the cluster can hold starts at once (plan/fit.initial_pool_size says why).
+            compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, initial_size=initial_pool_size(spec)),
             num_cpus=ex.num_cpus_per_actor,
             num_gpus=ex.num_gpus_per_actor,
             **restart_args(ex),
@@ -231,8 +237,9 @@ def rounds(run: RunSpec, todo: int) -> int:
     For the whole of one execution, Ray Data's driver keeps per-block bookkeeping (a BlockStats per block
     per operator, task records): measured at about 10 KB per block, so 1.3 GB for a million prompts at
     batch 8 (benchmarks/README.md). Rounds of at most `execution.round_rows` rows, each a fresh execution
-    taking the ids whose key falls in it, bound that; each round loads the model again, a few minutes
-    per actor against hours of generation. A `--limit` run is one round (the limit is a total)."""
+    taking the ids whose key falls in it, bound that. With `execution.keep_model_actors` the rounds share
+    the run's generation servers (stages/servers.py); without, each round loads the model again. A `--limit`
+    run is one round (the limit is a total)."""
     if run.limit:
         return 1
     return max(1, -(-todo // run.pipeline.execution.round_rows))

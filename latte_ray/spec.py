@@ -300,7 +300,8 @@ class ExecutionSpec(_Strict):
     max_restarts: int = Field(-1, description="Ray restarts of a crashed actor (-1 = unlimited).")
     round_rows: int = Field(
         100_000, ge=1, description="Most rows one Ray Data execution takes on. A larger run is split into "
-        "rounds by a hash of the id, each with fresh actor pools (one model load per round), because Ray Data "
+        "rounds by a hash of the id, each with fresh actor pools (one model load per round, unless "
+        "keep_model_actors), because Ray Data "
         "keeps some bookkeeping per block in the driver for the life of an execution.",
     )
     keep_model_actors: bool = Field(

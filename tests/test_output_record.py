@@ -195,19 +195,22 @@ def test_history_binding_and_status_across_good_refused_and_failed_runs(tmp_path
     assert "<table id='runs'>" in page and first.run_id in page and "InjectedFault" in page
 
 
-def test_a_corrupt_weight_file_ends_the_run_in_one_line(tmp_path, model_cache, ray_local, caplog):
+@pytest.mark.parametrize("kept", [False, True], ids=["pooled", "kept-servers"])
+def test_a_corrupt_weight_file_ends_the_run_in_one_line(tmp_path, model_cache, ray_local, caplog, kept):
     """Only an actor can find that a weight file is corrupt (the driver reads configs, never weights): the
     run ends with exit 1 and one line `error: generation actor failed: <Type>: <message>` (the last one of the
     console script, which disconnects from Ray first), without
     Ray Data's dump of its own stack (kept in its log file) or a Python traceback of the driver, and the run
-    record says why. (The actor's own log lines, which Ray forwards to the driver, still show its trace.)"""
+    record says why. (The actor's own log lines, which Ray forwards to the driver, still show its trace.)
+    `kept`: the model lives in a generation server kept for the run (execution.keep_model_actors, the
+    production spec's): the server's constructor raised, and its client's start fails with that error."""
     from latte_ray.model.tiny import ensure_tiny_model
 
     model = tmp_path / "model"
     shutil.copytree(ensure_tiny_model(model_cache), model)
     weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # cut: the header says more than is there
-    spec = fast_spec()
+    spec = fast_spec().with_overrides(keep_model_actors=kept)
     spec = spec.model_copy(update={"model": spec.model.model_copy(update={"source": str(model)})})
     table = write_prompts(tmp_path / "p.parquet", {"id": ["a", "b"], "prompt": ["a cat", "a dog"]})
     out = tmp_path / "out"
