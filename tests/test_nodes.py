@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+from datetime import timezone
 from pathlib import Path
 
 import psutil
@@ -106,3 +107,42 @@ def test_losing_the_generation_node_mid_run_is_ridden_out(cluster, model_cache, 
     assert f"{len(ids)} ok, 0 error" in log.read_text()
     assert not psutil.pid_exists(pid)
     assert_exactly_once(out, set(ids))
+
+
+def test_a_lost_server_whose_node_never_comes_back_has_its_batches_made_by_a_stand_in(cluster, model_cache, tmp_path):
+    """Two nodes with one (logical) GPU each, one generation server on each; one node is lost and no node
+    with a free GPU ever joins, so Ray cannot restart its server. Its client's batches go to the other
+    server (a stand-in, stages/denoise_client.py) and the run finishes by itself, every id exactly once;
+    the pooled stage would wait for the restart until the watchdog ended the run."""
+    gpu_nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    spec = fast_spec(batch_size=2, num_inference_steps=10, concurrency=2)
+    spec = spec.with_overrides(keep_model_actors=True, num_gpus_per_actor=1.0)
+    spec = spec.model_copy(update={"model": spec.model.model_copy(update={"device": "cpu"})})  # logical GPUs
+    ids = [f"gpu-{i:02d}" for i in range(24)]
+    table = write_prompts(tmp_path / "p.parquet", {"id": ids, "prompt": [f"a lighthouse {i}" for i in ids]})
+    out = tmp_path / "out"
+    args = ["run", "--pipeline", str(write_spec(tmp_path / "spec.yaml", spec)), "--prompts", str(table),
+            "--output", str(out), "--no-report"]
+    log = tmp_path / "run.log"
+    proc = start_cli(args, cli_env(model_cache, RAY_ADDRESS=cluster.address), log)
+    try:
+        deadline = time.monotonic() + 600
+        while _ok_rows(out) < 2:  # both servers are under way
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no row was committed"
+            time.sleep(0.2)
+        cluster.remove_node(gpu_nodes[0], allow_graceful=False)  # its GPU never comes back
+        lost_at = time.time()
+        before = _ok_rows(out)
+        code = proc.wait(timeout=600)
+    finally:
+        kill_run(proc)
+        for node in gpu_nodes[1:]:
+            cluster.remove_node(node)
+    assert code == 0, log.read_text()[-4000:]
+    assert before < len(ids), "the node was lost after the run had finished"
+    assert f"{len(ids)} ok, 0 error" in log.read_text()
+    rows = assert_exactly_once(out, set(ids))
+    late = {r["actor"] for r in rows if r["busy_start"].replace(tzinfo=timezone.utc).timestamp() > lost_at + 1}
+    assert len(late) == 1, late  # after the loss, one server made every batch: its own and the stand-in's

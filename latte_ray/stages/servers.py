@@ -38,8 +38,8 @@ class GenerationServer(DenoiseStage):
     """A DenoiseStage as a plain Ray actor: `ready` returns once its model has loaded (its constructor
     ran), `generate` is the stage's call."""
 
-    def ready(self) -> str | None:
-        return self.actor
+    def ready(self) -> tuple[str | None, str | None]:
+        return self.actor, self.node
 
     def generate(self, batch):
         return self(batch)
@@ -57,6 +57,7 @@ class ServerBroker:
         self._most, self._options = most, options
         self._servers: list = []
         self._bound: dict[str, int] = {}  # client actor id -> index in _servers
+        self._stand_ins: dict[str, int] = {}  # server actor id -> calls it took on for other clients
         self._lock = threading.Condition()
         for _ in range(min(start, most)):  # their models load while the driver plans the first round
             self._new_server()
@@ -92,13 +93,31 @@ class ServerBroker:
         dead = []
         for client, index in list(self._bound.items()):
             try:
-                state = ray._private.state.state.actor_table(ray.ActorID.from_hex(client)).get("State")
+                state = ray._private.state.state.actor_table(client).get("State")
             except Exception:  # noqa: BLE001 - unknown: leave it bound
                 continue
             if state == "DEAD":
                 del self._bound[client]
                 dead.append(index)
         return dead
+
+    def stand_in(self, server_id: str, node: str | None = None):
+        """An alive server for a client whose own one is not alive (restarting: a model load, perhaps after
+        a wait for a free GPU): one on `node` (the dead server's: its crash ledger) first, then the one
+        the fewest stand-in calls went to; None when no other server is alive."""
+        import ray
+
+        alive = []
+        for server in self._servers:
+            entry = ray._private.state.state.actor_table(server._actor_id.hex()) or {}
+            if server._actor_id.hex() != server_id and entry.get("State") == "ALIVE":
+                alive.append((server, (entry.get("Address") or {}).get("NodeID")))
+        if not alive:
+            return None
+        counts = self._stand_ins
+        best, _ = min(alive, key=lambda s: (s[1] != node, counts.get(s[0]._actor_id.hex(), 0)))
+        counts[best._actor_id.hex()] = counts.get(best._actor_id.hex(), 0) + 1
+        return best
 
     def new_round(self) -> int:
         with self._lock:
@@ -121,10 +140,35 @@ class ServerBroker:
 
 
 def server_options(ex) -> dict:
-    """Ray options of a server: a generation actor's resources and restart policy (runner.restart_args)."""
+    """Ray options of a server: a generation actor's resources and restarts (execution.max_restarts). Its
+    calls are not retried by Ray: the client retries them (stages/denoise_client.py), on the same server
+    when it restarts in place, on a stand-in when its node is gone."""
     restarts = -1 if ex.max_restarts == -1 else ex.max_restarts
     return {"num_cpus": ex.num_cpus_per_actor, "num_gpus": ex.num_gpus_per_actor, "max_restarts": restarts,
-            "max_task_retries": -1 if restarts else 0, "max_concurrency": 1}
+            "max_task_retries": 0, "max_concurrency": 1}
+
+
+def live_nodes() -> set[str]:
+    import ray
+
+    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+
+
+def actor_state(handle, live: set[str] | None = None) -> tuple[bool, bool]:
+    """(alive, its node alive) of an actor, from the GCS: a server restarting after its process died (a
+    deadline, a poison row) is on a live node; one whose node was lost is not, until Ray places it again."""
+    alive, node_alive, _ = actor_info(handle, live)
+    return alive, node_alive
+
+
+def actor_info(handle, live: set[str] | None = None) -> tuple[bool, bool, int]:
+    """actor_state, and how many times Ray has restarted the actor."""
+    import ray
+
+    entry = ray._private.state.state.actor_table(handle._actor_id.hex()) or {}
+    node = (entry.get("Address") or {}).get("NodeID")
+    live = live_nodes() if live is None else live
+    return entry.get("State") == "ALIVE", bool(node) and node in live, int(entry.get("NumRestarts") or 0)
 
 
 class ModelServers:
