@@ -66,6 +66,7 @@ class Fleet:
         self.cluster = _retry(lambda: Cluster(initialize_head=True, connect=False, head_node_args={
             "num_cpus": 0, "include_dashboard": False, "object_store_memory": 200 * 2**20}))
         self.events: list[tuple[float, int]] = []  # (time.time(), +/- GPUs)
+        self.lost: set[str] = set()  # ids of the nodes removed
         self.nodes = []
 
     def add(self, n: int = 1) -> None:
@@ -77,6 +78,7 @@ class Fleet:
 
     def lose(self) -> None:
         node = self.nodes.pop(0)
+        self.lost.add(node.node_id)
         self.cluster.remove_node(node, allow_graceful=False)  # raylet, workers, object store: gone at once
         self.events.append((time.time(), -self.gpus_per_node))
 
@@ -153,7 +155,8 @@ def measure(found, rounds, fleet: Fleet, t_run0: float, t_run1: float, load: flo
     per_round = []
     for k, lives in enumerate(rounds):
         end = max(l.last_end for l in lives)
-        tail_start = min(l.last_end for l in lives)
+        # The tail starts when the first GPU that could still work ran out of it: not a lost node's.
+        tail_start = min(l.last_end for l in lives if l.node not in fleet.lost or len(lives) == 1)
         entry = {"lives": len(lives), "tail_s_in_batches": (end - tail_start) / batch}
         if k:
             prev_tail = min(l.last_end for l in rounds[k - 1])
