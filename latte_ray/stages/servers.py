@@ -10,12 +10,13 @@ busy-interval columns), which the run's ServerBroker creates and keeps until the
 generation pool holds thin DenoiseClient actors (stages/denoise_client.py) that each take one server from the
 broker and hand their batches to it; in the next round new clients take the same, already loaded servers.
 
-- Servers hold the GPUs and CPUs a generation actor holds; clients hold none, so Ray Data's pool still sizes
-  and grows itself (one client per server; a client that finds no free server asks for a new one, up to the
-  pool's maximum, and waits in its constructor until that server has loaded: Ray Data gives a client that
-  has not started no work).
-- A server that dies (a lost node, a deadline, a poison row) is restarted by Ray (`execution.max_restarts`)
-  and its call retried, as Ray Data does for its own actors; the crash ledger sees the earlier attempt.
+- Servers hold the GPUs and CPUs a generation actor holds; clients hold none. Each round's client pool is
+  fixed at the servers the cluster holds when it starts (runner.build_plan says why); a client that finds
+  no free server has a new one made, up to the pool's maximum, and waits in its constructor until that
+  server has loaded (Ray Data gives a client that has not started no work).
+- A server that dies (a lost node, a deadline, a poison row) is restarted by Ray (`execution.max_restarts`);
+  meanwhile its client sends its batches to a stand-in (stages/denoise_client.py), and the node-local crash
+  ledger sees the earlier attempts.
 - The broker is pinned to the driver's node and owned by the driver, and it owns the servers: when the
   driver ends, or the run ends (`ModelServers.close`), every server ends with it; nothing outlives its run.
 """
@@ -59,7 +60,7 @@ class ServerBroker:
         self._bound: dict[str, int] = {}  # client actor id -> index in _servers
         self._stand_ins: dict[str, int] = {}  # server actor id -> calls it took on for other clients
         self._lock = threading.Condition()
-        for _ in range(min(start, most)):  # their models load while the driver plans the first round
+        for _ in range(min(start, most)):  # their models load while Ray Data starts the first round
             self._new_server()
 
     def _new_server(self) -> int:
