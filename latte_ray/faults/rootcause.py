@@ -16,7 +16,8 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # The last line of a printed traceback: `module.Type: message`.
 _EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Fault|Failure|Killed)\w*): (.+)$")
 STAGES = {  # stage class -> what to call it
-    "DenoiseStage": "generation actor", "DenoiseClient": "generation actor", "TextEncodeStage": "text-encode actor", "EncodeStage": "encode actor",
+    "DenoiseStage": "generation actor", "DenoiseClient": "generation actor",
+    "TextEncodeStage": "text-encode actor", "EncodeStage": "encode actor",
     "WriteStage": "write actor", "prepare_batch": "prepare stage",
 }
 

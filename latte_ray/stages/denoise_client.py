@@ -38,13 +38,14 @@ class DenoiseClient:
         self.broker = broker
         self.server = ray.get(broker.acquire.remote(ray.get_runtime_context().get_actor_id()))
         self.server_node = None  # where the server runs (its stand-ins are looked for there first)
+        self.failing: set[str] = set()  # servers whose failed call was logged (no line per retry)
         # Raises, when the server's constructor raised, Ray's error carrying the server's traceback (its
         # root cause is what faults/rootcause.py reports, and "raised in its creation task" is not re-planned).
         # A client restarted by Ray whose server is being restarted too does not wait for it (stand-ins
         # meanwhile); a first start waits for the server's first load.
         ready = self.server.ready.remote()
         while not ray.wait([ready], timeout=CHECK_S)[0]:
-            alive, _, restarts = actor_info(self.server)
+            alive, restarts = actor_info(self.server)
             if restarts and not alive:
                 return
         _, self.server_node = ray.get(ready)
@@ -52,29 +53,32 @@ class DenoiseClient:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import ray
 
-        from latte_ray.stages.servers import actor_state
+        from latte_ray.stages.servers import actor_info
 
         while True:
             target = self._target()
             ref = target.generate.remote(batch)
             while not (done := ray.wait([ref], timeout=CHECK_S)[0]):
-                if target is not self.server and not actor_state(target)[0]:
-                    break  # the stand-in died too: look again
-                if target is self.server and not actor_state(target)[0] and self._stand_in() is not None:
-                    break  # its own server died while the call waited: a stand-in is there
+                if not actor_info(target)[0]:
+                    break  # the server died while the call waited: look again (its own, or a stand-in)
             if done:
                 try:
-                    return ray.get(ref)
+                    result = ray.get(ref)
+                    self.failing.discard(target._actor_id.hex())
+                    return result
                 except ray.exceptions.RayActorError as e:
-                    log.warning("generation server %s failed a call (%s); sending the batch again",
-                                target._actor_id.hex()[:8], str(e).strip().splitlines()[0][:200])
+                    server = target._actor_id.hex()
+                    if server not in self.failing:  # once per server until it makes a batch again
+                        self.failing.add(server)
+                        log.warning("generation server %s failed a call (%s); sending the batch again",
+                                    server[:8], str(e).strip().splitlines()[0][:200])
             time.sleep(RESEND_PAUSE_S)
 
     def _target(self):
         """The client's own server while it is alive, else a stand-in, else (none alive) its own again."""
-        from latte_ray.stages.servers import actor_state
+        from latte_ray.stages.servers import actor_info
 
-        if actor_state(self.server)[0]:
+        if actor_info(self.server)[0]:
             return self.server
         stand_in = self._stand_in()
         return stand_in if stand_in is not None else self.server

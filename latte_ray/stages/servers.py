@@ -126,9 +126,6 @@ class ServerBroker:
             self._lock.notify_all()
             return len(self._servers)
 
-    def count(self) -> int:
-        return len(self._servers)
-
     def close(self) -> None:
         import ray
 
@@ -144,36 +141,21 @@ def server_options(ex) -> dict:
     """Ray options of a server: a generation actor's resources and restarts (execution.max_restarts). Its
     calls are not retried by Ray: the client retries them (stages/denoise_client.py), on the same server
     when it restarts in place, on a stand-in when its node is gone."""
-    restarts = -1 if ex.max_restarts == -1 else ex.max_restarts
-    return {"num_cpus": ex.num_cpus_per_actor, "num_gpus": ex.num_gpus_per_actor, "max_restarts": restarts,
-            "max_task_retries": 0, "max_concurrency": 1}
+    return {"num_cpus": ex.num_cpus_per_actor, "num_gpus": ex.num_gpus_per_actor,
+            "max_restarts": ex.max_restarts, "max_task_retries": 0, "max_concurrency": 1}
 
 
-def live_nodes() -> set[str]:
-    import ray
-
-    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-
-
-def actor_state(handle, live: set[str] | None = None) -> tuple[bool, bool]:
-    """(alive, its node alive) of an actor, from the GCS: a server restarting after its process died (a
-    deadline, a poison row) is on a live node; one whose node was lost is not, until Ray places it again."""
-    alive, node_alive, _ = actor_info(handle, live)
-    return alive, node_alive
-
-
-def actor_info(handle, live: set[str] | None = None) -> tuple[bool, bool, int]:
-    """actor_state, and how many times Ray has restarted the actor."""
+def actor_info(handle) -> tuple[bool, int]:
+    """(alive, how many times Ray has restarted it) of an actor, from the GCS."""
     import ray
 
     entry = ray._private.state.state.actor_table(handle._actor_id.hex()) or {}
-    node = (entry.get("Address") or {}).get("NodeID")
-    live = live_nodes() if live is None else live
-    return entry.get("State") == "ALIVE", bool(node) and node in live, int(entry.get("NumRestarts") or 0)
+    return entry.get("State") == "ALIVE", int(entry.get("NumRestarts") or 0)
 
 
 class ModelServers:
-    """The driver's side: the run's broker, from the first round to the end of the run (`with`)."""
+    """The driver's side: the run's broker, from the first round that generates to the end of the run
+    (runner._generate closes it however the run ends)."""
 
     def __init__(self, spec, cache_dir: str | None, storage_options: dict | None, run_id: str):
         import ray
@@ -204,12 +186,6 @@ class ModelServers:
             log.warning("could not end the generation servers in order (%s); ending their broker", e)
         ray.kill(self.broker, no_restart=True)
         _wait_gone(60.0)
-
-    def __enter__(self) -> "ModelServers":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _wait_gone(timeout_s: float) -> None:
