@@ -28,7 +28,7 @@ from latte_ray.plan.prompts import inspect_prompt_tables, resolve_prompt_files
 from latte_ray.record import lease as leases
 from latte_ray.record import output as outputs
 from latte_ray.record.storage import is_local
-from latte_ray.spec import RunSpec, SpecError
+from latte_ray.spec import RunSpec, SpecError, pool_bounds
 from latte_ray.versions import provenance
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "
             num_cpus=ex.num_cpus_per_actor, num_gpus=ex.num_gpus_per_actor,
             **restart_args(ex),
         )
-    lo, hi = (ex.concurrency, ex.concurrency) if isinstance(ex.concurrency, int) else ex.concurrency
+    lo, hi = pool_bounds(ex.concurrency)
     if servers is not None:  # thin clients of the run's generation servers, which hold the GPUs and models
         from latte_ray.stages.denoise_client import DenoiseClient
 

@@ -361,9 +361,14 @@ class ExecutionSpec(_Strict):
         return v
 
 
+def pool_bounds(v: int | tuple[int, int]) -> tuple[int, int]:
+    """(min, max) of an actor pool's `concurrency`: N is (N, N)."""
+    return (v, v) if isinstance(v, int) else (v[0], v[1])
+
+
 def check_concurrency(v: int | tuple[int, int]) -> int | tuple[int, int]:
     """An actor pool size: N, or (min, max) for an autoscaling pool."""
-    lo, hi = (v, v) if isinstance(v, int) else v
+    lo, hi = pool_bounds(v)
     if lo < 1 or hi < lo:
         raise ValueError(f"concurrency must be >= 1 or (min, max) with 1 <= min <= max, got {v}")
     return v

@@ -4,8 +4,8 @@ cores), each its own raylet (`ray.cluster_utils.Cluster`), shared by the tests o
 The node holding the generation actor is killed mid-run without draining, as a spot GPU preemption does,
 and a replacement node joins: the run must finish by itself, every id exactly once, every video matching
 its sha256. The run keeps its generation actor for the whole run, as the production spec does
-(execution.keep_model_actors): the actor killed is the generation server that holds the model, and Ray
-restarts it on the replacement node while its Ray Data client waits and its call is retried.
+(execution.keep_model_actors): the actor killed is the generation server that holds the model; Ray
+restarts it on the replacement node, and its Ray Data client sends the lost batch again.
 """
 
 from __future__ import annotations

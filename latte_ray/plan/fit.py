@@ -23,7 +23,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from latte_ray.spec import STAND_IN_SOURCES, SpecError
+from latte_ray.spec import STAND_IN_SOURCES, SpecError, pool_bounds
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +80,14 @@ def plan_minimum(spec, generate: bool = True) -> list[Demand]:
     demands = [Demand("write-stage actor", task)]
     if generate:
         demands.append(Demand("encode-stage actor", task))
-        lo = ex.concurrency if isinstance(ex.concurrency, int) else ex.concurrency[0]
+        lo, _ = pool_bounds(ex.concurrency)
         if ex.text_encode_stage:
             demands.append(Demand("text-encode actor", ex.num_cpus_per_actor, ex.num_gpus_per_actor))
         demands += [Demand("generation actor", ex.num_cpus_per_actor, ex.num_gpus_per_actor)] * lo
         scoring = spec.scoring
         if scoring.enabled:  # stages/score.add_scoring_stages: a CPU stage, then the scoring actor pool
             demands.append(Demand("sample-frames-stage actor", task))
-            low = scoring.concurrency if isinstance(scoring.concurrency, int) else scoring.concurrency[0]
+            low, _ = pool_bounds(scoring.concurrency)
             demands += [Demand("scoring actor", scoring.num_cpus, scoring.num_gpus)] * low
     demands.append(Demand("task slot (file listing, reads with the prepare stage, repartition, pre-pass)", task))
     return demands
@@ -189,7 +189,7 @@ def _fix(spec, demands: list[Demand], nodes: list[dict], left: list[Demand]) -> 
         gen = next(d for d in demands if d.what == "generation actor")
         while fits < 1024 and not pack(others + [gen] * (fits + 1), nodes):
             fits += 1
-        hi = ex.concurrency if isinstance(ex.concurrency, int) else ex.concurrency[1]
+        _, hi = pool_bounds(ex.concurrency)
         return (f"lower the generation pool's minimum to what fits ({fits}: --concurrency {max(fits, 1)},{max(hi, 1)} "
                 f"or execution.concurrency: [{max(fits, 1)}, {max(hi, 1)}]), or add GPU nodes")
     return ("lower execution.num_cpus_per_actor / num_cpus_per_cpu_task, or run on nodes with more CPUs "
@@ -247,7 +247,7 @@ def initial_pool_size(spec, nodes: list[dict] | None = None, scaler: Autoscaler 
     fixed cluster smaller than the maximum, no actor is left pending that could never be placed; the
     pool still grows toward its maximum when nodes join."""
     ex = spec.execution
-    lo, hi = (ex.concurrency, ex.concurrency) if isinstance(ex.concurrency, int) else ex.concurrency
+    lo, hi = pool_bounds(ex.concurrency)
     if lo == hi:
         return lo
     if (scaler or autoscaler()).present:

@@ -12,7 +12,7 @@ import logging
 
 import numpy as np
 
-from latte_ray.spec import ScoringSpec
+from latte_ray.spec import ScoringSpec, pool_bounds
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def add_scoring_stages(ds, scoring: ScoringSpec, cpu_pool, num_cpus_per_cpu_task
                                                   "storage_options": storage_options},
         batch_format="numpy", compute=cpu_pool, num_cpus=num_cpus_per_cpu_task,
     )
-    lo, hi = (scoring.concurrency, scoring.concurrency) if isinstance(scoring.concurrency, int) else scoring.concurrency
+    lo, hi = pool_bounds(scoring.concurrency)
     return ds.map_batches(
         ScoreStage,
         fn_constructor_kwargs={"scoring_json": scoring.model_dump_json(), "cache_dir": cache_dir,

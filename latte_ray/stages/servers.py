@@ -106,11 +106,9 @@ class ServerBroker:
         """An alive server for a client whose own one is not alive (restarting: a model load, perhaps after
         a wait for a free GPU): one on `node` (the dead server's: its crash ledger) first, then the one
         the fewest stand-in calls went to; None when no other server is alive."""
-        import ray
-
         alive = []
         for server in self._servers:
-            entry = ray._private.state.state.actor_table(server._actor_id.hex()) or {}
+            entry = actor_entry(server)
             if server._actor_id.hex() != server_id and entry.get("State") == "ALIVE":
                 alive.append((server, (entry.get("Address") or {}).get("NodeID")))
         if not alive:
@@ -139,17 +137,22 @@ class ServerBroker:
 
 def server_options(ex) -> dict:
     """Ray options of a server: a generation actor's resources and restarts (execution.max_restarts). Its
-    calls are not retried by Ray: the client retries them (stages/denoise_client.py), on the same server
-    when it restarts in place, on a stand-in when its node is gone."""
+    calls are not retried by Ray: the client sends a failed batch again (stages/denoise_client.py), to a
+    stand-in while its own server is not alive, else to its own once it has restarted."""
     return {"num_cpus": ex.num_cpus_per_actor, "num_gpus": ex.num_gpus_per_actor,
             "max_restarts": ex.max_restarts, "max_task_retries": 0, "max_concurrency": 1}
 
 
-def actor_info(handle) -> tuple[bool, int]:
-    """(alive, how many times Ray has restarted it) of an actor, from the GCS."""
+def actor_entry(handle) -> dict:
+    """An actor's record in the GCS (state, address, restarts)."""
     import ray
 
-    entry = ray._private.state.state.actor_table(handle._actor_id.hex()) or {}
+    return ray._private.state.state.actor_table(handle._actor_id.hex()) or {}
+
+
+def actor_info(handle) -> tuple[bool, int]:
+    """(alive, how many times Ray has restarted it) of an actor, from the GCS."""
+    entry = actor_entry(handle)
     return entry.get("State") == "ALIVE", int(entry.get("NumRestarts") or 0)
 
 
@@ -162,9 +165,10 @@ class ModelServers:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from latte_ray.plan.fit import initial_pool_size
+        from latte_ray.spec import pool_bounds
 
         ex = spec.execution
-        _, most = (ex.concurrency, ex.concurrency) if isinstance(ex.concurrency, int) else ex.concurrency
+        _, most = pool_bounds(ex.concurrency)
         here = ray.get_runtime_context().get_node_id()
         broker = ray.remote(ServerBroker).options(
             num_cpus=0, max_concurrency=max(8, 2 * most + 4), max_restarts=0,
