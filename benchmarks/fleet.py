@@ -34,6 +34,7 @@ from pathlib import Path
 
 from _common import machine, write_prompt_table
 
+AUTOSCALER_ENV = "LATTE_RAY_AUTOSCALER"  # plan/fit.py: whether an autoscaler can add nodes
 NODE_CPUS_REAL = 17  # a production 8-GPU node: 8 actors x 2 CPUs + 1 for the CPU stages (latte-1-t2v-512.yaml)
 
 
@@ -50,7 +51,7 @@ def fleet_spec(time_scale: float, round_rows: int, concurrency=None, keep: bool 
     ex.update(num_cpus_per_actor=round(ex["num_cpus_per_actor"] * cpu, 4),
               num_cpus_per_cpu_task=round(ex["num_cpus_per_cpu_task"] * cpu, 4), round_rows=round_rows,
               keep_model_actors=keep)
-    if concurrency is not None:
+    if concurrency is not None:  # the production spec's [1, 64]: at most as many as the fleet will have
         ex["concurrency"] = concurrency
     return parse_pipeline_spec(raw)
 
@@ -92,6 +93,30 @@ class Fleet:
 
     def shutdown(self) -> None:
         self.cluster.shutdown()
+
+
+class Peak:
+    """The machine's peak memory in use and 1-minute load average while the run goes (a 64-GPU fleet is
+    64 server processes on this one machine)."""
+
+    def __init__(self, every_s: float = 2.0):
+        import psutil
+
+        self._mem, self._load = 0, 0.0
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.wait(every_s):
+                self._mem = max(self._mem, psutil.virtual_memory().used)
+                self._load = max(self._load, os.getloadavg()[0])
+
+        threading.Thread(target=sample, daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def result(self) -> dict:
+        return {"peak_memory_gib": self._mem / 2**30, "peak_load_average": self._load}
 
 
 def _retry(start, tries: int = 3):
@@ -185,7 +210,7 @@ def run_scenario(name: str, args, work: Path) -> dict:
     gpus = args.nodes * args.gpus_per_node
     round_rows = gpus * 2 * args.batches_per_round
     prompts = round_rows * args.rounds
-    spec = fleet_spec(args.time_scale, round_rows, keep=not args.pooled)
+    spec = fleet_spec(args.time_scale, round_rows, concurrency=[1, gpus], keep=not args.pooled)
     sim = spec.model.sim_timing
     load = (sim.load_s + (sim.compile_s if spec.model.compile.enabled else 0)) * sim.time_scale
     batch = sim.batch_seconds(spec.execution.batch_size) * sim.time_scale
@@ -196,6 +221,11 @@ def run_scenario(name: str, args, work: Path) -> dict:
     try:
         fleet.add(args.nodes if name != "late" else args.late_start)
         ray.init(address=fleet.cluster.address, logging_level="WARNING")
+        # The script adds the late nodes as an autoscaler would: the driver is told one is there, so the
+        # pool starts at its maximum (the pending actors are the demand). --late-fixed: no autoscaler, the
+        # fleet grows only as the run sees nodes join.
+        os.environ[AUTOSCALER_ENV] = "1" if name == "late" and not args.late_fixed else "0"
+        peak = Peak()
         # Ray starts a node from the main thread only (signal handlers): the run goes in a thread, and the
         # node events (joins, a loss) happen here.
         done, result = threading.Event(), {}
@@ -223,6 +253,7 @@ def run_scenario(name: str, args, work: Path) -> dict:
                     break
         done.wait()
         t_run1 = time.time()
+        peak.stop()
         thread.join()
         if "error" in result:
             raise result["error"]
@@ -233,11 +264,13 @@ def run_scenario(name: str, args, work: Path) -> dict:
         assert summary.ok == prompts and len(ok) == len(set(ok)) == prompts, (summary.ok, len(ok), len(set(ok)))
         n_rounds = runner.rounds(RunSpec(pipeline=spec, prompts=[str(table)], output=str(out)), prompts)
         r = measure(lives(rows), by_round(rows, n_rounds), fleet, t_run0, t_run1, load, batch)
+        r.update(peak.result())
         r.update(scenario=name, prompts=prompts, round_rows=round_rows, load_s=load, batch_s=batch,
                  time_scale=args.time_scale, concurrency=spec.execution.concurrency,
                  keep_model_actors=spec.execution.keep_model_actors)
         return r
     finally:
+        os.environ.pop(AUTOSCALER_ENV, None)
         ray.shutdown()
         fleet.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -261,6 +294,8 @@ def report(r: dict) -> None:
         print(f"    round {k + 1}: {p['lives']} actor lives, tail {f(p['tail_s_in_batches'])} batch times{extra}")
     print(f"    end tail {f(r['end_tail_in_batches'])} batch times; median gap between an actor's calls "
           f"{f(r['median_gap_between_calls_ms'], 0)} ms")
+    print(f"    machine: peak memory used {r['peak_memory_gib']:.1f} GiB, peak 1-min load average "
+          f"{r['peak_load_average']:.1f}")
     print("RESULT " + json.dumps(r, default=str))
 
 
@@ -273,6 +308,8 @@ def main() -> None:
     ap.add_argument("--time-scale", type=float, default=0.1, help="real seconds per simulated second")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batches-per-round", type=int, default=4, help="batches per GPU per round")
+    ap.add_argument("--late-fixed", action="store_true", help="late: no autoscaler (the pool grows as the run "
+                    "sees nodes join) instead of the script acting as one (the pool starts at its maximum)")
     ap.add_argument("--pooled", action="store_true", help="each round's Ray Data pool loads its own models "
                     "(execution.keep_model_actors off: the behaviour before the generation servers)")
     args = ap.parse_args()

@@ -190,14 +190,14 @@ def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "
     lo, hi = pool_bounds(ex.concurrency)
     if servers is not None:  # thin clients of the run's generation servers, which hold the GPUs and models
         from latte_ray.stages.denoise_client import DenoiseClient
+        from latte_ray.stages.servers import client_pool
 
-        # A fixed pool, one client per server the cluster holds now (all `max` with an autoscaler, whose
-        # pending servers are the demand it scales on): clients hold no resources, so an autoscaling pool
-        # of them would grow to its maximum at once, each client asking for a server no node can place.
-        # Two batches in flight per client, each its own call: the server starts the second the moment the
-        # first ends (its calls queue in the server), so no data-plane latency falls between two calls.
-        pool = ray.data.ActorPoolStrategy(size=initial_pool_size(spec), max_tasks_in_flight_per_actor=2,
-                                          max_concurrent_calls_per_actor=2, enable_true_multi_threading=True)
+        # A fixed pool of a few clients, each running several batches at once (one thread each), with room
+        # for two batches per server the pool may reach: a batch takes a free slot of whichever server
+        # has one (stages/servers.py), so servers that join mid-round are fed without a new client.
+        clients, in_flight = client_pool(spec)
+        pool = ray.data.ActorPoolStrategy(size=clients, max_tasks_in_flight_per_actor=in_flight,
+                                          max_concurrent_calls_per_actor=in_flight, enable_true_multi_threading=True)
         ds = ds.map_batches(DenoiseClient, fn_constructor_kwargs={"broker": servers.broker},
                             batch_size=ex.batch_size, batch_format="numpy", compute=pool, num_cpus=0)
     else:
@@ -518,6 +518,7 @@ def _execute(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_i
 
             servers["servers"] = ModelServers(run.pipeline, run.cache_dir, run.storage_options, run_id)
         kept = servers["servers"]
+        dog.generation_idle = kept.idle  # the servers, not the clients, load the models
     for k in range(n_rounds):
         if n_rounds > 1:
             log.info("round %d of %d (about %d rows each)", k + 1, n_rounds, work.todo // n_rounds)
@@ -525,8 +526,6 @@ def _execute(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_i
         dog.phase(f"round {k + 1} of {n_rounds}", loads_models=work.generate > 0 and (kept is None or k == 0))
         if held is not None:
             held.check()
-        if kept is not None:
-            kept.new_round()  # the previous execution's clients are gone: its servers are free
         ds = build_plan(run, in_fs, files, work, run_id, (k, n_rounds) if n_rounds > 1 else None,
                         fence=held.fence if held is not None else None, servers=kept)
         batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0))

@@ -266,16 +266,29 @@ def test_a_hung_generation_call_ends_its_worker_and_its_row_becomes_an_error_row
     assert_exactly_once(tmp_path / "out", set(ids) - {"hangs"}, errors={"hangs"})
 
 
-def test_an_execution_lost_to_a_dead_actor_is_re_planned(ray_local, faults_file, tmp_path, caplog):
-    """With execution.max_restarts 0 Ray does not restart a dead actor and the execution fails; the runner
-    re-plans from the manifest (committed ids skipped) and finishes by itself, exactly once."""
-    spec = null_spec(max_restarts=0)
+@pytest.mark.parametrize("kept", [False, True], ids=["pooled", "kept-servers"])
+def test_an_actor_that_ray_will_not_restart_is_replaced(ray_local, faults_file, tmp_path, caplog, kept):
+    """With execution.max_restarts 0 Ray does not restart a dead actor. Pooled: the execution fails and the
+    runner re-plans from the manifest (committed ids skipped) and finishes by itself, exactly once. `kept`:
+    the actor that dies is a generation server kept for the run (execution.keep_model_actors); the broker
+    starts a new server in its place, the lost batch takes the new server's slot, and the execution goes
+    on (no re-plan): two servers made the run's videos, each exactly once."""
+    spec = null_spec(max_restarts=0, keep_model_actors=kept)
     ids = [f"r-{i}" for i in range(8)]
+    started = time.time()
     with fault_rules(faults_file, "point=denoise match=r-5 action=exit times=1") as state, \
             caplog.at_level("WARNING", logger="latte_ray.runner"):
         summary = runner.run(RunSpec(pipeline=spec, prompts=[str(_table(tmp_path, ids))],
                                      output=str(tmp_path / "out")))
         assert faults.fired(str(state)) == {0: 1}
-    assert "re-planning from the manifest (1 of at most 3)" in caplog.text, caplog.text[-3000:]
     assert (summary.ok, summary.error) == (8, 0)
-    assert_exactly_once(tmp_path / "out", set(ids))
+    rows = assert_exactly_once(tmp_path / "out", set(ids))
+    if kept:
+        import ray
+
+        assert "re-planning" not in caplog.text, caplog.text[-3000:]
+        servers = {a["ActorID"] for a in ray._private.state.state.actor_table(None).values()
+                   if a["ActorClassName"].endswith("GenerationServer") and a["StartTime"] / 1000 >= started}
+        assert len(servers) == 2 and {r["actor"] for r in rows} <= servers  # the one that died; its replacement
+    else:
+        assert "re-planning from the manifest (1 of at most 3)" in caplog.text, caplog.text[-3000:]

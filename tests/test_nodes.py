@@ -5,7 +5,7 @@ The node holding the generation actor is killed mid-run without draining, as a s
 and a replacement node joins: the run must finish by itself, every id exactly once, every video matching
 its sha256. The run keeps its generation actor for the whole run, as the production spec does
 (execution.keep_model_actors): the actor killed is the generation server that holds the model; Ray
-restarts it on the replacement node, and its Ray Data client sends the lost batch again.
+restarts it on the replacement node, and the lost batch takes a slot of a loaded server (stages/servers.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
+from latte_ray.spec import load_pipeline_spec, parse_pipeline_spec
 from tests.conftest import free_port, write_prompts
 from tests.invariants import assert_exactly_once, cli_env, fast_spec, kill_run, manifest, start_cli, write_spec
 
@@ -109,40 +111,79 @@ def test_losing_the_generation_node_mid_run_is_ridden_out(cluster, model_cache, 
     assert_exactly_once(out, set(ids))
 
 
-def test_a_lost_server_whose_node_never_comes_back_has_its_batches_made_by_a_stand_in(cluster, model_cache, tmp_path):
-    """Two nodes with one (logical) GPU each, one generation server on each; one node is lost and no node
-    with a free GPU ever joins, so Ray cannot restart its server. Its client's batches go to the other
-    server (a stand-in, stages/denoise_client.py) and the run finishes by itself, every id exactly once;
-    the pooled stage would wait for the restart until the watchdog ended the run."""
-    gpu_nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
+def _sim_spec(**sim):
+    """The production spec with the simulated engine (model.source sim: sleeps, no CPU spent, no torch) at a
+    small frame size, one logical GPU and a quarter CPU per server, so a node of 1 CPU holds a server and
+    the CPU stages."""
+    raw = yaml.safe_load(load_pipeline_spec("latte-1-t2v-512").model_dump_json())
+    raw["model"].update(source="sim", sim=sim)
+    raw["model"]["compile"]["enabled"] = False
+    raw["sampling"].update(height=16, width=16, video_length=4)
+    raw["video"]["preset"] = "ultrafast"
+    raw["execution"].update(concurrency=[1, 2], num_cpus_per_actor=0.25, num_cpus_per_cpu_task=0.25,
+                            cpu_stage_max_actors=1)
+    return parse_pipeline_spec(raw)
+
+
+def _actors_after(out: Path, t: float) -> set[str]:
+    return {r["actor"] for r in manifest(out)
+            if r["status"] == "ok" and r["busy_start"].replace(tzinfo=timezone.utc).timestamp() > t}
+
+
+def _wait(proc, log: Path, what: str, until) -> None:
+    deadline = time.monotonic() + 300
+    while not until():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+def test_a_gpu_node_that_joins_works_in_the_same_round_and_a_lost_one_is_ridden_out(cluster, model_cache, tmp_path):
+    """GPU nodes coming and going under one round of a run whose models are kept for the run
+    (execution.keep_model_actors), with no autoscaler: the machine's 2 CPUs as two 1-CPU nodes with one
+    (logical) GPU each, the simulated engine (1 s per call).
+
+    The run starts on node A alone. Node B joins mid-round: the broker starts a server there, and once its
+    model has loaded it takes batches in the same round (stages/servers.py: slots, not a client per server).
+    Then A is lost and no node with a free GPU ever joins, so Ray cannot restart A's server: the batches it
+    held take B's slots and the run finishes by itself, every id exactly once. (The pooled stage would wait
+    for the restart until the watchdog ended the run.)"""
+    cpu_nodes = list(cluster.worker_nodes)
+    for node in cpu_nodes:  # the module's two 1-CPU nodes make way: two 1-CPU GPU nodes at most, 2 CPUs
+        cluster.remove_node(node)
+    node_a = cluster.add_node(num_cpus=1, num_gpus=1)
+    node_b = None
     cluster.wait_for_nodes()
-    spec = fast_spec(batch_size=2, num_inference_steps=10, concurrency=2)
-    spec = spec.with_overrides(keep_model_actors=True, num_gpus_per_actor=1.0)
-    spec = spec.model_copy(update={"model": spec.model.model_copy(update={"device": "cpu"})})  # logical GPUs
-    ids = [f"gpu-{i:02d}" for i in range(24)]
+    spec = _sim_spec(load_s=3.0, compile_s=0.0, batch_s_fixed=0.0, batch_s_per_video=0.5, time_scale=1.0)
+    ids = [f"gpu-{i:02d}" for i in range(60)]  # 30 calls of 1 s: ~30 s on A alone
     table = write_prompts(tmp_path / "p.parquet", {"id": ids, "prompt": [f"a lighthouse {i}" for i in ids]})
     out = tmp_path / "out"
     args = ["run", "--pipeline", str(write_spec(tmp_path / "spec.yaml", spec)), "--prompts", str(table),
             "--output", str(out), "--no-report"]
     log = tmp_path / "run.log"
-    proc = start_cli(args, cli_env(model_cache, RAY_ADDRESS=cluster.address), log)
+    proc = start_cli(args, cli_env(model_cache, RAY_ADDRESS=cluster.address, LATTE_RAY_AUTOSCALER="0"), log)
     try:
-        deadline = time.monotonic() + 600
-        while _ok_rows(out) < 2:  # both servers are under way
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "no row was committed"
-            time.sleep(0.2)
-        cluster.remove_node(gpu_nodes[0], allow_graceful=False)  # its GPU never comes back
+        _wait(proc, log, "no row was committed", lambda: _ok_rows(out) >= 2)
+        node_b = cluster.add_node(num_cpus=1, num_gpus=1)
+        joined_at = time.time()
+        _wait(proc, log, "the joined node's server made no batch",
+              lambda: len(_actors_after(out, joined_at)) == 2)
+        cluster.remove_node(node_a, allow_graceful=False)  # its GPU never comes back
         lost_at = time.time()
         before = _ok_rows(out)
         code = proc.wait(timeout=600)
     finally:
         kill_run(proc)
-        for node in gpu_nodes[1:]:
+        for node in [n for n in (node_b,) if n is not None]:
             cluster.remove_node(node)
+        for _ in cpu_nodes:  # the module's cluster as it was
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
     assert code == 0, log.read_text()[-4000:]
     assert before < len(ids), "the node was lost after the run had finished"
-    assert f"{len(ids)} ok, 0 error" in log.read_text()
+    text = log.read_text()
+    assert f"{len(ids)} ok, 0 error" in text
     rows = assert_exactly_once(out, set(ids))
-    late = {r["actor"] for r in rows if r["busy_start"].replace(tzinfo=timezone.utc).timestamp() > lost_at + 1}
-    assert len(late) == 1, late  # after the loss, one server made every batch: its own and the stand-in's
+    assert len({r["actor"] for r in rows}) == 2  # A's server and B's: B's was started mid-round
+    late = _actors_after(out, lost_at + 1)
+    assert len(late) == 1, late  # after the loss, B's server made every batch: its own and A's

@@ -1,5 +1,5 @@
 """Generation actors that live for the whole run (`execution.keep_model_actors`): one model load per GPU, not
-one per round.
+one per round, and a fleet that grows, shrinks and balances within a round.
 
 Ray Data ends an execution's actor pools when the execution ends, and a run of more than
 `execution.round_rows` rows is several executions (runner.rounds: they bound the driver's per-block
@@ -7,18 +7,26 @@ bookkeeping). With pooled generation actors every round loads and compiles the m
 minutes of a full fleet per round (benchmarks/fleet.py measured one load per GPU per round). Here the model
 lives in a plain Ray actor, a GenerationServer (the DenoiseStage itself: the same crash ledger, deadlines and
 busy-interval columns), which the run's ServerBroker creates and keeps until the run ends. Ray Data's
-generation pool holds thin DenoiseClient actors (stages/denoise_client.py) that each take one server from the
-broker and hand their batches to it; in the next round new clients take the same, already loaded servers.
+generation pool holds a few thin DenoiseClient actors (stages/denoise_client.py) that hand each batch to
+whichever loaded server has a free *slot*, as the broker grants them.
 
-- Servers hold the GPUs and CPUs a generation actor holds; clients hold none. Each round's client pool is
-  fixed at the servers the cluster holds when it starts (runner.build_plan says why); a client that finds
-  no free server has a new one made, up to the pool's maximum, and waits in its constructor until that
-  server has loaded (Ray Data gives a client that has not started no work).
-- A server that dies (a lost node, a deadline, a poison row) is restarted by Ray (`execution.max_restarts`);
-  meanwhile its client sends its batches to a stand-in (stages/denoise_client.py), and the node-local crash
-  ledger sees the earlier attempts.
-- The broker is pinned to the driver's node and owned by the driver, and it owns the servers: when the
-  driver ends, or the run ends (`ModelServers.close`), every server ends with it; nothing outlives its run.
+- A server has SLOTS slots: one call running and the next one already queued behind it, so no data-plane
+  latency falls between two of its calls. A batch waits in its client, not at a server, until a slot is
+  free: the first server to finish takes the next batch (no batch waits behind a busy server while another
+  is idle, and the end of a round is one batch long), and a server that joins mid-round takes batches as
+  soon as its model has loaded.
+- The broker starts as many servers as the cluster holds (plan/fit.initial_pool_size: all `max` when an
+  autoscaler can add nodes, their pending placements being its demand) and, every GROW_EVERY_S, starts more
+  when nodes have joined, up to the pool's maximum; a joined node's GPUs work from their first load on, in
+  the round under way.
+- A server that dies (a lost node, a deadline, a poison row) fails its calls: their clients take other slots
+  (on the dead server's node first, whose crash ledger has seen the attempt), and Ray restarts it
+  (`execution.max_restarts`); it takes slots again once its model has loaded. One that Ray will not restart
+  (restarts spent) is replaced by a new server. A server whose constructor raised (corrupt weights) ends the
+  run with its own error (the clients raise it).
+- Servers hold the GPUs and CPUs a generation actor holds; clients and the broker hold none. The broker is
+  pinned to the driver's node and owned by the driver, and it owns the servers: when the driver ends, or the
+  run ends (`ModelServers.close`), every server ends with it; nothing outlives its run.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 
 from latte_ray.stages.denoise import DenoiseStage
 
@@ -33,6 +42,11 @@ log = logging.getLogger(__name__)
 
 SERVER_CLASS = "GenerationServer"
 BROKER_CLASS = "ServerBroker"
+SLOTS = 2  # calls a server holds at once: the one it runs and the next, queued behind it
+SERVERS_PER_CLIENT = 8  # one client process hands on the batches of up to this many servers
+GROW_EVERY_S = 5.0  # how often the broker looks for joined nodes (and for slots of clients that died)
+WAIT_S = 1.0  # the watch loop's wait for servers that are loading
+ACQUIRE_WAIT_S = 10.0  # the longest one `acquire` call waits for a slot (the client then asks again)
 
 
 class GenerationServer(DenoiseStage):
@@ -46,101 +60,224 @@ class GenerationServer(DenoiseStage):
         return self(batch)
 
 
-class ServerBroker:
-    """Creates the run's generation servers and binds each to one client of the current round.
+@dataclass
+class _Server:
+    handle: object
+    ready: bool = False  # its model has loaded and it is alive, as far as the broker knows
+    node: str | None = None
+    holders: list = field(default_factory=list)  # client process tokens, one per slot in use
+    granted: int = 0  # slots ever granted (the less used of two equal servers goes first)
+    waiting: object = None  # the pending `ready` call while it loads (or restarts)
 
-    A client asks with its actor id (a client that Ray Data restarts keeps its id, and gets its server
-    back). `new_round` unbinds every server: the previous execution's clients are gone."""
+
+class ServerBroker:
+    """Creates the run's generation servers, grows their number with the cluster, and grants their slots.
+
+    `acquire` blocks until a loaded server has a free slot; `release` gives it back (and says whether the
+    server failed the call). Every wait here is bounded by what the cluster does: a server that never loads
+    is the progress watchdog's to diagnose (faults/watchdog.py)."""
 
     def __init__(self, spec_json: str, cache_dir: str | None, storage_options: dict | None, run_id: str,
-                 most: int, options: dict, start: int = 0):
+                 options: dict, autoscaling: bool):
+        from latte_ray.spec import PipelineSpec, pool_bounds
+
         self._args = (spec_json, cache_dir, storage_options, run_id)
-        self._most, self._options = most, options
-        self._servers: list = []
-        self._bound: dict[str, int] = {}  # client actor id -> index in _servers
-        self._stand_ins: dict[str, int] = {}  # server actor id -> calls it took on for other clients
+        self._spec = PipelineSpec.model_validate_json(spec_json)
+        _, self._most = pool_bounds(self._spec.execution.concurrency)
+        self._options, self._autoscaling = options, autoscaling
+        self._servers: dict[str, _Server] = {}  # server actor id -> its state
+        self._clients: dict[str, str] = {}  # client actor id -> the token of its current process
+        self._failed = None  # a server whose constructor raised: the run ends with its error
         self._lock = threading.Condition()
-        for _ in range(min(start, most)):  # their models load while Ray Data starts the first round
-            self._new_server()
+        self._stop = threading.Event()
+        self._grown_at = 0.0
+        self._grow()  # their models load while Ray Data starts the first round
+        threading.Thread(target=self._watch, name="server-broker-watch", daemon=True).start()
 
-    def _new_server(self) -> int:
-        import ray
+    # ---- the clients' side
 
-        cls = ray.remote(GenerationServer).options(**self._options)
-        self._servers.append(cls.remote(*self._args))
-        return len(self._servers) - 1
-
-    def acquire(self, client: str):
-        """The server for this client: its own, a free one, a new one while fewer than the most exist, or
-        (all bound) one whose client has died; else wait for `new_round`."""
+    def wait_ready(self, token: str):
+        """A client process starts (`token`: "<actor id>:<process>"; a client Ray restarted after its node
+        was lost keeps its actor id, and the slots its dead process held go back now). Returns (whether a
+        server has loaded, the handle of a server whose constructor raised or None), after at most
+        ACQUIRE_WAIT_S (the caller asks again; with a failed server's handle it asks that server, and gets
+        Ray's error with the server's traceback)."""
+        until = time.monotonic() + ACQUIRE_WAIT_S
         with self._lock:
-            while True:
-                if client in self._bound:
-                    return self._servers[self._bound[client]]
-                free = [i for i in range(len(self._servers)) if i not in self._bound.values()]
-                if not free and len(self._servers) < self._most:
-                    free = [self._new_server()]
-                if not free:
-                    free = self._orphaned()
+            client = token.split(":")[0]
+            if self._clients.get(client) != token:
+                self._clients[client] = token
+                self._drop_holders(lambda t: t.split(":")[0] == client and t != token)
+            while self._failed is None and not any(s.ready for s in self._servers.values()):
+                if time.monotonic() >= until:
+                    return False, None
+                self._lock.wait(timeout=WAIT_S)
+            return self._failed is None, self._failed
+
+    def acquire(self, token: str, prefer_node: str | None = None):
+        """(server id, handle, node) of the loaded server with the most free slots, once one has a free
+        slot; ("failed", handle, None) when a server's constructor raised; None when no slot came free
+        within ACQUIRE_WAIT_S (the client asks again: no broker thread waits without end, so a `release`
+        always finds one). `prefer_node`: a batch whose server died goes to a server on that node while one
+        there is loaded (its crash ledger, faults/crashes.py, then counts a row that kills every worker)."""
+        until = time.monotonic() + ACQUIRE_WAIT_S
+        with self._lock:
+            while time.monotonic() < until:
+                if self._stop.is_set():
+                    raise RuntimeError("the run's generation servers were ended")
+                if self._failed is not None:
+                    return "failed", self._failed, None
+                loaded = [(sid, s) for sid, s in self._servers.items() if s.ready]
+                if prefer_node is not None and any(s.node == prefer_node for _, s in loaded):
+                    loaded = [(sid, s) for sid, s in loaded if s.node == prefer_node]
+                free = [(sid, s) for sid, s in loaded if len(s.holders) < SLOTS]
                 if free:
-                    self._bound[client] = free[0]
-                    return self._servers[free[0]]
-                self._lock.wait(timeout=5.0)
+                    sid, server = min(free, key=lambda e: (len(e[1].holders), e[1].granted))
+                    server.holders.append(token)
+                    server.granted += 1
+                    return sid, server.handle, server.node
+                self._lock.wait(timeout=WAIT_S)
+            return None
 
-    def _orphaned(self) -> list[int]:
-        """Servers bound to a client that is dead for good (not restarting): Ray Data replaced it."""
+    def release(self, server_id: str, token: str, failed: bool = False) -> None:
+        """A slot back; `failed`: the server failed the call (died): it takes no slot until it has loaded
+        again (Ray's restart) or is replaced."""
+        with self._lock:
+            server = self._servers.get(server_id)
+            if server is not None:
+                if token in server.holders:
+                    server.holders.remove(token)
+                if failed:
+                    server.ready = False
+            self._lock.notify_all()
+
+    def loaded(self) -> int:
+        """How many servers are loaded and alive, as far as the broker knows (the watchdog's question)."""
+        with self._lock:
+            return sum(1 for s in self._servers.values() if s.ready)
+
+    # ---- the servers' lives
+
+    def _new_server(self) -> None:
         import ray
 
-        dead = []
-        for client, index in list(self._bound.items()):
-            try:
-                state = ray._private.state.state.actor_table(client).get("State")
-            except Exception:  # noqa: BLE001 - unknown: leave it bound
-                continue
-            if state == "DEAD":
-                del self._bound[client]
-                dead.append(index)
-        return dead
+        handle = ray.remote(GenerationServer).options(**self._options).remote(*self._args)
+        self._servers[handle._actor_id.hex()] = _Server(handle)
 
-    def stand_in(self, server_id: str, node: str | None = None):
-        """An alive server for a client whose own one is not alive (restarting: a model load, perhaps after
-        a wait for a free GPU): one on `node` (the dead server's: its crash ledger) first, then the one
-        the fewest stand-in calls went to; None when no other server is alive."""
-        alive = []
-        for server in self._servers:
-            entry = actor_entry(server)
-            if server._actor_id.hex() != server_id and entry.get("State") == "ALIVE":
-                alive.append((server, (entry.get("Address") or {}).get("NodeID")))
-        if not alive:
-            return None
-        counts = self._stand_ins
-        best, _ = min(alive, key=lambda s: (s[1] != node, counts.get(s[0]._actor_id.hex(), 0)))
-        counts[best._actor_id.hex()] = counts.get(best._actor_id.hex(), 0) + 1
-        return best
+    def _grow(self) -> None:
+        """Start servers up to what the alive nodes hold (all `max` with an autoscaler) beside the plan's
+        other stages, counting every server not dead for good (one restarting waits for a GPU itself)."""
+        from latte_ray.plan.fit import Autoscaler, initial_pool_size
 
-    def new_round(self) -> int:
+        self._grown_at = time.monotonic()
+        scaler = Autoscaler(self._autoscaling, "the driver's finding")
+        try:
+            target = min(self._most, initial_pool_size(self._spec, scaler=scaler))
+        except Exception as e:  # noqa: BLE001 - the GCS did not answer: try again next time
+            log.warning("could not read the cluster's nodes (%s)", e)
+            return
         with self._lock:
-            self._bound.clear()
+            new = max(0, target - len(self._servers))
+            if new and self._servers:
+                log.info("%d more generation server(s): the cluster holds %d", new, target)
+            for _ in range(new):
+                self._new_server()
+
+    def _watch(self) -> None:
+        """Notes each server's model load (and reload after a restart), forgets the servers that died for
+        good, reclaims slots held by clients that died, and grows the fleet with the cluster."""
+        import ray
+
+        while not self._stop.is_set():
+            with self._lock:
+                for server in self._servers.values():
+                    if not server.ready and server.waiting is None:
+                        server.waiting = server.handle.ready.remote()
+                waiting = {s.waiting: sid for sid, s in self._servers.items() if s.waiting is not None}
+            done = ray.wait(list(waiting), num_returns=len(waiting), timeout=WAIT_S)[0] if waiting else []
+            if not waiting:
+                self._stop.wait(WAIT_S)
+            for ref in done:
+                self._loaded(waiting[ref], ref)
+            if time.monotonic() - self._grown_at >= GROW_EVERY_S:
+                self._reclaim()
+                self._grow()
+
+    def _loaded(self, sid: str, ref) -> None:
+        import ray
+
+        try:
+            _, node = ray.get(ref)
+            outcome = "ready"
+        except ray.exceptions.RayActorError as e:
+            state = actor_entry(self._servers[sid].handle).get("State")
+            outcome = "failed" if _raised_in_constructor(e) else "dead" if state == "DEAD" else "again"
+        with self._lock:
+            server = self._servers.get(sid)
+            if server is None:
+                return
+            server.waiting = None
+            if outcome == "ready":
+                server.ready, server.node = True, node
+            elif outcome == "failed" and self._failed is None:
+                self._failed = server.handle
+            elif outcome == "dead":  # restarts spent: a new server takes its place at the next _grow
+                del self._servers[sid]
+                self._grown_at = 0.0
+                log.warning("generation server %s died for good (execution.max_restarts spent); a new one "
+                            "takes its place", sid[:8])
             self._lock.notify_all()
-            return len(self._servers)
+
+    def _reclaim(self) -> None:
+        """Slots held by client processes that are gone go back: a client dead for good (its execution
+        ended or was stopped mid-call), or an earlier process of a client that Ray restarted (a grant that
+        reached it after the new process had started)."""
+        with self._lock:
+            clients = {t.split(":")[0] for s in self._servers.values() for t in s.holders}
+        dead = {c for c in clients if actor_state(c) == "DEAD"}
+        with self._lock:
+            self._drop_holders(lambda t: t.split(":")[0] in dead or self._clients.get(t.split(":")[0]) != t)
+
+    def _drop_holders(self, stale) -> None:
+        """Under the lock: free the slots whose holder token is `stale`."""
+        for server in self._servers.values():
+            server.holders = [t for t in server.holders if not stale(t)]
+        self._lock.notify_all()
 
     def close(self) -> None:
         import ray
 
+        self._stop.set()
         with self._lock:
-            for server in self._servers:
-                ray.kill(server, no_restart=True)
+            for server in self._servers.values():
+                ray.kill(server.handle, no_restart=True)
             self._servers.clear()
-            self._bound.clear()
             self._lock.notify_all()
+
+
+def _raised_in_constructor(error) -> bool:
+    """Whether an actor died because its constructor raised (a model that cannot load), not with its process."""
+    return "creation task" in str(error)
 
 
 def server_options(ex) -> dict:
     """Ray options of a server: a generation actor's resources and restarts (execution.max_restarts). Its
-    calls are not retried by Ray: the client sends a failed batch again (stages/denoise_client.py), to a
-    stand-in while its own server is not alive, else to its own once it has restarted."""
+    calls are not retried by Ray: the client sends a failed batch again (stages/denoise_client.py), to
+    another server's slot."""
     return {"num_cpus": ex.num_cpus_per_actor, "num_gpus": ex.num_gpus_per_actor,
             "max_restarts": ex.max_restarts, "max_task_retries": 0, "max_concurrency": 1}
+
+
+def client_pool(spec) -> tuple[int, int]:
+    """(clients, batches in flight per client) of a round's fixed pool of DenoiseClients: room for SLOTS
+    batches for every server the pool may reach (its maximum), SERVERS_PER_CLIENT servers per client. The
+    batches beyond the free slots wait in the clients: a client holds no resources, and a few of them keep
+    a whole fleet fed."""
+    from latte_ray.spec import pool_bounds
+
+    _, most = pool_bounds(spec.execution.concurrency)
+    clients = -(-most // SERVERS_PER_CLIENT)
+    return clients, SLOTS * -(-most // clients)
 
 
 def actor_entry(handle) -> dict:
@@ -148,6 +285,15 @@ def actor_entry(handle) -> dict:
     import ray
 
     return ray._private.state.state.actor_table(handle._actor_id.hex()) or {}
+
+
+def actor_state(actor_id: str) -> str | None:
+    import ray
+
+    try:
+        return (ray._private.state.state.actor_table(actor_id) or {}).get("State")
+    except Exception:  # noqa: BLE001 - unknown: treated as alive
+        return None
 
 
 def actor_info(handle) -> tuple[bool, int]:
@@ -164,22 +310,23 @@ class ModelServers:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from latte_ray.plan.fit import initial_pool_size
-        from latte_ray.spec import pool_bounds
+        from latte_ray.plan.fit import autoscaler
 
-        ex = spec.execution
-        _, most = pool_bounds(ex.concurrency)
+        clients, in_flight = client_pool(spec)
         here = ray.get_runtime_context().get_node_id()
         broker = ray.remote(ServerBroker).options(
-            num_cpus=0, max_concurrency=max(8, 2 * most + 4), max_restarts=0,
+            num_cpus=0, max_concurrency=2 * clients * in_flight + 16, max_restarts=0,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False))
-        self.broker = broker.remote(spec.model_dump_json(), cache_dir, storage_options, run_id, most,
-                                    server_options(ex), initial_pool_size(spec))
+        # Whether an autoscaler is there is the driver's finding (LATTE_RAY_AUTOSCALER is the driver's env).
+        self.broker = broker.remote(spec.model_dump_json(), cache_dir, storage_options, run_id,
+                                    server_options(spec.execution), autoscaler().present)
 
-    def new_round(self) -> None:
+    def idle(self) -> bool:
+        """No server is loaded (all loading, restarting or waiting for a GPU): the watchdog's start-up
+        allowance applies."""
         import ray
 
-        ray.get(self.broker.new_round.remote())
+        return ray.get(self.broker.loaded.remote(), timeout=30) == 0
 
     def close(self) -> None:
         import ray
