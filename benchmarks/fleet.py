@@ -171,6 +171,10 @@ def measure(found, rounds, fleet: Fleet, t_run0: float, t_run1: float, load: flo
     after_load = t_first + load
     r["utilization_after_first_load"] = (busy_between(found, after_load, t_run1)
                                          / fleet.available(after_load, t_run1))
+    # Each actor from its own first call to the last call of the run: every GPU's load (and its process's
+    # start, which here queues on two shared vCPUs) left out, round changes, tails and data-plane gaps in.
+    t_last = max(l.last_end for l in found)
+    r["utilization_from_each_first_call"] = busy / sum(t_last - l.first_busy for l in found)
     full = first_full(found, fleet, t_first)
     r["full_fleet_after_first_start_in_loads"] = (full - t_first) / load if full else None
     r["actor_starts_spread_s"] = max(l.started for l in rounds[0]) - t_first
@@ -184,16 +188,22 @@ def measure(found, rounds, fleet: Fleet, t_run0: float, t_run1: float, load: flo
         tail_start = min(l.last_end for l in lives if l.node not in fleet.lost or len(lives) == 1)
         entry = {"lives": len(lives), "tail_s_in_batches": (end - tail_start) / batch}
         if k:
+            # From the first GPU out of the previous round's work to the fleet full again (with any round's
+            # work: with the models kept, two rounds run at once and the next fills the last one's tail).
             prev_tail = min(l.last_end for l in rounds[k - 1])
-            back = first_full(found, fleet, min(l.first_busy for l in lives)) or max(l.first_busy for l in lives)
+            back = first_full(found, fleet, prev_tail) or max(l.first_busy for l in lives)
             gap = fleet.available(prev_tail, back) - busy_between(found, prev_tail, back)
             entry["reload_idle_gpu_s_in_gpu_loads"] = gap / (gpus * load)
             entry["reload_s_in_loads"] = (back - max(l.last_end for l in rounds[k - 1])) / load
-            # Real seconds from the previous round's last call to this round's first: the execution's start.
+            # Real seconds from the previous round's last call to this round's first: the execution's start
+            # (negative: this round had begun before the last one ended).
             entry["gap_s"] = min(l.first_busy for l in lives) - max(l.last_end for l in rounds[k - 1])
         per_round.append(entry)
     r["per_round"] = per_round
-    r["end_tail_in_batches"] = per_round[-1]["tail_s_in_batches"]
+    # The end tail over every round's calls (two rounds may run at once): from the first GPU that ran out of
+    # work for good (not a lost node's) to the last call's end.
+    survivors = [l for l in found if l.node not in fleet.lost] or found
+    r["end_tail_in_batches"] = (t_last - min(l.last_end for l in survivors)) / batch
     gaps = sorted(b[0] - a[1] for l in found for a, b in zip(l.calls, l.calls[1:]))
     r["median_gap_between_calls_ms"] = 1000 * gaps[len(gaps) // 2] if gaps else None
     return r
@@ -283,7 +293,8 @@ def report(r: dict) -> None:
           f"{r['time_scale']}); pool {r['concurrency']}, "
           f"{'models kept for the run' if r['keep_model_actors'] else 'a pool per round'}; wall {r['wall_s']:.1f} s")
     print(f"    fleet utilization {r['utilization']:.1%} (after the first load: "
-          f"{r['utilization_after_first_load']:.1%}); {r['actor lives']} model loads for {r['GPUs']} GPUs")
+          f"{r['utilization_after_first_load']:.1%}; from each actor's first call: "
+          f"{r['utilization_from_each_first_call']:.1%}); {r['actor lives']} model loads for {r['GPUs']} GPUs")
     print(f"    full fleet {f(r['full_fleet_after_first_start_in_loads'])} load times after the first actor "
           f"started (actor starts spread over {r['actor_starts_spread_s']:.1f} s); ramp-up idle "
           f"{f(r['ramp_idle_gpu_s_in_gpu_loads'])} x (GPUs x one load)")

@@ -519,36 +519,137 @@ def _execute(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_i
             servers["servers"] = ModelServers(run.pipeline, run.cache_dir, run.storage_options, run_id)
         kept = servers["servers"]
         dog.generation_idle = kept.idle  # the servers, not the clients, load the models
-    for k in range(n_rounds):
-        if n_rounds > 1:
-            log.info("round %d of %d (about %d rows each)", k + 1, n_rounds, work.todo // n_rounds)
-        # With kept servers only the first round (and servers added later) loads a model.
-        dog.phase(f"round {k + 1} of {n_rounds}", loads_models=work.generate > 0 and (kept is None or k == 0))
-        if held is not None:
-            held.check()
-        ds = build_plan(run, in_fs, files, work, run_id, (k, n_rounds) if n_rounds > 1 else None,
-                        fence=held.fence if held is not None else None, servers=kept)
-        batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0))
-        try:
-            for batch in batches:
-                dog.progress()
+    # With kept servers two rounds overlap: the next execution starts (its processes, its reads) while this
+    # one works, and each round's tail is filled by the other's batches, so a round change costs the fleet
+    # nothing (the servers' slots go to whichever round's batch asks first). Pooled, the rounds run one
+    # after another: each round's actors hold the GPUs.
+    at_once = min(n_rounds, ROUNDS_AT_ONCE if kept is not None else 1)
+
+    def build(k: int):
+        return build_plan(run, in_fs, files, work, run_id, (k, n_rounds) if n_rounds > 1 else None,
+                          fence=held.fence if held is not None else None, servers=kept)
+
+    events = _round_events(build, n_rounds, at_once, work.todo // n_rounds)
+    try:
+        for kind, value in events:
+            if kind == "round":
+                if n_rounds > 1:
+                    log.info("round %d of %d (about %d rows each)", value + 1, n_rounds, work.todo // n_rounds)
+                # With kept servers only the first round (and servers added later) loads a model.
+                dog.phase(f"round {value + 1} of {n_rounds}",
+                          loads_models=work.generate > 0 and (kept is None or value == 0))
                 if held is not None:
                     held.check()
-                uris = batch["video_uri"].to_pylist()
-                for status, error, uri in zip(batch["status"].to_pylist(), batch["error"].to_pylist(), uris):
-                    if status == "ok":
-                        summary.ok += 1
-                        if len(summary.videos) < SHOWN_VIDEOS and uri:
-                            summary.videos.append(uri)
-                    else:
-                        summary.error += 1
-                        if len(summary.errors) < 20:
-                            summary.errors.append(error)
-                if console is not None and console.progress is not None:
-                    console.progress.update(summary.ok + summary.error, summary.error)
-        finally:
-            batches.close()  # shuts the execution's actors down now, also when the run is stopped or failed
+                continue
+            if kind == "done":
+                if n_rounds > 1:
+                    log.info("round %d of %d committed", value + 1, n_rounds)
+                continue
+            dog.progress()
+            if held is not None:
+                held.check()
+            uris = value["video_uri"].to_pylist()
+            for status, error, uri in zip(value["status"].to_pylist(), value["error"].to_pylist(), uris):
+                if status == "ok":
+                    summary.ok += 1
+                    if len(summary.videos) < SHOWN_VIDEOS and uri:
+                        summary.videos.append(uri)
+                else:
+                    summary.error += 1
+                    if len(summary.errors) < 20:
+                        summary.errors.append(error)
+            if console is not None and console.progress is not None:
+                console.progress.update(summary.ok + summary.error, summary.error)
+    finally:
+        events.close()  # ends the executions under way, also when the run is stopped or failed
+
+
+ROUNDS_AT_ONCE = 2  # executions under way at once when the models are kept for the run
+
+
+def _one_round(build, k: int):
+    """The manifest rows of round k as its execution commits them (its own thread's generator)."""
+    ds = build(k)
+    batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0))
+    try:
+        yield from batches
+    finally:
+        batches.close()  # shuts the execution's actors down now, also when the run is stopped or failed
         del ds, batches  # frees the execution's per-block bookkeeping before the next round
+
+
+def _round_events(build, n_rounds: int, at_once: int, rows_per_round: int = 0):
+    """("round", k) as round k starts, ("batch", rows) as it commits and ("done", k) when it has ended, over
+    every round. One at a time (`at_once` 1) the rounds run in the caller's thread.
+
+    Several at once, each round runs in a thread of its own, and the next one starts when the youngest
+    under way has committed half its rows (about `rows_per_round`; the ids split evenly by their hash):
+    rounds staggered by half a round, so that whenever a new execution starts (its processes, its reads)
+    and whenever a round ends (its tail), another round still has half its work to hand the servers, and
+    at most `at_once` executions' bookkeeping is held in the driver. (Started together, two rounds would
+    end together, and the third would start into an idle fleet.) Their events reach the caller's thread,
+    which alone counts, checks the lease and is interrupted by the watchdog. Closing the generator stops
+    them (an exception raised in each thread, which closes its execution) and waits for them."""
+    if at_once <= 1:
+        for k in range(n_rounds):
+            yield "round", k
+            for batch in _one_round(build, k):
+                yield "batch", batch
+            yield "done", k
+        return
+    import queue
+
+    events: queue.Queue = queue.Queue()
+
+    def work(k: int) -> None:
+        try:
+            for batch in _one_round(build, k):
+                events.put(("batch", (k, batch)))
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
+            events.put(("error", e))
+        finally:
+            events.put(("end", k))
+
+    running: dict[int, threading.Thread] = {}
+    committed: dict[int, int] = {}
+    next_k = 0
+    try:
+        while running or next_k < n_rounds:
+            youngest = max(running, default=None)
+            if next_k < n_rounds and (youngest is None or len(running) < at_once
+                                      and 2 * committed[youngest] >= rows_per_round):
+                running[next_k] = threading.Thread(target=work, args=(next_k,), daemon=True,
+                                                   name=f"latte-ray-round-{next_k + 1}")
+                committed[next_k] = 0
+                yield "round", next_k
+                running[next_k].start()
+                next_k += 1
+                continue
+            try:
+                kind, value = events.get(timeout=0.5)  # a timeout: the watchdog's SIGINT gets through
+            except queue.Empty:
+                continue
+            if kind == "error":
+                raise value
+            if kind == "end":
+                running.pop(value).join()
+                yield "done", value
+                continue
+            k, batch = value
+            committed[k] += batch.num_rows
+            yield "batch", batch
+    finally:
+        for thread in running.values():
+            if thread.is_alive():
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
+                                                           ctypes.py_object(_RoundStopped))
+        for thread in running.values():
+            if thread.ident is not None:  # started
+                thread.join(timeout=120)
+
+
+class _RoundStopped(BaseException):
+    """Raised in a round's thread when the run stops (another round failed, the watchdog, a lost lease)."""
 
 
 def cluster_line() -> str:

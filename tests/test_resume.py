@@ -364,7 +364,8 @@ def test_a_run_split_into_rounds_is_exactly_once_resumes_and_compacts(tmp_path, 
     """With execution.round_rows below the rows to do, the run is several Ray Data executions, each taking
     the ids whose key falls in it: duplicates, conflicts and bad rows land in exactly one round, and a
     resume over rounds skips what is done. With execution.keep_model_actors (the production spec's) the
-    rounds share one generation actor: its model is loaded once per run, not once per round."""
+    rounds share one generation actor: its model is loaded once per run, not once per round; and two
+    rounds run at once (runner._round_events)."""
     ids = [f"r-{i:02d}" for i in range(10)]
     table = {"id": ids + ["r-01", "cx", "cx", "bad"],
              "prompt": [f"a round scene {i}" for i in ids] + ["a round scene r-01", "one", "other", ""]}
@@ -375,6 +376,8 @@ def test_a_run_split_into_rounds_is_exactly_once_resumes_and_compacts(tmp_path, 
     with caplog.at_level("INFO", logger="latte_ray.runner"):
         summary = runner.run(RunSpec(pipeline=spec, prompts=[str(tmp_path / "in")], output=str(out)))
     assert "round 2 of 2" in caplog.text  # 10 ids + 2 conflicting rows + 1 bad row = 13 rows to do
+    # With the models kept, the rounds' executions overlap: the second starts before the first has ended.
+    assert caplog.text.index("round 2 of 2 (") < caplog.text.index("round 1 of 2 committed"), caplog.text[-3000:]
     assert (summary.ok, summary.error, summary.duplicates) == (10, 3, 1)
     assert_exactly_once(out, set(ids), errors={"cx", *(r["id"] for r in manifest(out) if "empty" in (r["error"] or ""))})
     lives = {(r["actor"], r["actor_started_at"]) for r in manifest(out) if r["status"] == "ok"}
