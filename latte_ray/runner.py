@@ -238,8 +238,8 @@ def rounds(run: RunSpec, todo: int) -> int:
     per operator, task records): measured at about 10 KB per block, so 1.3 GB for a million prompts at
     batch 8 (benchmarks/README.md). Rounds of at most `execution.round_rows` rows, each a fresh execution
     taking the ids whose key falls in it, bound that. With `execution.keep_model_actors` the rounds share
-    the run's generation servers (stages/servers.py); without, each round loads the model again. A `--limit`
-    run is one round (the limit is a total)."""
+    the run's generation servers (stages/servers.py) and two of them overlap (`_round_events`); without,
+    each round loads the model again. A `--limit` run is one round (the limit is a total)."""
     if run.limit:
         return 1
     return max(1, -(-todo // run.pipeline.execution.round_rows))
@@ -522,8 +522,10 @@ def _execute(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_i
     # With kept servers two rounds overlap: the next execution starts (its processes, its reads) while this
     # one works, and each round's tail is filled by the other's batches, so a round change costs the fleet
     # nothing (the servers' slots go to whichever round's batch asks first). Pooled, the rounds run one
-    # after another: each round's actors hold the GPUs.
-    at_once = min(n_rounds, ROUNDS_AT_ONCE if kept is not None else 1)
+    # after another: each round's actors hold the GPUs. So does a text-encode stage's actor (a GPU of its
+    # own, per execution): with one, the rounds do not overlap either.
+    overlap = kept is not None and not run.pipeline.execution.text_encode_stage
+    at_once = min(n_rounds, ROUNDS_AT_ONCE if overlap else 1)
 
     def build(k: int):
         return build_plan(run, in_fs, files, work, run_id, (k, n_rounds) if n_rounds > 1 else None,

@@ -306,8 +306,10 @@ class ExecutionSpec(_Strict):
     )
     keep_model_actors: bool = Field(
         False, description="Keep the generation actors, with their loaded models, for the whole run: every "
-        "round (and a re-plan after a lost node) reuses them instead of loading the model again on every GPU "
-        "(latte_ray/stages/servers.py). Off: each round's actor pool loads its own.",
+        "round (and a re-plan after a lost node) reuses them instead of loading the model again on every GPU; "
+        "a batch goes to whichever loaded actor has a free slot, actors start mid-round as nodes join, and two "
+        "rounds overlap so that a round change leaves no GPU idle (latte_ray/stages/servers.py). Off: each "
+        "round's actor pool loads its own, and rounds run one after another.",
     )
     seconds_per_video: float | None = Field(
         None, gt=0, description="Seconds one actor takes per video on its device, for `run --dry-run` "
