@@ -38,7 +38,7 @@ AUTOSCALER_ENV = "LATTE_RAY_AUTOSCALER"  # plan/fit.py: whether an autoscaler ca
 NODE_CPUS_REAL = 17  # a production 8-GPU node: 8 actors x 2 CPUs + 1 for the CPU stages (latte-1-t2v-512.yaml)
 
 
-def fleet_spec(time_scale: float, round_rows: int, concurrency=None, keep: bool = True):
+def fleet_spec(time_scale: float, round_rows: int, concurrency=None, keep: bool = True, cpu_stage_actors=None):
     from latte_ray.spec import load_pipeline_spec, parse_pipeline_spec
 
     raw = json.loads(load_pipeline_spec("latte-1-t2v-512").model_dump_json())
@@ -51,6 +51,8 @@ def fleet_spec(time_scale: float, round_rows: int, concurrency=None, keep: bool 
     ex.update(num_cpus_per_actor=round(ex["num_cpus_per_actor"] * cpu, 4),
               num_cpus_per_cpu_task=round(ex["num_cpus_per_cpu_task"] * cpu, 4), round_rows=round_rows,
               keep_model_actors=keep)
+    if cpu_stage_actors is not None:  # each CPU-stage pool's most actors (this machine's memory, not its CPUs)
+        ex["cpu_stage_max_actors"] = cpu_stage_actors
     if concurrency is not None:  # the production spec's [1, 64]: at most as many as the fleet will have
         ex["concurrency"] = concurrency
     return parse_pipeline_spec(raw)
@@ -202,10 +204,18 @@ def measure(found, rounds, fleet: Fleet, t_run0: float, t_run1: float, load: flo
     r["per_round"] = per_round
     # The end tail over every round's calls (two rounds may run at once): from the first GPU that ran out of
     # work for good (not a lost node's) to the last call's end.
-    survivors = [l for l in found if l.node not in fleet.lost] or found
+    last_lives = {l.actor: l for l in found}  # sorted by start: an actor's last life (a restart is a new one)
+    survivors = [l for l in last_lives.values() if l.node not in fleet.lost] or found
     r["end_tail_in_batches"] = (t_last - min(l.last_end for l in survivors)) / batch
     gaps = sorted(b[0] - a[1] for l in found for a, b in zip(l.calls, l.calls[1:]))
     r["median_gap_between_calls_ms"] = 1000 * gaps[len(gaps) // 2] if gaps else None
+    # Where the idle time is: GPU-seconds between one actor's consecutive calls (the data plane or the
+    # slots not keeping it fed), and the fleet's utilization in ten equal windows from the first start.
+    r["idle_between_calls_gpu_s_in_gpu_loads"] = sum(gaps) / (gpus * load)
+    r["gaps_over_1s"] = sum(1 for g in gaps if g > 1.0)
+    edges = [t_first + (t_last - t_first) * i / 10 for i in range(11)]
+    r["utilization_by_tenth"] = [round(busy_between(found, a, b) / fleet.available(a, b), 3)
+                                 for a, b in zip(edges, edges[1:])]
     return r
 
 
@@ -220,7 +230,8 @@ def run_scenario(name: str, args, work: Path) -> dict:
     gpus = args.nodes * args.gpus_per_node
     round_rows = gpus * 2 * args.batches_per_round
     prompts = round_rows * args.rounds
-    spec = fleet_spec(args.time_scale, round_rows, concurrency=[1, gpus], keep=not args.pooled)
+    spec = fleet_spec(args.time_scale, round_rows, concurrency=[1, gpus], keep=not args.pooled,
+                      cpu_stage_actors=args.cpu_stage_actors)
     sim = spec.model.sim_timing
     load = (sim.load_s + (sim.compile_s if spec.model.compile.enabled else 0)) * sim.time_scale
     batch = sim.batch_seconds(spec.execution.batch_size) * sim.time_scale
@@ -274,8 +285,14 @@ def run_scenario(name: str, args, work: Path) -> dict:
         assert summary.ok == prompts and len(ok) == len(set(ok)) == prompts, (summary.ok, len(ok), len(set(ok)))
         n_rounds = runner.rounds(RunSpec(pipeline=spec, prompts=[str(table)], output=str(out)), prompts)
         r = measure(lives(rows), by_round(rows, n_rounds), fleet, t_run0, t_run1, load, batch)
+        if args.dump:  # every actor life's start and calls (epoch seconds), for a closer look
+            Path(args.dump).write_text(json.dumps({"t_run0": t_run0, "lives": [
+                {"actor": l.actor, "node": l.node, "started": l.started, "calls": l.calls} for l in lives(rows)],
+                "commits": [[r["busy_end"].timestamp(), r["finished_at"].timestamp()]
+                            for r in rows.select(["busy_end", "finished_at"]).to_pylist() if r["busy_end"]]}))
         r.update(peak.result())
-        r.update(scenario=name, prompts=prompts, round_rows=round_rows, load_s=load, batch_s=batch,
+        r.update(scenario=name, prompts=prompts, cpu_stage_max_actors=spec.execution.cpu_stage_max_actors,
+                 round_rows=round_rows, load_s=load, batch_s=batch,
                  time_scale=args.time_scale, concurrency=spec.execution.concurrency,
                  keep_model_actors=spec.execution.keep_model_actors)
         return r
@@ -291,7 +308,8 @@ def report(r: dict) -> None:
     print(f"[{r['scenario']}] {r['GPUs']} GPUs, {r['prompts']} prompts in {r['rounds']} round(s) of "
           f"{r['round_rows']} rows; load+compile {r['load_s']:.1f} s, batch {r['batch_s']:.2f} s (real, scale "
           f"{r['time_scale']}); pool {r['concurrency']}, "
-          f"{'models kept for the run' if r['keep_model_actors'] else 'a pool per round'}; wall {r['wall_s']:.1f} s")
+          f"{'models kept for the run' if r['keep_model_actors'] else 'a pool per round'}; CPU-stage pools of at most "
+          f"{r['cpu_stage_max_actors']}; wall {r['wall_s']:.1f} s")
     print(f"    fleet utilization {r['utilization']:.1%} (after the first load: "
           f"{r['utilization_after_first_load']:.1%}; from each actor's first call: "
           f"{r['utilization_from_each_first_call']:.1%}); {r['actor lives']} model loads for {r['GPUs']} GPUs")
@@ -305,6 +323,9 @@ def report(r: dict) -> None:
         print(f"    round {k + 1}: {p['lives']} actor lives, tail {f(p['tail_s_in_batches'])} batch times{extra}")
     print(f"    end tail {f(r['end_tail_in_batches'])} batch times; median gap between an actor's calls "
           f"{f(r['median_gap_between_calls_ms'], 0)} ms")
+    print(f"    idle between an actor's calls {f(r['idle_between_calls_gpu_s_in_gpu_loads'])} x (GPUs x one load), "
+          f"{r['gaps_over_1s']} gaps over 1 s; utilization by tenth of the run: "
+          f"{' '.join(f'{u:.0%}' for u in r['utilization_by_tenth'])}")
     print(f"    machine: peak memory used {r['peak_memory_gib']:.1f} GiB, peak 1-min load average "
           f"{r['peak_load_average']:.1f}")
     print("RESULT " + json.dumps(r, default=str))
@@ -319,6 +340,9 @@ def main() -> None:
     ap.add_argument("--time-scale", type=float, default=0.1, help="real seconds per simulated second")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batches-per-round", type=int, default=4, help="batches per GPU per round")
+    ap.add_argument("--cpu-stage-actors", type=int, default=None, help="most actors per CPU-stage pool (default: "
+                    "the production spec's 16; 64 GPUs with two rounds under way need fewer to fit 24 GiB here)")
+    ap.add_argument("--dump", default=None, help="write every actor life's start and calls to this JSON file")
     ap.add_argument("--late-fixed", action="store_true", help="late: no autoscaler (the pool grows as the run "
                     "sees nodes join) instead of the script acting as one (the pool starts at its maximum)")
     ap.add_argument("--pooled", action="store_true", help="each round's Ray Data pool loads its own models "

@@ -154,6 +154,8 @@ class DenoiseStage:
         Embeddings: the prompt's T5 output in the rows the transformer's cross-attention attended to
         (`keep`: its tokens with mask_feature, else the padded length), as float16; the masked padding rows
         were never seen. Latents: as the VAE received them (bfloat16 goes out as float32, which is exact)."""
+        if not (self.sidecars.embeddings or self.sidecars.latents):
+            return {}  # no torch import here: the stand-in engines (null, sim) run without it
         import torch
 
         from latte_ray.record.sidecars import EMBEDDINGS, LATENTS, to_npy
