@@ -135,11 +135,14 @@ def read_input(run: RunSpec, in_fs, files: list[str]):
 
 
 def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "",
-               round_of: tuple[int, int] | None = None, fence: dict | None = None, servers=None):
+               round_of: tuple[int, int] | None = None, fence: dict | None = None, servers=None,
+               executions: int = 1):
     """The Ray Data dataset whose rows are the manifest rows of this run (`work`: a workplan.WorkPlan;
     when none of its rows needs a model, only error rows are written and no generation actor starts;
     `round_of`: (k, rounds) to take on only the ids of round k, see `rounds`; `servers`: the run's
-    stages/servers.ModelServers when the models live for the whole run, execution.keep_model_actors)."""
+    stages/servers.ModelServers when the models live for the whole run, execution.keep_model_actors;
+    `executions`: how many of the run's executions are under way at once, which share the CPU stages' most
+    actors)."""
     import ray
     import pyarrow.parquet as pq  # noqa: F401  (pyarrow must be importable on workers)
 
@@ -151,8 +154,10 @@ def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "
     ex = spec.execution
     spec_json = spec.model_dump_json()
     # Encode and write are small autoscaling actor pools (encoders and writers keep their state between
-    # batches); the prepare stage runs inside the read tasks (stages/prepare.py says why).
-    cpu_pool = ray.data.ActorPoolStrategy(min_size=1, max_size=ex.cpu_stage_max_actors)
+    # batches); the prepare stage runs inside the read tasks (stages/prepare.py says why). Two executions
+    # under way (overlapping rounds) share cpu_stage_max_actors: one whose pools had grown onto every spare
+    # CPU left the next none to start on (its reads and first actors waited for the last one's end).
+    cpu_pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, ex.cpu_stage_max_actors // executions))
     ds = read_input(run, in_fs, files)
     ds = ds.map_batches(
         prepare_batch,
@@ -529,7 +534,7 @@ def _execute(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_i
 
     def build(k: int):
         return build_plan(run, in_fs, files, work, run_id, (k, n_rounds) if n_rounds > 1 else None,
-                          fence=held.fence if held is not None else None, servers=kept)
+                          fence=held.fence if held is not None else None, servers=kept, executions=at_once)
 
     events = _round_events(build, n_rounds, at_once, work.todo // n_rounds)
     try:
