@@ -203,7 +203,8 @@ def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "
         clients, in_flight = client_pool(spec)
         pool = ray.data.ActorPoolStrategy(size=clients, max_tasks_in_flight_per_actor=in_flight,
                                           max_concurrent_calls_per_actor=in_flight, enable_true_multi_threading=True)
-        ds = ds.map_batches(DenoiseClient, fn_constructor_kwargs={"broker": servers.broker},
+        ds = ds.map_batches(DenoiseClient, fn_constructor_kwargs={"broker": servers.broker,
+                                                                  "order": round_of[0] if round_of else 0},
                             batch_size=ex.batch_size, batch_format="numpy", compute=pool, num_cpus=0)
     else:
         ds = ds.map_batches(

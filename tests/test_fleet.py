@@ -164,3 +164,28 @@ def test_the_generation_pool_starts_with_every_actor_the_cluster_holds():
     tiny = load_pipeline_spec("tiny-cpu")  # 1..2 actors of 0.5 CPU beside 3 x 0.25 CPU on 2 cores: both
     assert initial_pool_size(tiny, [{"CPU": 2.0}], fixed) == 2
     assert initial_pool_size(tiny.with_overrides(concurrency=3), [{"CPU": 2.0}], fixed) == 3  # a fixed size
+
+
+def test_a_free_slot_goes_to_the_oldest_rounds_batch_on_the_least_busy_loaded_server():
+    """stages/servers.pick_slot: the broker's choice for a batch waiting for a generation server's slot."""
+    from latte_ray.stages.servers import SLOTS, _Server, pick_slot
+
+    servers = {"a": _Server(None, ready=True, node="n1", holders=["c"]),
+               "b": _Server(None, ready=True, node="n2"),
+               "loading": _Server(None, ready=False, node="n2")}  # never granted before its model has loaded
+    assert pick_slot(servers, [], (0, 0)) == "b"  # the most free slots
+    servers["b"].holders = ["c"]
+    servers["b"].granted = 5
+    assert pick_slot(servers, [], (0, 0)) == "a"  # as free: the less used
+    # Two free slots: the next round's batch waits while two (or more) batches of the older round wait too.
+    waiting = [(0, 7), (0, 8), (0, 9), (1, 3)]
+    assert pick_slot(servers, waiting, (1, 3)) is None
+    assert pick_slot(servers, waiting[1:], (1, 3)) is None
+    assert pick_slot(servers, waiting[2:], (1, 3)) is not None  # one older batch ahead, a slot left over
+    assert pick_slot(servers, waiting, (0, 7)) == "a"
+    # A batch whose server died on n2 stays on n2 (its crash ledger) and does not wait in line.
+    assert pick_slot(servers, waiting, (1, 4), prefer_node="n2") == "b"
+    servers["b"].holders = ["c"] * SLOTS
+    assert pick_slot(servers, [], (0, 0), prefer_node="n2") is None  # n2's loaded server is busy: wait for it
+    servers["b"].ready = False
+    assert pick_slot(servers, [], (0, 0), prefer_node="n2") == "a"  # none loaded on n2: any node

@@ -32,10 +32,11 @@ CHECK_S = 10.0  # how often a batch waiting on a call looks at its server's stat
 
 
 class DenoiseClient:
-    def __init__(self, broker):
+    def __init__(self, broker, order: int = 0):
         import ray
 
         self.broker = broker
+        self.order = order  # this execution's round: the broker serves the oldest round's batches first
         # This process's slots: a client that Ray restarts (its node lost) keeps its actor id, and the
         # broker frees what the dead process held when the new one says hello with a new token.
         self.me = f"{ray.get_runtime_context().get_actor_id()}:{uuid.uuid4().hex[:12]}"
@@ -56,7 +57,7 @@ class DenoiseClient:
 
         prefer = None  # the node of a server that died with this batch
         while True:
-            slot = ray.get(self.broker.acquire.remote(self.me, prefer))
+            slot = ray.get(self.broker.acquire.remote(self.me, prefer, self.order))
             if slot is None:
                 continue  # no slot came free yet: ask again
             sid, server, node = slot

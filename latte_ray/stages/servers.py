@@ -31,6 +31,7 @@ whichever loaded server has a free *slot*, as the broker grants them.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -87,6 +88,8 @@ class ServerBroker:
         self._options, self._autoscaling = options, autoscaling
         self._servers: dict[str, _Server] = {}  # server actor id -> its state
         self._clients: dict[str, str] = {}  # client actor id -> the token of its current process
+        self._waiting: dict[int, tuple[int, int]] = {}  # ticket -> (round, ticket) of each batch waiting
+        self._tickets = itertools.count()
         self._failed = None  # a server whose constructor raised: the run ends with its error
         self._lock = threading.Condition()
         self._stop = threading.Event()
@@ -114,30 +117,41 @@ class ServerBroker:
                 self._lock.wait(timeout=WAIT_S)
             return self._failed is None, self._failed
 
-    def acquire(self, token: str, prefer_node: str | None = None):
+    def acquire(self, token: str, prefer_node: str | None = None, order: int = 0):
         """(server id, handle, node) of the loaded server with the most free slots, once one has a free
-        slot; ("failed", handle, None) when a server's constructor raised; None when no slot came free
-        within ACQUIRE_WAIT_S (the client asks again: no broker thread waits without end, so a `release`
-        always finds one). `prefer_node`: a batch whose server died goes to a server on that node while one
-        there is loaded (its crash ledger, faults/crashes.py, then counts a row that kills every worker)."""
+        slot for this batch; ("failed", handle, None) when a server's constructor raised; None when no slot
+        came free within ACQUIRE_WAIT_S (the client asks again: no broker thread waits without end, so a
+        `release` always finds one).
+
+        `order`: the batch's round. Free slots go to the waiting batches of the oldest round first (then
+        first come, first served), so the round that started first runs at the fleet's full speed and the
+        next one, already started beside it, only fills the slots it leaves: the rounds stay staggered and a
+        round's tail is the next one's start (runner._round_events). `prefer_node`: a batch whose server
+        died goes to a server on that node while one there is loaded (its crash ledger, faults/crashes.py,
+        then counts a row that kills every worker); such a batch does not wait its turn."""
         until = time.monotonic() + ACQUIRE_WAIT_S
         with self._lock:
-            while time.monotonic() < until:
-                if self._stop.is_set():
-                    raise RuntimeError("the run's generation servers were ended")
-                if self._failed is not None:
-                    return "failed", self._failed, None
-                loaded = [(sid, s) for sid, s in self._servers.items() if s.ready]
-                if prefer_node is not None and any(s.node == prefer_node for _, s in loaded):
-                    loaded = [(sid, s) for sid, s in loaded if s.node == prefer_node]
-                free = [(sid, s) for sid, s in loaded if len(s.holders) < SLOTS]
-                if free:
-                    sid, server = min(free, key=lambda e: (len(e[1].holders), e[1].granted))
-                    server.holders.append(token)
-                    server.granted += 1
-                    return sid, server.handle, server.node
-                self._lock.wait(timeout=WAIT_S)
-            return None
+            ticket = next(self._tickets)
+            key = (order, ticket)
+            if prefer_node is None:
+                self._waiting[ticket] = key
+            try:
+                while time.monotonic() < until:
+                    if self._stop.is_set():
+                        raise RuntimeError("the run's generation servers were ended")
+                    if self._failed is not None:
+                        return "failed", self._failed, None
+                    sid = pick_slot(self._servers, self._waiting.values(), key, prefer_node)
+                    if sid is not None:
+                        server = self._servers[sid]
+                        server.holders.append(token)
+                        server.granted += 1
+                        return sid, server.handle, server.node
+                    self._lock.wait(timeout=WAIT_S)
+                return None
+            finally:
+                self._waiting.pop(ticket, None)
+                self._lock.notify_all()  # the next in line may be able to take a slot now
 
     def release(self, server_id: str, token: str, failed: bool = False) -> None:
         """A slot back; `failed`: the server failed the call (died): it takes no slot until it has loaded
@@ -253,6 +267,22 @@ class ServerBroker:
                 ray.kill(server.handle, no_restart=True)
             self._servers.clear()
             self._lock.notify_all()
+
+
+def pick_slot(servers: dict[str, _Server], waiting, key: tuple[int, int], prefer_node: str | None = None
+              ) -> str | None:
+    """The server whose free slot the batch `key` (round, ticket) takes now, or None (it waits): a loaded
+    server with the most free slots (the less used first), once fewer batches of the `waiting` keys are
+    ahead of it (older rounds, then earlier tickets) than slots are free. `prefer_node`: only servers on that
+    node while one there is loaded, and no waiting in line."""
+    loaded = [(sid, s) for sid, s in servers.items() if s.ready]
+    if prefer_node is not None and any(s.node == prefer_node for _, s in loaded):
+        loaded = [(sid, s) for sid, s in loaded if s.node == prefer_node]
+    free = [(sid, s) for sid, s in loaded if len(s.holders) < SLOTS]
+    ahead = 0 if prefer_node is not None else sum(1 for k in waiting if k < key)
+    if len(free) <= ahead:
+        return None
+    return min(free, key=lambda e: (len(e[1].holders), e[1].granted))[0]
 
 
 def _raised_in_constructor(error) -> bool:
