@@ -6,9 +6,13 @@ batch 2, one GPU per actor, the autoscaling pool bounds, rounds) with `model.sou
 Latte-1's load + compile and 14.6 s per video, all times multiplied by --time-scale, and makes null frames
 at a small size so the encode and write stages do their real work. Scaled down to fit 2 cores:
   - time: every simulated second takes --time-scale real seconds (stated in the output);
-  - CPUs: a node declares 1 logical CPU (Ray wants whole numbers) and every CPU share of the spec is divided
-    by the CPUs a production 8-GPU node has (8 actors x 2 + 1 = 17), so a node's actors and CPU stages fit
-    in it as they fit in the real node;
+  - CPUs (--node-shape scaled, the default): a node declares 1 logical CPU (Ray wants whole numbers) and every
+    CPU share of the spec is divided by the CPUs a production 8-GPU node has (8 actors x 2 + 1 = 17), so a
+    node's actors and CPU stages fit in it as they fit in the real node. --node-shape real: a node declares
+    the real node's 17 logical CPUs and the spec's shares are kept (the same actors fit; Ray's and Ray Data's
+    accounting see the real numbers: Ray Data's resource coordinator splits a node's leftover CPUs between
+    concurrent executions in whole CPUs, which gives a second execution none on a 1-CPU node). Either way the
+    CPU-stage work runs on this machine's two vCPUs, bounded by execution.cpu_stage_max_actors;
   - rounds: execution.round_rows is scaled to --batches-per-round batches per GPU (production's 100,000
     rows are ~781 batches per GPU on 64 GPUs), so the per-round costs show within minutes.
 Measured from the manifest's busy intervals (latte_ray/ops/fleet.py), as ratios:
@@ -38,7 +42,8 @@ AUTOSCALER_ENV = "LATTE_RAY_AUTOSCALER"  # plan/fit.py: whether an autoscaler ca
 NODE_CPUS_REAL = 17  # a production 8-GPU node: 8 actors x 2 CPUs + 1 for the CPU stages (latte-1-t2v-512.yaml)
 
 
-def fleet_spec(time_scale: float, round_rows: int, concurrency=None, keep: bool = True, cpu_stage_actors=None):
+def fleet_spec(time_scale: float, round_rows: int, concurrency=None, keep: bool = True, cpu_stage_actors=None,
+               real_cpus: bool = False):
     from latte_ray.spec import load_pipeline_spec, parse_pipeline_spec
 
     raw = json.loads(load_pipeline_spec("latte-1-t2v-512").model_dump_json())
@@ -47,7 +52,7 @@ def fleet_spec(time_scale: float, round_rows: int, concurrency=None, keep: bool 
     raw["sampling"].update(height=32, width=32, video_length=16)  # null frames, encoded and written for real
     raw["video"]["preset"] = "ultrafast"
     ex = raw["execution"]
-    cpu = 1.0 / NODE_CPUS_REAL
+    cpu = 1.0 if real_cpus else 1.0 / NODE_CPUS_REAL
     ex.update(num_cpus_per_actor=round(ex["num_cpus_per_actor"] * cpu, 4),
               num_cpus_per_cpu_task=round(ex["num_cpus_per_cpu_task"] * cpu, 4), round_rows=round_rows,
               keep_model_actors=keep)
@@ -61,11 +66,11 @@ def fleet_spec(time_scale: float, round_rows: int, concurrency=None, keep: bool 
 class Fleet:
     """The cluster, and the GPUs it offered over time (node joins and losses) for the utilization."""
 
-    def __init__(self, gpus_per_node: int, tmp: Path):
+    def __init__(self, gpus_per_node: int, tmp: Path, node_cpus: int = 1):
         from ray.cluster_utils import Cluster
 
         os.environ["RAY_TMPDIR"] = str(tmp)
-        self.gpus_per_node = gpus_per_node
+        self.gpus_per_node, self.node_cpus = gpus_per_node, node_cpus
         self.cluster = _retry(lambda: Cluster(initialize_head=True, connect=False, head_node_args={
             "num_cpus": 0, "include_dashboard": False, "object_store_memory": 200 * 2**20}))
         self.events: list[tuple[float, int]] = []  # (time.time(), +/- GPUs)
@@ -75,7 +80,7 @@ class Fleet:
     def add(self, n: int = 1) -> None:
         for _ in range(n):
             self.nodes.append(_retry(lambda: self.cluster.add_node(
-                num_cpus=1, num_gpus=self.gpus_per_node, object_store_memory=100 * 2**20)))
+                num_cpus=self.node_cpus, num_gpus=self.gpus_per_node, object_store_memory=100 * 2**20)))
         self.cluster.wait_for_nodes()
         self.events.append((time.time(), n * self.gpus_per_node))
 
@@ -230,15 +235,16 @@ def run_scenario(name: str, args, work: Path) -> dict:
     gpus = args.nodes * args.gpus_per_node
     round_rows = gpus * 2 * args.batches_per_round
     prompts = round_rows * args.rounds
+    real = args.node_shape == "real"
     spec = fleet_spec(args.time_scale, round_rows, concurrency=[1, gpus], keep=not args.pooled,
-                      cpu_stage_actors=args.cpu_stage_actors)
+                      cpu_stage_actors=args.cpu_stage_actors, real_cpus=real)
     sim = spec.model.sim_timing
     load = (sim.load_s + (sim.compile_s if spec.model.compile.enabled else 0)) * sim.time_scale
     batch = sim.batch_seconds(spec.execution.batch_size) * sim.time_scale
     table = write_prompt_table(work / f"{name}.parquet", prompts)
     out = work / f"out-{name}"
     tmp = Path(tempfile.mkdtemp(prefix="lrf", dir="/tmp"))  # short: unix socket paths
-    fleet = Fleet(args.gpus_per_node, tmp)
+    fleet = Fleet(args.gpus_per_node, tmp, node_cpus=NODE_CPUS_REAL if real else 1)
     try:
         fleet.add(args.nodes if name != "late" else args.late_start)
         ray.init(address=fleet.cluster.address, logging_level="WARNING")
@@ -292,6 +298,7 @@ def run_scenario(name: str, args, work: Path) -> dict:
                             for r in rows.select(["busy_end", "finished_at"]).to_pylist() if r["busy_end"]]}))
         r.update(peak.result())
         r.update(scenario=name, prompts=prompts, cpu_stage_max_actors=spec.execution.cpu_stage_max_actors,
+                 node_cpus=fleet.node_cpus,
                  round_rows=round_rows, load_s=load, batch_s=batch,
                  time_scale=args.time_scale, concurrency=spec.execution.concurrency,
                  keep_model_actors=spec.execution.keep_model_actors)
@@ -309,7 +316,7 @@ def report(r: dict) -> None:
           f"{r['round_rows']} rows; load+compile {r['load_s']:.1f} s, batch {r['batch_s']:.2f} s (real, scale "
           f"{r['time_scale']}); pool {r['concurrency']}, "
           f"{'models kept for the run' if r['keep_model_actors'] else 'a pool per round'}; CPU-stage pools of at most "
-          f"{r['cpu_stage_max_actors']}; wall {r['wall_s']:.1f} s")
+          f"{r['cpu_stage_max_actors']}; {r['node_cpus']} logical CPUs per node; wall {r['wall_s']:.1f} s")
     print(f"    fleet utilization {r['utilization']:.1%} (after the first load: "
           f"{r['utilization_after_first_load']:.1%}; from each actor's first call: "
           f"{r['utilization_from_each_first_call']:.1%}); {r['actor lives']} model loads for {r['GPUs']} GPUs")
@@ -342,6 +349,8 @@ def main() -> None:
     ap.add_argument("--batches-per-round", type=int, default=4, help="batches per GPU per round")
     ap.add_argument("--cpu-stage-actors", type=int, default=None, help="most actors per CPU-stage pool (default: "
                     "the production spec's 16; 64 GPUs with two rounds under way need fewer to fit 24 GiB here)")
+    ap.add_argument("--node-shape", choices=["scaled", "real"], default="scaled", help="scaled: 1-CPU nodes and "
+                    "CPU shares / 17; real: the production node's 17 logical CPUs and the spec's shares")
     ap.add_argument("--dump", default=None, help="write every actor life's start and calls to this JSON file")
     ap.add_argument("--late-fixed", action="store_true", help="late: no autoscaler (the pool grows as the run "
                     "sees nodes join) instead of the script acting as one (the pool starts at its maximum)")
