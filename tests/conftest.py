@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -104,6 +105,18 @@ def write_prompts(path: Path, columns: dict, schema: pa.Schema | None = None) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(columns, schema=schema), path)
     return path
+
+
+# A line Ray forwards from another process of the cluster this test process is connected to: "(pid=gcs_server) ...",
+# "(raylet) ...", "(SomeActor pid=123) ...", colored or not. Ray writes them to sys.stdout whenever they arrive, so
+# one can land inside a CliRunner capture of a command that never touched Ray (CI saw a GCS "Failed to kill actor"
+# line, left from an earlier test's killed actor, in front of `run --dry-run`'s one-line error).
+_RAY_FORWARDED = re.compile(r"^(\x1b\[[0-9;]*m)?\([^)]*(pid=|raylet|gcs_server)[^)]*\)")
+
+
+def own_output(result) -> str:
+    """What a CliRunner-invoked command itself printed: its output without the lines Ray forwarded meanwhile."""
+    return "".join(line for line in result.output.splitlines(keepends=True) if not _RAY_FORWARDED.match(line))
 
 
 # ------------------------------------------------------------------ loopback S3 (moto's standalone server)

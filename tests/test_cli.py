@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from latte_ray.cli import app
 from latte_ray.spec import load_pipeline_spec
-from tests.conftest import REPO, write_prompts
+from tests.conftest import REPO, own_output, write_prompts
 
 CLI = [sys.executable, "-m", "latte_ray.cli"]
 
@@ -86,7 +86,7 @@ def test_pipelines_lists_every_builtin_with_its_description():
 def test_pipelines_show_prints_the_file_as_shipped(tmp_path):
     result = CliRunner().invoke(app, ["pipelines", "show", "latte-1-t2v-512"])
     assert result.exit_code == 0
-    assert result.output == (REPO / "pipelines" / "latte-1-t2v-512.yaml").read_text()
+    assert own_output(result) == (REPO / "pipelines" / "latte-1-t2v-512.yaml").read_text()
     copy = tmp_path / "mine.yaml"  # ready to copy, edit and use
     copy.write_text(result.output.replace("num_inference_steps: 50", "num_inference_steps: 30"))
     assert load_pipeline_spec(copy).sampling.num_inference_steps == 30
@@ -110,9 +110,9 @@ def test_version_names_the_checkout_commit():
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0
     if head.returncode == 0:  # a checkout (CI's clean clone is one): the commit, "-dirty" with local edits
-        assert result.output.startswith(f"latte-ray {version()} (git {head.stdout.strip()}")
+        assert own_output(result).startswith(f"latte-ray {version()} (git {head.stdout.strip()}")
     else:  # a source tree without git metadata
-        assert result.output.strip() == f"latte-ray {version()}"
+        assert own_output(result).strip() == f"latte-ray {version()}"
     import tomllib
 
     assert version() == tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]

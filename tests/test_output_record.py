@@ -22,7 +22,7 @@ from latte_ray.faults.rootcause import RunFailed
 from latte_ray.record.output import RunLog, bind, check_binding, list_runs, open_output, spec_diff
 from latte_ray.record.storage import write_manifest_part
 from latte_ray.spec import RunSpec, SpecError, parse_pipeline_spec
-from tests.conftest import REPO, write_prompts
+from tests.conftest import REPO, own_output, write_prompts
 from tests.invariants import fast_spec, manifest, snapshot, write_spec
 
 
@@ -101,13 +101,13 @@ def test_operations_on_a_missing_bucket_and_dry_runs_to_an_unwritable_output(s3_
                  ["compact", "s3://no-such-bucket-lr/out"]):
         result = CliRunner().invoke(app, [*argv, *flags])
         assert result.exit_code == 2, result.output
-        assert result.output.strip() == "error: s3://no-such-bucket-lr/out: not a latte-ray output (no latte-ray.json there); check the path"
+        assert own_output(result).strip() == "error: s3://no-such-bucket-lr/out: not a latte-ray output (no latte-ray.json there); check the path"
     table = write_prompts(tmp_path / "p.parquet", {"prompt": ["a cat"]})
     spec = write_spec(tmp_path / "spec.yaml", fast_spec())
     result = CliRunner().invoke(app, ["run", "--dry-run", "-p", str(spec), "--prompts", str(table),
                                       "--output", "s3://no-such-bucket-lr/out", *flags])
     assert result.exit_code == 2
-    assert result.output.strip().startswith("error: output: cannot write to s3://no-such-bucket-lr/out: "
+    assert own_output(result).strip().startswith("error: output: cannot write to s3://no-such-bucket-lr/out: "
                                             "FileNotFoundError"), result.output
     bucket = s3_server.make_bucket("dry-" + uuid.uuid4().hex[:8])
     result = CliRunner().invoke(app, ["run", "--dry-run", "-p", str(spec), "--prompts", str(table),
@@ -157,7 +157,7 @@ def test_history_binding_and_status_across_good_refused_and_failed_runs(tmp_path
     def pending() -> int:
         result = CliRunner().invoke(app, ["status", str(out), "--prompts", str(table), "--json"])
         assert result.exit_code == 0, result.output
-        return json.loads(result.output)["pending"]
+        return json.loads(own_output(result))["pending"]
 
     assert pending() == 0  # the run seed 7 comes from latte-ray.json, not from a --seed here
     before = snapshot(out)

@@ -31,7 +31,7 @@ from latte_ray.spec import RunSpec
 from latte_ray.stages.encode import EncodeStage
 from latte_ray.stages.write import WriteStage
 from latte_ray.plan.workplan import reduce_keys
-from tests.conftest import write_prompts
+from tests.conftest import own_output, write_prompts
 from tests.invariants import (
     assert_exactly_once, assert_ok_rows_match_their_objects, cli_env, fast_spec, kill_run, manifest, start_cli, write_spec,
 )
@@ -201,7 +201,7 @@ def test_status_counts_per_id_against_the_input(failures_run):
     result = CliRunner().invoke(app, ["status", str(failures_run.out), "--prompts", str(failures_run.table),
                                       "--prompts", str(later), "--json"])
     assert result.exit_code == 0, result.output
-    status = json.loads(result.output)
+    status = json.loads(own_output(result))
     assert (status["ok"], status["error"], status["pending"], status["input_ids"]) == (9, 2, 2, 13)
     kinds = dict(status["top_errors"])
     assert kinds["generation failed: InjectedFault: injected fault at generate (<id>)"] == 1
