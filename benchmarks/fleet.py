@@ -23,6 +23,10 @@ Measured from the manifest's busy intervals (latte_ray/ops/fleet.py), as ratios:
 
     .venv/bin/python benchmarks/fleet.py [--scenario steady|late|loss] [--nodes 8] [--gpus-per-node 8]
                                          [--time-scale 0.1] [--rounds 3] [--batches-per-round 4]
+                                         [--pooled] [--late-fixed] [--node-shape scaled|real]
+                                         [--cpu-stage-actors N] [--dump LIVES.json]
+The 64-GPU figures in benchmarks/README.md: --nodes 8 --gpus-per-node 8 --time-scale 0.25 --rounds 3
+--batches-per-round 16 (one scenario per run; a run takes 8-11 minutes and up to 15 GiB here).
 """
 
 from __future__ import annotations
@@ -166,8 +170,10 @@ def first_full(found, fleet: Fleet, after: float) -> float | None:
     return None
 
 
-def measure(found, rounds, fleet: Fleet, t_run0: float, t_run1: float, load: float, batch: float) -> dict:
-    """`found`: every actor life of the run; `rounds`: each round's lives with that round's calls only."""
+def measure(found, rounds, fleet: Fleet, t_run0: float, t_run1: float, load: float, batch: float,
+            pooled: bool = False) -> dict:
+    """`found`: every actor life of the run; `rounds`: each round's lives with that round's calls only.
+    `pooled`: each round had its own actors (keep_model_actors off), so a life's work ends with its round."""
     from latte_ray.ops.fleet import busy_between
 
     gpus = max(fleet.slots_at(t) for t, _ in fleet.events)
@@ -180,8 +186,12 @@ def measure(found, rounds, fleet: Fleet, t_run0: float, t_run1: float, load: flo
                                          / fleet.available(after_load, t_run1))
     # Each actor from its own first call to the last call of the run: every GPU's load (and its process's
     # start, which here queues on two shared vCPUs) left out, round changes, tails and data-plane gaps in.
+    # Pooled, each life is counted to its own round's last call (its pool ends there; the next round's
+    # lives are other actors on the same GPUs).
     t_last = max(l.last_end for l in found)
-    r["utilization_from_each_first_call"] = busy / sum(t_last - l.first_busy for l in found)
+    spans = ([max(x.last_end for x in pool) - l.first_busy for pool in rounds for l in pool] if pooled
+             else [t_last - l.first_busy for l in found])
+    r["utilization_from_each_first_call"] = busy / sum(spans)
     full = first_full(found, fleet, t_first)
     r["full_fleet_after_first_start_in_loads"] = (full - t_first) / load if full else None
     r["actor_starts_spread_s"] = max(l.started for l in rounds[0]) - t_first
@@ -209,7 +219,8 @@ def measure(found, rounds, fleet: Fleet, t_run0: float, t_run1: float, load: flo
     r["per_round"] = per_round
     # The end tail over every round's calls (two rounds may run at once): from the first GPU that ran out of
     # work for good (not a lost node's) to the last call's end.
-    last_lives = {l.actor: l for l in found}  # sorted by start: an actor's last life (a restart is a new one)
+    # Pooled: the last round's actors are the ones that can be out of work at the end.
+    last_lives = {l.actor: l for l in (rounds[-1] if pooled else found)}  # an actor's last life (sorted by start)
     survivors = [l for l in last_lives.values() if l.node not in fleet.lost] or found
     r["end_tail_in_batches"] = (t_last - min(l.last_end for l in survivors)) / batch
     gaps = sorted(b[0] - a[1] for l in found for a, b in zip(l.calls, l.calls[1:]))
@@ -290,7 +301,7 @@ def run_scenario(name: str, args, work: Path) -> dict:
         ok = [r["id"] for r in rows.to_pylist() if r["status"] == "ok"]
         assert summary.ok == prompts and len(ok) == len(set(ok)) == prompts, (summary.ok, len(ok), len(set(ok)))
         n_rounds = runner.rounds(RunSpec(pipeline=spec, prompts=[str(table)], output=str(out)), prompts)
-        r = measure(lives(rows), by_round(rows, n_rounds), fleet, t_run0, t_run1, load, batch)
+        r = measure(lives(rows), by_round(rows, n_rounds), fleet, t_run0, t_run1, load, batch, pooled=args.pooled)
         if args.dump:  # every actor life's start and calls (epoch seconds), for a closer look
             Path(args.dump).write_text(json.dumps({"t_run0": t_run0, "lives": [
                 {"actor": l.actor, "node": l.node, "started": l.started, "calls": l.calls} for l in lives(rows)],
