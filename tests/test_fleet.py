@@ -183,6 +183,10 @@ def test_a_free_slot_goes_to_the_oldest_rounds_batch_on_the_least_busy_loaded_se
     assert pick_slot(servers, waiting[1:], (1, 3)) is None
     assert pick_slot(servers, waiting[2:], (1, 3)) is not None  # one older batch ahead, a slot left over
     assert pick_slot(servers, waiting, (0, 7)) == "a"
+    # Free slots are counted, not servers: one server with both slots free serves one older batch and this one.
+    lone = {"c": _Server(None, ready=True, node="n1")}
+    assert pick_slot(lone, [(0, 1), (1, 2)], (1, 2)) == "c"
+    assert pick_slot(lone, [(0, 1), (0, 2), (1, 3)], (1, 3)) is None
     # A batch whose server died on n2 stays on n2 (its crash ledger) and does not wait in line.
     assert pick_slot(servers, waiting, (1, 4), prefer_node="n2") == "b"
     servers["b"].holders = ["c"] * SLOTS

@@ -88,7 +88,7 @@ class ServerBroker:
         self._options, self._autoscaling = options, autoscaling
         self._servers: dict[str, _Server] = {}  # server actor id -> its state
         self._clients: dict[str, str] = {}  # client actor id -> the token of its current process
-        self._waiting: dict[int, tuple[int, int]] = {}  # ticket -> (round, ticket) of each batch waiting
+        self._waiting: set[tuple[int, int]] = set()  # (round, ticket) of each batch waiting in line
         self._tickets = itertools.count()
         self._failed = None  # a server whose constructor raised: the run ends with its error
         self._lock = threading.Condition()
@@ -131,17 +131,16 @@ class ServerBroker:
         then counts a row that kills every worker); such a batch does not wait its turn."""
         until = time.monotonic() + ACQUIRE_WAIT_S
         with self._lock:
-            ticket = next(self._tickets)
-            key = (order, ticket)
+            key = (order, next(self._tickets))
             if prefer_node is None:
-                self._waiting[ticket] = key
+                self._waiting.add(key)
             try:
                 while time.monotonic() < until:
                     if self._stop.is_set():
                         raise RuntimeError("the run's generation servers were ended")
                     if self._failed is not None:
                         return "failed", self._failed, None
-                    sid = pick_slot(self._servers, self._waiting.values(), key, prefer_node)
+                    sid = pick_slot(self._servers, self._waiting, key, prefer_node)
                     if sid is not None:
                         server = self._servers[sid]
                         server.holders.append(token)
@@ -150,7 +149,7 @@ class ServerBroker:
                     self._lock.wait(timeout=WAIT_S)
                 return None
             finally:
-                self._waiting.pop(ticket, None)
+                self._waiting.discard(key)
                 self._lock.notify_all()  # the next in line may be able to take a slot now
 
     def release(self, server_id: str, token: str, failed: bool = False) -> None:
@@ -280,7 +279,7 @@ def pick_slot(servers: dict[str, _Server], waiting, key: tuple[int, int], prefer
         loaded = [(sid, s) for sid, s in loaded if s.node == prefer_node]
     free = [(sid, s) for sid, s in loaded if len(s.holders) < SLOTS]
     ahead = 0 if prefer_node is not None else sum(1 for k in waiting if k < key)
-    if len(free) <= ahead:
+    if sum(SLOTS - len(s.holders) for _, s in free) <= ahead:
         return None
     return min(free, key=lambda e: (len(e[1].holders), e[1].granted))[0]
 
