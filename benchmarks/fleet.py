@@ -305,8 +305,8 @@ def run_scenario(name: str, args, work: Path) -> dict:
         if args.dump:  # every actor life's start and calls (epoch seconds), for a closer look
             Path(args.dump).write_text(json.dumps({"t_run0": t_run0, "lives": [
                 {"actor": l.actor, "node": l.node, "started": l.started, "calls": l.calls} for l in lives(rows)],
-                "commits": [[r["busy_end"].timestamp(), r["finished_at"].timestamp()]
-                            for r in rows.select(["busy_end", "finished_at"]).to_pylist() if r["busy_end"]]}))
+                "commits": [[row["busy_end"].timestamp(), row["finished_at"].timestamp()]
+                            for row in rows.select(["busy_end", "finished_at"]).to_pylist() if row["busy_end"]]}))
         r.update(peak.result())
         r.update(scenario=name, prompts=prompts, cpu_stage_max_actors=spec.execution.cpu_stage_max_actors,
                  node_cpus=fleet.node_cpus,
@@ -359,7 +359,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batches-per-round", type=int, default=4, help="batches per GPU per round")
     ap.add_argument("--cpu-stage-actors", type=int, default=None, help="most actors per CPU-stage pool (default: "
-                    "the production spec's 16; 64 GPUs with two rounds under way need fewer to fit 24 GiB here)")
+                    "the production spec's 16, shared by the rounds under way)")
     ap.add_argument("--node-shape", choices=["scaled", "real"], default="scaled", help="scaled: 1-CPU nodes and "
                     "CPU shares / 17; real: the production node's 17 logical CPUs and the spec's shares")
     ap.add_argument("--dump", default=None, help="write every actor life's start and calls to this JSON file")
