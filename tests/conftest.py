@@ -108,10 +108,11 @@ def write_prompts(path: Path, columns: dict, schema: pa.Schema | None = None) ->
 
 
 # A line Ray forwards from another process of the cluster this test process is connected to: "(pid=gcs_server) ...",
-# "(raylet) ...", "(SomeActor pid=123) ...", colored or not. Ray writes them to sys.stdout whenever they arrive, so
-# one can land inside a CliRunner capture of a command that never touched Ray (CI saw a GCS "Failed to kill actor"
-# line, left from an earlier test's killed actor, in front of `run --dry-run`'s one-line error).
-_RAY_FORWARDED = re.compile(r"^(\x1b\[[0-9;]*m)?\([^)]*(pid=|raylet|gcs_server)[^)]*\)")
+# "(raylet) ...", "(SomeActor pid=123) ...", "(MapWorker(MapBatches(WriteStage)) pid=2382, ip=10.0.0.2) ...",
+# colored or not. Ray writes them to sys.stdout whenever they arrive, so one can land inside a CliRunner capture of
+# a command that never touched Ray (CI saw a GCS "Failed to kill actor" line, left from an earlier test's killed
+# actor, in front of `run --dry-run`'s one-line error; then a WriteStage worker's line, whose name holds parentheses).
+_RAY_FORWARDED = re.compile(r"^(?:\x1b\[[0-9;]*m)?\((?:raylet|.*?\bpid=\w+)(?:, ip=[\w.:-]+)?\)")
 
 
 def own_output(result) -> str:

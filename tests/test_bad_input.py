@@ -8,7 +8,6 @@ is checked on the manifest.
 
 from __future__ import annotations
 
-import re
 import socket
 from collections import Counter
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 from latte_ray import runner
 from latte_ray.plan.prompts import MAX_PROMPT_CHARS, check_prompt_schema, derive_id, resolve_prompt_files
 from latte_ray.spec import RunSpec, SpecError
-from tests.conftest import write_prompts
+from tests.conftest import own_output, write_prompts
 from tests.invariants import assert_exactly_once, fast_spec, manifest
 
 # ------------------------------------------------------------------------------- table-level cases
@@ -475,15 +474,6 @@ def _unreachable_s3() -> list[str]:
     return ["-s", f"endpoint_url=http://127.0.0.1:{_closed_port()}", "-s", "key=k", "-s", "secret=s"]
 
 
-_RAY_LOG_LINE = re.compile(r"^(\x1b\[\d+m)?\((pid=|raylet|gcs_server|[\w.()]+ pid=)")
-
-
-def without_ray_log_lines(output: str) -> str:
-    """The command's own output: the session's shared Ray (another test's) may forward a log line of one of
-    its processes (`(pid=gcs_server) ...`) into this process's stdout at any moment; it is not ours."""
-    return "\n".join(line for line in output.splitlines() if not _RAY_LOG_LINE.match(line))
-
-
 @pytest.mark.parametrize("case", SETUP_CASES)
 def test_setup_mistakes_fail_in_one_line_before_ray_and_touch_nothing(case, tmp_path, monkeypatch):
     def no_ray():
@@ -499,7 +489,7 @@ def test_setup_mistakes_fail_in_one_line_before_ray_and_touch_nothing(case, tmp_
     argv = make(work)
     before = snapshot(tmp_path)
     result = CliRunner().invoke(app, argv)
-    message = without_ray_log_lines(result.output).strip()
+    message = own_output(result).strip()
     assert result.exit_code == 2, (result.exit_code, message, result.exception)
     assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message, message
     for part in named:
