@@ -156,14 +156,15 @@ def failures_run(tmp_path_factory, ray_local, faults_file):
     finally:
         faults_file.write_text("")
     fired = faults.fired(str(state))
-    markers = {p.name: int(p.read_text()) for p in state.iterdir()}
+    died = faults.firings(str(state), 0)
     shutil.rmtree(state, ignore_errors=True)
-    return SimpleNamespace(out=tmp / "out", table=table, summary=summary, fired=fired, markers=markers, tmp=tmp)
+    return SimpleNamespace(out=tmp / "out", table=table, summary=summary, fired=fired, died=died, tmp=tmp)
 
 
 def test_an_actor_that_dies_mid_batch_is_restarted_and_its_batch_retried(failures_run):
     assert failures_run.fired.get(0) == 1  # the denoise actor holding die-once called os._exit
-    (pid,) = [pid for name, pid in failures_run.markers.items() if name.startswith("rule0-")]
+    ((pid, keys),) = failures_run.died
+    assert "die-once" in keys
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # that process is gone ...
     rows = [r for r in manifest(failures_run.out) if r["id"] == "die-once"]
@@ -295,10 +296,12 @@ def test_crash_at_each_commit_point_then_resume(tmp_path, model_cache, ray_local
     finally:
         kill_run(proc)  # ... then every process of the Ray it started (asserts that none survives)
     assert faults.fired(str(state)) == {0: 1}
-    temps = [p for p in (out / "manifest").iterdir() if ".tmp-" in p.name]
-    assert len(temps) == 1 and temps[0].stat().st_size > 0  # the half-written part, under its temp name ...
+    ((_, (part,)),) = faults.firings(str(state), 0)  # the manifest part the writer died half-way through
+    # The SIGKILL of (c) may leave another writer's temp too; the one (b) left is half of its part ...
+    (temp,) = [p for p in (out / "manifest").iterdir() if p.name.startswith(Path(part).name + ".tmp-")]
+    assert temp.stat().st_size > 0
     with pytest.raises(Exception):
-        pq.read_table(temps[0])  # ... is partial; readers only list whole parts (assert_exactly_once)
+        pq.read_table(temp)  # ... partial; readers only list whole parts (assert_exactly_once)
     committed = {r["id"] for r in manifest(out) if r["status"] == "ok"}
     assert len(rows_a) + 2 <= len(committed) < len(ids)
 

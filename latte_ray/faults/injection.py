@@ -24,6 +24,7 @@ space-separated `key=value` pairs:
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import random
 import signal
@@ -123,7 +124,7 @@ def point(name: str, key: str | Iterable[str] = "") -> bool:
             continue
         if rule.p < 1.0 and random.random() >= rule.p:
             continue
-        if rule.times is not None and not _take_turn(rule, state):
+        if rule.times is not None and not _take_turn(rule, state, keys):
             continue
         if rule.action == "perturb":
             perturbed = True
@@ -137,8 +138,9 @@ def perturb(frames) -> None:
     frames[0, 0, 0] = 255 - frames[0, 0, 0]
 
 
-def _take_turn(rule: Rule, state: str | None) -> bool:
-    """Claim one of the rule's `times` firings; a marker file per firing makes this safe across processes."""
+def _take_turn(rule: Rule, state: str | None, keys: list[str]) -> bool:
+    """Claim one of the rule's `times` firings; a marker file per firing makes this safe across processes. It
+    holds the firing process's pid and the point's keys, as JSON (`firings` reads them)."""
     if state is None:
         raise ValueError(f"{ENV}: rules with times= need {STATE_ENV} (or a rules file)")
     os.makedirs(state, exist_ok=True)
@@ -148,7 +150,7 @@ def _take_turn(rule: Rule, state: str | None) -> bool:
             fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             continue
-        os.write(fd, str(os.getpid()).encode())
+        os.write(fd, json.dumps({"pid": os.getpid(), "keys": keys}).encode())
         os.close(fd)
         return True
     return False
@@ -162,6 +164,19 @@ def fired(state: str) -> dict[int, int]:
             index = int(name.split("-", 1)[0].removeprefix("rule"))
             counts[index] = counts.get(index, 0) + 1
     return counts
+
+
+def firings(state: str, index: int) -> list[tuple[int, list[str]]]:
+    """Each firing of counted rule `index` so far: the pid of the process it fired in, and the point's keys (which
+    row, which file): what a test needs to find the one thing a fault hit among others of its kind."""
+    found = []
+    if os.path.isdir(state):
+        for name in sorted(os.listdir(state)):
+            if name.startswith(f"rule{index}-"):
+                with open(os.path.join(state, name)) as f:
+                    marker = json.load(f)
+                found.append((marker["pid"], marker["keys"]))
+    return found
 
 
 def _fire(rule: Rule, name: str, keys: list[str]) -> None:
