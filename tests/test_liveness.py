@@ -216,8 +216,8 @@ def test_a_stalled_pre_pass_is_stopped_too(ray_local, faults_file, tmp_path):
     with fault_rules(faults_file, "point=scan action=hang times=1") as state:
         with pytest.raises(RunStalled, match="phase 'pre-pass"):
             runner.run(RunSpec(pipeline=spec, prompts=[str(table)], output=str(tmp_path / "out")))
-        (marker,) = state.iterdir()
-        os.kill(int(marker.read_text()), signal.SIGKILL)  # the hung scan task's worker: free its CPU
+        ((pid, _),) = faults.firings(str(state), 0)
+        os.kill(pid, signal.SIGKILL)  # the hung scan task's worker: free its CPU
 
 
 # ----------------------------------------------------------------- batch deadlines and lost actors
