@@ -234,6 +234,36 @@ def test_waiting_for_the_lease_takes_it_when_the_holder_ends(tmp_path):
     got[0].release()
 
 
+def test_a_holder_that_ends_between_a_takers_read_and_its_check_is_not_taken_over(tmp_path):
+    """The interleaving CI once hit with a waiting taker: it read the holder's object, then the holder
+    released it and ended, then the taker found the holder's process gone. That holder ended cleanly: the
+    taker takes the next lease as a fresh one (generation 1, no taken-over mark, no warning)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    url = str(tmp_path / "out")
+    _, root = filesystem(url)
+    holder = leases.acquire(LocalFileSystem(), root, url, "run-a", "run", TERMS)
+
+    class EndsAfterTheFirstRead(LocalFileSystem):
+        """Local disk on which the holder releases right after the taker's first read of its object."""
+        cachable = False
+        reads = 0
+
+        def cat_file(self, path, *args, **kwargs):
+            data = super().cat_file(path, *args, **kwargs)
+            if path.endswith(holder.path.rsplit("/", 1)[-1]) and self.reads == 0:
+                self.reads += 1
+                holder.release()
+            return data
+
+    taken_over = []
+    taker = leases.acquire(EndsAfterTheFirstRead(), root, url, "run-b", "run", TERMS,
+                           on_takeover=lambda h, lease: taken_over.append(h["run_id"]))
+    assert taker.generation == 1 and taken_over == []
+    assert not list((tmp_path / "out" / "lease").glob("*.taken.json"))
+    taker.release()
+
+
 def test_a_store_without_create_only_writes_needs_no_lease():
     fs, root = filesystem("memory://lease-test/out")
     with pytest.raises(SpecError, match=r"memory:// storage has no create-only write .* run with --no-lease"):

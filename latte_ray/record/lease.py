@@ -437,6 +437,14 @@ def acquire(fs: fsspec.AbstractFileSystem, root: str, url: str, run_id: str, com
             left = holder["expiry_s"] - heartbeat_age(holder, now)
             sleep(max(0.05, min(holder.get("heartbeat_s", 1.0), left, 30.0)))
             continue
+        if holder is not None and not holder["taken"]:
+            # Found dead or stale: read its object again before taking it over. A holder that ended cleanly
+            # deletes its object before its process ends (and before this process forgets it holds it), so
+            # an object still there now was truly left behind; one gone was released after the first read
+            # (a waiter would otherwise mark a cleanly ended run taken over, under the next number).
+            again = read_holder(fs, folder, holder["generation"])
+            if again is None or again["heartbeat_unix"] != holder["heartbeat_unix"]:
+                continue
         record = {"format": FORMAT, "run_id": run_id, "command": command, **_machine(), "pid": os.getpid(), "started_at": _now_iso(now), "heartbeat_at": _now_iso(now),
                   "heartbeat_unix": now, "heartbeat_s": terms.heartbeat_s, "expiry_s": terms.expiry_s}
         made = _missing_folders(folder) if is_local(fs) else []
