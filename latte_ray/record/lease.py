@@ -15,8 +15,10 @@ conditional PUT, `If-None-Match: *`), so of two runs that start together exactly
 refused in one line naming the holder (exit 2), or with --wait-for-lease polls until the holder ends or its
 lease expires. Where the top generation is still live (its heartbeat younger than its own `expiry_s`) the
 output is held; where it is stale, or its holder ran on this machine (same host, boot and PID namespace) and
-its process is gone (a killed driver submitted again), its holder is taken to be dead: the next run creates top+1 (create-only
-again, so two takers cannot both win) and marks the dead run's record `died` with its last heartbeat.
+its process is gone (a killed driver submitted again), its holder is taken to be dead once its object, read
+again, is still there unchanged (a holder deletes it before its process ends, so one that ended cleanly just
+then is not taken over): the next run creates top+1 (create-only again, so two takers cannot both win) and
+marks the dead run's record `died` with its last heartbeat.
 
 The holder renews its heartbeat every `execution.lease_heartbeat_s` from a driver thread (rewriting its own
 object only; nobody else ever writes it). A holder is fenced as soon as its generation is no longer the top
