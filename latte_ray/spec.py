@@ -15,6 +15,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from latte_ray.errors import SpecError  # noqa: F401 - re-exported: latte_ray.spec.SpecError
 from latte_ray.resources import pipelines_dir
 
 PIPELINES_DIR = pipelines_dir()  # the built-in specs: pipelines/ in a checkout, latte_ray/pipelines/ in a wheel
@@ -23,10 +24,6 @@ TINY_SOURCE = "tiny"
 NULL_SOURCE = "null"  # benchmark tool: an engine that returns frames instantly (latte_ray/model/null.py)
 SIM_SOURCE = "sim"  # benchmark tool: null's frames after a real GPU's load, compile and batch times (model/sim.py)
 STAND_IN_SOURCES = (NULL_SOURCE, SIM_SOURCE)  # no model, no torch: frames from the seed alone
-
-
-class SpecError(ValueError):
-    """A spec or input that is malformed; raised before any model is loaded."""
 
 
 class _Strict(BaseModel):

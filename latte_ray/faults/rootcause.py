@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import re
 
+from latte_ray.errors import RunFailed  # noqa: F401 - re-exported: latte_ray.faults.rootcause.RunFailed
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # The last line of a printed traceback: `module.Type: message`.
 _EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Fault|Failure|Killed)\w*): (.+)$")
@@ -20,10 +22,6 @@ STAGES = {  # stage class -> what to call it
     "TextEncodeStage": "text-encode actor", "EncodeStage": "encode actor",
     "WriteStage": "write actor", "prepare_batch": "prepare stage",
 }
-
-
-class RunFailed(RuntimeError):
-    """A run that could not finish, with its root cause in one line (the CLI prints it and exits 1)."""
 
 
 def describe(error: BaseException) -> str:

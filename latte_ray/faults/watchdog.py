@@ -33,22 +33,19 @@ import threading
 import time
 from typing import Callable
 
+from latte_ray.errors import EXIT_STALLED, RunStalled  # noqa: F401 - re-exported
 from latte_ray.faults.deadline import seconds_per_video
 from latte_ray.spec import NULL_SOURCE, SIM_SOURCE, TINY_SOURCE
 
 log = logging.getLogger(__name__)
 
-EXIT_CODE = 3  # `latte-ray run` / jobs: the run made no progress and was stopped (see README)
+EXIT_CODE = EXIT_STALLED  # `latte-ray run` / jobs: the run made no progress and was stopped (see README)
 FLOOR_S = 600.0  # longer than the longest storage retry budget (faults/retry.py: 300 s)
 STEADY_FACTOR = 10.0
 LOAD_S = {"small": 120.0, "model": 1200.0}  # tiny/null vs a real checkpoint (download + load)
 COMPILE_S = {"inductor": 900.0, "eager": 120.0, "aot_eager": 120.0}
 GRACE_S = 60.0
 GENERATION_OPS = ("DenoiseStage", "DenoiseClient")  # the pooled stage, or clients of kept servers
-
-
-class RunStalled(RuntimeError):
-    """The run made no progress for two stall timeouts; the message is the one-line reason."""
 
 
 class _StallInterrupt(KeyboardInterrupt):

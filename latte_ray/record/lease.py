@@ -52,7 +52,7 @@ from typing import Callable, Iterator
 
 import fsspec
 
-from latte_ray.faults.rootcause import RunFailed
+from latte_ray.errors import LeaseLost, RunFailed  # noqa: F401 - re-exported: latte_ray.record.lease.LeaseLost
 from latte_ray.record.storage import is_local, write_atomic, write_exclusive
 from latte_ray.spec import SpecError
 
@@ -62,11 +62,6 @@ LEASE_DIR = "lease"
 FORMAT = 1
 _DIGITS = 12
 WAIT_LOG_S = 60.0  # --wait-for-lease: how often it says whom it waits for
-
-
-class LeaseLost(RunFailed):
-    """This run's lease was taken over (or its object deleted, or not renewed within its expiry): it commits
-    nothing more. The message is the one-line reason (the CLI exits 1)."""
 
 
 @dataclass(frozen=True)
