@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean wheel image push chromium
+.PHONY: demo test install clean wheel image push chromium spec-reference
 
 # The venv is built once and rebuilt only when the dependencies change.
 $(STAMP): pyproject.toml requirements/constraints.txt
@@ -27,6 +27,10 @@ test: $(STAMP) chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 chromium:
 	@command -v chromium >/dev/null || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends chromium)
+
+# docs/spec-reference.md is rendered from the spec's pydantic models (tests/test_docs.py fails when they differ).
+spec-reference: $(STAMP)
+	$(BIN)/python -m latte_ray.ops.specref docs/spec-reference.md
 
 clean:
 	rm -rf $(VENV) outputs build dist

@@ -34,6 +34,9 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 class CompileSpec(_Strict):
+    """torch.compile of the transformer (and optionally the VAE decoder), once per actor and warmed up before its
+    first batch; shapes are static, so no prompt recompiles."""
+
     enabled: bool = Field(False, description="torch.compile the transformer once per actor, then warm up.")
     mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
         "default", description="torch.compile mode."
@@ -66,6 +69,8 @@ _TEACACHE_ONLY = ("threshold", "coefficients")
 
 
 class CacheSpec(_Strict):
+    """Cache acceleration: reuse work across denoising steps (changes pixels, so it is in the spec hash)."""
+
     kind: Literal["faster_cache", "pyramid_attention_broadcast", "teacache"] = Field(
         ..., description="faster_cache / pyramid_attention_broadcast: diffusers cache hooks applied with "
         "transformer.enable_cache (reuse attention outputs); teacache: skip the whole stack of transformer blocks "
@@ -121,6 +126,8 @@ FLOAT8_MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) have float8 ten
 
 
 class QuantizationSpec(_Strict):
+    """Low-precision weights (torchao), applied once at load; weights still load as safetensors."""
+
     kind: Literal[tuple(QUANTIZATION_KINDS)] = Field(  # type: ignore[valid-type]
         ..., description="torchao quantization of the Linear weights, applied once at load (torchao.quantize_): "
         "int8_weight_only (CPU and CUDA; halves weight memory vs fp16), int8_dynamic (int8 weights and "
@@ -178,6 +185,8 @@ class SimSpec(_Strict):
 
 
 class ModelSpec(_Strict):
+    """Which model to load and how: source, revision, dtype, device, compile, cache acceleration, quantization."""
+
     source: str = Field(
         TINY_SOURCE,
         description="'tiny' (offline random-weight model, built on first use), a hub id, a local folder, "
@@ -244,6 +253,8 @@ class ModelSpec(_Strict):
 
 
 class SamplingSpec(_Strict):
+    """The diffusion call: steps, guidance, frame size and count, scheduler, text length, VAE decode chunks."""
+
     num_inference_steps: int = Field(50, ge=1, le=1000, description="Denoising steps.")
     guidance_scale: float = Field(7.5, ge=0.0, le=50.0, description="Classifier-free guidance scale.")
     height: int = Field(512, ge=8, le=4096, description="Frame height in pixels (multiple of 8).")
@@ -269,6 +280,8 @@ class SamplingSpec(_Strict):
 
 
 class VideoSpec(_Strict):
+    """How frames become an mp4 (PyAV, in memory, in the CPU encode stage)."""
+
     fps: int = Field(8, ge=1, le=120, description="Frames per second of the mp4.")
     codec: Literal["libx264", "libx264rgb", "libx265", "libvpx-vp9", "mpeg4"] = Field(
         "libx264", description="Encoder; libx264rgb with crf 0 is lossless (bit-exact round trip)."
@@ -285,6 +298,9 @@ class VideoSpec(_Strict):
 
 
 class ExecutionSpec(_Strict):
+    """Placement, batching, rounds, timeouts and the output lease: how a run is executed, never what it makes
+    (not in the spec hash)."""
+
     batch_size: int = Field(1, ge=1, le=256, description="Prompts per generation call (batch-invariant).")
     concurrency: int | tuple[int, int] = Field(
         1, description="Generation actors: a fixed size or (min, max) for an autoscaling pool."
@@ -439,6 +455,8 @@ class SidecarSpec(_Strict):
 
 
 class PipelineSpec(_Strict):
+    """What to generate with: a model, its sampling and video settings, and how to run it."""
+
     name: str = Field("unnamed", description="Human-readable name, recorded in the output and run records.")
     description: str = Field("", description="One line on what the spec is for (`latte-ray pipelines` lists it).")
     model: ModelSpec = Field(default_factory=ModelSpec)

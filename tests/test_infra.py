@@ -970,6 +970,8 @@ def test_dockerignore_sends_only_what_the_image_is_built_from():
         assert _docker_ignored(junk, patterns), f".dockerignore lets {junk} into the build context"
 
 
-def test_readme_says_how_to_build_and_push_the_image():
-    text = (REPO / "README.md").read_text()
+def test_docs_say_how_to_build_and_push_the_image():
+    """docs/operations.md (linked from the README) shows the build and the push."""
+    assert "](docs/operations.md)" in (REPO / "README.md").read_text()
+    text = (REPO / "docs" / "operations.md").read_text()
     assert "make image" in text and "docker push" in text and "VARIANT=cpu" in text

@@ -4,8 +4,8 @@
   transformers keeps its `wo` layers in fp32, transformer ~2.1 GB, VAE ~0.17 GB, ~13.8 GB in all;
 - the count agrees byte for byte with what `from_pretrained(dtype=float16)` actually loads (the tiny model's
   saved components, through the libraries' own loaders), so the fp32 rule is the installed transformers' own;
-- the activation estimate grows as the README says: linearly with batch, CFG and frames; the VAE decode with
-  decode_chunk_size and frame area.
+- the activation estimate grows as docs/performance.md says: linearly with batch, CFG and frames; the VAE
+  decode with decode_chunk_size and frame area.
 """
 
 from __future__ import annotations

@@ -51,6 +51,8 @@ class _Strict(BaseModel):
 
 
 class TemplateSpec(_Strict):
+    """One prompt template: a string with {attribute} placeholders, or a mapping with these fields."""
+
     text: str = Field(..., description="Prompt text with {attribute} placeholders ({{ and }} for literal braces).")
     name: str | None = Field(None, description="Name recorded with each prompt (default: t0, t1, ... by position).")
     weight: float = Field(1.0, gt=0, description="Relative share of sampled prompts that use this template.")
@@ -62,6 +64,8 @@ class TemplateSpec(_Strict):
 
 
 class ExportSpec(_Strict):
+    """Which videos the export packs into WebDataset shards, and what each sample carries."""
+
     samples_per_shard: int = Field(1000, ge=1, description="Most samples in one WebDataset tar shard.")
     max_shard_bytes: int = Field(1_000_000_000, ge=1, description="Start a new shard once one reaches this size.")
     min_motion: float | None = Field(None, ge=0, description="Leave out videos whose motion_score is below this.")

@@ -39,7 +39,7 @@ from latte_ray.spec import NULL_SOURCE, SIM_SOURCE, TINY_SOURCE
 
 log = logging.getLogger(__name__)
 
-EXIT_CODE = EXIT_STALLED  # `latte-ray run` / jobs: the run made no progress and was stopped (see README)
+EXIT_CODE = EXIT_STALLED  # `latte-ray run` / jobs: no progress, so stopped (docs/resume-and-failures.md)
 FLOOR_S = 600.0  # longer than the longest storage retry budget (faults/retry.py: 300 s)
 STEADY_FACTOR = 10.0
 LOAD_S = {"small": 120.0, "model": 1200.0}  # tiny/null vs a real checkpoint (download + load)

@@ -16,7 +16,7 @@ Sources load like the video model (latte_ray/model/loading.py): 'tiny' (built of
 an fsspec URL mirrored once per node, or a hub id; safetensors only, no remote code. An aesthetic head is a
 folder with `config.json` ({"layers": [["linear", in, out] | ["dropout", p] | ["relu"] | ["gelu"], ...],
 "input_dim": D, "normalize_input": true}) and `model.safetensors` whose keys are `layers.<i>.weight|bias`,
-the layout of LAION's improved-aesthetic-predictor MLP (README: converting its checkpoint).
+the layout of LAION's improved-aesthetic-predictor MLP (docs/datasets.md: converting its checkpoint).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ so Latte-1's T5-XXL encoder takes ~11.5 GB in fp16, not the ~9.5 GB half its fp3
 rule is read from the installed transformers (`_get_dtype_plan`), so an upgrade that changes it changes the
 figure too.
 
-Activations: an estimate derived from the architecture (the README's "Memory" paragraph), checked against
+Activations: an estimate derived from the architecture (docs/performance.md, "GPU memory"), checked against
 the measured peak by benchmarks/gpu.py, which prints both:
 - a denoise step holds, per transformer row (batch x 2 with classifier-free guidance), frames x tokens x
   hidden values a few times over: the residual stream, the normalized input, q, k and v, the attention output,
