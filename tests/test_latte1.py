@@ -331,3 +331,63 @@ def test_a_model_folder_whose_files_changed_is_refused(tmp_path):
     message = str(refused.value)
     assert "\n" not in message and first.model_identity["fingerprint"] in message and "new --output" in message
 
+
+# ---- CUDA's grid limit in temporal attention ---------------------------------------------------------------
+
+
+def test_temporal_attention_sequences_are_what_the_transformer_makes():
+    """The count the grid check uses is the batch of sequences LatteTransformer3DModel's forward hands its
+    temporal blocks: captured from a real (small) model's first temporal attention call."""
+    import torch
+    from diffusers import LatteTransformer3DModel
+
+    from latte_ray.plan.fit import temporal_attention_sequences
+
+    cfg = {**_public_config("transformer/config.json"), "num_layers": 1, "num_attention_heads": 2,
+           "attention_head_dim": 8, "caption_channels": 16, "cross_attention_dim": 16, "sample_size": 8}
+    model = LatteTransformer3DModel.from_config(cfg).eval()
+    seen = []
+    model.temporal_transformer_blocks[0].attn1.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    raw = production()
+    raw["sampling"].update(height=96, width=64, guidance_scale=7.5)
+    sampling = parse_pipeline_spec(raw).sampling
+    batch, latent_h, latent_w = 3, 96 // 8, 64 // 8
+    with torch.no_grad():
+        model(torch.zeros(2 * batch, 4, 16, latent_h, latent_w), encoder_hidden_states=torch.zeros(2 * batch, 3, 16),
+              timestep=torch.ones(2 * batch, dtype=torch.long), return_dict=False)
+    assert seen == [temporal_attention_sequences(batch, sampling, cfg["patch_size"], 8)] == [2 * 3 * 6 * 4]
+
+
+def _public_config(rel: str) -> dict:
+    return {k: v for k, v in json.loads(latte_1_file(rel)).items() if not k.startswith("_")}
+
+
+def test_a_batch_past_cudas_grid_is_refused_before_ray_starts(tmp_path):
+    """Latte-1 at 512x512 with guidance: 2 x 32 x (512/8/2)^2 = 65,536 sequences at batch 32, one past 65,535.
+    The driver's preflight reads the patch and VAE scale from the published configs and refuses it in one
+    line naming the largest batch that fits (31); batch 31 passes."""
+    import huggingface_hub.constants as constants
+
+    from latte_ray import runner
+    from latte_ray.spec import RunSpec
+    from tests.conftest import write_prompts
+
+    hub = _hub_with(tmp_path)
+    prompts = write_prompts(tmp_path / "prompts.parquet", {"prompt": ["a dog"]})
+    old = constants.HF_HUB_CACHE
+    constants.HF_HUB_CACHE = str(hub)
+    try:
+        for batch, refused in ((32, True), (31, False)):
+            raw = yaml.safe_load(load_pipeline_spec("latte-1-t2v-512").model_dump_json())
+            raw["execution"]["batch_size"] = batch
+            run = RunSpec(pipeline=parse_pipeline_spec(raw), prompts=[str(prompts)], output=str(tmp_path / f"out{batch}"))
+            if not refused:
+                runner.preflight(run)
+                continue
+            with pytest.raises(SpecError) as error:
+                runner.preflight(run)
+            message = str(error.value)
+            assert "\n" not in message and "65,536" in message and "execution.batch_size: 31" in message, message
+            assert not (tmp_path / f"out{batch}").exists() or not any((tmp_path / f"out{batch}").iterdir())
+    finally:
+        constants.HF_HUB_CACHE = old
