@@ -36,7 +36,11 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 class CompileSpec(_Strict):
     enabled: bool = Field(False, description="torch.compile the transformer once per actor, then warm up.")
     mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
-        "default", description="torch.compile mode."
+        "default", description="torch.compile mode. 'default' compiles fastest; 'max-autotune-no-cudagraphs' "
+        "also benchmarks kernel choices for every matmul (minutes more of cold compile, paid once per node with a "
+        "shared cache_dir) for faster steps over a long run, without CUDA graphs' private memory pool: "
+        "latte-1-t2v-512's choice (the reason is beside it in pipelines/latte-1-t2v-512.yaml). 'reduce-overhead' "
+        "and 'max-autotune' replay CUDA graphs."
     )
     vae_decode: bool = Field(False, description="Also compile the VAE decoder.")
     fullgraph: bool = Field(False, description="Ask torch.compile for a single graph (errors on graph breaks).")
