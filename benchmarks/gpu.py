@@ -485,7 +485,8 @@ def child_float8(c: Child, options: dict) -> None:
     with torch.inference_mode():
         text = c.text(eager, VIDEO_BATCH)
         reference = c.step_call(eager, text, VIDEO_BATCH)().float()
-    spec = c.spec(VIDEO_BATCH, {"mode": "default", "scope": "blocks"}, quantization=kind)
+    # Only the transformer is quantized: its compile alone (no VAE decode compile) keeps the step short.
+    spec = c.spec(VIDEO_BATCH, {"mode": "default", "scope": "blocks", "vae_decode": False}, quantization=kind)
     started = time.perf_counter()
     engine = c.engine(spec, pipe=eager.pipe)  # quantizes the same weights in place, then compiles
     c.emit("compile", compile_s=engine.warmup_seconds, kind=kind, stand_in=not c.cuda,
