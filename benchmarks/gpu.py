@@ -1,36 +1,38 @@
-"""gpu: seconds per video and peak memory at the production spec (pipelines/latte-1-t2v-512.yaml) with
-full-size Latte-1 shapes and random weights (nothing is downloaded), within a time budget: a lent GPU has
-15 minutes in all, machine start included, so the plan fits 8 (`--budget-s 480`).
+"""gpu: the one-command GPU plan (../shared/GPU.md): Latte-1's production path measured on a lent GPU within one
+480 s budget, every figure appended to a JSON Lines file the moment it exists.
 
-Latte-1's shapes come from its published configs (tests/data/latte-1/, see SOURCE.md there): T5 v1.1 XXL
-encoder, the Latte-XL/2 T2V transformer (28 layers, 16 heads x 72, caption_channels 4096), the SD VAE; 16
-frames at 512x512, 50 steps, guidance 7.5, fp16. T5's `wo` layers are kept in fp32 as transformers keeps
-them when it loads the real weights in fp16. Weights are random, so videos are noise, but every kernel is
-the one a real run launches; TeaCache's skips depend on how the model's input changes between steps, which
-random weights do not reproduce (its calls/video here are the machinery's cost) unless `--model-dir` points
-at the real weights (a save_pretrained folder of maxin-cn/Latte-1).
+A lent GPU has 15 minutes in all, machine start included, and no model hub: the model is Latte-1's architecture
+from its published configs (tests/data/latte-1/, SOURCE.md there) with random weights, built directly in fp16
+on the GPU (T5's `wo` kept in fp32 as transformers keeps it). Random weights make noise videos, but every kernel
+is the one a real run launches.
 
-The plan, cheapest and most important first; each variant runs in a process of its own (no dynamo or CUDA
-state shared between variants), and its result is appended to the results file (JSON Lines, `--out`) as soon
-as it ends, so a session that is cut short still returns what it measured:
-  1. eager fp16, batch 1                          - the baseline, no compile
-  2. compiled, mode default, batch 2              - the production shape (inductor, default mode compiles fastest)
-  3. batch sweep, eager, 8 / 16 / 32              - while memory.py predicts it fits the GPU, until one runs
-                                                    out of memory (4 steps each: memory, and s/step)
-  4. TeaCache 0.1, eager, batch 2
-  5. float8 dynamic (torchao), eager, batch 2     - refused on GPUs below compute capability 8.9
-A variant whose budgeted seconds no longer fit in what is left is skipped (and says so); a running one is
-stopped at the budget. Per variant: s/video, 14.6 s / that (the published compiled A100-80GB figure,
-diffusers docs; above 1 is faster), transformer calls per video, load+compile+warm-up seconds, and the peak
-GPU memory measured (torch.cuda.max_memory_allocated) next to the one predicted from the configs by
-latte_ray/model/memory.py (weights + the larger of a denoise step's and a VAE decode's activations).
+The plan, in the order of what matters most; each step is a process of its own (no dynamo, CUDA or allocator
+state shared), started only when the time left is worth it, stopped at its own timeout (what is left of the
+budget, at most its cap), with its full log under OUT/logs/ and one JSON line for the step (ok, failed,
+timeout or skipped, with the reason) after the lines it wrote itself:
+  1. eager       the model built once: seconds per denoise step at batch 1/2/4/8 (CUDA events, after
+                 warm-up), TFLOP/s against memory.transformer_flops and the GPU's peak, peak memory per
+                 phase (reset before the denoise and before the decode; allocated and reserved) next to
+                 memory.py's prediction, torch's own FLOP count of one step, T5 encode, VAE decode with and
+                 without cudnn.benchmark, one step's top kernels (torch.profiler), row 0 of a batch-1 step
+                 against a batch-2 step (batch invariance on CUDA), and one full 50-step batch-2 video with
+                 torch.isfinite on its latents (random fp16 weights can overflow over 28 layers x 50 steps)
+  2. compiled    the same batch as eager's video (2), inductor mode "default": cold compile seconds, seconds
+                 per step and per video, recompiles after warm-up. The whole transformer when a whole-model
+                 compile fits the time left beside float8's share, else regional compilation of the repeated
+                 blocks (model.compile.scope: blocks, diffusers' compile_repeated_blocks)
+  3. float8      torchao float8 dynamic under compile (regional): its error against fp16 at one step, seconds
+                 per step and per video. torchao missing: a skipped line saying so
+  4. production-mode  the production spec's own compile mode and scope (max-autotune-no-cudagraphs, blocks),
+                 only when at least 2 minutes are left: compile seconds and seconds per step
+A step whose least useful time (for a compile step: the slowest compile seen so far plus its timing) no longer
+fits is skipped with a line saying why. `--device cpu` runs every step's code at toy sizes (compile backend
+eager; int8_weight_only stands in for float8, which needs CUDA; 2-step videos; one timed call per figure):
+its numbers time nothing.
 
-    .venv/bin/python benchmarks/gpu.py --plan                    # print the plan and its budget, run nothing
-    .venv/bin/python benchmarks/gpu.py --budget-s 480 --out $OUT/gpu.jsonl
-    .venv/bin/python benchmarks/gpu.py --device cpu --out /tmp/gpu-smoke.jsonl   # toy sizes on the CPU
-
-`--device cpu` runs the same plan at toy sizes (compile backend eager) to check the subprocess and results
-path in under a minute; its numbers time nothing.
+    python3 benchmarks/gpu.py --plan                       # the plan and its budget, nothing run
+    python3 benchmarks/gpu.py --out $OUT                   # on the GPU machine: $OUT/gpu.jsonl, $OUT/logs/
+    python3 benchmarks/gpu.py --device cpu --out /tmp/gpu-rehearsal
 """
 
 from __future__ import annotations
@@ -38,25 +40,153 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from _common import REPO, machine
 
-PUBLISHED_S_PER_VIDEO = 14.6
+BUDGET_S = 480.0
+PUBLISHED_S_PER_VIDEO = 14.6  # Latte-1 with torch.compile on one 80 GB A100 (diffusers docs)
 LATTE1 = REPO / "tests" / "data" / "latte-1"  # Latte-1's published configs
+BATCHES = (1, 2, 4, 8)  # eager sweep; 2 is the production batch, compiled and float8 run at it
+VIDEO_BATCH = 2
+TIMED_STEPS, WARM_STEPS = 5, 2
+# Dense fp16/bf16 tensor-core peaks (vendor data sheets, SXM parts), for the fraction of peak a step reaches.
+PEAK_TFLOPS = {"H200": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0}
+
+# The budget logic's allowances (seconds). None is a measurement: they decide what to start, and each step
+# stops at its timeout whatever they say.
+WHOLE_COMPILE_EST_S = 300.0  # a cold whole-model inductor compile of 28 block pairs + VAE decoder (GPU.md: ~2.5 min)
+FLOAT8_RESERVE_S = 90.0  # kept for step 3 when step 2 chooses what to compile
+AFTER_COMPILE_S = 40.0  # a compile step's timing after its compile: steps and a 50-step video
+PRODUCTION_MIN_LEFT_S = 120.0  # GPU.md: the production mode only if at least 2 minutes remain
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    cap_s: float  # the most this step is given (its timeout, when more than that is left)
+    min_s: float  # the least time worth starting it with
+    compiles: bool = False
+
+
+STEPS = (
+    Step("eager", cap_s=240, min_s=60),
+    Step("compiled", cap_s=420, min_s=60, compiles=True),
+    Step("float8", cap_s=240, min_s=60, compiles=True),
+    Step("production-mode", cap_s=420, min_s=PRODUCTION_MIN_LEFT_S, compiles=True),
+)
+
+
+# ---- the budget logic (pure: a clock and a launcher are passed in, so tests replay it on a fake clock) ---------
+
+
+def decide(step: Step, left: float, slowest_compile: float | None, torchao: str | None) -> tuple[dict | None, str]:
+    """(options to run `step` with, '') or (None, why it is skipped). `slowest_compile`: the longest compile a
+    step has taken so far (or been stopped in); `torchao`: why torchao cannot be used, None when it can."""
+    compile_need = (slowest_compile or 0.0) + AFTER_COMPILE_S
+    if step.name == "float8" and torchao:
+        return None, torchao
+    need = step.min_s
+    if step.compiles and slowest_compile is not None:
+        need = max(need, compile_need)
+    if left < need:
+        why = (f"a compile here took {slowest_compile:.0f} s or more, + {AFTER_COMPILE_S:.0f} s of timing"
+               if step.compiles and slowest_compile is not None and compile_need >= step.min_s
+               else "its least useful time")
+        return None, f"needs {need:.0f} s ({why}), {left:.0f} s left of the budget"
+    if step.name == "compiled":
+        reserve = 0.0 if torchao else FLOAT8_RESERVE_S
+        return {"scope": "whole" if left - reserve >= WHOLE_COMPILE_EST_S else "blocks"}, ""
+    return {}, ""
+
+
+def run_plan(steps, budget_s: float, clock, launch, write, torchao: str | None) -> list[dict]:
+    """Run `steps` in order within `budget_s` seconds of `clock()`: each is decided (`decide`), then launched
+    (`launch(step, options, timeout) -> dict`: status, seconds and, for a compile, compile_s) or skipped, and
+    its line is written (`write(dict)`) before the next starts. Returns the lines."""
+    started, slowest, lines = clock(), None, []
+    for step in steps:
+        left = budget_s - (clock() - started)
+        options, reason = decide(step, left, slowest, torchao)
+        if options is None:
+            line = {"step": step.name, "status": "skipped", "reason": reason, "left_s": round(left, 1)}
+        else:
+            timeout = min(step.cap_s, left)
+            line = {"step": step.name, **options, "timeout_s": round(timeout, 1),
+                    **launch(step, options, timeout)}
+            if step.compiles:
+                took = line.get("compile_s")
+                if took is None and line.get("status") == "timeout":  # stopped while compiling: a lower bound
+                    took = line.get("seconds", timeout)
+                if took is not None:
+                    slowest = max(slowest or 0.0, float(took))
+        line["at_s"] = round(clock() - started, 1)
+        write(line)
+        lines.append(line)
+    return lines
+
+
+# ---- the real launcher: one process per step, its log kept -------------------------------------------------------
+
+
+def append(path: Path, record: dict) -> None:
+    """One JSON line, flushed and fsynced at once: a killed session keeps every line written before."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class ChildLauncher:
+    """Runs a step as `gpu.py --child STEP` in its own process group, stdout and stderr into OUT/logs/STEP.log,
+    stopped (the whole group) at its timeout; the step's result is what it appended to OUT/gpu.jsonl."""
+
+    def __init__(self, out: Path, device: str):
+        self.out, self.device = out, device
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, step: Step, options: dict, timeout: float) -> dict:
+        results = self.out / "gpu.jsonl"
+        log = self.out / "logs" / f"{step.name}.log"
+        before = results.stat().st_size if results.exists() else 0
+        cmd = [sys.executable, __file__, "--child", step.name, "--options", json.dumps(options),
+               "--out", str(self.out), "--device", self.device]
+        started = time.monotonic()
+        with open(log, "w") as sink:
+            proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                rc = None
+        seconds = time.monotonic() - started
+        parts = [json.loads(x) for x in (results.read_text()[before:] if results.exists() else "").splitlines() if x]
+        out = {"seconds": round(seconds, 1), "log": str(log.relative_to(self.out)), "parts": [p["part"] for p in parts]}
+        compile_s = next((p["compile_s"] for p in parts if "compile_s" in p), None)
+        if compile_s is not None:
+            out["compile_s"] = compile_s
+        if rc is None:
+            doing = parts[-1]["part"] if parts else "starting"
+            return {**out, "status": "timeout", "reason": f"stopped at its timeout after {seconds:.0f} s, after "
+                    f"part {doing!r} (still compiling if no 'compile' part)"}
+        if rc != 0 or not parts or parts[-1]["part"] != "done":
+            tail = [x for x in log.read_text(errors="replace").splitlines() if x.strip()][-1:] or ["no output"]
+            return {**out, "status": "failed", "reason": f"exit {rc}: {tail[0][:300]} (full log: {out['log']})"}
+        return {**out, "status": "ok"}
+
+
+# ---- the steps' code (in the child) -------------------------------------------------------------------------
 
 
 def published(component: str) -> dict:
     return json.loads((LATTE1 / component / "config.json").read_text())
 
-
-# DDIM as Latte-1's pipeline runs it (linear betas 1e-4..0.02 over 1000 steps, no clipping).
-LATTE1_SCHEDULER = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False,
-                        num_train_timesteps=1000)
 
 # --device cpu: the same architecture at toy widths.
 SMOKE = {
@@ -67,49 +197,18 @@ SMOKE = {
 }
 
 
-def configs(smoke: bool) -> dict[str, dict]:
+def configs(smoke: bool, frames: int) -> dict[str, dict]:
     out = {c: published(c) for c in ("transformer", "text_encoder", "vae")}
     if smoke:
         out = {c: {**cfg, **SMOKE[c]} for c, cfg in out.items()}
+    out["transformer"]["video_length"] = frames
     return out
-
-
-@dataclass
-class Step:
-    name: str
-    variant: str  # eager | compiled | teacache:T | a quantization kind (joined by '+')
-    batch: int
-    budget_s: float  # seconds this variant is given: build + compile + warm-up + timing, with headroom
-    steps: int | None = None  # None: the spec's 50
-    mode: str | None = None  # compile mode override
-    sweep: bool = False
-
-
-def plan(smoke: bool) -> list[Step]:
-    """The budgeted plan. Seconds are allowances for an H100/H200-class GPU (random init of 5.9B parameters
-    ~15 s, an eager 50-step batch-1 video ~10-20 s, an inductor default-mode compile of 28 block pairs and
-    the VAE decoder 2-3 min), not measurements; they add up to 480 s."""
-    steps = [
-        Step("eager-b1", "eager", 1, 60),
-        Step("compiled-default-b2", "compiled", 2, 180, mode="default"),
-        Step("sweep-eager-b8", "eager", 8, 40, steps=4, sweep=True),
-        Step("sweep-eager-b16", "eager", 16, 45, steps=4, sweep=True),
-        Step("sweep-eager-b32", "eager", 32, 55, steps=4, sweep=True),
-        Step("teacache-0.1-b2", "teacache:0.1", 2, 50),
-        Step("float8_dynamic-b2", "float8_dynamic", 2, 50),
-    ]
-    if smoke:  # a fresh interpreter importing torch, diffusers and latte_ray takes most of it on a small CPU
-        for s in steps:
-            s.budget_s = 60
-    return steps
-
-
-# ---- one variant, in its own process ------------------------------------------------------------------------
 
 
 def random_pipeline(device: str, dtype, cfg: dict[str, dict]):
     """A LattePipeline with Latte-1's architecture and random weights, built directly on `device`, each
-    component in the dtype from_pretrained would give it (T5's wo in fp32 under fp16)."""
+    component in the dtype from_pretrained would give it (T5's wo in fp32 under fp16), with the pinned
+    revision's scheduler config."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, LattePipeline, LatteTransformer3DModel
     from transformers import T5Config, T5EncoderModel
@@ -117,234 +216,380 @@ def random_pipeline(device: str, dtype, cfg: dict[str, dict]):
     from latte_ray.model.tiny import build_tiny_tokenizer
 
     torch.manual_seed(0)
+    tokenizer = build_tiny_tokenizer()
     with torch.device(device):
-        text_encoder = T5EncoderModel(T5Config(**{k: v for k, v in cfg["text_encoder"].items()
-                                                  if not k.startswith("_")})).to(dtype)
+        t5 = {k: v for k, v in cfg["text_encoder"].items() if not k.startswith("_")}
+        text_encoder = T5EncoderModel(T5Config(**t5)).to(dtype)  # the published 32128 rows
         keep = text_encoder._get_dtype_plan(dtype)
         for name, module in text_encoder.named_modules():
             if name.split(".")[-1] in keep:
                 module.to(keep[name.split(".")[-1]])
         transformer = LatteTransformer3DModel.from_config(cfg["transformer"]).to(dtype)
         vae = AutoencoderKL.from_config(cfg["vae"]).to(dtype)
-    return LattePipeline(tokenizer=build_tiny_tokenizer(), text_encoder=text_encoder, vae=vae,
-                         transformer=transformer, scheduler=DDIMScheduler(**LATTE1_SCHEDULER))
+    scheduler = DDIMScheduler.from_config(json.loads((LATTE1 / "scheduler" / "scheduler_config.json").read_text()))
+    return LattePipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                         scheduler=scheduler)
 
 
-def variant_spec(base, step: Step, smoke: bool, model_dir: str | None = None):
-    """The production spec with one variant's options."""
-    from latte_ray.spec import QUANTIZATION_KINDS, parse_pipeline_spec
+class Child:
+    """One step's process: its spec, model, timers and the lines it appends (`emit`)."""
 
-    raw = json.loads(base.model_dump_json())
-    model = raw["model"]
-    model["compile"]["enabled"] = step.variant != "eager" and not step.variant.startswith(("teacache", "float8"))
-    if step.mode:
-        model["compile"]["mode"] = step.mode
-    if model_dir:
-        model["source"] = model_dir
-    for option in step.variant.split("+"):
-        kind, _, arg = option.partition(":")
-        if kind in ("eager", "compiled"):
-            continue
-        if kind in ("faster_cache", "pyramid_attention_broadcast"):
-            model["cache"] = {"kind": kind}
-        elif kind == "teacache":
-            model["cache"] = {"kind": "teacache", "threshold": float(arg or 0.1)}
-        elif kind in QUANTIZATION_KINDS:
-            model["quantization"] = {"kind": kind}
-        else:
-            raise SystemExit(f"unknown variant option {option!r}")
-    raw["execution"]["batch_size"] = step.batch
-    if step.steps:
-        raw["sampling"]["num_inference_steps"] = step.steps
-    if smoke:
-        needs_float8 = model["quantization"] and QUANTIZATION_KINDS[model["quantization"]["kind"]][1]
-        # float8 on a CPU is refused by the spec; 'auto' lets the engine's device check refuse it instead.
-        model.update(device="auto" if needs_float8 else "cpu", dtype="float32")
-        model["compile"].update(backend="eager", vae_decode=False)
-        raw["sampling"].update(height=64, width=64, video_length=2, decode_chunk_size=2,
-                               num_inference_steps=min(step.steps or 4, 4))
-    return parse_pipeline_spec(raw, origin=step.name)
+    def __init__(self, step: str, out: Path, smoke: bool):
+        import torch
+
+        self.step, self.results, self.smoke = step, out / "gpu.jsonl", smoke
+        self.device = "cpu" if smoke else "cuda"
+        self.warm, self.repeat = (1, 1) if smoke else (WARM_STEPS, TIMED_STEPS)
+        self.cuda = self.device == "cuda"
+        self.torch = torch
+
+    def emit(self, part: str, **fields) -> None:
+        append(self.results, {"step": self.step, "part": part, **fields})
+        print(part, json.dumps(fields)[:400], flush=True)
+
+    def spec(self, batch: int, compile_: dict | None = None, quantization: str | None = None):
+        from latte_ray.spec import load_pipeline_spec, parse_pipeline_spec
+
+        raw = json.loads(load_pipeline_spec("latte-1-t2v-512").model_dump_json())
+        model = raw["model"]
+        model["compile"].update(enabled=compile_ is not None, **(compile_ or {}))
+        model["quantization"] = {"kind": quantization} if quantization else None
+        raw["execution"]["batch_size"] = batch
+        if self.smoke:
+            model.update(device="cpu", dtype="float32")
+            model["compile"].update(backend="eager", vae_decode=False)
+            raw["sampling"].update(height=64, width=64, video_length=2, decode_chunk_size=2, num_inference_steps=2)
+        return parse_pipeline_spec(raw, origin=f"gpu.py {self.step}")
+
+    def engine(self, spec, pipe=None):
+        from latte_ray.model.engine import DTYPES, LatteEngine
+
+        self.cfg = configs(self.smoke, spec.sampling.video_length)
+        pipe = pipe or random_pipeline(self.device, DTYPES[spec.model.dtype], self.cfg)
+        return LatteEngine(spec, pipe=pipe)
+
+    # -- measuring
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def timed(self, fn, repeat: int = 1) -> float:
+        """Seconds per call of `fn`: CUDA events around `repeat` calls on the GPU, the wall clock on the CPU."""
+        torch = self.torch
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeat):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1000 / repeat
+        started = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        return (time.perf_counter() - started) / repeat
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            self.torch.cuda.reset_peak_memory_stats()
+
+    def memory(self, prefix: str) -> dict:
+        if not self.cuda:
+            return {}
+        c = self.torch.cuda
+        return {f"{prefix}_allocated_gib": c.max_memory_allocated() / 2**30,
+                f"{prefix}_reserved_gib": c.max_memory_reserved() / 2**30,
+                "now_allocated_gib": c.memory_allocated() / 2**30}
+
+    def predicted(self, spec) -> dict:
+        from latte_ray.model.memory import memory_plan
+
+        p = memory_plan(spec, self.cfg["transformer"], self.cfg["text_encoder"], self.cfg["vae"])
+        return {"predicted_weights_gib": p.weights_bytes / 2**30, "predicted_denoise_gib": p.activations.denoise / 2**30,
+                "predicted_vae_decode_gib": p.activations.vae_decode / 2**30, "predicted_peak_gib": p.peak / 2**30}
+
+    def text(self, engine, batch: int):
+        prompts = [f"a corgi surfing a wave at sunset, cinematic, prompt number {i}" for i in range(batch)]
+        return engine.encode_text(prompts, [""] * batch)
+
+    def step_call(self, engine, text, batch: int, seed: int = 0):
+        """One denoise step's transformer call as the engine makes it (both CFG halves, text padded to
+        max_sequence_length with its mask, as compiled graphs always take it), on fixed random latents."""
+        torch, s = self.torch, engine.sampling
+        t = engine.pipe.transformer.config
+        embeds = torch.cat([text.negative_embeds, text.embeds])
+        keep = torch.cat([text.keep, text.keep])
+        bias = torch.zeros(2 * batch, 1, embeds.shape[1], dtype=embeds.dtype)
+        bias.masked_fill_(torch.arange(embeds.shape[1])[None, None, :] >= keep[:, None, None], float("-inf"))
+        bias = bias.repeat_interleave(s.video_length, dim=0).to(engine.device)
+        g = torch.Generator("cpu").manual_seed(seed)
+        latents = torch.randn(batch, t.in_channels, s.video_length, s.height // 8, s.width // 8, generator=g)
+        latents = torch.cat([latents] * 2).to(engine.device, engine.dtype)
+        timestep = torch.full((2 * batch,), 999, device=engine.device)
+
+        def call():
+            return engine.transformer(hidden_states=latents, encoder_hidden_states=embeds, timestep=timestep,
+                                      encoder_attention_mask=bias, enable_temporal_attentions=s.enable_temporal_attentions,
+                                      return_dict=False)[0]
+
+        return call
+
+    def time_steps(self, engine, text, batch: int) -> dict:
+        from latte_ray.model.memory import transformer_flops
+
+        call = self.step_call(engine, text, batch)
+        with self.torch.inference_mode():
+            for _ in range(self.warm):
+                out = call()
+            self.sync()
+            self.reset_peak()
+            seconds = self.timed(call, self.repeat)
+            finite = bool(self.torch.isfinite(call()).all())
+        flops = transformer_flops(self.cfg["transformer"], engine.sampling, 2 * batch, text.embeds.shape[1])
+        result = {"batch": batch, "s_per_step": seconds, "s_per_step_per_video": seconds / batch,
+                  "tflops": flops / seconds / 1e12, "model_tflop_per_step": flops / 1e12, "finite": finite,
+                  **self.memory("denoise_peak")}
+        peak = next((v for k, v in PEAK_TFLOPS.items() if self.cuda and k in self.torch.cuda.get_device_name()), None)
+        if peak:
+            result.update(peak_tflops=peak, fraction_of_peak=result["tflops"] / peak)
+        del out
+        return result
+
+    def video(self, engine, batch: int = VIDEO_BATCH) -> dict:
+        torch = self.torch
+        text, seeds, capture = self.text(engine, batch), list(range(batch)), {}
+        self.sync()
+        started = time.perf_counter()
+        frames = engine.denoise(text, seeds, capture=capture)
+        self.sync()
+        seconds = time.perf_counter() - started
+        steps = engine.sampling.num_inference_steps
+        return {"batch": batch, "steps": steps, "s_per_batch": seconds, "s_per_video": seconds / batch,
+                "published_ratio": PUBLISHED_S_PER_VIDEO / (seconds / batch),
+                "latents_finite": bool(torch.isfinite(capture["latents"]).all()), "frames_std": float(frames.std())}
 
 
-def predicted_peak(spec, cfg: dict[str, dict]) -> dict:
-    from latte_ray.model.memory import memory_plan
-
-    transformer = {**cfg["transformer"], "video_length": spec.sampling.video_length}
-    p = memory_plan(spec, transformer, cfg["text_encoder"], cfg["vae"])
-    return {"predicted_weights_gib": p.weights_bytes / 2**30, "predicted_peak_gib": p.peak / 2**30,
-            "predicted_denoise_gib": p.activations.denoise / 2**30,
-            "predicted_vae_decode_gib": p.activations.vae_decode / 2**30}
-
-
-def run_variant(step: Step, smoke: bool, model_dir: str | None) -> dict:
+def child_eager(c: Child, options: dict) -> None:
     import torch
 
-    from latte_ray.model.engine import DTYPES, LatteEngine
-    from latte_ray.model.quantize import QuantizationUnsupported
+    from latte_ray.plan.fit import CUDA_GRID_LIMIT, temporal_attention_sequences
+
+    started = time.perf_counter()
+    spec = c.spec(VIDEO_BATCH)
+    engine = c.engine(spec)
+    c.sync()
+    c.emit("build", build_s=time.perf_counter() - started, **c.memory("build_peak"), **c.predicted(spec))
+    with torch.inference_mode():
+        for batch in (1, VIDEO_BATCH):
+            c.text(engine, batch)  # warm-up
+            c.emit("t5", batch=batch, s=c.timed(lambda: c.text(engine, batch)))
+    total = torch.cuda.mem_get_info()[1] / 2**30 if c.cuda else None
+    texts = {}
+    for batch in BATCHES:
+        sized = c.spec(batch)
+        sequences = temporal_attention_sequences(batch, sized.sampling)
+        predicted = c.predicted(sized)
+        if sequences > CUDA_GRID_LIMIT:
+            c.emit("step", batch=batch, status="skipped", reason=f"{sequences} temporal sequences > {CUDA_GRID_LIMIT}")
+            continue
+        if total and predicted["predicted_peak_gib"] > 0.95 * total:
+            c.emit("step", batch=batch, status="skipped", reason=f"predicted {predicted['predicted_peak_gib']:.0f} "
+                   f"GiB > 95% of {total:.0f} GiB", **predicted)
+            continue
+        try:
+            with torch.inference_mode():
+                texts[batch] = c.text(engine, batch)
+            c.emit("step", status="ok", **c.time_steps(engine, texts[batch], batch), **predicted)
+        except torch.OutOfMemoryError as e:
+            c.emit("step", batch=batch, status="oom", reason=str(e).splitlines()[0], **predicted)
+            break
+    with torch.inference_mode():
+        # torch's own FLOP count of one step (FlopCounterMode counts the matmuls and SDPA kernels it dispatches).
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from latte_ray.model.memory import transformer_flops
+
+        call = c.step_call(engine, texts.get(1) or c.text(engine, 1), 1)
+        with FlopCounterMode(display=False) as counter:
+            call()
+        modelled = transformer_flops(c.cfg["transformer"], engine.sampling, 2, engine.sampling.max_sequence_length)
+        c.emit("flops", batch=1, counted_tflop=counter.get_total_flops() / 1e12, modelled_tflop=modelled / 1e12)
+        # One step's top kernels.
+        call = c.step_call(engine, texts.get(VIDEO_BATCH) or c.text(engine, VIDEO_BATCH), VIDEO_BATCH)
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if c.cuda else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            call()
+            c.sync()
+        key = "self_device_time_total" if c.cuda else "self_cpu_time_total"
+        events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:12]
+        c.emit("profile", batch=VIDEO_BATCH, by=key, top=[{"name": e.key[:120], "calls": e.count,
+                                                            "ms": getattr(e, key, 0) / 1000} for e in events])
+        # Batch invariance: row 0 alone and beside another row, one step, the same inputs.
+        one = c.step_call(engine, c.text(engine, 1), 1)()
+        two = c.step_call(engine, c.text(engine, 2), 2)()
+        c.emit("batch-invariance", max_abs_diff=float((one[0] - two[0]).abs().max()),
+               rows_equal=bool(torch.equal(one[0], two[0])))
+        # VAE decode, per phase peak, with and without cudnn.benchmark.
+        s = engine.sampling
+        latents = torch.randn(VIDEO_BATCH, 4, s.video_length, s.height // 8, s.width // 8,
+                              generator=torch.Generator("cpu").manual_seed(1)).to(engine.device, engine.dtype)
+        for bench in (False, True):
+            torch.backends.cudnn.benchmark = bench
+            engine.pipe.decode_latents(latents, s.video_length, decode_chunk_size=s.decode_chunk_size)  # warm-up
+            c.sync()
+            c.reset_peak()
+            seconds = c.timed(lambda: engine.pipe.decode_latents(latents, s.video_length,
+                                                                 decode_chunk_size=s.decode_chunk_size))
+            c.emit("vae-decode", batch=VIDEO_BATCH, cudnn_benchmark=bench, s=seconds, **c.memory("decode_peak"),
+                   **c.predicted(spec))
+        torch.backends.cudnn.benchmark = False
+    c.reset_peak()
+    c.emit("video", **c.video(engine), **c.memory("video_peak"))
+
+
+def child_compiled(c: Child, options: dict) -> None:
+    """Compile at the video batch: cold compile seconds (the engine's load + compile + warm-up), then
+    seconds per step and per video, and how many frames dynamo converted after warm-up (recompiles)."""
+    from torch._dynamo.utils import counters
+
     from latte_ray.spec import load_pipeline_spec
 
-    device = "cpu" if smoke else "cuda"
-    cfg = configs(smoke)
-    spec = variant_spec(load_pipeline_spec("latte-1-t2v-512"), step, smoke, model_dir)
-    cfg["transformer"]["video_length"] = spec.sampling.video_length
-    result = {"name": step.name, "variant": step.variant, "batch": step.batch,
-              "steps": spec.sampling.num_inference_steps, "device": device, **predicted_peak(spec, cfg)}
+    prod = load_pipeline_spec("latte-1-t2v-512").model.compile
+    compile_ = {"mode": options.get("mode", "default"), "scope": options.get("scope", "blocks")}
+    if c.step == "production-mode":
+        compile_ = {"mode": prod.mode, "scope": prod.scope}
+    spec = c.spec(VIDEO_BATCH, compile_)
+    counters.clear()
     started = time.perf_counter()
-    try:
-        pipe = None if model_dir else random_pipeline(device, DTYPES[spec.model.dtype], cfg)
-        engine = LatteEngine(spec, pipe=pipe)
-    except QuantizationUnsupported as e:
-        return {**result, "status": "skipped", "reason": str(e)}
-    batch = spec.execution.batch_size
-    try:
-        if not spec.model.compile.enabled:  # compiled engines warm up in __init__; give eager the same chance
-            engine.generate(["warm-up"] * batch, [""] * batch, list(range(batch)), steps=2)
-        ready = time.perf_counter() - started
-        prompts = [f"a corgi surfing a wave at sunset, cinematic, prompt number {i}" for i in range(batch)]
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        frames, _ = engine.generate(prompts, [""] * batch, list(range(batch)))
-        if device == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t
-    except torch.OutOfMemoryError as e:
-        return {**result, "status": "oom", "reason": str(e).splitlines()[0],
-                **({"peak_gib": torch.cuda.max_memory_allocated() / 2**30} if device == "cuda" else {})}
-    result.update(status="ok", s_per_video=seconds / batch, ready_s=ready, nonflat=bool(frames.std() > 0),
-                  calls=sum(engine.last_transformer_calls) / len(engine.last_transformer_calls),
-                  s_per_step_video=seconds / batch / spec.sampling.num_inference_steps)
-    if device == "cuda":
-        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        result["total_gib"] = torch.cuda.mem_get_info()[1] / 2**30
-    return result
+    engine = c.engine(spec)
+    c.emit("compile", compile_s=engine.warmup_seconds, load_s=time.perf_counter() - started - engine.warmup_seconds,
+           frames=counters["frames"]["total"], **compile_, vae_decode=spec.model.compile.vae_decode)
+    import torch
+
+    warmed = counters["frames"]["total"]
+    with torch.inference_mode():
+        step = c.time_steps(engine, c.text(engine, VIDEO_BATCH), VIDEO_BATCH)
+    c.emit("step", **step, recompiles=counters["frames"]["total"] - warmed, **c.predicted(spec))
+    warmed = counters["frames"]["total"]
+    c.emit("video", **c.video(engine), recompiles=counters["frames"]["total"] - warmed)
 
 
-def append(path: Path, record: dict) -> None:
-    """One JSON line per variant, flushed and fsynced at once: a killed session keeps every finished line."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def child_float8(c: Child, options: dict) -> None:
+    """fp16 reference output of one step, then the same pipeline quantized (torchao float8 dynamic; on the CPU
+    int8_weight_only stands in) and compiled regionally: its error at that step, its step and video seconds."""
+    import torch
+
+    kind = "float8_dynamic" if c.cuda else "int8_weight_only"
+    eager = c.engine(c.spec(VIDEO_BATCH))
+    with torch.inference_mode():
+        text = c.text(eager, VIDEO_BATCH)
+        reference = c.step_call(eager, text, VIDEO_BATCH)().float()
+    # Only the transformer is quantized: its compile alone (no VAE decode compile) keeps the step short.
+    spec = c.spec(VIDEO_BATCH, {"mode": "default", "scope": "blocks", "vae_decode": False}, quantization=kind)
+    started = time.perf_counter()
+    engine = c.engine(spec, pipe=eager.pipe)  # quantizes the same weights in place, then compiles
+    c.emit("compile", compile_s=engine.warmup_seconds, kind=kind, stand_in=not c.cuda,
+           load_s=time.perf_counter() - started - engine.warmup_seconds)
+    with torch.inference_mode():
+        out = c.step_call(engine, text, VIDEO_BATCH)().float()
+        error = (out - reference).norm() / reference.norm()
+        c.emit("error", kind=kind, relative_l2=float(error), max_abs=float((out - reference).abs().max()),
+               finite=bool(torch.isfinite(out).all()))
+        c.emit("step", **c.time_steps(engine, text, VIDEO_BATCH))
+    c.emit("video", **c.video(engine))
 
 
-def line(r: dict) -> str:
-    head = f"{r['name']:>22}:"
-    if r["status"] != "ok":
-        return f"{head} {r['status']}: {r.get('reason', '')}"[:300]
-    peak = f"peak {r['peak_gib']:.1f} GiB measured" if "peak_gib" in r else "peak not measured (CPU)"
-    speed = (f"{r['s_per_video']:7.2f} s/video, {PUBLISHED_S_PER_VIDEO / r['s_per_video']:.2f}x the published "
-             f"{PUBLISHED_S_PER_VIDEO} s" if r["steps"] >= 50 else
-             f"{r['s_per_step_video']:.3f} s per step per video ({r['steps']} steps)")
-    return (f"{head} {speed}; {r['calls']:.0f} transformer calls/video; load+compile+warm-up {r['ready_s']:.0f} s; "
-            f"{peak} vs {r['predicted_peak_gib']:.1f} GiB predicted (weights {r['predicted_weights_gib']:.1f} + "
-            f"max(denoise {r['predicted_denoise_gib']:.1f}, VAE decode {r['predicted_vae_decode_gib']:.1f}))"
-            + ("" if r["nonflat"] else "; WARNING: flat frames"))
+CHILDREN = {"eager": child_eager, "compiled": child_compiled, "float8": child_float8,
+            "production-mode": child_compiled}
 
 
-# ---- the budgeted driver -------------------------------------------------------------------------------------
+def run_child(step: str, options: dict, out: Path, smoke: bool) -> None:
+    run = CHILDREN[step]
+    import torch
+
+    c = Child(step, out, smoke)
+    if c.cuda:
+        c.emit("device", name=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()))
+    run(c, options)
+    c.emit("done")
 
 
-def print_plan(steps: list[Step], budget: float, smoke: bool) -> None:
-    total = sum(s.budget_s for s in steps)
-    print(f"plan ({'CPU smoke, toy sizes' if smoke else 'GPU, full-size Latte-1 shapes'}), budget {budget:.0f} s; "
-          f"each variant in its own process, results appended after each:")
-    at = 0.0
-    for i, s in enumerate(steps, 1):
-        at += s.budget_s
-        extra = f", {s.steps} steps" if s.steps else ""
-        extra += f", compile mode {s.mode}" if s.mode else ""
-        extra += ", stops at the first out-of-memory" if s.sweep else ""
-        fits = "" if at <= budget else "  [past the budget: skipped unless earlier steps finish early]"
-        print(f"  {i:2}. {s.name:<22} {s.variant}, batch {s.batch}{extra}: up to {s.budget_s:.0f} s "
-              f"(ends by {at:.0f} s){fits}")
-    print(f"  total allowance {total:.0f} s of {budget:.0f} s")
+# ---- the driver ----------------------------------------------------------------------------------------------
+
+
+def torchao_missing() -> str | None:
+    """Why torchao cannot be used here (None when it can), without importing it in this process."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is None:
+        return "torchao is not installed here (GPU.md: bring its wheel in .gpu-wheels/)"
+    return None
+
+
+def environment(device: str) -> dict:
+    import importlib.metadata as md
+
+    import torch
+
+    def version(name):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    env = {"step": "env", "machine": machine(), "torch": torch.__version__, "diffusers": version("diffusers"),
+           "transformers": version("transformers"), "torchao": version("torchao"), "device": device,
+           "inductor_compile_threads": os.environ.get("TORCHINDUCTOR_COMPILE_THREADS"),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    if torch.cuda.is_available():
+        env.update(gpu=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
+                   gpu_total_gib=torch.cuda.mem_get_info()[1] / 2**30)
+    return env
+
+
+def print_plan(budget: float) -> None:
+    print(f"plan: {len(STEPS)} steps in {budget:.0f} s, each its own process (timeout: the time left, at most its cap)")
+    for i, s in enumerate(STEPS, 1):
+        print(f"  {i}. {s.name:<16} cap {s.cap_s:.0f} s, started with at least {s.min_s:.0f} s left"
+              f"{' (a compile step: at least the slowest compile so far + ' + str(int(AFTER_COMPILE_S)) + ' s)' if s.compiles else ''}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--plan", action="store_true", help="print the plan and its time budget, run nothing")
-    ap.add_argument("--budget-s", type=float, default=480.0, help="seconds for the whole plan (default 480)")
-    ap.add_argument("--out", default="gpu-results.jsonl", help="results file, one JSON line per variant (appended)")
-    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: toy sizes, checks the code")
-    ap.add_argument("--only", nargs="+", default=None, help="run only these plan steps (names from --plan)")
-    ap.add_argument("--model-dir", default=None, help="real Latte-1 weights (save_pretrained folder) instead of random")
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one plan step, as JSON (internal)
+    ap.add_argument("--plan", action="store_true", help="print the plan and its budget, run nothing")
+    ap.add_argument("--budget-s", type=float, default=BUDGET_S, help=f"seconds for the whole plan ({BUDGET_S:.0f})")
+    ap.add_argument("--out", default="gpu-results", help="folder: gpu.jsonl (appended) and logs/ (one per step)")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: toy sizes, rehearses the code")
+    ap.add_argument("--only", nargs="+", default=None, help="run only these steps")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one step, in its own process (internal)
+    ap.add_argument("--options", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    smoke = args.device == "cpu"
-
+    out = Path(args.out)
     if args.child:
-        step = Step(**json.loads(args.child))
-        r = run_variant(step, smoke, args.model_dir)
-        append(Path(args.out), r)
-        print(line(r), flush=True)
+        run_child(args.child, json.loads(args.options), out, args.device == "cpu")
         return
-
-    steps = [s for s in plan(smoke) if not args.only or s.name in args.only]
-    print(f"machine: {machine()}")
-    print_plan(steps, args.budget_s, smoke)
+    print_plan(args.budget_s)
     if args.plan:
         return
     import torch
 
-    if not smoke and not torch.cuda.is_available():
-        print("gpu benchmark not run: no CUDA device visible (torch.cuda.is_available() is False); "
-              "--device cpu runs the plan at toy sizes")
-        return
-    from latte_ray.spec import load_pipeline_spec
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("not run: no CUDA device visible (torch.cuda.is_available() is False); --device cpu rehearses it")
+        raise SystemExit(1)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "gpu.jsonl"
+    env = environment(args.device)
+    append(results, env)
+    print(json.dumps(env))
+    steps = [s for s in STEPS if not args.only or s.name in args.only]
 
-    base = load_pipeline_spec("latte-1-t2v-512")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    swept_out, total_gib, largest = False, None, None
-    for step in steps:
-        left = args.budget_s - (time.monotonic() - started)
-        predicted = predicted_peak(variant_spec(base, step, smoke), configs(smoke))["predicted_peak_gib"]
-        if step.sweep and swept_out:
-            r = {"name": step.name, "status": "skipped", "reason": "a smaller batch already ran out of memory"}
-        elif step.sweep and total_gib and predicted > 0.95 * total_gib:
-            r = {"name": step.name, "status": "skipped",
-                 "reason": f"predicted peak {predicted:.0f} GiB > 95% of the GPU's {total_gib:.0f} GiB"}
-        elif step.budget_s > left:
-            r = {"name": step.name, "status": "skipped",
-                 "reason": f"needs up to {step.budget_s:.0f} s, {left:.0f} s left"}
-        else:
-            r = _run_child(step, args, out, timeout=left)
-            if step.sweep and r.get("status") == "oom":
-                swept_out = True
-            if r.get("status") == "ok":
-                total_gib = r.get("total_gib", total_gib)
-                if step.variant == "eager" and (largest is None or step.batch > largest["batch"]):
-                    largest = r
-        if r.get("status") != "ok" and r.get("_parent_writes"):
-            r.pop("_parent_writes")
-            append(out, r)
-        print(line(r) if r.get("status") == "ok" else f"{step.name:>22}: {r['status']}: {r.get('reason', '')}",
-              flush=True)
-    if largest:
-        measured = f"peak {largest['peak_gib']:.1f} GiB measured, " if "peak_gib" in largest else ""
-        print(f"largest batch that ran (eager): {largest['batch']} ({measured}{largest['predicted_peak_gib']:.1f} GiB "
-              "predicted)")
-    print(f"done in {time.monotonic() - started:.0f} s of {args.budget_s:.0f} s; results in {out}")
+    def write(line: dict) -> None:
+        append(results, line)
+        print(json.dumps(line)[:600], flush=True)
 
-
-def _run_child(step: Step, args, out: Path, timeout: float) -> dict:
-    """Run one step in a fresh interpreter; its own result line is what it appended to `out`."""
-    before = out.stat().st_size if out.exists() else 0
-    cmd = [sys.executable, __file__, "--child", json.dumps(asdict(step)), "--out", str(out),
-           "--device", args.device] + (["--model-dir", args.model_dir] if args.model_dir else [])
-    try:
-        proc = subprocess.run(cmd, timeout=timeout, capture_output=True, text=True)
-    except subprocess.TimeoutExpired:
-        return {"name": step.name, "status": "timeout", "reason": f"stopped at the budget after {timeout:.0f} s",
-                "_parent_writes": True}
-    written = out.read_text()[before:] if out.exists() else ""
-    if proc.returncode == 0 and written.strip():
-        return json.loads(written.strip().splitlines()[-1])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-    return {"name": step.name, "status": "failed", "reason": f"exit {proc.returncode}: {tail[0]}",
-            "_parent_writes": True}
+    run_plan(steps, args.budget_s, time.monotonic, ChildLauncher(out, args.device), write, torchao_missing())
+    print(f"results: {results}; logs: {out / 'logs'}")
 
 
 if __name__ == "__main__":

@@ -298,6 +298,9 @@ def preflight(run: RunSpec, tables: bool = True) -> Preflight:
         check_before_run(run.pipeline.model)  # float8 on a machine without float8 GPUs: refused here
     model, identity = check_model(run.pipeline, run.storage_options)
     outputs.check_model_identity(out, identity)  # the same source resolving to other weights: refused
+    from latte_ray.plan.fit import check_attention_grid
+
+    check_attention_grid(run.pipeline)  # a batch past CUDA's grid in temporal attention: refused before any GPU
     if run.pipeline.scoring.enabled:
         from latte_ray.model.clip import check_sources
 

@@ -39,13 +39,24 @@ class CompileSpec(_Strict):
 
     enabled: bool = Field(False, description="torch.compile the transformer once per actor, then warm up.")
     mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
-        "default", description="torch.compile mode."
+        "default", description="torch.compile mode. 'default' compiles fastest; 'max-autotune-no-cudagraphs' "
+        "also benchmarks kernel choices for every matmul (minutes more of cold compile, paid once per node with a "
+        "shared cache_dir) for faster steps over a long run, without CUDA graphs' private memory pool: "
+        "latte-1-t2v-512's choice (the reason is beside it in pipelines/latte-1-t2v-512.yaml). 'reduce-overhead' "
+        "and 'max-autotune' replay CUDA graphs."
     )
     vae_decode: bool = Field(False, description="Also compile the VAE decoder.")
     fullgraph: bool = Field(False, description="Ask torch.compile for a single graph (errors on graph breaks).")
     cache_dir: str | None = Field(
         None, description="Inductor cache folder (TORCHINDUCTOR_CACHE_DIR), shared by the actors of a node and "
         "kept across runs; null: inductor/ under the model cache ($LATTE_RAY_CACHE, /cache on the infra/ nodes)."
+    )
+    scope: Literal["whole", "blocks"] = Field(
+        "whole", description="What is compiled without a cache (TeaCache and the hook caches compile their own "
+        "parts): 'whole' = the transformer's forward as one graph; 'blocks' = regional compilation (diffusers' "
+        "compile_repeated_blocks): each spatial and temporal block on its own, traced once for all 56 since they "
+        "share their code, so a cold compile costs about two blocks' worth instead of 56; the embedding, reshapes "
+        "and output head between them run eagerly (latte_ray/model/compiling.py)."
     )
     backend: Literal["inductor", "aot_eager", "eager"] = Field(
         "inductor", description="torch.compile backend; 'eager'/'aot_eager' trace with dynamo but generate no "
@@ -498,6 +509,8 @@ def hashed_fields(raw: dict) -> dict:
     # that does not use them (and so the binding of its existing outputs) is unchanged.
     if model.get("quantization") is None:
         model.pop("quantization", None)
+    if (model.get("compile") or {}).get("scope") == "whole":
+        model["compile"].pop("scope", None)
     if model.get("cache") is not None:
         for name in _TEACACHE_ONLY:
             if model["cache"].get(name) is None:

@@ -17,10 +17,13 @@ LATTE_1_DATA = Path(__file__).parent / "data" / "latte-1"
 # a config file.
 LATTE_1_COMMIT = "f8a2f04e507c27d0a8c623220d089c27491be528"
 LATTE_1_SCHEDULERS = {  # every published scheduler config we have, by the hub commit it was read at
+    "ddim fixed_small (pinned f8a2f04e)": "scheduler/scheduler_config.json",
     "dpm-solver++ (b873980c, first upload)": "scheduler/versions/scheduler_config@b873980cc6ba5a86b865769a6588c933e6f4792f.json",
     "ddim learned_range (86e75847)": "scheduler/versions/scheduler_config@86e75847737f45438be78b1274899b015814c660.json",
 }
-LATTE_1_DDIM = LATTE_1_SCHEDULERS["ddim learned_range (86e75847)"]
+# At the pin: DDIM with variance_type fixed_small, while the transformer predicts a learned sigma (out 8).
+LATTE_1_DDIM = LATTE_1_SCHEDULERS["ddim fixed_small (pinned f8a2f04e)"]
+LATTE_1_LEARNED_RANGE = LATTE_1_SCHEDULERS["ddim learned_range (86e75847)"]
 # What the driver's checks read (model/configs.py), as published: hub path -> vendored file.
 LATTE_1_CONFIGS = {
     "model_index.json": "model_index.json",

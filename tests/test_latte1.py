@@ -7,7 +7,8 @@ runs, but is emulated: one 2-step video took minutes, not seconds; the tiny mode
 test_half_dtypes_on_cpu); 32x32 frames instead of 512x512 and 2 steps instead of 50 (the VAE decode of 16
 real-width frames dominates); compile off (inductor's C++ compile of the real-width blocks on 2 cores would
 cost more than the rest of the file); one actor on CPUs instead of GPUs. 16 frames, batch 2, the pinned
-revision, the shipped DDIM with `learned_range`, TeaCache with its published Latte-1 coefficients and the
+revision, the pinned revision's DDIM (`fixed_small`, beside a transformer that predicts a learned sigma),
+Latte-1's tokenizer files and four-shard T5 layout, TeaCache with its published Latte-1 coefficients and the
 text-encode stage are as shipped or as a user turns them on.
 """
 
@@ -20,7 +21,8 @@ import numpy as np
 import pytest
 import yaml
 
-from hubcache import LATTE_1, LATTE_1_COMMIT, LATTE_1_CONFIGS, LATTE_1_DATA, LATTE_1_SCHEDULERS, latte_1_file, write_hub_cache
+from hubcache import (LATTE_1, LATTE_1_COMMIT, LATTE_1_CONFIGS, LATTE_1_DATA, LATTE_1_DDIM, LATTE_1_LEARNED_RANGE,
+                      LATTE_1_SCHEDULERS, latte_1_file, write_hub_cache)
 from latte_ray.spec import TEACACHE_LATTE_COEFFICIENTS, SpecError, load_pipeline_spec, parse_pipeline_spec
 
 PROMPT, SEED = "a golden retriever running on a beach at sunset", 7
@@ -40,16 +42,59 @@ def production(**sampling) -> dict:
 
 
 def test_vendored_configs_are_the_published_files():
-    """Sizes the hub shows for the files copied whole (SOURCE.md); the transformer's config has no video_length."""
-    sizes = {"transformer/config.json": 503, "text_encoder/config.json": 780,
+    """Sizes the hub shows for the files (SOURCE.md gives each one's source and whether its text is exact or
+    rebuilt to that size); the transformer's config has no video_length; at the pin the scheduler is DDIM
+    fixed_small beside a transformer with a learned sigma."""
+    sizes = {"transformer/config.json": 503, "text_encoder/config.json": 780, "vae/config.json": 627,
              "versions/model_index@2d6e87c667469e2210f58516cb4f47061e214441.json": 423,
-             LATTE_1_SCHEDULERS["ddim learned_range (86e75847)"]: 421,
-             LATTE_1_SCHEDULERS["dpm-solver++ (b873980c, first upload)"]: 655}
+             LATTE_1_DDIM: 414, LATTE_1_LEARNED_RANGE: 421,
+             LATTE_1_SCHEDULERS["dpm-solver++ (b873980c, first upload)"]: 655,
+             "tokenizer/tokenizer_config.json": 20517, "tokenizer/special_tokens_map.json": 2543,
+             "tokenizer/added_tokens.json": 2593, "text_encoder/model.safetensors.index.json": 19886}
+    source = (LATTE_1_DATA / "SOURCE.md").read_text()
     for rel, size in sizes.items():
         assert len(latte_1_file(rel)) == size, rel
-        assert rel in (LATTE_1_DATA / "SOURCE.md").read_text(), f"{rel} has no source line"
+        assert f"`{rel}`" in source, f"{rel} has no source line"
     transformer = json.loads(latte_1_file("transformer/config.json"))
     assert "video_length" not in transformer and transformer["out_channels"] == 2 * transformer["in_channels"]
+    scheduler = json.loads(latte_1_file(LATTE_1_DDIM))
+    assert (scheduler["_class_name"], scheduler["variance_type"]) == ("DDIMScheduler", "fixed_small")
+    index = json.loads(latte_1_file("text_encoder/model.safetensors.index.json"))
+    assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-00004.safetensors" for i in (1, 2, 3, 4)]
+
+
+def test_latte1_shaped_tokenizer_and_t5_are_in_the_published_layout(latte1_hub):
+    """The test model's tokenizer/ is Latte-1's JSON files beside the offline vocabulary's spiece.model, read by
+    T5Tokenizer.from_pretrained as the real one is: the same ids as latte-ray's offline tokenizer, the
+    <extra_id_N> where the published files put them. Its text_encoder/ is the published index's four shard
+    files, every tensor under a name the published index gives, and every shard holds tensors."""
+    from safetensors import safe_open
+    from transformers import T5Tokenizer
+
+    from latte_ray.model.tiny import build_tiny_tokenizer
+
+    snapshot = latte1_hub / "models--maxin-cn--Latte-1" / "snapshots" / LATTE_1_COMMIT
+    files = sorted(p.name for p in (snapshot / "tokenizer").iterdir())
+    assert files == ["added_tokens.json", "special_tokens_map.json", "spiece.model", "tokenizer_config.json"]
+    for name in files[:2] + files[3:]:
+        assert (snapshot / "tokenizer" / name).read_bytes() == latte_1_file(f"tokenizer/{name}")
+    loaded = T5Tokenizer.from_pretrained(LATTE_1, subfolder="tokenizer", revision=LATTE_1_COMMIT)
+    offline = build_tiny_tokenizer()
+    for text in (PROMPT, "waves crashing on rocks", "Zebra's 4K drone shot, ☃ x  y", ""):
+        assert loaded(text)["input_ids"] == offline(text)["input_ids"], text
+    published = json.loads(latte_1_file("tokenizer/added_tokens.json"))
+    assert {t: loaded.convert_tokens_to_ids(t) for t in published} == published
+    assert (loaded.pad_token_id, loaded.eos_token_id, loaded.unk_token_id, len(loaded)) == (0, 1, 2, 32100)
+
+    ours = json.loads((snapshot / "text_encoder" / "model.safetensors.index.json").read_text())
+    theirs = json.loads(latte_1_file("text_encoder/model.safetensors.index.json"))
+    assert set(ours["weight_map"]) <= set(theirs["weight_map"]) and list(ours) == list(theirs) == ["metadata", "weight_map"]
+    shards = sorted(set(ours["weight_map"].values()))
+    assert shards == sorted(set(theirs["weight_map"].values()))
+    for shard in shards:
+        with safe_open(str(snapshot / "text_encoder" / shard), "pt") as f:
+            keys = set(f.keys())
+        assert keys and keys == {k for k, v in ours["weight_map"].items() if v == shard}, shard
 
 
 def test_checks_read_configs_as_diffusers_loads_them():
@@ -125,47 +170,50 @@ def _scheduler(rel: str, **changes):
     return getattr(diffusers, config["_class_name"]).from_config({**config, **changes})
 
 
-def test_learned_sigma_is_read_from_the_model_for_every_published_scheduler(engine):
-    """The shipped DDIM says variance_type learned_range, which makes diffusers' own loop keep all 8 output
-    channels and fail at the first step; the engine splits the output because the model predicts variance
-    (out 8 = 2 x in 4), whatever the scheduler's spelling, so learned_range and null give the same video, and
-    the first upload's DPM-Solver++ runs too."""
+def test_pinned_scheduler_video_is_diffusers_own_pipeline_video(engine):
+    """At the pinned revision Latte-1's scheduler is DDIM with variance_type fixed_small while its transformer
+    predicts a learned sigma (out 8 = 2 x in 4): the engine takes the noise half, as diffusers' own LattePipeline
+    does for fixed_small, and its video is the stock pipeline's on the same folder, prompt and seed (within one
+    uint8 level). The engine decides the split from the model, not the scheduler's spelling: the earlier
+    published DDIM (learned_range, with which the stock pipeline keeps all 8 channels and fails at the first
+    step) and variance_type null give the same video, and the first upload's DPM-Solver++ runs too."""
+    import torch
     from diffusers import LattePipeline
 
     assert engine.pipe.transformer.config.out_channels == 8 and engine.pipe.transformer.config.video_length == 16
-    ddim = LATTE_1_SCHEDULERS["ddim learned_range (86e75847)"]
     assert type(engine.pipe.scheduler).__name__ == "DDIMScheduler"
-    assert engine.pipe.scheduler.config.variance_type == "learned_range", "the hub's file is what was loaded"
+    assert engine.pipe.scheduler.config.variance_type == "fixed_small", "the pinned hub file is what was loaded"
+    assert type(engine.pipe.tokenizer).__name__ == "T5Tokenizer" and len(engine.pipe.tokenizer) == 32100
     shipped = engine.generate([PROMPT], [""], [SEED])[0][0]
-    videos = {"learned_range": shipped}
-    for name, scheduler in (("null", _scheduler(ddim, variance_type=None)),
-                            ("dpm++", _scheduler(LATTE_1_SCHEDULERS["dpm-solver++ (b873980c, first upload)"]))):
-        engine.pipe.scheduler = scheduler
-        try:
-            videos[name] = engine.generate([PROMPT], [""], [SEED])[0][0]
-        finally:
-            engine.pipe.scheduler = _scheduler(ddim)
     assert shipped.shape == (16, 32, 32, 3) and shipped.std() > 5
-    assert np.array_equal(videos["learned_range"], videos["null"]), "DDIM does not read variance_type"
-    assert videos["dpm++"].shape == shipped.shape and np.abs(videos["dpm++"].astype(int) - shipped).max() > 0
-
-    # diffusers' own LattePipeline on the same folder, for one prompt: the shipped config fails at once ...
-    import torch
 
     s = engine.sampling
     # dtype given, as the engine gives it: transformers 5 would otherwise load T5 in the float16 its published
     # config names (torch_dtype) beside a float32 VAE and transformer.
     stock = LattePipeline.from_pretrained(LATTE_1, revision=LATTE_1_COMMIT, use_safetensors=True, dtype=torch.float32)
     stock.set_progress_bar_config(disable=True)
+    assert stock.scheduler.config.variance_type == "fixed_small"
     call = dict(prompt=PROMPT, negative_prompt="", num_inference_steps=s.num_inference_steps, height=s.height,
                 width=s.width, guidance_scale=s.guidance_scale, video_length=s.video_length, output_type="np",
                 clean_caption=False, mask_feature=s.mask_feature)
-    with pytest.raises(RuntimeError, match="must match the size"):
-        stock(**call, generator=torch.Generator("cpu").manual_seed(SEED))
-    # ... and with variance_type null (which DDIM's step never reads) it makes the engine's video.
-    stock.scheduler = _scheduler(ddim, variance_type=None)
     reference = (stock(**call, generator=torch.Generator("cpu").manual_seed(SEED)).frames[0] * 255).round()
     assert np.abs(reference.astype(int) - shipped.astype(int)).max() <= 1
+    stock.scheduler = _scheduler(LATTE_1_LEARNED_RANGE)
+    with pytest.raises(RuntimeError, match="must match the size"):
+        stock(**call, generator=torch.Generator("cpu").manual_seed(SEED))
+
+    videos = {}
+    for name, scheduler in (("learned_range", _scheduler(LATTE_1_LEARNED_RANGE)),
+                            ("null", _scheduler(LATTE_1_LEARNED_RANGE, variance_type=None)),
+                            ("dpm++", _scheduler(LATTE_1_SCHEDULERS["dpm-solver++ (b873980c, first upload)"]))):
+        engine.pipe.scheduler = scheduler
+        try:
+            videos[name] = engine.generate([PROMPT], [""], [SEED])[0][0]
+        finally:
+            engine.pipe.scheduler = _scheduler(LATTE_1_DDIM)
+    assert np.array_equal(videos["learned_range"], shipped) and np.array_equal(videos["null"], shipped), \
+        "DDIM's step reads no variance_type"
+    assert videos["dpm++"].shape == shipped.shape and np.abs(videos["dpm++"].astype(int) - shipped).max() > 0
 
 
 def test_production_spec_end_to_end_on_the_latte1_shaped_model(latte1_hub, ray_local, tmp_path):
@@ -282,3 +330,64 @@ def test_a_model_folder_whose_files_changed_is_refused(tmp_path):
         runner.preflight(run)
     message = str(refused.value)
     assert "\n" not in message and first.model_identity["fingerprint"] in message and "new --output" in message
+
+
+# ---- CUDA's grid limit in temporal attention ---------------------------------------------------------------
+
+
+def test_temporal_attention_sequences_are_what_the_transformer_makes():
+    """The count the grid check uses is the batch of sequences LatteTransformer3DModel's forward hands its
+    temporal blocks: captured from a real (small) model's first temporal attention call."""
+    import torch
+    from diffusers import LatteTransformer3DModel
+
+    from latte_ray.plan.fit import temporal_attention_sequences
+
+    cfg = {**_public_config("transformer/config.json"), "num_layers": 1, "num_attention_heads": 2,
+           "attention_head_dim": 8, "caption_channels": 16, "cross_attention_dim": 16, "sample_size": 8}
+    model = LatteTransformer3DModel.from_config(cfg).eval()
+    seen = []
+    model.temporal_transformer_blocks[0].attn1.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    raw = production()
+    raw["sampling"].update(height=96, width=64, guidance_scale=7.5)
+    sampling = parse_pipeline_spec(raw).sampling
+    batch, latent_h, latent_w = 3, 96 // 8, 64 // 8
+    with torch.no_grad():
+        model(torch.zeros(2 * batch, 4, 16, latent_h, latent_w), encoder_hidden_states=torch.zeros(2 * batch, 3, 16),
+              timestep=torch.ones(2 * batch, dtype=torch.long), return_dict=False)
+    assert seen == [temporal_attention_sequences(batch, sampling, cfg["patch_size"], 8)] == [2 * 3 * 6 * 4]
+
+
+def _public_config(rel: str) -> dict:
+    return {k: v for k, v in json.loads(latte_1_file(rel)).items() if not k.startswith("_")}
+
+
+def test_a_batch_past_cudas_grid_is_refused_before_ray_starts(tmp_path):
+    """Latte-1 at 512x512 with guidance: 2 x 32 x (512/8/2)^2 = 65,536 sequences at batch 32, one past 65,535.
+    The driver's preflight reads the patch and VAE scale from the published configs and refuses it in one
+    line naming the largest batch that fits (31); batch 31 passes."""
+    import huggingface_hub.constants as constants
+
+    from latte_ray import runner
+    from latte_ray.spec import RunSpec
+    from tests.conftest import write_prompts
+
+    hub = _hub_with(tmp_path)
+    prompts = write_prompts(tmp_path / "prompts.parquet", {"prompt": ["a dog"]})
+    old = constants.HF_HUB_CACHE
+    constants.HF_HUB_CACHE = str(hub)
+    try:
+        for batch, refused in ((32, True), (31, False)):
+            raw = yaml.safe_load(load_pipeline_spec("latte-1-t2v-512").model_dump_json())
+            raw["execution"]["batch_size"] = batch
+            run = RunSpec(pipeline=parse_pipeline_spec(raw), prompts=[str(prompts)], output=str(tmp_path / f"out{batch}"))
+            if not refused:
+                runner.preflight(run)
+                continue
+            with pytest.raises(SpecError) as error:
+                runner.preflight(run)
+            message = str(error.value)
+            assert "\n" not in message and "65,536" in message and "execution.batch_size: 31" in message, message
+            assert not (tmp_path / f"out{batch}").exists() or not any((tmp_path / f"out{batch}").iterdir())
+    finally:
+        constants.HF_HUB_CACHE = old

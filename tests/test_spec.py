@@ -95,8 +95,8 @@ def test_spec_hash_tracks_pixels_not_placement():
 
 
 def test_new_optional_fields_leave_existing_hashes_alone():
-    """Outputs are bound to their spec hash: adding `model.quantization` and TeaCache's cache fields must
-    not change the hash of a spec that uses neither (values computed before those fields existed)."""
+    """Outputs are bound to their spec hash: adding `model.quantization`, TeaCache's cache fields and
+    `model.compile.scope` must not change the hash of a spec that uses none (values computed before those fields existed)."""
     before = {"tiny-cpu": ("abcfd450dbb00b56", "6f2e424e8ffeb91d"),
               "tiny-cpu-lossless": ("845fd1228b512b0a", "41b5474e4d0004ce"),
               "latte-1-t2v-512": ("83e36de3b59db8c6", "e1fe823fbd4448ab")}
@@ -104,6 +104,7 @@ def test_new_optional_fields_leave_existing_hashes_alone():
         spec = load_pipeline_spec(name)
         raw = yaml.safe_load(spec.model_dump_json())
         raw["model"]["revision"] = None  # latte-1-t2v-512 was pinned later, which is a new spec on purpose
+        raw["model"]["compile"]["scope"] = "whole"  # ... and compiles regionally since, also on purpose
         unpinned = parse_pipeline_spec(raw)
         raw["model"]["cache"] = {"kind": "faster_cache"}
         assert (unpinned.spec_hash(), parse_pipeline_spec(raw).spec_hash()) == (plain, faster_cache), name

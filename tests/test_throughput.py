@@ -206,17 +206,46 @@ def test_compile_with_hook_cache_compiles_once_and_matches_eager(kind, model_cac
     assert eager.std() > 5 and diff(video, eager) <= 1, f"{kind}: compiled differs from eager"
 
 
-def test_compile_threads_bounded_by_the_actors_cpus(monkeypatch):
-    """Inductor's compile workers: the actor's CPUs (at least 1), not the node's cores."""
+def test_regional_compile_compiles_the_blocks_once_and_matches_eager(compiled, model_cache):
+    """model.compile.scope: blocks (diffusers' compile_repeated_blocks): every spatial and temporal block is
+    compiled in place and the top module is not; warm-up compiles a few graphs, a batch after it none, no
+    block falls back to eager at dynamo's recompile limit, and the video is the eager engine's."""
+    from latte_ray.model.engine import LatteEngine
+
+    _, eager, _, _ = compiled
+    with DynamoCompiles() as compiles:
+        engine = LatteEngine(spec_with(2, compile={"enabled": True, "backend": "aot_eager", "scope": "blocks"}),
+                             cache_dir=str(model_cache))
+        warmed = compiles.frames
+        prompts, negatives, seeds = [LONG, "a dog"], ["", "blurry, low quality"], [2, 3]
+        video, _ = engine.generate(prompts, negatives, seeds)
+    t = engine.pipe.transformer
+    blocks = [*t.transformer_blocks, *t.temporal_transformer_blocks]
+    assert engine.transformer is t and t._compiled_call_impl is None, "scope blocks compiled the whole model"
+    assert all(b._compiled_call_impl is not None for b in blocks)
+    assert 1 <= warmed <= len(blocks) + 2 and compiles.frames == warmed, (warmed, compiles.frames)
+    assert not compiles.limit_hits, compiles.limit_hits
+    want, _ = eager.generate(prompts, negatives, seeds)
+    assert want.std() > 5 and diff(video, want) <= 1, "regionally compiled differs from eager"
+
+
+def test_compile_threads_follow_the_nodes_cores(monkeypatch):
+    """Inductor's compile workers: the node's usable cores shared by the generation actors it holds (its GPUs
+    per actor), not the actor's CPU share: a 16-core one-GPU node compiles with 16, an 8-GPU one gives each of
+    its 8 actors 2; set where inductor and its worker subprocesses read it."""
     import torch._inductor.config as inductor_config
 
-    from latte_ray.model.engine import bound_compile_threads
+    from latte_ray.model.compiling import node_compile_threads, set_compile_threads, usable_cores
 
+    assert node_compile_threads(1, cores=16, gpus=1) == 16
+    assert node_compile_threads(1, cores=16, gpus=None) == 16
+    assert node_compile_threads(1, cores=16, gpus=8) == 2 and node_compile_threads(2, cores=16, gpus=8) == 4
+    assert node_compile_threads(0.5, cores=4, gpus=4) == 1 and node_compile_threads(1, cores=96, gpus=1) == 32
+    assert 1 <= usable_cores() <= (os.cpu_count() or 1)
     monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
     monkeypatch.setattr(inductor_config, "compile_threads", inductor_config.compile_threads)
-    assert bound_compile_threads(2.0) == 2
-    assert os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == "2" and inductor_config.compile_threads == 2
-    assert bound_compile_threads(0.25) == 1 and inductor_config.compile_threads == 1
+    assert set_compile_threads(16) == 16
+    assert os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == "16" and inductor_config.compile_threads == 16
 
 
 def test_compile_cache_defaults_to_the_model_cache_volume(monkeypatch, tmp_path):

@@ -137,7 +137,9 @@ class LatteEngine:
         batch_size (_pad_batch), so no prompt and no last batch triggers a recompile.
         """
         opts = self.spec.model.compile
-        bound_compile_threads(self.spec.execution.num_cpus_per_actor)
+        from latte_ray.model.compiling import compile_transformer, node_compile_threads, node_gpus, set_compile_threads
+
+        set_compile_threads(node_compile_threads(self.spec.execution.num_gpus_per_actor, gpus=node_gpus()))
         set_inductor_cache_dir(inductor_cache_dir(opts.cache_dir, self.cache_dir))
         kwargs = {"mode": opts.mode} if opts.backend == "inductor" else {}
         cuda_graphs = opts.uses_cuda_graphs and self.device.type == "cuda"
@@ -150,9 +152,7 @@ class LatteEngine:
 
             compile_under_hooks(self.pipe.transformer, opts.backend, opts.mode)
         else:
-            self.transformer = torch.compile(
-                self.pipe.transformer, backend=opts.backend, fullgraph=opts.fullgraph, dynamic=False, **kwargs
-            )
+            self.transformer = compile_transformer(self.pipe.transformer, opts)  # model.compile.scope: whole|blocks
             if cuda_graphs:
                 self.transformer = CudaGraphOutputs(self.transformer, "transformer")
         if opts.vae_decode:
@@ -328,7 +328,8 @@ def keeps_noise_half(transformer_config, scheduler) -> bool:
     """Should the denoise loop drop the variance half of the model output before the scheduler step?
 
     diffusers' LattePipeline decides this from `scheduler.config.variance_type` and leaves all 8 channels in
-    when it reads "learned_range", which Latte-1's published DDIM config says (hub commit 86e75847): DDIM's
+    when it reads "learned_range", which Latte-1's DDIM config said at hub commit 86e75847 (at the pinned f8a2f04
+    it says fixed_small, and the stock pipeline takes the noise half itself): DDIM's
     step then fails on the first step (4 vs 8 channels). Only DDPM's step reads a predicted variance itself
     (it splits a 2x-channel output when its variance_type is learned or learned_range); every other
     scheduler (DDIM, DPM-Solver, Euler, PNDM) wants the noise alone."""
@@ -388,22 +389,6 @@ def _clone_outputs(out):
     if hasattr(out, "sample") and isinstance(out.sample, torch.Tensor):  # diffusers' DecoderOutput
         out.sample = out.sample.clone()
     return out
-
-
-def bound_compile_threads(num_cpus: float) -> int:
-    """Inductor's compile workers, bounded by the CPUs Ray gave this actor (execution.num_cpus_per_actor, at
-    least 1). Inductor's default is min(32, the node's cores): on a GPU node each actor would start a worker
-    pool the size of the machine. Set as TORCHINDUCTOR_COMPILE_THREADS (read by inductor at import and by its
-    worker subprocesses) and, when inductor's config is already imported, as its compile_threads."""
-    import os
-    import sys
-
-    threads = max(1, int(num_cpus))
-    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = str(threads)
-    config = sys.modules.get("torch._inductor.config")
-    if config is not None:
-        config.compile_threads = threads
-    return threads
 
 
 def inductor_cache_dir(spec_dir: str | None, model_cache_dir: str | None = None) -> str:

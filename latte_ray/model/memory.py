@@ -1,5 +1,6 @@
-"""Memory figures computed from a model's configs, not guessed: what its weights take in the dtype they load
-in, and an estimate of what a denoise step and a VAE decode add on top.
+"""Memory and FLOP figures computed from a model's configs, not guessed: what its weights take in the dtype they
+load in, an estimate of what a denoise step and a VAE decode add on top, and the matmul FLOPs of one
+transformer call (`transformer_flops`), which benchmarks/gpu.py divides by a measured step time.
 
 Weights: each component is built from its config on the meta device (no memory, no weights read) with the
 library that loads it (diffusers' `from_config`, transformers' `T5EncoderModel(T5Config(...))`), and every
@@ -132,6 +133,34 @@ def activations(transformer: dict, vae: dict, sampling, batch_size: int, dtype) 
     frames = min(sampling.decode_chunk_size, batch_size * sampling.video_length)
     vae_decode = VAE_FACTOR * frames * sampling.height * sampling.width * channels * itemsize
     return Activations(denoise=denoise, vae_decode=vae_decode)
+
+
+def transformer_flops(transformer: dict, sampling, rows: int, text_tokens: int) -> int:
+    """Matmul FLOPs (2 per multiply-add) of one LatteTransformer3DModel call on `rows` latent videos (2 x batch
+    with classifier-free guidance) with `text_tokens` text tokens, from its config and the sampling size.
+
+    Per layer, a spatial block runs over each of F frames' N = (H/8/p) x (W/8/p) tokens of width d: self-attention
+    (q, k, v, out projections 8Nd^2; scores and weighted sum 4N^2 d), cross-attention to L text tokens (q and out
+    4Nd^2, k and v 4Ld^2, scores and sum 4NLd) and the feed-forward (d -> 4d -> d: 16Nd^2); a temporal block runs
+    over each of the N token positions' F frames: self-attention (8Fd^2 + 4F^2 d) and feed-forward (16Fd^2).
+    Outside the blocks: the patch embedding (a p x p convolution from the latent channels), the caption
+    projection (caption_channels -> d -> d, on L tokens), the timestep MLP and the output projection
+    (d -> p^2 x out channels). Elementwise work (norms, GELU, softmax, modulation) is not counted: it is
+    memory-bound and small next to the matmuls. tests/test_memory.py checks the sum against torch's own
+    FlopCounterMode on a real transformer."""
+    d = transformer["num_attention_heads"] * transformer["attention_head_dim"]
+    p = transformer.get("patch_size") or 2
+    down = 8  # the SD VAE's spatial downsampling (LattePipeline: 2 ** (len(block_out_channels) - 1))
+    n = (sampling.height // down // p) * (sampling.width // down // p)
+    f, text = sampling.video_length, text_tokens
+    spatial = f * (28 * n * d * d + 4 * n * n * d + 4 * text * d * d + 4 * n * text * d)
+    temporal = n * (24 * f * d * d + 4 * f * f * d)
+    blocks = transformer["num_layers"] * (spatial + temporal)
+    embed = 2 * f * n * transformer["in_channels"] * p * p * d
+    caption = 2 * text * (transformer["caption_channels"] * d + d * d)
+    head = 2 * f * n * d * p * p * transformer["out_channels"]
+    timestep = 2 * (256 * d + d * d + d * 6 * d)  # sinusoid 256 -> d -> d, then d -> 6d (adaLN-single)
+    return rows * (blocks + embed + caption + head + timestep)
 
 
 def _itemsize(dtype) -> int:

@@ -263,3 +263,38 @@ def build_tiny_tokenizer() -> T5Tokenizer:
     for piece, score in pieces:
         scores.setdefault(piece, score)
     return T5Tokenizer(vocab=list(scores.items()), extra_ids=0, model_max_length=512)
+
+
+T5_SPIECE_PIECES = 32000  # T5's sentencepiece vocabulary; its tokenizer adds 100 <extra_id_N> after it (32000-32099)
+_FILLER = 0xF0000  # Supplementary Private Use Area-A: characters no prompt holds
+
+
+def tiny_spiece_model(pieces: int = T5_SPIECE_PIECES) -> bytes:
+    """The tiny tokenizer's vocabulary as a sentencepiece model file (spiece.model), the file T5's tokenizer
+    loads (`T5Tokenizer.from_pretrained` over spiece.model and its JSON files, as a published T5 tokenizer is
+    read). Same pieces, scores and ids as build_tiny_tokenizer; padded to `pieces` with private-use characters
+    that no prompt contains, so the <extra_id_N> tokens of a published tokenizer_config.json land on the ids
+    they have there. Built from the fixed vocabulary, never trained: every process writes the same bytes."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    vocab = build_tiny_tokenizer()._vocab_scores
+    if len(vocab) > pieces:
+        raise ValueError(f"the tiny vocabulary has {len(vocab)} pieces, more than {pieces}")
+    model = pb.ModelProto()
+    kind = pb.ModelProto.SentencePiece.Type
+    for i, (piece, score) in enumerate(vocab):
+        entry = model.pieces.add(piece=piece, score=score)
+        entry.type = kind.CONTROL if i in (0, 1) else kind.UNKNOWN if i == 2 else kind.NORMAL
+    for n in range(pieces - len(vocab)):
+        model.pieces.add(piece=chr(_FILLER + n), score=-100.0, type=kind.NORMAL)
+    trainer = model.trainer_spec
+    trainer.model_type, trainer.vocab_size = pb.TrainerSpec.UNIGRAM, pieces
+    trainer.pad_id, trainer.eos_id, trainer.unk_id, trainer.bos_id = 0, 1, 2, -1
+    normalizer = model.normalizer_spec
+    normalizer.name, normalizer.add_dummy_prefix, normalizer.remove_extra_whitespaces = "identity", True, True
+    return model.SerializeToString()
+
+
+def tiny_vocab_size() -> int:
+    """How many of tiny_spiece_model's ids a prompt can produce (the real pieces before the filler)."""
+    return len(build_tiny_tokenizer()._vocab_scores)

@@ -13,6 +13,10 @@
    resources. When it cannot fit and no autoscaler can add nodes, the run is refused (SpecError: one line,
    exit 2) with the numbers and the fix; with an autoscaler, what must be added is logged and the run goes
    on (the progress watchdog covers a cluster that never grows).
+3. `initial_pool_size`: the generation pool starts as large as the cluster allows.
+4. `check_attention_grid` (called in the driver's preflight, before Ray starts): a CUDA batch whose temporal
+   attention would get more sequences than a CUDA grid dimension holds is refused, naming the largest batch
+   that fits.
 """
 
 from __future__ import annotations
@@ -259,3 +263,70 @@ def initial_pool_size(spec, nodes: list[dict] | None = None, scaler: Autoscaler 
     while fits < hi and not pack(others + [gen] * (fits + 1), nodes):
         fits += 1
     return fits
+
+
+# ---- 4. temporal attention within CUDA's grid
+
+CUDA_GRID_LIMIT = 65_535  # a CUDA grid's y and z dimensions; SDPA's kernels put the batch of sequences on one
+LATTE_PATCH_SIZE, LATTE_VAE_SCALE = 2, 8  # Latte-1's (and the tiny model's), when the configs cannot be read
+
+
+def temporal_attention_sequences(batch_size: int, sampling, patch_size: int = LATTE_PATCH_SIZE,
+                                 vae_scale_factor: int = LATTE_VAE_SCALE) -> int:
+    """How many sequences one temporal-attention call of LatteTransformer3DModel gets (diffusers 0.42
+    `forward`): the transformer runs on (2 x batch with classifier-free guidance) latent videos of
+    height // vae_scale_factor x width // vae_scale_factor; its patch embedding makes
+    (h // patch_size) x (w // patch_size) tokens per frame, and before each temporal block it reshapes
+    (batch x frames, tokens, hidden) to (batch x tokens, frames, hidden): one sequence of `frames` per token
+    of every video."""
+    rows = batch_size * (2 if sampling.guidance_scale > 1.0 else 1)
+    tokens = (sampling.height // vae_scale_factor // patch_size) * (sampling.width // vae_scale_factor // patch_size)
+    return rows * tokens
+
+
+def largest_batch_within_grid(sampling, patch_size: int = LATTE_PATCH_SIZE,
+                              vae_scale_factor: int = LATTE_VAE_SCALE) -> int:
+    """The largest batch whose temporal attention stays within CUDA_GRID_LIMIT sequences (0: not even one)."""
+    per_video = temporal_attention_sequences(1, sampling, patch_size, vae_scale_factor)
+    return CUDA_GRID_LIMIT // per_video if per_video else 1 << 30
+
+
+def grid_geometry(spec) -> tuple[int, int]:
+    """(patch_size, vae_scale_factor) of the spec's model, read from its transformer and VAE configs (a hub id
+    or local folder; LattePipeline's vae_scale_factor is 2 ** (len(block_out_channels) - 1)); Latte-1's
+    values for sources whose configs are not read here (the tiny model has the same)."""
+    from latte_ray.model.configs import source_kind
+
+    if source_kind(spec.model.source) in ("hub", "local"):
+        try:
+            from latte_ray.model.memory import source_configs
+
+            transformer, _, vae = source_configs(spec.model)
+            return int(transformer.get("patch_size") or LATTE_PATCH_SIZE), 2 ** (len(vae["block_out_channels"]) - 1)
+        except Exception as e:  # noqa: BLE001 - check_model already refused an unreadable source
+            log.debug("grid check: configs unreadable (%s); Latte-1's patch and VAE scale assumed", e)
+    return LATTE_PATCH_SIZE, LATTE_VAE_SCALE
+
+
+def check_attention_grid(spec, patch_size: int | None = None, vae_scale_factor: int | None = None) -> None:
+    """Refuse (SpecError, one line) a CUDA spec whose batch puts more than CUDA_GRID_LIMIT sequences into one
+    temporal-attention call: some SDPA kernels launch one grid row per sequence and fail at 65,536 (a crash
+    at the first step, not the out-of-memory a batch that is too large gives). Latte-1 at 512x512 with
+    guidance: 2 x 32 x 32 x 32 = 65,536 at batch 32, so 31 is the largest."""
+    if spec.model.device != "cuda" or spec.model.source in STAND_IN_SOURCES:
+        return
+    if patch_size is None or vae_scale_factor is None:
+        patch_size, vae_scale_factor = grid_geometry(spec)
+    s, batch = spec.sampling, spec.execution.batch_size
+    sequences = temporal_attention_sequences(batch, s, patch_size, vae_scale_factor)
+    if sequences <= CUDA_GRID_LIMIT:
+        return
+    most = largest_batch_within_grid(s, patch_size, vae_scale_factor)
+    cfg = "2 (guidance) x " if s.guidance_scale > 1.0 else ""
+    per = f"{s.height // vae_scale_factor // patch_size} x {s.width // vae_scale_factor // patch_size}"
+    fix = (f"the largest batch that fits is {most}: set execution.batch_size: {most} or less" if most else
+           "not even one video fits: lower sampling.height and sampling.width")
+    raise SpecError(
+        f"execution.batch_size {batch} puts {sequences:,} sequences into one temporal attention call ({cfg}{batch} "
+        f"videos x {per} latent patches at {s.height}x{s.width}), past CUDA's grid limit of {CUDA_GRID_LIMIT:,}; "
+        f"{fix}")
