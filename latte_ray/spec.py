@@ -305,7 +305,7 @@ class ExecutionSpec(_Strict):
         False, description="Keep the generation actors, with their loaded models, for the whole run: every "
         "round (and a re-plan after a lost node) reuses them instead of loading the model again on every GPU; "
         "a batch goes to whichever loaded actor has a free slot, actors start mid-round as nodes join, and two "
-        "rounds overlap so that a round change leaves no GPU idle (latte_ray/stages/servers.py). Off: each "
+        "rounds overlap so that a round change leaves no GPU idle (latte_ray/fleet/servers.py). Off: each "
         "round's actor pool loads its own, and rounds run one after another.",
     )
     seconds_per_video: float | None = Field(

@@ -35,6 +35,7 @@ from typing import Callable
 
 from latte_ray.errors import EXIT_STALLED, RunStalled  # noqa: F401 - re-exported
 from latte_ray.faults.deadline import seconds_per_video
+from latte_ray.raycompat import actor_table
 from latte_ray.spec import NULL_SOURCE, SIM_SOURCE, TINY_SOURCE
 
 log = logging.getLogger(__name__)
@@ -289,7 +290,7 @@ def actor_lines() -> list[str]:
     job = ray.get_runtime_context().get_job_id()
     lines = []
     dead = 0
-    for actor in ray._private.state.state.actor_table(None).values():
+    for actor in actor_table().values():
         if actor.get("JobID") != job:
             continue
         name, state, restarts = actor.get("ActorClassName", "?"), actor.get("State"), actor.get("NumRestarts", 0)
