@@ -11,10 +11,8 @@ Every run leaves its own record, OUTPUT/runs/<run_id>.json (latte_ray/record/out
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import platform
-import signal
 import threading
 import time
 from contextlib import contextmanager
@@ -22,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 
+from latte_ray.faults.interrupt import interrupt, sigterm_interrupts
 from latte_ray.faults.rootcause import RunFailed, describe
 from latte_ray.faults.watchdog import RunStalled
 from latte_ray.plan.prompts import inspect_prompt_tables, resolve_prompt_files
@@ -357,7 +356,7 @@ def _run_holding(run: RunSpec, checked: Preflight, run_id: str, started_wall: da
     summary = RunSummary(output=run.output, run_id=run_id, log=console.log_location if console else None)
     stopper = _StopOnLoss(held)
     try:
-        with _console_without_ray_data_tracebacks(), stopper:
+        with _console_without_ray_data_tracebacks(), sigterm_interrupts(), stopper:
             _generate(run, in_fs, files, checked.without_id, run_id, summary, held, console)
     except BaseException as e:
         lost = held.verify() if held is not None else None
@@ -417,11 +416,7 @@ class _StopOnLoss:
             if not self._armed:
                 return
             self._armed = False
-            if self._thread is threading.main_thread():
-                signal.pthread_kill(self._thread.ident, signal.SIGINT)  # also breaks blocking waits (ray.get)
-            else:
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._thread.ident),
-                                                           ctypes.py_object(_LeaseInterrupt))
+            interrupt(self._thread, _LeaseInterrupt)
 
 
 class _HideOnConsole(logging.Filter):
@@ -649,8 +644,7 @@ def _round_events(build, n_rounds: int, at_once: int, rows_per_round: int = 0):
     finally:
         for thread in running.values():
             if thread.is_alive():
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
-                                                           ctypes.py_object(_RoundStopped))
+                interrupt(thread, _RoundStopped, sigint=False)
         for thread in running.values():
             if thread.ident is not None:  # started
                 thread.join(timeout=120)
