@@ -12,6 +12,7 @@ progress watchdog stopped because it made no progress (resume with the same comm
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from contextlib import contextmanager
@@ -22,17 +23,32 @@ import typer
 
 from pydantic import ValidationError
 
-from latte_ray.faults.watchdog import EXIT_CODE as EXIT_STALLED, RunStalled
-
-from latte_ray.faults.rootcause import RunFailed
+from latte_ray.errors import EXIT_FAILED, EXIT_STALLED, InputError, LatteRayError, SpecError
 from latte_ray.resources import examples_dir
-from latte_ray.spec import DEFAULT_PIPELINE, PIPELINES_DIR, RunSpec, SpecError, load_pipeline_spec, option_error
+from latte_ray.spec import DEFAULT_PIPELINE, PIPELINES_DIR, RunSpec, load_pipeline_spec, option_error
 
 EXAMPLE_PROMPTS = examples_dir() / "prompts.parquet"
 MAX_GALLERY_DEFAULT = 5000  # latte_ray.ops.report.MAX_GALLERY (not imported here: the report pulls in matplotlib)
 DEMO_OUTPUT = "outputs/demo"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch text-to-video generation with Latte on Ray Data.")
+
+
+def command(on: typer.Typer = app, *args, **kwargs):
+    """`on.command(...)` for a function whose LatteRayError becomes one red line and its exit code: the one
+    place errors meet the console (latte_ray/errors.py says which code means what)."""
+    def register(fn):
+        @functools.wraps(fn)
+        def mapped(*a, **kw):
+            try:
+                return fn(*a, **kw)
+            except LatteRayError as e:
+                _fail(e, e.exit_code)
+
+        on.command(*args, **kwargs)(mapped)
+        return fn
+
+    return register
 
 
 def _print_version(value: bool) -> None:
@@ -57,7 +73,7 @@ def parse_storage_options(pairs: list[str] | None) -> dict[str, str]:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SpecError(f"--storage-option {pair!r}: expected key=value")
+            raise InputError(f"--storage-option {pair!r}: expected key=value")
         options[key.strip()] = value
     return options
 
@@ -90,7 +106,7 @@ def _lease_policy(wait_for_lease: bool, no_lease: bool):
     from latte_ray.record.lease import Policy
 
     if wait_for_lease and no_lease:
-        raise SpecError("--wait-for-lease and --no-lease exclude each other")
+        raise InputError("--wait-for-lease and --no-lease exclude each other")
     return Policy(take=not no_lease, wait=wait_for_lease)
 
 
@@ -101,27 +117,40 @@ def _concurrency(value: str | None):
     try:
         return (int(lo), int(hi)) if hi else int(lo)
     except ValueError:
-        raise SpecError(f"--concurrency {value!r}: expected N or MIN,MAX") from None
+        raise InputError(f"--concurrency {value!r}: expected N or MIN,MAX") from None
+
+
+OPTION_NAMES = {"batch_size": "--batch-size", "concurrency": "--concurrency", "seed": "--seed", "limit": "--limit",
+                "prompts": "--prompts", "output": "--output", "cache_dir": "--cache-dir"}
 
 
 def build_run_spec(pipeline, prompts, output, storage_option, batch_size, concurrency, seed, resume,
                    retry_errors, limit, cache_dir, scoring=None, keep_embeddings=None, keep_latents=None) -> RunSpec:
     """The RunSpec of a command line. Options go through the same pydantic validation as a spec file; an
-    invalid one is a SpecError naming the option and the value given."""
+    invalid one is an InputError naming the option and the value given."""
+    from latte_ray.api import run_spec_of
+
     spec = load_pipeline_spec(pipeline)
     try:
         spec = spec.with_overrides(batch_size=batch_size, concurrency=_concurrency(concurrency))
-        spec = _with_dataset_options(spec, scoring, keep_embeddings, keep_latents)
-        return RunSpec(
-            pipeline=spec, prompts=prompts, output=output, storage_options=parse_storage_options(storage_option),
-            seed=seed, resume=resume, retry_errors=retry_errors, limit=limit, cache_dir=cache_dir,
-        )
     except ValidationError as e:
-        raise option_error(e, {
-            "batch_size": ("--batch-size", batch_size), "concurrency": ("--concurrency", concurrency),
-            "seed": ("--seed", seed), "limit": ("--limit", limit), "prompts": ("--prompts", prompts),
-            "output": ("--output", output), "cache_dir": ("--cache-dir", cache_dir),
-        }) from None
+        raise option_error(e, {"batch_size": ("--batch-size", batch_size),
+                               "concurrency": ("--concurrency", concurrency)}) from None
+    spec = _with_dataset_options(spec, scoring, keep_embeddings, keep_latents)
+    return run_spec_of(spec, prompts, output, seed=seed, resume=resume, retry_errors=retry_errors, limit=limit,
+                       storage_options=parse_storage_options(storage_option), cache_dir=cache_dir,
+                       option_names=OPTION_NAMES)
+
+
+def _api_run(spec: RunSpec, console, command: str, wait_for_lease: bool, no_lease: bool):
+    """latte_ray.run over a command line's RunSpec (checked already, so errors name the options)."""
+    from latte_ray import api
+
+    _lease_policy(wait_for_lease, no_lease)  # the two options that exclude each other, named as options
+    return api.run(spec.pipeline, spec.prompts, spec.output, seed=spec.seed, resume=spec.resume,
+                   retry_errors=spec.retry_errors, limit=spec.limit, storage_options=spec.storage_options,
+                   cache_dir=spec.cache_dir, wait_for_lease=wait_for_lease, lease=not no_lease, command=command,
+                   console=console)
 
 
 def _with_dataset_options(spec, scoring, keep_embeddings, keep_latents):
@@ -143,7 +172,7 @@ STANDALONE = {"stop_ray_before_failing": False}  # set by main(): this process o
 def _fail(e: Exception, code: int = 2) -> None:
     """One red line and an exit code: 2 bad input or a plan that cannot fit the cluster, 1 a run that failed
     (its root cause), 3 a stalled run (the progress watchdog stopped it; resume with the same command)."""
-    if code in (1, EXIT_STALLED) and STANDALONE["stop_ray_before_failing"]:
+    if code in (EXIT_FAILED, EXIT_STALLED) and STANDALONE["stop_ray_before_failing"]:
         _stop_ray()
     typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
@@ -215,7 +244,7 @@ def _stop_ray() -> None:
             ray.shutdown()
 
 
-@app.command()
+@command()
 def run(
     pipeline: str = PipelineOpt,
     prompts: Optional[list[str]] = typer.Option(None, "--prompts", help="Prompt table(s): Parquet file, folder or glob; local or fsspec URL (repeatable). Default: the example table shipped with latte-ray (examples/prompts.parquet)."),
@@ -245,34 +274,27 @@ def run(
     console = Console(verbose=verbose)
     report_url = None
 
-    try:
-        spec = build_run_spec(pipeline, prompts or [str(EXAMPLE_PROMPTS)], output, storage_option, batch_size,
-                              concurrency, seed, resume, retry_errors, limit, cache_dir, scoring, keep_embeddings,
-                              keep_latents)
-        if dry_run:
-            from latte_ray.plan.dryrun import plan
+    spec = build_run_spec(pipeline, prompts or [str(EXAMPLE_PROMPTS)], output, storage_option, batch_size,
+                          concurrency, seed, resume, retry_errors, limit, cache_dir, scoring, keep_embeddings,
+                          keep_latents)
+    if dry_run:
+        from latte_ray.plan.dryrun import plan
 
-            checked = runner.preflight(spec)
-            typer.echo(f"checked: {checked.model}")
-            typer.echo("\n".join(plan(spec, checked.in_fs, checked.files, gpus).lines()))
-            return
-        with _captured(console):
-            summary = runner.run(spec, _lease_policy(wait_for_lease, no_lease), console=console)
-            if report:
-                report_url = _run_report(output, spec.storage_options)
-    except SpecError as e:
-        _fail(e)
-    except RunFailed as e:
-        _fail(e, 1)
-    except RunStalled as e:
-        _fail(e, EXIT_STALLED)
+        checked = runner.preflight(spec)
+        typer.echo(f"checked: {checked.model}")
+        typer.echo("\n".join(plan(spec, checked.in_fs, checked.files, gpus).lines()))
+        return
+    with _captured(console):
+        summary = _api_run(spec, console, "run", wait_for_lease, no_lease)
+        if report:
+            report_url = _run_report(output, spec.storage_options)
     summary.log = console.log_location or summary.log
     print_run_summary(summary, output, report_url)
     if summary.error and not summary.ok:
         raise typer.Exit(1)
 
 
-@app.command()
+@command()
 def synth(
     recipe: str = typer.Option(..., "--recipe", help="Recipe YAML (local path or fsspec URL) or a built-in recipe's name (synth-example): prompt templates x attribute lists; see `latte-ray pipelines show synth-example`."),
     output: str = typer.Option(..., "--output", "-o", help="Dataset prefix (local folder or fsspec URL): prompts/, videos/, manifest/, dataset/ go under it."),
@@ -296,20 +318,13 @@ def synth(
     from latte_ray.datasets.synth import synthesize
 
     console = Console(verbose=verbose, name="synth")
-    try:
-        with _captured(console):
-            summary = synthesize(recipe, output, pipeline=pipeline,
-                                 storage_options=parse_storage_options(storage_option), min_motion=min_motion,
-                                 drop_blank=drop_blank, cache_dir=cache_dir, generate=not export_only,
-                                 min_clip_score=min_clip_score, min_aesthetic=min_aesthetic,
-                                 with_embeddings=with_embeddings, with_latents=with_latents, scoring=scoring,
-                                 console=console, lease=_lease_policy(wait_for_lease, no_lease))
-    except SpecError as e:
-        _fail(e)
-    except RunFailed as e:
-        _fail(e, 1)
-    except RunStalled as e:
-        _fail(e, EXIT_STALLED)
+    with _captured(console):
+        summary = synthesize(recipe, output, pipeline=pipeline,
+                             storage_options=parse_storage_options(storage_option), min_motion=min_motion,
+                             drop_blank=drop_blank, cache_dir=cache_dir, generate=not export_only,
+                             min_clip_score=min_clip_score, min_aesthetic=min_aesthetic,
+                             with_embeddings=with_embeddings, with_latents=with_latents, scoring=scoring,
+                             console=console, lease=_lease_policy(wait_for_lease, no_lease))
     typer.echo("\n".join(summary.lines()))
     if summary.run is not None:
         for n, uri in enumerate(summary.run.videos):
@@ -321,7 +336,7 @@ def synth(
         raise typer.Exit(1)
 
 
-@app.command()
+@command()
 def score(
     output: str = typer.Argument(..., help="A run's output prefix (local folder or fsspec URL)."),
     scoring: str = typer.Option(..., "--scoring", help="Scoring spec: a YAML path, or a pipeline name or path whose `scoring` section is used (e.g. tiny-cpu)."),
@@ -340,16 +355,11 @@ def score(
     from latte_ray.datasets.scoring import load_scoring_spec, score_output
 
     console = Console(verbose=verbose, name="score")
-    try:
-        spec = load_scoring_spec(scoring)
-        with _captured(console):
-            result = score_output(output, spec, parse_storage_options(storage_option), cache_dir=cache_dir,
-                                  limit=limit, console=console,
-                                  lease=_lease_policy(wait_for_lease, no_lease))
-    except SpecError as e:
-        _fail(e)
-    except RunFailed as e:
-        _fail(e, 1)
+    spec = load_scoring_spec(scoring)
+    with _captured(console):
+        result = score_output(output, spec, parse_storage_options(storage_option), cache_dir=cache_dir,
+                              limit=limit, console=console,
+                              lease=_lease_policy(wait_for_lease, no_lease))
     typer.echo(result.line())
     for err in result.errors[:5]:
         typer.echo(f"  error: {err}")
@@ -359,7 +369,7 @@ def score(
         raise typer.Exit(1)
 
 
-@app.command()
+@command()
 def export(
     output: str = typer.Argument(..., help="A run's output prefix (local folder or fsspec URL); the dataset goes to OUTPUT/dataset/."),
     storage_option: Optional[list[str]] = StorageOpt,
@@ -378,14 +388,11 @@ def export(
     """Export OUTPUT's videos as WebDataset shards + index.parquet + a dataset card (README.md), with filters."""
     from latte_ray.datasets.export import export_dataset
 
-    try:
-        summary = export_dataset(output, parse_storage_options(storage_option), prompts_url=prompts,
-                                 min_motion=min_motion, drop_blank=drop_blank, samples_per_shard=samples_per_shard,
-                                 min_clip_score=min_clip_score, min_aesthetic=min_aesthetic,
-                                 with_embeddings=with_embeddings, with_latents=with_latents,
-                                 scoring_hash=_scoring_hash(scoring), name=name, license=license)
-    except SpecError as e:
-        _fail(e)
+    summary = export_dataset(output, parse_storage_options(storage_option), prompts_url=prompts,
+                             min_motion=min_motion, drop_blank=drop_blank, samples_per_shard=samples_per_shard,
+                             min_clip_score=min_clip_score, min_aesthetic=min_aesthetic,
+                             with_embeddings=with_embeddings, with_latents=with_latents,
+                             scoring_hash=_scoring_hash(scoring), name=name, license=license)
     typer.echo("\n".join(summary.lines()))
 
 
@@ -399,7 +406,7 @@ def _scoring_hash(scoring: str | None) -> str | None:
     return load_scoring_spec(scoring).scoring_hash()
 
 
-@app.command()
+@command()
 def report(
     output: str = typer.Argument(..., help="A run's output prefix (local folder or fsspec URL)."),
     dest: Optional[str] = typer.Option(None, "--dest", help="Where to write index.html and its PNGs (default OUTPUT/report/)."),
@@ -414,19 +421,16 @@ def report(
     """Write OUTPUT/report/: a gallery of the videos (each plays inline; sort by score, motion or time; filter by status, error rows with their message), counts, throughput, errors, score distributions and a contact sheet."""
     from latte_ray.ops.report import write_report
 
-    try:
-        result = write_report(output, parse_storage_options(storage_option), dest=dest, samples=samples,
-                              extremes=extremes, scoring_hash=_scoring_hash(scoring), video_base_url=video_base_url,
-                              presign_seconds=presign_expiry, max_gallery=max_gallery)
-    except SpecError as e:
-        _fail(e)
+    result = write_report(output, parse_storage_options(storage_option), dest=dest, samples=samples,
+                          extremes=extremes, scoring_hash=_scoring_hash(scoring), video_base_url=video_base_url,
+                          presign_seconds=presign_expiry, max_gallery=max_gallery)
     c = result.counts
     sampled = f" (gallery: a sample of {result.gallery})" if result.gallery < result.gallery_of else ""
     typer.echo(f"report: {c['ok']} ok, {c['error']} error of {c['prompts']} prompts{sampled} -> {result.url}")
     typer.echo(f"        {_open_hint(result.url)}")
 
 
-@app.command()
+@command()
 def backfill(
     pipeline: str = PipelineOpt,
     prompts: list[str] = typer.Option(..., "--prompts", help="Input tables: Parquet files, folders or globs, e.g. 's3://bucket/prompts/date=2026-11-*/' (repeatable)."),
@@ -453,19 +457,12 @@ def backfill(
 
     console = Console(verbose=verbose, name="backfill")
     report_url = None
-    try:
-        spec = build_run_spec(pipeline, prompts, output, storage_option, batch_size, concurrency, seed, True,
-                              retry_errors, limit, cache_dir)
-        with _captured(console):
-            summary = runner.run(spec, _lease_policy(wait_for_lease, no_lease), command="backfill", console=console)
-            if report and (summary.ok or summary.error):
-                report_url = _run_report(output, spec.storage_options)
-    except SpecError as e:
-        _fail(e)
-    except RunFailed as e:
-        _fail(e, 1)
-    except RunStalled as e:
-        _fail(e, EXIT_STALLED)
+    spec = build_run_spec(pipeline, prompts, output, storage_option, batch_size, concurrency, seed, True,
+                          retry_errors, limit, cache_dir)
+    with _captured(console):
+        summary = _api_run(spec, console, "backfill", wait_for_lease, no_lease)
+        if report and (summary.ok or summary.error):
+            report_url = _run_report(output, spec.storage_options)
     summary.log = console.log_location or summary.log
     if summary.ok == 0 and summary.error == 0:
         typer.echo(f"backfill: nothing to do ({summary.skipped_done} rows already done) -> {output}")
@@ -477,7 +474,7 @@ def backfill(
         raise typer.Exit(1)
 
 
-@app.command()
+@command()
 def status(
     output: str = typer.Argument(..., help="A run's output prefix (local folder or fsspec URL)."),
     prompts: Optional[list[str]] = typer.Option(None, "--prompts", help="Input tables to count pending ids against (files, folders or globs; repeatable)."),
@@ -492,16 +489,13 @@ def status(
 
     from latte_ray.ops.status import status as output_status
 
-    try:
-        options = parse_storage_options(storage_option)
-        negative = load_pipeline_spec(pipeline).sampling.negative_prompt if pipeline else None
-        result = output_status(output, options, prompts=prompts, run_seed=seed, default_negative=negative, top=top)
-    except SpecError as e:
-        _fail(e)
+    options = parse_storage_options(storage_option)
+    negative = load_pipeline_spec(pipeline).sampling.negative_prompt if pipeline else None
+    result = output_status(output, options, prompts=prompts, run_seed=seed, default_negative=negative, top=top)
     typer.echo(json.dumps(result.as_dict(), indent=2, default=str) if as_json else "\n".join(result.lines()))
 
 
-@app.command()
+@command()
 def compact(
     output: str = typer.Argument(..., help="A run's output prefix (local folder or fsspec URL)."),
     storage_option: Optional[list[str]] = StorageOpt,
@@ -513,13 +507,8 @@ def compact(
     """Merge the manifest's small parts (one per batch) into a few large ones, and delete video objects no ok row names (older than the margin); safe to stop at any instant."""
     from latte_ray.record.compact import compact as compact_manifest
 
-    try:
-        result = compact_manifest(output, parse_storage_options(storage_option), min_age_s=min_age_minutes * 60,
-                                  parts_per_file=parts_per_file, lease=_lease_policy(wait_for_lease, no_lease))
-    except SpecError as e:
-        _fail(e)
-    except RunFailed as e:
-        _fail(e, 1)
+    result = compact_manifest(output, parse_storage_options(storage_option), min_age_s=min_age_minutes * 60,
+                              parts_per_file=parts_per_file, lease=_lease_policy(wait_for_lease, no_lease))
     typer.echo(result.line())
 
 
@@ -572,17 +561,14 @@ def pipelines(ctx: typer.Context) -> None:
     typer.echo("`latte-ray pipelines show NAME > my.yaml` prints one to copy and edit; pass it back with --pipeline my.yaml.")
 
 
-@pipelines_app.command("show")
+@command(pipelines_app, "show")
 def pipelines_show(name: str = typer.Argument(..., help="A built-in spec or recipe name, e.g. latte-1-t2v-512.")) -> None:
     """Print a built-in spec or recipe as shipped (comments included), ready to copy and edit."""
-    try:
-        path = _builtin(name)
-    except SpecError as e:
-        _fail(e)
+    path = _builtin(name)
     typer.echo(path.read_text(), nl=False)
 
 
-@app.command("tiny-model")
+@command(app, "tiny-model")
 def tiny_model(path: Path = typer.Argument(..., help="Folder to save the tiny random-weight Latte pipeline into: missing, empty, or an earlier tiny model.")) -> None:
     """Build the offline tiny Latte pipeline (random weights, local tokenizer) and save it with save_pretrained.
 
@@ -590,10 +576,7 @@ def tiny_model(path: Path = typer.Argument(..., help="Folder to save the tiny ra
     anything else is refused and left untouched."""
     from latte_ray.model.tiny import save_tiny_model
 
-    try:
-        out = save_tiny_model(path)
-    except SpecError as e:
-        _fail(e)
+    out = save_tiny_model(path)
     typer.echo(f"tiny Latte pipeline saved to {out} (load with LattePipeline.from_pretrained)")
 
 

@@ -11,10 +11,8 @@ Every run leaves its own record, OUTPUT/runs/<run_id>.json (latte_ray/record/out
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import platform
-import signal
 import threading
 import time
 from contextlib import contextmanager
@@ -22,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 
+from latte_ray.faults.interrupt import interrupt, sigterm_interrupts
 from latte_ray.faults.rootcause import RunFailed, describe
 from latte_ray.faults.watchdog import RunStalled
 from latte_ray.plan.prompts import inspect_prompt_tables, resolve_prompt_files
@@ -140,7 +139,7 @@ def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "
     """The Ray Data dataset whose rows are the manifest rows of this run (`work`: a workplan.WorkPlan;
     when none of its rows needs a model, only error rows are written and no generation actor starts;
     `round_of`: (k, rounds) to take on only the ids of round k, see `rounds`; `servers`: the run's
-    stages/servers.ModelServers when the models live for the whole run, execution.keep_model_actors;
+    fleet/servers.ModelServers when the models live for the whole run, execution.keep_model_actors;
     `executions`: how many of the run's executions are under way at once, which share the CPU stages' most
     actors)."""
     import ray
@@ -194,12 +193,12 @@ def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "
         )
     lo, hi = pool_bounds(ex.concurrency)
     if servers is not None:  # thin clients of the run's generation servers, which hold the GPUs and models
-        from latte_ray.stages.denoise_client import DenoiseClient
-        from latte_ray.stages.servers import client_pool
+        from latte_ray.fleet.client import DenoiseClient
+        from latte_ray.fleet.servers import client_pool
 
         # A fixed pool of a few clients, each running several batches at once (one thread each), with room
         # for two batches per server the pool may reach: a batch takes a free slot of whichever server
-        # has one (stages/servers.py), so servers that join mid-round are fed without a new client.
+        # has one (fleet/servers.py), so servers that join mid-round are fed without a new client.
         clients, in_flight = client_pool(spec)
         pool = ray.data.ActorPoolStrategy(size=clients, max_tasks_in_flight_per_actor=in_flight,
                                           max_concurrent_calls_per_actor=in_flight, enable_true_multi_threading=True)
@@ -244,7 +243,7 @@ def rounds(run: RunSpec, todo: int) -> int:
     per operator, task records): measured at about 10 KB per block, so 1.3 GB for a million prompts at
     batch 8 (benchmarks/README.md). Rounds of at most `execution.round_rows` rows, each a fresh execution
     taking the ids whose key falls in it, bound that. With `execution.keep_model_actors` the rounds share
-    the run's generation servers (stages/servers.py) and two of them overlap (`_round_events`); without,
+    the run's generation servers (fleet/servers.py) and two of them overlap (`_round_events`); without,
     each round loads the model again. A `--limit` run is one round (the limit is a total)."""
     if run.limit:
         return 1
@@ -360,7 +359,7 @@ def _run_holding(run: RunSpec, checked: Preflight, run_id: str, started_wall: da
     summary = RunSummary(output=run.output, run_id=run_id, log=console.log_location if console else None)
     stopper = _StopOnLoss(held)
     try:
-        with _console_without_ray_data_tracebacks(), stopper:
+        with _console_without_ray_data_tracebacks(), sigterm_interrupts(), stopper:
             _generate(run, in_fs, files, checked.without_id, run_id, summary, held, console)
     except BaseException as e:
         lost = held.verify() if held is not None else None
@@ -420,11 +419,7 @@ class _StopOnLoss:
             if not self._armed:
                 return
             self._armed = False
-            if self._thread is threading.main_thread():
-                signal.pthread_kill(self._thread.ident, signal.SIGINT)  # also breaks blocking waits (ray.get)
-            else:
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._thread.ident),
-                                                           ctypes.py_object(_LeaseInterrupt))
+            interrupt(self._thread, _LeaseInterrupt)
 
 
 class _HideOnConsole(logging.Filter):
@@ -523,7 +518,7 @@ def _execute(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_i
     kept = None
     if servers is not None and work.generate and run.pipeline.execution.keep_model_actors:
         if "servers" not in servers:
-            from latte_ray.stages.servers import ModelServers
+            from latte_ray.fleet.servers import ModelServers
 
             servers["servers"] = ModelServers(run.pipeline, run.cache_dir, run.storage_options, run_id)
         kept = servers["servers"]
@@ -652,8 +647,7 @@ def _round_events(build, n_rounds: int, at_once: int, rows_per_round: int = 0):
     finally:
         for thread in running.values():
             if thread.is_alive():
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
-                                                           ctypes.py_object(_RoundStopped))
+                interrupt(thread, _RoundStopped, sigint=False)
         for thread in running.values():
             if thread.ident is not None:  # started
                 thread.join(timeout=120)

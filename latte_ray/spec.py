@@ -15,7 +15,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from latte_ray.errors import SpecError  # noqa: F401 - re-exported: latte_ray.spec.SpecError
+from latte_ray.errors import InputError, SpecError  # noqa: F401 - SpecError re-exported: latte_ray.spec.SpecError
 from latte_ray.resources import pipelines_dir
 
 PIPELINES_DIR = pipelines_dir()  # the built-in specs: pipelines/ in a checkout, latte_ray/pipelines/ in a wheel
@@ -332,7 +332,7 @@ class ExecutionSpec(_Strict):
         False, description="Keep the generation actors, with their loaded models, for the whole run: every "
         "round (and a re-plan after a lost node) reuses them instead of loading the model again on every GPU; "
         "a batch goes to whichever loaded actor has a free slot, actors start mid-round as nodes join, and two "
-        "rounds overlap so that a round change leaves no GPU idle (latte_ray/stages/servers.py). Off: each "
+        "rounds overlap so that a round change leaves no GPU idle (latte_ray/fleet/servers.py). Off: each "
         "round's actor pool loads its own, and rounds run one after another.",
     )
     seconds_per_video: float | None = Field(
@@ -558,7 +558,7 @@ def _format_errors(e: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def option_error(e: ValidationError, options: dict[str, tuple[str, object]]) -> SpecError:
+def option_error(e: ValidationError, options: dict[str, tuple[str, object]]) -> InputError:
     """One line per invalid field for settings given on the command line: `options` maps a field name to
     (the option that set it, the value given), so the message names the option, as a spec file's names
     the key."""
@@ -572,7 +572,7 @@ def option_error(e: ValidationError, options: dict[str, tuple[str, object]]) -> 
             lines.append(f"{flag} {value}: {msg}")
         else:
             lines.append(f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {msg}")
-    return SpecError("; ".join(lines))
+    return InputError("; ".join(lines))
 
 
 class RunSpec(_Strict):

@@ -167,8 +167,8 @@ def test_the_generation_pool_starts_with_every_actor_the_cluster_holds():
 
 
 def test_a_free_slot_goes_to_the_oldest_rounds_batch_on_the_least_busy_loaded_server():
-    """stages/servers.pick_slot: the broker's choice for a batch waiting for a generation server's slot."""
-    from latte_ray.stages.servers import SLOTS, _Server, pick_slot
+    """fleet/broker.pick_slot: the broker's choice for a batch waiting for a generation server's slot."""
+    from latte_ray.fleet.broker import SLOTS, _Server, pick_slot
 
     servers = {"a": _Server(None, ready=True, node="n1", holders=["c"]),
                "b": _Server(None, ready=True, node="n2"),

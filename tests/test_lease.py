@@ -427,3 +427,33 @@ def test_one_writer_per_s3_output(tmp_path, model_cache, ray_local, faults_file,
                                                                                    refresh=True))}
     assert sorted(runs) == ["died", "ok"] and "its process on this host is gone" in runs["died"]["reason"]
     assert leases.generations(fs, leases.lease_dir(root)) == [1]  # the dead run's; the taker released its own
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, model_cache, ray_local, faults_file):
+    """SIGTERM, what `ray job stop` and Kubernetes send, to a `latte-ray run` under way (its generation call
+    hanging, so it cannot have finished): it stops taking work, records the run `interrupted`, releases its
+    lease and exits 130 within 30 s, as on Ctrl-C, with no traceback (Ray's own driver handler called sys.exit from
+    wherever the driver was, which left the record `running` and aborted the process, exit 134)."""
+    out = tmp_path / "out"
+    ids = ["sigterm-hold", "t-0", "t-1", "t-2"]
+    table = write_prompts(tmp_path / "p.parquet", {"id": ids, "prompt": [f"a lighthouse {i}" for i in ids]})
+    args = ["run", "--pipeline", str(_lease_spec(tmp_path, 0.2, 60.0)), "--prompts", str(table), "--output",
+            str(out), "--no-report"]
+    log = tmp_path / "run.log"
+    with fault_rules(faults_file, "point=generate match=sigterm-hold action=hang times=1") as state:
+        proc = start_cli(args, cli_env(model_cache, RAY_ADDRESS=_ray_address(ray_local)), log)
+        try:
+            _until(lambda: state.is_dir() and any(state.iterdir()), "the generation call to hang", proc=proc,
+                   log=log)
+            (run_id,) = _record_ids(out)
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=30)
+        finally:
+            kill_run(proc)
+    text = log.read_text()
+    assert code == 130, text[-3000:]  # as on Ctrl-C (typer's exit code for an interrupted command)
+    assert "Traceback" not in text, text[-3000:]
+    record = json.loads((out / "runs" / f"{run_id}.json").read_text())
+    assert record["outcome"] == "interrupted", record
+    assert not list((out / "lease").glob("*.json")), "the run's lease object was not released"
+    assert f"{run_id}  interrupted" in _status(out)

@@ -5,7 +5,7 @@ The node holding the generation actor is killed mid-run without draining, as a s
 and a replacement node joins: the run must finish by itself, every id exactly once, every video matching
 its sha256. The run keeps its generation actor for the whole run, as the production spec does
 (execution.keep_model_actors): the actor killed is the generation server that holds the model; Ray
-restarts it on the replacement node, and the lost batch takes a slot of a loaded server (stages/servers.py).
+restarts it on the replacement node, and the lost batch takes a slot of a loaded server (fleet/servers.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from latte_ray.spec import load_pipeline_spec, parse_pipeline_spec
 from tests.conftest import free_port, write_prompts
 from tests.invariants import assert_exactly_once, cli_env, fast_spec, kill_run, manifest, start_cli, write_spec
 
-GENERATION_ACTOR = "ray::GenerationServer"  # stages/servers.py (the pooled stage: ray::MapWorker(MapBatches(DenoiseStage)))
+GENERATION_ACTOR = "ray::GenerationServer"  # fleet/servers.py (the pooled stage: ray::MapWorker(MapBatches(DenoiseStage)))
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,7 @@ def test_a_gpu_node_that_joins_works_in_the_same_round_and_a_lost_one_is_ridden_
     (logical) GPU each, the simulated engine (1 s per call).
 
     The run starts on node A alone. Node B joins mid-round: the broker starts a server there, and once its
-    model has loaded it takes batches in the same round (stages/servers.py: slots, not a client per server).
+    model has loaded it takes batches in the same round (fleet/servers.py: slots, not a client per server).
     Then A is lost and no node with a free GPU ever joins, so Ray cannot restart A's server: the batches it
     held take B's slots and the run finishes by itself, every id exactly once. (The pooled stage would wait
     for the restart until the watchdog ended the run.)"""

@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import time
 
+from latte_ray.raycompat import actor_table, kill_actor_by_id
+
 log = logging.getLogger(__name__)
 
 MAX_REPLANS = 3
@@ -53,7 +55,7 @@ def _stage_actors() -> list[dict]:
     import ray
 
     job = ray.get_runtime_context().get_job_id()
-    return [a for a in ray._private.state.state.actor_table(None).values()
+    return [a for a in actor_table().values()
             if a.get("JobID") == job and a.get("State") != "DEAD" and "MapWorker" in a.get("ActorClassName", "")]
 
 
@@ -82,11 +84,10 @@ def end_stage_actors(timeout_s: float = 60.0) -> None:
             return
         if not alive:
             return
-        worker = ray._private.worker.global_worker
         for actor in alive:
             if actor["ActorID"] not in killed:
                 try:
-                    worker.core_worker.kill_actor(ray.ActorID.from_hex(actor["ActorID"]), True)
+                    kill_actor_by_id(actor["ActorID"])
                 except Exception as e:  # noqa: BLE001
                     log.warning("could not kill actor %s: %s", actor["ActorID"], e)
                 killed.add(actor["ActorID"])

@@ -25,7 +25,6 @@ ends a run.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import signal
 import sys
@@ -35,6 +34,8 @@ from typing import Callable
 
 from latte_ray.errors import EXIT_STALLED, RunStalled  # noqa: F401 - re-exported
 from latte_ray.faults.deadline import seconds_per_video
+from latte_ray.faults.interrupt import interrupt
+from latte_ray.raycompat import actor_table
 from latte_ray.spec import NULL_SOURCE, SIM_SOURCE, TINY_SOURCE
 
 log = logging.getLogger(__name__)
@@ -186,11 +187,7 @@ class Watchdog:
         thread = self._run_thread
         if thread is None:
             return
-        if thread is threading.main_thread() and self._handler_installed:
-            signal.pthread_kill(thread.ident, signal.SIGINT)  # also breaks blocking waits (ray.get)
-        else:
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
-                                                       ctypes.py_object(_StallInterrupt))
+        interrupt(thread, _StallInterrupt, sigint=self._handler_installed)  # SIGINT: our handler raises it
 
     def _on_sigint(self, signum, frame) -> None:
         if self.reason is not None:
@@ -289,7 +286,7 @@ def actor_lines() -> list[str]:
     job = ray.get_runtime_context().get_job_id()
     lines = []
     dead = 0
-    for actor in ray._private.state.state.actor_table(None).values():
+    for actor in actor_table().values():
         if actor.get("JobID") != job:
             continue
         name, state, restarts = actor.get("ActorClassName", "?"), actor.get("State"), actor.get("NumRestarts", 0)

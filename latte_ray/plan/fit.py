@@ -27,6 +27,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from latte_ray.raycompat import autoscaler_max_resources, autoscaler_status_key
 from latte_ray.spec import STAND_IN_SOURCES, SpecError, pool_bounds
 
 log = logging.getLogger(__name__)
@@ -146,15 +147,14 @@ def autoscaler() -> Autoscaler:
         from ray.data._internal.cluster_autoscaler.util import is_autoscaling_enabled
 
         if is_autoscaling_enabled():
-            limits = ray._private.state.state.get_max_resources_from_cluster_config()
+            limits = autoscaler_max_resources()
             return Autoscaler(True, "the cluster config reported by the autoscaler", limits)
     except Exception as e:  # noqa: BLE001 - detection is best effort
         log.debug("autoscaler v2 config unreadable: %s", e)
     try:
-        from ray._private import ray_constants
         from ray.experimental.internal_kv import _internal_kv_get
 
-        raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+        raw = _internal_kv_get(autoscaler_status_key())
         report = (json.loads(raw) if raw else {}).get("autoscaler_report") or {}
         types = set(report.get("active_nodes") or {}) | set(report.get("idle_nodes") or {})
         types |= set(report.get("pending_launches") or {}) | set((report.get("node_type_mapping") or {}).values())

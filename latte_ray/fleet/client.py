@@ -1,5 +1,5 @@
 """Denoise stage, with the models kept for the whole run (`execution.keep_model_actors`): a thin Ray Data actor
-that hands each batch to a generation server (stages/servers.py says why the models live there).
+that hands each batch to a generation server (fleet/servers.py says why the models live there).
 
 A client holds no GPU and no CPU, and a few of them feed a whole fleet: each runs up to SLOTS batches per
 server it stands for at once, one thread each (servers.client_pool). A batch asks the run's broker for a
@@ -53,7 +53,7 @@ class DenoiseClient:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import ray
 
-        from latte_ray.stages.servers import actor_info
+        from latte_ray.fleet.servers import actor_info
 
         prefer = None  # the node of a server that died with this batch
         while True:
