@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from latte_ray.faults.watchdog import EXIT_CODE as EXIT_STALLED, RunStalled
 
+from latte_ray.errors import InputError, OutputDamaged
 from latte_ray.faults.rootcause import RunFailed
 from latte_ray.resources import examples_dir
 from latte_ray.spec import DEFAULT_PIPELINE, PIPELINES_DIR, RunSpec, SpecError, load_pipeline_spec, option_error
@@ -260,7 +261,7 @@ def run(
             summary = runner.run(spec, _lease_policy(wait_for_lease, no_lease), console=console)
             if report:
                 report_url = _run_report(output, spec.storage_options)
-    except SpecError as e:
+    except (SpecError, InputError, OutputDamaged) as e:
         _fail(e)
     except RunFailed as e:
         _fail(e, 1)
@@ -304,7 +305,7 @@ def synth(
                                  min_clip_score=min_clip_score, min_aesthetic=min_aesthetic,
                                  with_embeddings=with_embeddings, with_latents=with_latents, scoring=scoring,
                                  console=console, lease=_lease_policy(wait_for_lease, no_lease))
-    except SpecError as e:
+    except (SpecError, InputError, OutputDamaged) as e:
         _fail(e)
     except RunFailed as e:
         _fail(e, 1)
@@ -346,7 +347,7 @@ def score(
             result = score_output(output, spec, parse_storage_options(storage_option), cache_dir=cache_dir,
                                   limit=limit, console=console,
                                   lease=_lease_policy(wait_for_lease, no_lease))
-    except SpecError as e:
+    except (SpecError, InputError, OutputDamaged) as e:
         _fail(e)
     except RunFailed as e:
         _fail(e, 1)
@@ -384,7 +385,7 @@ def export(
                                  min_clip_score=min_clip_score, min_aesthetic=min_aesthetic,
                                  with_embeddings=with_embeddings, with_latents=with_latents,
                                  scoring_hash=_scoring_hash(scoring), name=name, license=license)
-    except SpecError as e:
+    except (SpecError, InputError, OutputDamaged) as e:
         _fail(e)
     typer.echo("\n".join(summary.lines()))
 
@@ -418,7 +419,7 @@ def report(
         result = write_report(output, parse_storage_options(storage_option), dest=dest, samples=samples,
                               extremes=extremes, scoring_hash=_scoring_hash(scoring), video_base_url=video_base_url,
                               presign_seconds=presign_expiry, max_gallery=max_gallery)
-    except SpecError as e:
+    except (SpecError, InputError, OutputDamaged) as e:
         _fail(e)
     c = result.counts
     sampled = f" (gallery: a sample of {result.gallery})" if result.gallery < result.gallery_of else ""
@@ -460,7 +461,7 @@ def backfill(
             summary = runner.run(spec, _lease_policy(wait_for_lease, no_lease), command="backfill", console=console)
             if report and (summary.ok or summary.error):
                 report_url = _run_report(output, spec.storage_options)
-    except SpecError as e:
+    except (SpecError, InputError, OutputDamaged) as e:
         _fail(e)
     except RunFailed as e:
         _fail(e, 1)
@@ -496,7 +497,7 @@ def status(
         options = parse_storage_options(storage_option)
         negative = load_pipeline_spec(pipeline).sampling.negative_prompt if pipeline else None
         result = output_status(output, options, prompts=prompts, run_seed=seed, default_negative=negative, top=top)
-    except SpecError as e:
+    except (SpecError, InputError, OutputDamaged) as e:
         _fail(e)
     typer.echo(json.dumps(result.as_dict(), indent=2, default=str) if as_json else "\n".join(result.lines()))
 
@@ -516,11 +517,43 @@ def compact(
     try:
         result = compact_manifest(output, parse_storage_options(storage_option), min_age_s=min_age_minutes * 60,
                                   parts_per_file=parts_per_file, lease=_lease_policy(wait_for_lease, no_lease))
-    except SpecError as e:
+    except (SpecError, InputError, OutputDamaged) as e:
         _fail(e)
     except RunFailed as e:
         _fail(e, 1)
     typer.echo(result.line())
+
+
+@app.command()
+def verify(
+    output: str = typer.Argument(..., help="A run's output prefix (local folder or fsspec URL)."),
+    storage_option: Optional[list[str]] = StorageOpt,
+    deep: bool = typer.Option(False, "--deep", help="Also read every ok video and check its sha256 against the manifest (every byte: at a million videos a terabyte); by default sizes are checked from listings."),
+    repair: bool = typer.Option(False, "--repair", help="Move what is damaged or not latte-ray's to OUTPUT/quarantine/<time>/ (never deletes) and rebuild a damaged latte-ray.json from the run records; the next run (the same command, resuming) makes the affected videos again. Takes the output's lease."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+    wait_for_lease: bool = WaitLeaseOpt,
+) -> None:
+    """Check OUTPUT against its own record: manifest parts readable and of the manifest's schema, every ok video present with its recorded size (and --deep its sha256), run records, latte-ray.json and lease objects readable and consistent. Exit 0 clean, 1 damaged (after --repair: 0 once it is repaired)."""
+    import json
+    import time as _time
+
+    from latte_ray.record.verify import verify as verify_output
+
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        if done == total or _time.monotonic() - last[0] >= 2.0:
+            last[0] = _time.monotonic()
+            typer.echo(f"sha256: {done}/{total} videos", err=True)
+
+    try:
+        report = verify_output(output, deep=deep, repair=repair, storage_options=parse_storage_options(storage_option),
+                               lease=_lease_policy(wait_for_lease, False), progress=progress if deep else None)
+    except (SpecError, InputError, OutputDamaged) as e:
+        _fail(e)
+    typer.echo(json.dumps(report.as_dict(), indent=2, default=str) if as_json else "\n".join(report.lines()))
+    if report.findings and not repair:
+        raise typer.Exit(1)
 
 
 pipelines_app = typer.Typer(
@@ -577,7 +610,7 @@ def pipelines_show(name: str = typer.Argument(..., help="A built-in spec or reci
     """Print a built-in spec or recipe as shipped (comments included), ready to copy and edit."""
     try:
         path = _builtin(name)
-    except SpecError as e:
+    except (SpecError, InputError, OutputDamaged) as e:
         _fail(e)
     typer.echo(path.read_text(), nl=False)
 
@@ -592,7 +625,7 @@ def tiny_model(path: Path = typer.Argument(..., help="Folder to save the tiny ra
 
     try:
         out = save_tiny_model(path)
-    except SpecError as e:
+    except (SpecError, InputError, OutputDamaged) as e:
         _fail(e)
     typer.echo(f"tiny Latte pipeline saved to {out} (load with LattePipeline.from_pretrained)")
 
