@@ -512,6 +512,35 @@ def compact(
     typer.echo(result.line())
 
 
+@command()
+def verify(
+    output: str = typer.Argument(..., help="A run's output prefix (local folder or fsspec URL)."),
+    storage_option: Optional[list[str]] = StorageOpt,
+    deep: bool = typer.Option(False, "--deep", help="Also read every ok video and check its sha256 against the manifest (every byte: at a million videos a terabyte); by default sizes are checked from listings."),
+    repair: bool = typer.Option(False, "--repair", help="Move what is damaged or not latte-ray's to OUTPUT/quarantine/<time>/ (never deletes) and rebuild a damaged latte-ray.json from the run records; the next run (the same command, resuming) makes the affected videos again. Takes the output's lease."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+    wait_for_lease: bool = WaitLeaseOpt,
+) -> None:
+    """Check OUTPUT against its own record: manifest parts readable and of the manifest's schema, every ok video present with its recorded size (and --deep its sha256), run records, latte-ray.json and lease objects readable and consistent. Exit 0 clean, 1 damaged (after --repair: 0 once it is repaired)."""
+    import json
+    import time as _time
+
+    from latte_ray.record.verify import verify as verify_output
+
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        if done == total or _time.monotonic() - last[0] >= 2.0:
+            last[0] = _time.monotonic()
+            typer.echo(f"sha256: {done}/{total} videos", err=True)
+
+    report = verify_output(output, deep=deep, repair=repair, storage_options=parse_storage_options(storage_option),
+                           lease=_lease_policy(wait_for_lease, False), progress=progress if deep else None)
+    typer.echo(json.dumps(report.as_dict(), indent=2, default=str) if as_json else "\n".join(report.lines()))
+    if report.findings and not repair:
+        raise typer.Exit(1)
+
+
 pipelines_app = typer.Typer(
     add_completion=False, invoke_without_command=True,
     help="List the built-in pipeline specs and synth recipes; `pipelines show NAME` prints one.",

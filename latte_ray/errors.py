@@ -47,6 +47,11 @@ class OutputDamaged(LatteRayError):
     exit_code = EXIT_BAD_INPUT
 
 
+class ForeignFile(OutputDamaged):
+    """A file in an output's record folder that latte-ray did not write (another schema): `compact` leaves it
+    where it is and names it; readers refuse it like any damage; `verify --repair` moves it aside."""
+
+
 class LeaseHeld(LatteRayError):
     """The output's lease is held by another live run (wait with --wait-for-lease, or use another output)."""
 

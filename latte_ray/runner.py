@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 
 from latte_ray.faults.interrupt import interrupt, sigterm_interrupts
-from latte_ray.faults.rootcause import RunFailed, describe
+from latte_ray.faults.rootcause import RunFailed, damage_in, describe
 from latte_ray.faults.watchdog import RunStalled
 from latte_ray.plan.prompts import inspect_prompt_tables, resolve_prompt_files
 from latte_ray.record import lease as leases
@@ -41,6 +41,7 @@ class RunSummary:
     ok: int = 0
     error: int = 0
     skipped_done: int = 0
+    regenerated: int = 0  # ok ids made again because their recorded video was missing or damaged
     duplicates: int = 0  # extra copies of identical input rows, generated once
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
@@ -55,6 +56,7 @@ class RunSummary:
     def line(self) -> str:
         return (
             f"latte-ray: {self.ok} ok, {self.error} error, {self.skipped_done} already done"
+            f"{f' ({self.regenerated} recorded videos missing or damaged were made again)' if self.regenerated else ''}"
             f"{f', {self.duplicates} duplicate rows skipped' if self.duplicates else ''}; "
             f"{self.seconds:.1f}s ({self.videos_per_second:.2f} videos/s) -> {self.output}"
         )
@@ -375,6 +377,10 @@ def _run_holding(run: RunSpec, checked: Preflight, run_id: str, started_wall: da
         if isinstance(e, SpecError):
             history.finish("failed", str(e), **_counts(summary))
             raise
+        damage = damage_in(e) if isinstance(e, Exception) else None
+        if damage is not None:  # a record file the run cannot read (its pre-pass, a stage): exit 2, one line
+            history.finish("failed", str(damage), **_counts(summary))
+            raise damage from None
         if not isinstance(e, Exception):
             raise
         reason = describe(e)  # Ray's errors carry whole tracebacks: keep the root cause
@@ -501,6 +507,8 @@ def _execute(run: RunSpec, in_fs, files: list[str], without_id: list[str], run_i
     if not baseline:
         baseline["done"] = summary.skipped_done = work.done
         summary.duplicates = work.duplicates
+        summary.regenerated = work.videos_regenerated
+        _move_damaged_videos(run, work.videos_wrong_size)
         if console is not None:
             console.echo(plan_line(run, work, console.log_now))
             if work.todo:
@@ -657,6 +665,23 @@ class _RoundStopped(BaseException):
     """Raised in a round's thread when the run stops (another round failed, the watchdog, a lost lease)."""
 
 
+def _move_damaged_videos(run: RunSpec, keys: list[str]) -> None:
+    """Recorded videos of another size than their row says are made again under the same key: their bytes
+    (not latte-ray's) go to OUTPUT/quarantine/<time>/ first, so that nothing this run did not make is
+    overwritten (record/verify.py)."""
+    if not keys:
+        return
+    from latte_ray.record.storage import OutputLayout, filesystem
+    from latte_ray.record.verify import move_aside, stamp_now
+
+    fs, root = filesystem(run.output, run.storage_options)
+    layout, stamp = OutputLayout(url=run.output.rstrip("/"), root=root.rstrip("/")), stamp_now()
+    for key in keys:
+        move_aside(fs, layout, key, stamp)
+    log.warning("%d recorded videos had another size than their manifest row says: moved to %s/quarantine/%s/ "
+                "and made again", len(keys), layout.url, stamp)
+
+
 def cluster_line() -> str:
     """`1 node, 2 CPUs, 0 GPUs`: what the connected Ray cluster has now (an autoscaling one may grow)."""
     import ray
@@ -673,7 +698,9 @@ def plan_line(run: RunSpec, work, log_location: str | None = None) -> str:
     extra = f", {work.duplicates} duplicate rows skipped" if work.duplicates else ""
     todo = f"{min(work.todo, run.limit)} to do (--limit {run.limit})" if run.limit and run.limit < work.todo \
         else f"{work.todo} to do"
-    line = (f"run: {spec.name} (spec {spec.spec_hash()}) over {work.rows} prompts: {todo}, "
+    again = (f" ({work.videos_regenerated} of them ok ids whose recorded video is missing or damaged: made again)"
+             if getattr(work, "videos_regenerated", 0) else "")
+    line = (f"run: {spec.name} (spec {spec.spec_hash()}) over {work.rows} prompts: {todo}{again}, "
             f"{work.done} already done{extra}; cluster: {cluster_line()}")
     return line + (f"; log: {log_location}" if log_location else "")
 

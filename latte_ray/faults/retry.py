@@ -24,6 +24,7 @@ botocore's own retries (connection errors, throttling) and s3fs's (timeouts) run
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 SCALE_ENV = "LATTE_RAY_RETRY_DELAY_SCALE"
 
-PERMANENT = (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)
+PERMANENT = (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError)
+PERMANENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # a full disk, a quota, a read-only mount
 # Transient errors of HTTP/S3 clients that are not OSError subclasses, by class name (no import needed).
 TRANSIENT_NAMES = {
     "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
@@ -76,7 +78,13 @@ READ = Policy(budget_s=120.0)
 
 
 def is_transient(error: BaseException) -> bool:
-    if isinstance(error, PERMANENT):
+    """Whether retrying can fix `error`. Never for our own errors (a damaged record file, latte_ray/errors.py),
+    a missing file, a permission or a folder where a file belongs (PERMANENT), or a full disk."""
+    from latte_ray.errors import LatteRayError
+
+    if isinstance(error, (PERMANENT, LatteRayError)):
+        return False
+    if isinstance(error, OSError) and error.errno in PERMANENT_ERRNOS:
         return False
     if isinstance(error, (OSError, TimeoutError, ConnectionError)):
         return True

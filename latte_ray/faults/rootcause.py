@@ -66,6 +66,17 @@ def _type_name(e: BaseException) -> str:
     return type(e).__qualname__ if module in (None, "builtins") else f"{module}.{type(e).__qualname__}"
 
 
+def damage_in(error: BaseException):
+    """The OutputDamaged (latte_ray/errors.py) that `error` carries, however Ray wrapped it (a pre-pass task,
+    a stage actor), as a plain one: its line names the damaged path; None when there is none."""
+    from latte_ray.errors import OutputDamaged
+
+    for e in reversed(_chain(error)):  # the deepest: Ray's wrapper classes carry the traceback in their text
+        if isinstance(e, OutputDamaged):
+            return OutputDamaged(_first_line(_ANSI.sub("", str(e.args[0] if e.args else e))))
+    return None
+
+
 def _chain(error: BaseException) -> list[BaseException]:
     """The exception, what caused it (Ray's RayTaskError.cause included), and so on, outermost first."""
     out: list[BaseException] = []

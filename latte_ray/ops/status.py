@@ -51,6 +51,10 @@ class Status:
     pipeline: str | None = None
     run_seed: int | None = None
     runs: int = 0  # runs recorded under OUTPUT/runs/
+    videos_missing: int = 0  # ok ids whose video object is not there (from the videos/ listings)
+    videos_wrong_size: int = 0  # ok ids whose video object has another size than recorded
+    damaged_ids: list[str] = field(default_factory=list)  # the first of those ids
+    record_disagrees: str | None = None  # latte-ray.json and the rows (or the spec it holds) disagree
     last_runs: list[dict] = field(default_factory=list)  # the last RUNS_SHOWN run records, oldest first
 
     def lines(self) -> list[str]:
@@ -72,6 +76,13 @@ class Status:
             out.append(f"scores: {self.scored} of {self.ok} ok videos scored (scoring {self.scoring_hash}{others})")
         if self.eta_seconds is not None:
             out.append(f"eta: {self.eta_seconds / 3600:.2f} h for the pending ids at the overall rate")
+        if self.videos_missing or self.videos_wrong_size:
+            out.append(f"damaged: {self.videos_missing} recorded videos missing, {self.videos_wrong_size} of another "
+                       f"size than recorded (ids {', '.join(self.damaged_ids)}"
+                       f"{', ...' if self.videos_missing + self.videos_wrong_size > len(self.damaged_ids) else ''}); "
+                       f"the next run makes them again (`latte-ray verify {self.output}` lists them)")
+        if self.record_disagrees:
+            out.append(f"damaged: {self.record_disagrees}; run `latte-ray verify --repair {self.output}`")
         if self.top_errors:
             out.append("most common errors:")
             out += [f"  {count:>7}  {message}" for message, count in self.top_errors]
@@ -100,7 +111,7 @@ def status(output: str, storage_options: dict | None = None, prompts: list[str] 
     if default_negative is None:
         default_negative = (pipeline.get("sampling") or {}).get("negative_prompt") or ""
     manifest = read_manifest(fs, layout, columns=["id", "status", "error", "started_at", "finished_at", "sha256",
-                                                  *SCORE_COLUMNS])
+                                                  "video_uri", "bytes", "spec_hash", *SCORE_COLUMNS])
     result = Status(output=output, attempts=manifest.num_rows, spec_hash=record.get("spec_hash"),
                     pipeline=pipeline.get("name"), run_seed=run_seed)
     result.runs, runs = list_runs(out, last=RUNS_SHOWN)
@@ -126,7 +137,39 @@ def status(output: str, storage_options: dict | None = None, prompts: list[str] 
     result.top_errors = kinds.most_common(top)
     _throughput(manifest, result)
     _scores(fs, layout, latest, result)
+    _damage(fs, layout, latest, manifest, record, result)
     return result
+
+
+SHOWN_IDS = 5
+
+
+def _damage(fs, layout, latest, manifest, record: dict, result: Status) -> None:
+    """Ok ids whose video is missing or of another size (one listing per videos/ shard, record/verify.py),
+    and a record that disagrees with its rows or with the spec it holds."""
+    from latte_ray.record.storage import OutputLayout
+    from latte_ray.record.verify import lookup, spec_hash_of, video_listing
+
+    ok = latest.filter(pc.equal(latest["status"], "ok"))
+    if ok.num_rows:
+        keys, sizes = video_listing(fs, layout)
+        names = [OutputLayout.key_of(u or "") or "" for u in ok["video_uri"].to_pylist()]
+        present, size = lookup(keys, sizes, names)
+        recorded = np.array([-1 if b is None else b for b in ok["bytes"].to_pylist()], np.int64)
+        wrong = present & (recorded >= 0) & (size != recorded)
+        result.videos_missing, result.videos_wrong_size = int((~present).sum()), int(wrong.sum())
+        ids = ok["id"].to_pylist()
+        result.damaged_ids = [ids[i] for i in np.flatnonzero(~present | wrong)[:SHOWN_IDS]]
+    bound = record.get("spec_hash")
+    own = spec_hash_of(record.get("pipeline"))
+    if bound and own and own != bound:
+        result.record_disagrees = (f"latte-ray.json binds spec {bound}, but the spec it holds hashes to {own} "
+                                   f"(edited?)")
+    elif bound and manifest.num_rows:
+        other = int(pc.sum(pc.not_equal(manifest["spec_hash"], bound)).as_py() or 0)
+        if other:
+            result.record_disagrees = (f"latte-ray.json binds spec {bound}, but {other} of {manifest.num_rows} "
+                                       f"manifest rows were made with another spec")
 
 
 def lease_holders(out) -> dict[str, dict] | None:

@@ -56,9 +56,12 @@ class WorkPlan:
     generate: int = 0  # of those, rows that need a model (neither invalid nor conflicting)
     refs: dict = field(default_factory=dict)  # PrepareStage keyword arguments: object refs of key arrays
     without_id: list[str] = field(default_factory=list)  # input files with no id column (prompts.prepare_rows)
+    videos_regenerated: int = 0  # ok ids made again: their video is missing or of another size than recorded
+    videos_wrong_size: list[str] = field(default_factory=list)  # keys of those of another size (moved aside)
 
     def line(self) -> str:
         return (f"{self.rows} input rows: {self.todo} to process, {self.done} already done, "
+                f"{self.videos_regenerated} recorded videos missing or damaged (made again), "
                 f"{self.duplicates} duplicate copies skipped, {self.conflicts} rows with conflicting duplicate ids")
 
 
@@ -144,30 +147,56 @@ def reduce_keys(rows: dict[str, np.ndarray], done: np.ndarray) -> tuple[dict, di
     return arrays, counts
 
 
-def done_keys(run, layout, out_fs) -> np.ndarray:
-    """Sorted keys of the ids resume skips: ok ids, plus errored ids when errors are not retried.
+def done_keys(run, layout, out_fs, videos: dict | None = None) -> np.ndarray:
+    """Sorted keys of the ids resume skips: ok ids whose video is there with its recorded size, plus errored
+    ids when errors are not retried.
 
-    Streams the manifest part by part (in parallel), keeping 16 bytes per id; see done_ids.
+    Streams the manifest part by part (in parallel), keeping 16 bytes per id; see done_ids. Whether a video
+    is there comes from listings of the videos/ shards (record/verify.video_listing: one LIST per shard page,
+    16 bytes and a size per object), never one request per video. `videos`, when given, receives the count
+    of ok ids made again because their video is missing or of another size ("regenerate"), and the keys of
+    the objects of another size ("wrong_size", which the run moves aside before it writes them again).
     """
     from concurrent.futures import ThreadPoolExecutor
 
     import pyarrow.compute as pc
 
     from latte_ray.faults import retry
-    from latte_ray.record.storage import manifest_files, read_part
+    from latte_ray.record.storage import OutputLayout, manifest_files, read_part
+    from latte_ray.record.verify import lookup, video_listing
 
-    def part_keys(path: str) -> np.ndarray:
-        table = retry.call(lambda: read_part(out_fs, path, ["id", "status"]), f"read {path}", retry.READ)
-        if run.retry_errors:
-            table = table.filter(pc.equal(table["status"], "ok"))
-        return np.unique(id_keys(table["id"].to_pylist()))
+    listed_keys, listed_sizes = video_listing(out_fs, layout)
+
+    def part_keys(path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        table = retry.call(lambda: read_part(out_fs, path, ["id", "status", "video_uri", "bytes"]), f"read {path}",
+                           retry.READ)
+        keys = id_keys(table["id"].to_pylist())
+        ok = pc.equal(table["status"], "ok").to_numpy(zero_copy_only=False)
+        there = np.ones(len(keys), bool)
+        wrong: list[str] = []
+        if ok.any():
+            at = np.flatnonzero(ok)
+            uris, recorded = table["video_uri"].to_pylist(), table["bytes"].to_pylist()
+            names = [OutputLayout.key_of(uris[i] or "") or "" for i in at]
+            present, size = lookup(listed_keys, listed_sizes, names)
+            expected = np.array([-1 if recorded[i] is None else recorded[i] for i in at], np.int64)
+            fine = present & ((expected < 0) | (size == expected))
+            there[at] = fine
+            wrong = [names[j] for j in np.flatnonzero(present & ~fine)]
+        keep = there & ok if run.retry_errors else there
+        return np.unique(keys[keep]), np.unique(keys[ok]), wrong
 
     files = retry.call(lambda: manifest_files(out_fs, layout), f"list {layout.manifest_dir}", retry.READ)
     if not files:
         return np.empty(0, KEY_DTYPE)
     with ThreadPoolExecutor(max_workers=16) as pool:
         parts = list(pool.map(part_keys, files))
-    return np.unique(np.concatenate(parts))
+    done = np.unique(np.concatenate([p[0] for p in parts]))
+    if videos is not None:
+        ok_ids = np.unique(np.concatenate([p[1] for p in parts]))
+        videos["regenerate"] = int((~contains(done, ok_ids)).sum())
+        videos["wrong_size"] = sorted({k for p in parts for k in p[2]})
+    return done
 
 
 def done_ids(run, layout, out_fs) -> "pa.Array":
@@ -204,11 +233,14 @@ def _reduce_task(run, *scans: dict) -> tuple[np.ndarray, dict, np.ndarray, dict]
     from latte_ray.record.storage import OutputLayout, filesystem
 
     done = np.empty(0, KEY_DTYPE)
+    videos = {"regenerate": 0, "wrong_size": []}
     if run.resume:
         out_fs, root = filesystem(run.output, run.storage_options)
-        done = done_keys(run, OutputLayout(url=run.output.rstrip("/"), root=root.rstrip("/")), out_fs)
+        done = done_keys(run, OutputLayout(url=run.output.rstrip("/"), root=root.rstrip("/")), out_fs, videos)
     arrays, counts = reduce_keys(_concat(list(scans)), done)
     counts["dup_files"] = arrays["dup_files"]
+    counts["videos_regenerated"] = videos["regenerate"]
+    counts["videos_wrong_size"] = videos["wrong_size"]
     return arrays["skip"], arrays["conflicts"], arrays["dups"], counts
 
 

@@ -31,16 +31,19 @@ import logging
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
+from latte_ray.errors import ForeignFile
 from latte_ray.faults import retry
 from latte_ray.record.lease import Lease, Policy, hold_output, output_terms
 from latte_ray.record.output import new_run_id, require_output
 from latte_ray.record.storage import (
-    COMPACT_PREFIX, MANIFEST_SCHEMA, REPLACES_KEY, VIDEO_DIGEST_CHARS, OutputLayout, is_local, live_parts,
-    manifest_listing, manifest_part_bytes, part_name, read_manifest, read_parts, shard_of, write_atomic,
+    COMPACT_PREFIX, MANIFEST_SCHEMA, OWN_PART, REPLACES_KEY, VIDEO_DIGEST_CHARS, OutputLayout, is_local, live_parts,
+    manifest_listing, manifest_part_bytes, part_name, read_part, shard_of, write_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -75,6 +78,7 @@ def compact(output: str, storage_options: dict | None = None, min_age_s: float =
 def _compact(out, min_age_s: float, parts_per_file: int, collect_videos: bool, held: Lease | None) -> CompactResult:
     fs, layout = out.fs, out.layout
     listing = retry.call(lambda: manifest_listing(fs, layout), f"list {layout.manifest_dir}", retry.READ)
+    listing = _own_parts(fs, layout, listing)
     live, replaced = live_parts(fs, listing)
     leftovers = [e["name"] for e in listing if part_name(e["name"]) in replaced]
     cutoff = time.time() - min_age_s
@@ -82,29 +86,63 @@ def _compact(out, min_age_s: float, parts_per_file: int, collect_videos: bool, h
     todo = [p for p in live if not part_name(p).startswith(COMPACT_PREFIX) and modified[p] <= cutoff]
     groups = [todo[i:i + parts_per_file] for i in range(0, len(todo), parts_per_file)] if len(todo) > 1 else []
     rows = 0
+    merged_parts = 0
     for group in groups:
         if held is not None:
             held.check()  # another run took the output over: commit no more
-        rows += _compact_group(fs, layout, group)
+        merged, group = _compact_group(fs, layout, group)
+        rows += merged
+        merged_parts += len(group)
         _delete(fs, group)
     _delete(fs, leftovers)
     swept = _sweep_temp_files(layout, cutoff) if is_local(fs) else 0
     videos = collect_unreferenced_videos(fs, layout, cutoff) if collect_videos else 0
-    result = CompactResult(parts_before=len(live), parts_after=len(live) - sum(len(g) - 1 for g in groups),
-                           rows=rows, deleted=sum(map(len, groups)) + len(leftovers), swept=swept,
+    result = CompactResult(parts_before=len(live), parts_after=len(live) - merged_parts + len(groups),
+                           rows=rows, deleted=merged_parts + len(leftovers), swept=swept,
                            videos_deleted=videos)
     log.info(result.line())
     return result
 
 
-def _compact_group(fs, layout: OutputLayout, group: list[str]) -> int:
-    names = [part_name(p) for p in group]
-    merged = read_parts(fs, group, MANIFEST_SCHEMA.names)
+def _compact_group(fs, layout: OutputLayout, group: list[str]) -> tuple[int, list[str]]:
+    """(rows merged, the parts merged): a part of another schema is left where it is, named in a warning (a
+    file latte-ray did not make is never merged, and so never deleted); an unreadable one stops compaction
+    (OutputDamaged: `latte-ray verify --repair` moves it aside)."""
+    tables, merged_parts = [], []
+
+    def read(path: str):
+        try:
+            return retry.call(lambda: read_part(fs, path, MANIFEST_SCHEMA.names), f"read {path}", retry.READ)
+        except ForeignFile as e:
+            log.warning("compact leaves %s alone: %s", path, e)
+            return None
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        for path, table in zip(group, pool.map(read, group)):
+            if table is not None:
+                tables.append(table)
+                merged_parts.append(path)
+    if len(merged_parts) < 2:
+        return 0, []
+    names = [part_name(p) for p in merged_parts]
+    merged = pa.concat_tables(tables)
     digest = hashlib.sha256("\0".join(names).encode()).hexdigest()[:32]
     path = f"{layout.manifest_dir}/{COMPACT_PREFIX}{digest}.parquet"
     data = manifest_part_bytes(merged, {REPLACES_KEY: json.dumps(names).encode()})
     retry.call(lambda: write_atomic(fs, path, data), f"write {path}", retry.MANIFEST)
-    return merged.num_rows
+    return merged.num_rows, merged_parts
+
+
+def _own_parts(fs, layout: OutputLayout, listing: list[dict]) -> list[dict]:
+    """The entries of `listing` named as latte-ray names manifest parts; every other file under manifest/
+    (but a killed writer's temp) is named in a warning and left where it is."""
+    own = [e for e in listing if OWN_PART.fullmatch(part_name(e["name"]))]
+    names = {e["name"] for e in own}
+    others = [p for p in fs.ls(layout.manifest_dir, detail=False) if p not in names and ".tmp-" not in p]
+    if others:
+        log.warning("compact leaves %d files it did not make in %s where they are: %s", len(others),
+                    layout.manifest_dir, ", ".join(part_name(p) for p in others[:20]))
+    return own
 
 
 def _sweep_temp_files(layout: OutputLayout, cutoff: float) -> int:
@@ -163,7 +201,7 @@ def collect_unreferenced_videos(fs, layout: OutputLayout, cutoff: float) -> int:
         return 0
     # Read after listing: a row committed before this read is seen, so its object is kept.
     uri_columns = ["video_uri", "embeddings_uri", "latents_uri"]
-    rows = read_manifest(fs, layout, columns=["status", *uri_columns])
+    rows = _own_rows(fs, layout, ["status", *uri_columns])
     ok = rows.filter(pc.equal(rows["status"], "ok"))
     referenced = set()
     for uri in (u for column in uri_columns for u in ok[column].to_pylist() if u or column == "video_uri"):
@@ -188,6 +226,20 @@ def collect_unreferenced_videos(fs, layout: OutputLayout, cutoff: float) -> int:
     if deleted:
         log.info("deleted %d video objects that no ok row names", deleted)
     return deleted
+
+
+def _own_rows(fs, layout: OutputLayout, columns: list[str]):
+    """The live parts' rows, less those of files of another schema (left alone and named by _compact_group)."""
+    def read(path: str):
+        try:
+            return retry.call(lambda: read_part(fs, path, columns), f"read {path}", retry.READ)
+        except ForeignFile:
+            return None
+
+    own = [e for e in manifest_listing(fs, layout) if OWN_PART.fullmatch(part_name(e["name"]))]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        tables = [t for t in pool.map(read, live_parts(fs, own)[0]) if t is not None]
+    return pa.concat_tables(tables) if tables else pa.schema([MANIFEST_SCHEMA.field(c) for c in columns]).empty_table()
 
 
 def _delete(fs, paths: list[str]) -> None:

@@ -52,8 +52,8 @@ from typing import Callable, Iterator
 
 import fsspec
 
-from latte_ray.errors import LeaseLost, RunFailed  # noqa: F401 - re-exported: latte_ray.record.lease.LeaseLost
-from latte_ray.record.storage import is_local, write_atomic, write_exclusive
+from latte_ray.errors import LeaseLost, OutputDamaged, RunFailed  # noqa: F401 - re-exported: latte_ray.record.lease.LeaseLost
+from latte_ray.record.storage import damaged, is_local, write_atomic, write_exclusive
 from latte_ray.spec import SpecError
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,8 @@ def _listing(fs: fsspec.AbstractFileSystem, folder: str) -> tuple[list[int], set
             names = [p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False, refresh=True)]
     except FileNotFoundError:
         return [], set()
+    except NotADirectoryError:
+        raise damaged(fs, folder, "a file where the lease folder belongs") from None
     found, taken = [], set()
     for name in names:
         stem, dot, ext = name.partition(".")
@@ -141,13 +143,14 @@ def read_holder(fs: fsspec.AbstractFileSystem, folder: str, generation: int) -> 
         data = fs.cat_file(path)
     except FileNotFoundError:
         return None
+    except (IsADirectoryError, NotADirectoryError):
+        raise damaged(fs, path, "a folder where a lease object belongs") from None
     try:
         holder = json.loads(data)
         holder["heartbeat_unix"] = float(holder["heartbeat_unix"])
         holder["expiry_s"] = float(holder["expiry_s"])
     except (ValueError, KeyError, TypeError):
-        raise SpecError(f"{path}: not a latte-ray lease object (unreadable JSON or fields missing); if no run "
-                        f"writes this output, delete it") from None
+        raise damaged(fs, path, "not a latte-ray lease object (unreadable JSON or fields missing)") from None
     holder["generation"] = generation
     return holder
 
@@ -221,7 +224,7 @@ def holders(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict]:
     for gen in generations(fs, folder):
         try:
             holder = read_holder(fs, folder, gen)
-        except SpecError:
+        except OutputDamaged:
             continue
         if holder is not None:
             found[holder.get("run_id", "?")] = holder
@@ -385,7 +388,7 @@ def fence_breach(fs: fsspec.AbstractFileSystem, fence: dict) -> str | None:
     if gens[-1] != mine:
         try:
             taker = read_holder(fs, folder, gens[-1])
-        except SpecError:
+        except OutputDamaged:
             taker = None
         who = describe_holder(taker, url) if taker else f"generation {gens[-1]}"
         return (f"lease lost: output {url} was taken over by {who} after this run's heartbeat went stale; "

@@ -32,8 +32,10 @@ from datetime import datetime, timezone
 
 import fsspec
 
+from latte_ray.errors import OutputDamaged
 from latte_ray.record.storage import (
-    OUTPUT_RECORD, OutputLayout, filesystem, is_local, read_manifest, write_atomic, write_exclusive,
+    OUTPUT_RECORD, OutputLayout, damaged, filesystem, folder_or_damaged, is_local, read_manifest, write_atomic,
+    write_exclusive,
 )
 from latte_ray.spec import PipelineSpec, SpecError, hashed_fields
 
@@ -65,21 +67,27 @@ def open_output(url: str, storage_options: dict | None = None) -> Output:
 
 
 def _read_json(out: Output, path: str, name: str) -> dict | None:
-    """A JSON object under the output, None if there is none; SpecError if it cannot be read or parsed."""
+    """A JSON object under the output, None if there is none; OutputDamaged if it is not one latte-ray wrote
+    (a folder, unparseable, not an object), SpecError if it cannot be read at all (network, permission)."""
     try:
         data = out.fs.cat_file(path)
     except FileNotFoundError:
         return None
     except (IsADirectoryError, NotADirectoryError) as e:
-        raise SpecError(f"{out.url}/{name}: not a file ({type(e).__name__})") from None
+        raise damaged(out.fs, path, f"not a file ({type(e).__name__})", out.url) from None
     except Exception as e:  # noqa: BLE001 - network, permission: name the URL and the cause
         raise SpecError(f"output: cannot read {out.url}/{name}: {type(e).__name__}: {_first_line(e)}") from e
+    return parse_json_object(out, path, data)
+
+
+def parse_json_object(out: Output, path: str, data: bytes) -> dict:
+    """`data` as the JSON object latte-ray wrote at `path`; OutputDamaged (naming it) when it is not one."""
     try:
         value = json.loads(data)
     except ValueError as e:
-        raise SpecError(f"{out.url}/{name} is not valid JSON ({e}); it was not written by latte-ray") from None
+        raise damaged(out.fs, path, f"not valid JSON ({e}), so not as latte-ray wrote it", out.url) from None
     if not isinstance(value, dict):
-        raise SpecError(f"{out.url}/{name} is not a JSON object; it was not written by latte-ray")
+        raise damaged(out.fs, path, f"a JSON {type(value).__name__}, not the object latte-ray wrote", out.url)
     return value
 
 
@@ -89,7 +97,8 @@ def read_record(out: Output) -> dict | None:
     if record is None:
         return None
     if "spec_hash" not in record or not isinstance(record.get("format"), int):
-        raise SpecError(f"{out.url}/{OUTPUT_RECORD} is not a latte-ray output record (no spec_hash or format)")
+        raise damaged(out.fs, out.layout.record_json, "not a latte-ray output record (no spec_hash or format)",
+                      out.url)
     if record["format"] > FORMAT:
         raise SpecError(f"{out.url}/{OUTPUT_RECORD} has format {record['format']}, newer than this latte-ray "
                         f"reads ({FORMAT}); upgrade latte-ray")
@@ -106,6 +115,10 @@ def require_output(url: str, storage_options: dict | None = None) -> tuple[Outpu
     latte-ray output, so that a mistyped path is an error, not an empty report. An output made before
     latte-ray.json existed counts by its run.json."""
     out = open_output(url, storage_options)
+    if is_local(out.fs) and os.path.isfile(out.layout.root):
+        from latte_ray.errors import InputError
+
+        raise InputError(f"{url}: a file, not a latte-ray output (a folder or an object-store prefix); check the path")
     record = read_record(out)
     if record is not None:
         return out, record
@@ -327,7 +340,10 @@ def mark_died(out: Output, run_id: str, last_heartbeat: str, found_by: str, why:
 
 def list_runs(out: Output, last: int | None = None) -> tuple[int, list[dict]]:
     """(how many runs are recorded, the records of the last `last` of them, oldest first). Run ids start
-    with their UTC start time, so their names sort in start order."""
+    with their UTC start time, so their names sort in start order. OutputDamaged when runs/ is a file or a
+    record read is not the JSON object latte-ray wrote."""
+    if not folder_or_damaged(out.fs, out.layout.runs_dir, "runs"):
+        return 0, []
     try:
         names = sorted(p for p in out.fs.ls(out.layout.runs_dir, detail=False) if p.endswith(".json"))
     except FileNotFoundError:
@@ -335,11 +351,11 @@ def list_runs(out: Output, last: int | None = None) -> tuple[int, list[dict]]:
     chosen = names[-last:] if last else names
     records = []
     for path in chosen:
-        name = path.rsplit("/", 1)[-1]
         try:
-            records.append(json.loads(out.fs.cat_file(path)))
-        except Exception as e:  # noqa: BLE001 - one unreadable record must not hide the others
-            records.append({"run_id": name.removesuffix(".json"), "outcome": f"unreadable ({type(e).__name__})"})
+            data = out.fs.cat_file(path)
+        except (IsADirectoryError, NotADirectoryError):
+            raise damaged(out.fs, path, "a folder where a run record belongs", out.url) from None
+        records.append(parse_json_object(out, path, data))
     return len(names), records
 
 

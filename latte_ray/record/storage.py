@@ -23,6 +23,7 @@ import hashlib
 import inspect
 import io
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Iterable
@@ -32,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from latte_ray.errors import ForeignFile, OutputDamaged
 from latte_ray.faults import injection as faults
 from latte_ray.spec import SpecError
 
@@ -354,6 +356,48 @@ COMPACT_PREFIX = "part-compact-"
 REPLACES_KEY = b"latte_ray.replaces"  # a compacted part's footer: JSON list of the part names it replaces
 
 
+# What latte-ray names a manifest part: part-<32 hex> (a batch), part-compact-<32 hex> (compaction); older
+# versions and tests name batches part-<word>. Anything else under manifest/ was not made by latte-ray.
+OWN_PART = re.compile(r"part-[A-Za-z0-9_-]{1,64}\.parquet")
+# Columns every manifest part latte-ray ever wrote has (later columns read as nulls when absent).
+MANIFEST_REQUIRED = ("id", "prompt", "seed", "status", "error", "video_uri", "sha256", "bytes", "spec_hash")
+
+
+def shown(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A path as users see it: the local path, or the store's URL (s3://bucket/key)."""
+    return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+def output_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The output prefix a record file belongs to, for the `latte-ray verify --repair OUTPUT` hint."""
+    for folder in ("/manifest/", "/runs/", "/lease/", "/scores/", "/videos/"):
+        if folder in path:
+            return shown(fs, path.rsplit(folder, 1)[0])
+    return shown(fs, path.rsplit("/", 1)[0])
+
+
+def damaged(fs: fsspec.AbstractFileSystem, path: str, what: str, output: str | None = None,
+            kind: type[OutputDamaged] = OutputDamaged) -> OutputDamaged:
+    """The one-line error for a record file latte-ray cannot read as it wrote it."""
+    return kind(f"{shown(fs, path)}: {what}; run `latte-ray verify --repair "
+                         f"{output or output_of(fs, path)}` to move it aside (the next run makes what it "
+                         f"recorded again)")
+
+
+def folder_or_damaged(fs: fsspec.AbstractFileSystem, path: str, what: str) -> bool:
+    """True when `path` is a folder (or an object-store prefix), False when nothing is there; OutputDamaged
+    when a file stands where latte-ray keeps its folder `what` (manifest/, runs/, lease/)."""
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return False
+    except NotADirectoryError:  # local: a file stands on the way to it
+        raise damaged(fs, path, f"a file is in the way of the {what} folder") from None
+    if info.get("type") != "directory":
+        raise damaged(fs, path, f"a file where the {what} folder belongs")
+    return True
+
+
 def manifest_files(fs: fsspec.AbstractFileSystem, layout: OutputLayout) -> list[str]:
     """The live manifest parts: every part, less those a compacted part replaces (latte_ray/record/compact.py;
     left behind only when compaction stopped between writing the compacted part and deleting them)."""
@@ -361,11 +405,16 @@ def manifest_files(fs: fsspec.AbstractFileSystem, layout: OutputLayout) -> list[
 
 
 def manifest_listing(fs: fsspec.AbstractFileSystem, layout: OutputLayout) -> list[dict]:
-    """fsspec `ls` details of every part file under manifest/ (live or replaced)."""
-    if not fs.exists(layout.manifest_dir):
+    """fsspec `ls` details of every part file under manifest/ (live or replaced); OutputDamaged when manifest/
+    is a file or a part is a folder."""
+    if not folder_or_damaged(fs, layout.manifest_dir, "manifest"):
         return []
-    return sorted((e for e in fs.ls(layout.manifest_dir, detail=True) if e["name"].endswith(".parquet")),
-                  key=lambda e: e["name"])
+    entries = sorted((e for e in fs.ls(layout.manifest_dir, detail=True) if e["name"].endswith(".parquet")),
+                     key=lambda e: e["name"])
+    for entry in entries:
+        if entry.get("type") == "directory":
+            raise damaged(fs, entry["name"], "a folder where a manifest part belongs")
+    return entries
 
 
 def live_parts(fs: fsspec.AbstractFileSystem, listing: list[dict]) -> tuple[list[str], set[str]]:
@@ -375,9 +424,11 @@ def live_parts(fs: fsspec.AbstractFileSystem, listing: list[dict]) -> tuple[list
     replaced: set[str] = set()
     for entry in listing:
         if part_name(entry["name"]).startswith(COMPACT_PREFIX):
-            with fs.open(entry["name"], "rb") as f:
-                metadata = pq.read_schema(f).metadata or {}
-            replaced.update(json.loads(metadata.get(REPLACES_KEY, b"[]")))
+            metadata = read_part_schema(fs, entry["name"]).metadata or {}
+            try:
+                replaced.update(json.loads(metadata.get(REPLACES_KEY, b"[]")))
+            except ValueError:
+                raise damaged(fs, entry["name"], "its list of replaced parts is not JSON") from None
     live = [e["name"] for e in listing if part_name(e["name"]) not in replaced]
     return live, replaced
 
@@ -412,18 +463,73 @@ def read_parts(fs: fsspec.AbstractFileSystem, paths: list[str], columns: list[st
         return pa.concat_tables(list(pool.map(read, paths)))
 
 
+def _part_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    """A part's bytes: transport errors propagate (retried by the caller); a folder or a vanished file is
+    damage, since the listing named a part there."""
+    try:
+        return fs.cat_file(path)
+    except (IsADirectoryError, NotADirectoryError):
+        raise damaged(fs, path, "a folder where a manifest part belongs") from None
+
+
+def parse_part(fs: fsspec.AbstractFileSystem, path: str, data: bytes,
+               schema: pa.Schema = MANIFEST_SCHEMA) -> pq.ParquetFile:
+    """The part's bytes as a Parquet file of `schema`; OutputDamaged (permanent) when they are not one.
+
+    Parsed from memory, so that every error here is about the bytes, never the transport: pyarrow reports a
+    bad body as a plain OSError, which retry.is_transient would otherwise take for a network error."""
+    try:
+        part = pq.ParquetFile(pa.BufferReader(data))
+        names = part.schema_arrow.names
+    except Exception as e:  # noqa: BLE001 - any parse error: the bytes are not a Parquet file
+        raise damaged(fs, path, f"not a readable Parquet file ({type(e).__name__}: {_first_line(e)})") from None
+    foreign = [n for n in names if n not in schema.names]
+    missing = [n for n in (MANIFEST_REQUIRED if schema is MANIFEST_SCHEMA else ()) if n not in names]
+    wrong = [n for n in names if n in schema.names
+             and not _castable(part.schema_arrow.field(n).type, schema.field(n).type)]
+    if foreign or missing or wrong:
+        what = "; ".join(x for x in (
+            f"columns latte-ray does not write: {', '.join(foreign[:5])}" if foreign else "",
+            f"no {', '.join(missing[:5])} column" if missing else "",
+            f"wrong type of {', '.join(wrong[:5])}" if wrong else "") if x)
+        raise damaged(fs, path, f"a Parquet file of another schema ({what})", kind=ForeignFile)
+    return part
+
+
+def _castable(found: pa.DataType, wanted: pa.DataType) -> bool:
+    return found == wanted or (pa.types.is_null(found)) or (
+        pa.types.is_timestamp(found) and pa.types.is_timestamp(wanted)) or (
+        pa.types.is_integer(found) and pa.types.is_integer(wanted)) or (
+        pa.types.is_floating(found) and pa.types.is_floating(wanted)) or (
+        pa.types.is_string(found) or pa.types.is_large_string(found)) and (
+        pa.types.is_string(wanted) or pa.types.is_large_string(wanted))
+
+
+def read_part_schema(fs: fsspec.AbstractFileSystem, path: str, schema: pa.Schema = MANIFEST_SCHEMA) -> pa.Schema:
+    """A part's schema (with its footer metadata), checked; OutputDamaged when it is not one of ours."""
+    return parse_part(fs, path, _part_bytes(fs, path), schema).schema_arrow
+
+
 def read_part(fs: fsspec.AbstractFileSystem, path: str, columns: list[str],
               schema: pa.Schema = MANIFEST_SCHEMA) -> pa.Table:
-    """One manifest part as `columns` of MANIFEST_SCHEMA; a column added after it was written reads as nulls."""
-    schema = pa.schema([schema.field(c) for c in columns])
-    with fs.open(path, "rb") as f:
-        part = pq.ParquetFile(f)
-        present = [c for c in columns if c in part.schema_arrow.names]
+    """One manifest part as `columns` of MANIFEST_SCHEMA; a column added after it was written reads as nulls.
+    OutputDamaged (never retried) when its bytes are not a Parquet file of this schema."""
+    part = parse_part(fs, path, _part_bytes(fs, path), schema)
+    fields = pa.schema([schema.field(c) for c in columns])
+    present = [c for c in columns if c in part.schema_arrow.names]
+    try:
         table = part.read(columns=present)
+    except Exception as e:  # noqa: BLE001 - the footer parsed, a page did not
+        raise damaged(fs, path, f"not a readable Parquet file ({type(e).__name__}: {_first_line(e)})") from None
     for c in columns:
         if c not in present:
-            table = table.append_column(schema.field(c), pa.nulls(table.num_rows, schema.field(c).type))
-    return table.select(columns).cast(schema)
+            table = table.append_column(fields.field(c), pa.nulls(table.num_rows, fields.field(c).type))
+    return table.select(columns).cast(fields)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else ""
 
 
 def latest_rows(manifest: pa.Table) -> pa.Table:

