@@ -598,15 +598,19 @@ def pipelines_show(name: str = typer.Argument(..., help="A built-in spec or reci
 
 
 @command(app, "tiny-model")
-def tiny_model(path: Path = typer.Argument(..., help="Folder to save the tiny random-weight Latte pipeline into: missing, empty, or an earlier tiny model.")) -> None:
-    """Build the offline tiny Latte pipeline (random weights, local tokenizer) and save it with save_pretrained.
+def tiny_model(path: Path = typer.Argument(..., help="Folder to save the tiny random-weight pipeline into: missing, empty, or an earlier tiny model."),
+               family: str = typer.Option("latte", "--family", help="Model family: latte (LattePipeline) or wan (WanPipeline).")) -> None:
+    """Build an offline tiny pipeline (random weights, local tokenizer) and save it with save_pretrained.
 
     PATH must be missing, an empty folder, or an earlier tiny model saved by this command (which is replaced);
     anything else is refused and left untouched."""
-    from latte_ray.model.tiny import save_tiny_model
+    from latte_ray.model.families import FAMILIES
 
-    out = save_tiny_model(path)
-    typer.echo(f"tiny Latte pipeline saved to {out} (load with LattePipeline.from_pretrained)")
+    if family not in FAMILIES:
+        raise InputError(f"--family {family!r}: one of {sorted(FAMILIES)}")
+    fam = FAMILIES[family]
+    out = fam.load().save_tiny(path)
+    typer.echo(f"tiny {fam.display} pipeline saved to {out} (load with {fam.pipeline_class}.from_pretrained)")
 
 
 def main() -> None:

@@ -195,9 +195,47 @@ class SimSpec(_Strict):
         return self.batch_s_fixed + self.batch_s_per_video * videos
 
 
+MODEL_FAMILIES = ("latte", "wan")  # latte_ray/model/families/: one module per family
+
+
+class LoraSpec(_Strict):
+    """One LoRA fused into the model once per actor, before compile (diffusers' load_lora_weights + fuse_lora)."""
+
+    source: str = Field(..., description="Where the LoRA is: a hub id (with `revision`), a local folder or file, or "
+                        "an fsspec URL of a folder or a .safetensors object (s3://bucket/loras/style/).")
+    weight_name: str | None = Field(None, description="The .safetensors file in the folder or hub repo (null: the "
+                                    "source is the file itself, or its folder holds exactly one .safetensors).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when source is a hub id.")
+    scale: float = Field(1.0, ge=-10.0, le=10.0, description="LoRA scale fused into the weights (lora_scale of "
+                         "fuse_lora): changing it changes every video, and the spec hash.")
+
+    @field_validator("source")
+    @classmethod
+    def _source_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("model.lora source must not be empty")
+        return v
+
+    @field_validator("weight_name")
+    @classmethod
+    def _safetensors_only(cls, v: str | None) -> str | None:
+        if v is not None and not v.endswith(".safetensors"):
+            raise ValueError(f"weight_name {v!r}: LoRA weights load as .safetensors only")
+        return v
+
+
 class ModelSpec(_Strict):
     """Which model to load and how: source, revision, dtype, device, compile, cache acceleration, quantization."""
 
+    family: Literal[MODEL_FAMILIES] = Field(  # type: ignore[valid-type]
+        "latte", description="The model family (latte_ray/model/families/): 'latte' (Latte-1, LattePipeline) or "
+        "'wan' (Wan 2.1 / 2.2 text-to-video, WanPipeline). The source must hold that family's pipeline; what a "
+        "family does not support (a cache kind, a text-encode stage, ...) is refused before any model loads.",
+    )
+    lora: tuple[LoraSpec, ...] = Field(
+        (), description="LoRA weights fused into the model at load, in order (each {source, weight_name, revision, "
+        "scale}); part of the spec hash. Empty: none.",
+    )
     source: str = Field(
         TINY_SOURCE,
         description="'tiny' (offline random-weight model, built on first use), a hub id, a local folder, "
@@ -276,6 +314,10 @@ class SamplingSpec(_Strict):
         None, description="Override the model's scheduler (null keeps the one it was saved with)."
     )
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta.")
+    guidance_scale_2: float | None = Field(
+        None, ge=0.0, le=50.0, description="Wan 2.2 A14B only: guidance scale of the low-noise expert "
+        "(transformer_2, used below the model's boundary_ratio); null: guidance_scale, as WanPipeline does.",
+    )
     max_sequence_length: int = Field(120, ge=1, le=512, description="Text tokens; prompts are padded to it.")
     mask_feature: bool = Field(True, description="Attend only to a prompt's own tokens (Latte's default).")
     clean_caption: bool = Field(False, description="diffusers caption cleaning (needs bs4 and ftfy).")
@@ -511,6 +553,13 @@ def hashed_fields(raw: dict) -> dict:
         model.pop("quantization", None)
     if (model.get("compile") or {}).get("scope") == "whole":
         model["compile"].pop("scope", None)
+    if model.get("family") == "latte":
+        model.pop("family", None)
+    if not model.get("lora"):
+        model.pop("lora", None)
+    sampling = payload.get("sampling") or {}
+    if sampling.get("guidance_scale_2") is None:
+        sampling.pop("guidance_scale_2", None)
     if model.get("cache") is not None:
         for name in _TEACACHE_ONLY:
             if model["cache"].get(name) is None:

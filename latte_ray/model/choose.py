@@ -7,7 +7,7 @@ from latte_ray.spec import NULL_SOURCE, SIM_SOURCE, PipelineSpec
 
 
 def make_engine(spec: PipelineSpec, **kwargs):
-    """The spec's engine: LatteEngine, or a benchmark stand-in: NullEngine (`model.source: null`) or
+    """The spec's engine: its model family's (latte_ray/model/families/), or a benchmark stand-in: NullEngine (`model.source: null`) or
     SimEngine (`model.source: sim`)."""
     if spec.model.source == NULL_SOURCE:
         from latte_ray.model.null import NullEngine
@@ -17,6 +17,6 @@ def make_engine(spec: PipelineSpec, **kwargs):
         from latte_ray.model.sim import SimEngine
 
         return SimEngine(spec)
-    from latte_ray.model.engine import LatteEngine
+    from latte_ray.model.families import make_engine as family_engine
 
-    return LatteEngine(spec, **kwargs)
+    return family_engine(spec, **kwargs)

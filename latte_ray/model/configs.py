@@ -23,6 +23,12 @@ from latte_ray.spec import NULL_SOURCE, SIM_SOURCE, TINY_SOURCE, ModelSpec, Pipe
 
 CONFIG_FILES = {"model_index": "model_index.json", "transformer": "transformer/config.json",
                 "text_encoder": "text_encoder/config.json"}
+# More configs some families' checks read (only for those families: a Latte hub cache need not hold them).
+FAMILY_CONFIG_FILES = {"wan": {"vae": "vae/config.json", "transformer_2": "transformer_2/config.json"}}
+
+
+def config_files(model: ModelSpec) -> dict[str, str]:
+    return {**CONFIG_FILES, **FAMILY_CONFIG_FILES.get(model.family, {})}
 WEIGHTED = ("transformer", "vae", "text_encoder")  # components whose weights must be safetensors
 
 
@@ -52,6 +58,11 @@ class ModelConfigs:
     text_encoder: dict | None
     files: set[str] | None = None  # every file of the model (relative paths), when it could be listed
     identity: dict = field(default_factory=dict)  # what exactly was read: hub commit, or a fingerprint
+    extra: dict = field(default_factory=dict)  # FAMILY_CONFIG_FILES read for this family (None: not there)
+
+    def component_present(self, name: str) -> bool:
+        value = self.model_index.get(name)
+        return isinstance(value, list) and any(value)
 
     def resolved(self) -> tuple[dict | None, dict | None]:
         """The transformer's and text encoder's configs as the loaded models will have them. The tiny model's
@@ -101,13 +112,15 @@ def read_model_configs(model: ModelSpec, storage_options: dict | None = None) ->
     if kind in ("null", "sim"):
         return None
     if kind == "tiny":
-        from latte_ray.model.tiny import model_configs
+        from latte_ray.model.families import FAMILIES
 
-        from latte_ray.model.tiny import TINY_MODEL_VERSION
-
-        configs = model_configs()
+        family = FAMILIES[model.family].load()
+        configs = family.tiny_configs()
+        identity = {"kind": "tiny", "source": TINY_SOURCE, "version": family.tiny_version()}
+        if model.family != "latte":  # the Latte tiny model's identity predates families: unchanged
+            identity["family"] = model.family
         return ModelConfigs("the tiny model", configs["model_index"], configs["transformer"], configs["text_encoder"],
-                            identity={"kind": "tiny", "source": TINY_SOURCE, "version": TINY_MODEL_VERSION})
+                            identity=identity, extra={k: configs.get(k) for k in FAMILY_CONFIG_FILES.get(model.family, {})})
     if kind == "missing":
         raise SpecError(f"{src}: no such folder")
     if kind == "hub":
@@ -130,7 +143,7 @@ def _fs_configs(model: ModelSpec, src: str, storage_options: dict | None, where:
     if CONFIG_FILES["model_index"] not in files:
         raise SpecError(f"{src}: no model_index.json there (not a diffusers save_pretrained folder)")
     loaded = {}
-    for name, rel in CONFIG_FILES.items():
+    for name, rel in config_files(model).items():
         if rel not in files:
             loaded[name] = None
             continue
@@ -141,7 +154,7 @@ def _fs_configs(model: ModelSpec, src: str, storage_options: dict | None, where:
     identity = {"kind": "folder" if where == "local folder" else "mirror", "source": model.source,
                 "fingerprint": _fingerprint(fs, root, listing)}
     return ModelConfigs(where, loaded["model_index"], loaded["transformer"], loaded["text_encoder"], files,
-                        identity=identity)
+                        identity=identity, extra={k: loaded.get(k) for k in FAMILY_CONFIG_FILES.get(model.family, {})})
 
 
 def _fingerprint(fs, root: str, listing: dict[str, dict]) -> str:
@@ -166,7 +179,7 @@ def _hub_configs(model: ModelSpec, src: str) -> ModelConfigs:
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     loaded = {}
-    for name, rel in CONFIG_FILES.items():
+    for name, rel in config_files(model).items():
         try:
             path = hf_hub_download(repo_id=model.source, filename=rel, revision=model.revision)
         except Exception as e:  # noqa: BLE001 - offline, unknown repo, invalid id, missing file
@@ -183,7 +196,7 @@ def _hub_configs(model: ModelSpec, src: str) -> ModelConfigs:
             commit = Path(path).parent.name
     identity = {"kind": "hub", "source": model.source, "revision": model.revision or "main", "commit": commit}
     return ModelConfigs("Hugging Face Hub", loaded["model_index"], loaded["transformer"], loaded["text_encoder"],
-                        identity=identity)
+                        identity=identity, extra={k: loaded.get(k) for k in FAMILY_CONFIG_FILES.get(model.family, {})})
 
 
 def check_model_source(spec: PipelineSpec, storage_options: dict | None = None) -> str:
@@ -194,6 +207,10 @@ def check_model_source(spec: PipelineSpec, storage_options: dict | None = None) 
 
 def check_model(spec: PipelineSpec, storage_options: dict | None = None) -> tuple[str, dict]:
     """check_model_source's summary line, and the source's identity (ModelConfigs.identity)."""
+    from latte_ray.model.families import check_supported, family_of
+
+    check_supported(spec)  # what the family cannot do: refused before any file is read
+    family = family_of(spec)
     model = spec.model
     configs = read_model_configs(model, storage_options)
     if configs is None:
@@ -204,26 +221,7 @@ def check_model(spec: PipelineSpec, storage_options: dict | None = None) -> tupl
                     f"{t.batch_s_per_video:g} s/video per call, time scale {t.time_scale:g})", {"kind": "sim"})
         return f"model.source {model.source!r}: the benchmark null engine (no model)", {"kind": "null"}
     src = f"model.source {model.source!r}"
-    pipeline_class = configs.model_index.get("_class_name")
-    if pipeline_class != "LattePipeline":
-        raise SpecError(f"{src} is a {pipeline_class or 'pipeline without a _class_name'} (model_index.json), "
-                        f"not a LattePipeline")
-    if not configs.transformer:
-        raise SpecError(f"{src}: no transformer/config.json (a Latte pipeline needs its transformer)")
-    transformer, text_encoder = configs.resolved()
-    frames = transformer.get("video_length")
-    if frames != spec.sampling.video_length:
-        raise SpecError(f"sampling.video_length is {spec.sampling.video_length} but {src} makes {frames}-frame "
-                        f"videos (transformer video_length, as diffusers loads transformer/config.json); set "
-                        f"sampling.video_length: {frames}")
-    if configs.text_encoder is None:
-        if not _component_present(configs.model_index, "text_encoder"):
-            raise SpecError(f"{src}: the pipeline was saved without a text encoder (model_index.json)")
-        raise SpecError(f"{src}: no text_encoder/config.json")
-    width, channels = text_encoder.get("d_model"), transformer.get("caption_channels")
-    if width != channels:
-        raise SpecError(f"{src}: its text encoder's width (text_encoder d_model {width}) is not the width the "
-                        f"transformer reads (caption_channels {channels})")
+    summary = family.load().check_configs(spec, configs, src)
     if configs.files is not None:
         for component in WEIGHTED:
             if not any(f.startswith(f"{component}/") and f.endswith((".safetensors", ".safetensors.index.json"))
@@ -231,8 +229,7 @@ def check_model(spec: PipelineSpec, storage_options: dict | None = None) -> tupl
                 raise SpecError(f"{src}: {component}/ has no .safetensors weights (latte-ray loads safetensors "
                                 f"only, never pickled weights)")
     pinned = configs.identity.get("commit") or configs.identity.get("fingerprint") or configs.identity.get("version")
-    return (f"{src} ({configs.where}{', ' + str(pinned)[:12] if pinned else ''}): a LattePipeline, {frames} frames, "
-            f"text width {width}", configs.identity)
+    return f"{src} ({configs.where}{', ' + str(pinned)[:12] if pinned else ''}): {summary}", configs.identity
 
 
 def _component_present(model_index: dict, name: str) -> bool:

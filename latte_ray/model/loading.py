@@ -8,6 +8,7 @@ safetensors only and no remote code is ever trusted.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -44,10 +45,10 @@ class ModelSourceError(RuntimeError):
 
 
 def resolve_model_dir(model: ModelSpec, cache_dir: str | None = None, storage_options: dict | None = None) -> str:
-    """A local folder (or hub id) that `from_pretrained` can read."""
-    from latte_ray.model.tiny import ensure_tiny_model
+    """A local folder (or hub id) that `from_pretrained` can read ('tiny': the spec family's tiny model)."""
+    from latte_ray.model.families import FAMILIES
 
-    return resolve_source(model.source, cache_dir, storage_options, tiny=ensure_tiny_model)
+    return resolve_source(model.source, cache_dir, storage_options, tiny=FAMILIES[model.family].load().ensure_tiny)
 
 
 def resolve_source(source: str, cache_dir: str | None = None, storage_options: dict | None = None, *,
@@ -153,18 +154,23 @@ def load_pipeline(
     scheduler: str | None = None,
     with_denoiser: bool = True,
 ):
-    """LattePipeline in the spec's dtype, on CPU; the engine moves it to its device."""
-    from diffusers import LattePipeline
-
+    """The spec family's pipeline (LattePipeline, WanPipeline) in the spec's dtype, on CPU; the engine moves it
+    to its device."""
     import diffusers
+
+    from latte_ray.model.families import FAMILIES
+
+    pipeline_class = getattr(diffusers, FAMILIES[model.family].pipeline_class)
 
     path = resolve_model_dir(model, cache_dir, storage_options)
     extra = {} if with_text_encoder else {"text_encoder": None}
     if not with_denoiser:  # a text-encode actor: tokenizer and T5 only, transformer and VAE never loaded
         extra.update(transformer=None, vae=None)
+        if "transformer_2" in inspect.signature(pipeline_class.__init__).parameters:  # Wan 2.2 A14B's 2nd expert
+            extra["transformer_2"] = None
     is_hub_id = not Path(path).is_dir()
     try:
-        pipe = LattePipeline.from_pretrained(
+        pipe = pipeline_class.from_pretrained(
             path,
             dtype=DTYPES[model.dtype],
             use_safetensors=True,

@@ -27,9 +27,9 @@ class TextEncodeStage:
 
         self.spec = PipelineSpec.model_validate_json(spec_json)
         leave_torchao_unimported(self.spec.model.quantization)  # before diffusers/transformers are imported
-        from latte_ray.model.engine import LatteEngine
+        from latte_ray.model.families import make_engine  # the spec family's engine, text encoder only
 
-        self.engine = LatteEngine(self.spec, cache_dir=cache_dir, storage_options=storage_options, with_denoiser=False)
+        self.engine = make_engine(self.spec, cache_dir=cache_dir, storage_options=storage_options, with_denoiser=False)
         self.length = self.spec.sampling.max_sequence_length
         self.width = self.engine.pipe.text_encoder.config.d_model
 
