@@ -326,7 +326,9 @@ class Child:
         g = torch.Generator("cpu").manual_seed(seed)
         latents = torch.randn(batch, t.in_channels, s.video_length, s.height // 8, s.width // 8, generator=g)
         latents = torch.cat([latents] * 2).to(engine.device, engine.dtype)
-        timestep = torch.full((2 * batch,), 999, device=engine.device)
+        # As the engine's loop makes it (a scheduler timestep expanded over the rows: stride 0), so a compiled
+        # graph sees the inputs it was warmed up with and does not recompile for this call.
+        timestep = torch.tensor(999, device=engine.device)[None].expand(2 * batch)
 
         def call():
             return engine.transformer(hidden_states=latents, encoder_hidden_states=embeds, timestep=timestep,
