@@ -387,6 +387,8 @@ def damaged(fs: fsspec.AbstractFileSystem, path: str, what: str, output: str | N
 def folder_or_damaged(fs: fsspec.AbstractFileSystem, path: str, what: str) -> bool:
     """True when `path` is a folder (or an object-store prefix), False when nothing is there; OutputDamaged
     when a file stands where latte-ray keeps its folder `what` (manifest/, runs/, lease/)."""
+    if not is_local(fs):
+        fs.invalidate_cache(path)
     try:
         info = fs.info(path)
     except FileNotFoundError:
@@ -409,8 +411,10 @@ def manifest_listing(fs: fsspec.AbstractFileSystem, layout: OutputLayout) -> lis
     is a file or a part is a folder."""
     if not folder_or_damaged(fs, layout.manifest_dir, "manifest"):
         return []
-    entries = sorted((e for e in fs.ls(layout.manifest_dir, detail=True) if e["name"].endswith(".parquet")),
-                     key=lambda e: e["name"])
+    # Fresh: s3fs would answer from its listing cache, blind to parts other processes wrote since.
+    listing = fs.ls(layout.manifest_dir, detail=True) if is_local(fs) else \
+        fs.ls(layout.manifest_dir, detail=True, refresh=True)
+    entries = sorted((e for e in listing if e["name"].endswith(".parquet")), key=lambda e: e["name"])
     for entry in entries:
         if entry.get("type") == "directory":
             raise damaged(fs, entry["name"], "a folder where a manifest part belongs")
