@@ -389,3 +389,92 @@ def test_a_path_that_is_a_file_is_one_line(tmp_path, command):
     assert result.exit_code == 2 and len(text.strip().splitlines()) == 1, text
     assert "a file, not a latte-ray output" in text, text
     assert afile.read_text() == "hello\n"
+
+
+# ---- clocks and dead endpoints --------------------------------------------------------------------------
+
+
+def _skewed_lease(folder: Path, expiry_s: float, ahead_s: float = 10 * 365 * 86400.0) -> None:
+    """A lease object as another host with a clock years ahead writes it (record/lease.py's fields)."""
+    import time
+
+    folder.mkdir(parents=True, exist_ok=True)
+    beat = time.time() + ahead_s
+    (folder / "000000000001.json").write_text(json.dumps({
+        "format": 1, "run_id": "20991231T000000-skewed00", "command": "run", "host": "elsewhere", "boot_id": "b",
+        "pid_ns": "p", "pid": 1, "started_at": "2099-12-31T00:00:00Z", "heartbeat_at": "2099-12-31T00:00:00Z",
+        "heartbeat_unix": beat, "heartbeat_s": 0.5, "expiry_s": expiry_s}))
+
+
+def test_a_lease_from_a_skewed_clock_is_reported_and_expires_on_the_readers_clock(made):
+    import time
+
+    from latte_ray.record import lease as leases
+    from latte_ray.spec import SpecError
+
+    out = Path(copy_of(made, "local").url)
+    _skewed_lease(out / "lease", expiry_s=2.0)
+    report = verify(str(out))
+    assert report.clean and any("clock skew" in w for w in report.warnings), report.lines()
+    fs, root = filesystem(str(out))
+    with pytest.raises(SpecError) as info:
+        leases.acquire(fs, root, str(out), "r1", "run", leases.Terms())
+    assert "clock skew" in str(info.value) and "in this machine's future" in str(info.value), info.value
+    started = time.monotonic()
+    taken = leases.acquire(fs, root, str(out), "r2", "run", leases.Terms(), leases.Policy(wait=True))
+    waited = time.monotonic() - started
+    assert taken.generation == 2 and waited < 10, waited  # expired 2 s after this process first saw it
+    taken.release()
+
+
+def test_wait_for_lease_has_an_upper_bound(tmp_path):
+    import time
+
+    from latte_ray.record import lease as leases
+    from latte_ray.spec import SpecError
+
+    out = tmp_path / "out"
+    _skewed_lease(out / "lease", expiry_s=3600.0, ahead_s=0.0)  # a live holder on a sane clock
+    fs, root = filesystem(str(out))
+    started = time.monotonic()
+    with pytest.raises(SpecError) as info:
+        leases.acquire(fs, root, str(out), "r1", "run", leases.Terms(), leases.Policy(wait=True, max_wait_s=1.0))
+    assert time.monotonic() - started < 5 and "--max-lease-wait" in str(info.value), info.value
+
+
+def test_an_endpoint_that_accepts_and_never_answers_is_named_within_a_minute():
+    """A loopback socket that accepts connections and never sends a byte."""
+    import socket
+    import threading
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held, stop = [], threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+    try:
+        started = time.monotonic()
+        result = invoke("status", "s3://silent-bucket/out", "--storage-option", f"endpoint_url={endpoint}",
+                        "--storage-option", "key=k", "--storage-option", "secret=s",
+                        "--storage-option", "connect_timeout=1", "--storage-option", "read_timeout=1")
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        for conn in held:
+            conn.close()
+        server.close()
+    text = own_output(result)
+    assert result.exit_code == 2 and endpoint in text and "did not answer" in text, text
+    assert len(text.strip().splitlines()) == 1, text
+    assert took < 60, took

@@ -202,7 +202,12 @@ def liveness(record: dict, held: dict[str, dict] | None, now: float | None = Non
     holder = held.get(record.get("run_id"))
     if holder is None:
         return "died (no end recorded and its lease is gone)"
+    from latte_ray.record.lease import ahead_s, skewed
+
     age = heartbeat_age(holder, now)
+    if is_live(holder, now) and skewed(holder, now):
+        return (f"running? (its heartbeat is {ahead_s(holder, now):.0f}s in this machine's future: clock skew between "
+                f"its host {holder.get('host')} and this one)")
     if is_live(holder, now):
         return f"running (heartbeat {age:.0f}s ago)"
     why = "its process on this host is gone" if gone_here(holder) else "its lease expired"
