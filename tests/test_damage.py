@@ -112,15 +112,19 @@ def delete_video(store: Store) -> str:
 
 
 def overwrite_video(store: Store) -> str:
-    rows = sorted(store.rows(), key=lambda r: r["id"])
-    key, other = OutputLayout.key_of(rows[0]["video_uri"]), OutputLayout.key_of(rows[1]["video_uri"])
+    rows = sorted(store.rows(), key=lambda r: r["id"])  # v1's video replaced by v2's
+    key, other = OutputLayout.key_of(rows[1]["video_uri"]), OutputLayout.key_of(rows[2]["video_uri"])
     store.put(key, store.fs.cat_file(store.path(other)) + b"\0")  # another prompt's video (and not its size)
     return key
 
 
 def _part(store: Store) -> tuple[str, bytes]:
-    path = store.parts()[0]
-    return path[len(store.root) + 1:], store.fs.cat_file(path)
+    """The manifest part that records v7 (whose video no other damage here touches)."""
+    for path in store.parts():
+        data = store.fs.cat_file(path)
+        if "v7" in pq.read_table(pa.BufferReader(data), columns=["id"])["id"].to_pylist():
+            return path[len(store.root) + 1:], data
+    raise AssertionError("no part records v7")
 
 
 def truncate_part(store: Store) -> str:
@@ -317,21 +321,12 @@ def test_repair_then_resume_gives_back_every_video_byte_identical(made, kind):
                     *store.cli_options(), "--no-report")
     text = own_output(result)
     assert result.exit_code == 0, text
-    first = text.splitlines()[0]
-    assert "missing or damaged" in first, text
+    first = text.splitlines()[0]  # v0 (deleted), v1 (overwritten) and v7 (its part truncated)
+    assert "3 to do (2 of them ok ids whose recorded video is missing or damaged: made again)" in first, text
     assert store.videos() == pristine
     clean = verify(store.url, deep=True, storage_options=store.options)
     assert clean.clean, clean.lines()
     assert {n for n in store.files() if n.startswith("quarantine/")} >= {f"quarantine/{q}" for q in quarantined} or quarantined
-
-
-def test_a_resuming_run_makes_a_deleted_video_again_without_repair(made):
-    store = copy_of(made, "local")
-    key = delete_video(store)
-    summary = runner.run(RunSpec(pipeline=fast_spec(batch_size=1), prompts=[str(made["prompts"])], output=store.url))
-    assert summary.ok == 1 and summary.regenerated == 1 and summary.skipped_done == 7, summary
-    assert Path(store.path(key)).is_file()
-    assert store.videos() == made["stores"]["local"][1]
 
 
 # ---- the pieces ---------------------------------------------------------------------------------------
@@ -478,3 +473,44 @@ def test_an_endpoint_that_accepts_and_never_answers_is_named_within_a_minute():
     assert result.exit_code == 2 and endpoint in text and "did not answer" in text, text
     assert len(text.strip().splitlines()) == 1, text
     assert took < 60, took
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs of its own (root only): a disk that really fills, without filling the machine's."""
+    import os
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.decode().strip()}): needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+        os.rmdir(mount)
+
+
+def test_a_full_disk_stops_the_run_naming_it_and_leaves_it_resumable(made, small_disk):
+    import os
+
+    out = small_disk / "out"
+    stat = os.statvfs(small_disk)
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - 100_000))  # room for 2 or 3 videos
+    args = ["run", "--pipeline", str(made["spec"]), "--prompts", str(made["prompts"]), "--output", str(out),
+            "--no-report"]
+    result = invoke(*args)
+    text = own_output(result)
+    assert result.exit_code == 1, text
+    assert text.splitlines()[-1].startswith(f"error: no space left on {out}"), text
+    records = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    assert [r["outcome"] for r in records] == ["failed"] and "no space left" in records[0]["reason"], records
+    # Resumable: what it committed before the disk filled is whole and recorded (a resuming run is the same
+    # run as after any stop; test_repair_then_resume_... runs one), and nothing is left half-written.
+    filler.unlink()
+    report = verify(str(out), deep=True)
+    assert report.clean and report.ok_ids < 8, report.lines()
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]

@@ -39,6 +39,7 @@ to run there unless given --no-lease (the user then promises that nothing else w
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -321,6 +322,10 @@ class Lease:
                 reason = self.renew()
             except Exception as e:  # noqa: BLE001 - storage trouble: retried at the next beat, within the expiry
                 quiet = time.monotonic() - last_renewed
+                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    self._lose(f"no space left on {self.url}: could not write the lease heartbeat ({e}); free space "
+                               f"(or move the output), then run the same command again to resume")
+                    return
                 if quiet < self.terms.expiry_s:
                     log.warning("could not renew the lease on %s (%s: %s); trying again in %.1f s",
                                 self.url, type(e).__name__, e, self.terms.heartbeat_s)

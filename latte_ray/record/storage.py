@@ -200,7 +200,7 @@ def _first_contact(fs: fsspec.AbstractFileSystem, path: str, url: str, options: 
     if endpoint in _ANSWERED:
         return
     deadline = float(config.get("connect_timeout", S3_CONNECT_TIMEOUT_S)) + 2 * float(
-        config.get("read_timeout", S3_READ_TIMEOUT_S)) + 5
+        config.get("read_timeout", S3_READ_TIMEOUT_S)) + 2
     import threading
 
     answered = threading.Event()
