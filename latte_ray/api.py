@@ -64,7 +64,8 @@ def load_spec(name_or_path: str | Path | PipelineSpec = DEFAULT_PIPELINE,
 def run(spec: str | Path | PipelineSpec, prompts: str | list[str], output: str, *, seed: int = 0,
         resume: bool = True, retry_errors: bool = True, limit: int | None = None,
         storage_options: Mapping[str, str] | None = None, cache_dir: str | None = None,
-        wait_for_lease: bool = False, lease: bool = True, command: str = "run", console=None) -> "RunSummary":
+        wait_for_lease: bool = False, max_lease_wait: float | None = None, lease: bool = True,
+        command: str = "run", console=None) -> "RunSummary":
     """Everything `latte-ray run` does: check the spec, the tables and the output before Ray starts, take the
     output's lease, bind the output, write the run's record, generate in rounds (resuming: ids with an ok row
     are skipped), and return the counts. Joins the Ray cluster this process runs in (RAY_ADDRESS), or
@@ -82,6 +83,8 @@ def run(spec: str | Path | PipelineSpec, prompts: str | list[str], output: str, 
         storage_options: fsspec options for the tables and the output (never recorded).
         cache_dir: node-local model cache (default $LATTE_RAY_CACHE or ~/.cache/latte-ray).
         wait_for_lease: wait while another run holds the output's lease instead of raising LeaseHeld.
+        max_lease_wait: with wait_for_lease, wait at most this many seconds, then raise LeaseHeld
+            (None: until the holder ends or its lease expires).
         lease: take the output's lease (one writer per output); False only for a store without create-only
             writes, when nothing else writes to this output.
         command: the command named in the lease and the run's record.
@@ -106,7 +109,8 @@ def run(spec: str | Path | PipelineSpec, prompts: str | list[str], output: str, 
                            limit=limit, storage_options=storage_options, cache_dir=cache_dir)
     if wait_for_lease and not lease:
         raise InputError("wait_for_lease and no lease exclude each other (--wait-for-lease, --no-lease)")
-    return runner.run(run_spec, Policy(take=lease, wait=wait_for_lease), command=command, console=console)
+    return runner.run(run_spec, Policy(take=lease, wait=wait_for_lease, max_wait_s=max_lease_wait),
+                      command=command, console=console)
 
 
 def run_spec_of(spec: str | Path | PipelineSpec, prompts: str | list[str], output: str, *, seed: int = 0,

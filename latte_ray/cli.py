@@ -98,11 +98,12 @@ WithEmbeddingsOpt = typer.Option(None, "--with-embeddings/--without-embeddings",
 VerboseOpt = typer.Option(False, "--verbose", "-v", help="Print Ray Data's operator progress, Ray's notices, library warnings and the actors' output on the console, as they come, instead of into the run's log file (OUTPUT/runs/<run_id>.log).")
 ReportRunOpt = typer.Option(True, "--report/--no-report", help="Write OUTPUT/report/ (the video gallery, as `latte-ray report` does) when the run ends (default).")
 WaitLeaseOpt = typer.Option(False, "--wait-for-lease", help="When another run holds the output's lease (one writer per output), wait until it ends or its lease expires instead of exiting with code 2.")
+MaxLeaseWaitOpt = typer.Option(None, "--max-lease-wait", min=0.0, help="Wait for the output's lease (as --wait-for-lease) at most this many seconds, then exit with code 2.")
 NoLeaseOpt = typer.Option(False, "--no-lease", help="Take no output lease: for a store without create-only writes, when nothing else writes to this output. Two writers may then generate the same ids twice.")
 WithLatentsOpt = typer.Option(None, "--with-latents/--without-latents", help="Put each video's final latents (<key>.latents.npy) in its sample; videos generated without them are rejected.")
 
 
-def _lease_policy(wait_for_lease: bool, no_lease: bool):
+def _lease_policy(wait_for_lease: bool, no_lease: bool, max_lease_wait: float | None = None):
     from latte_ray.record.lease import Policy
 
     if wait_for_lease and no_lease:
@@ -142,14 +143,16 @@ def build_run_spec(pipeline, prompts, output, storage_option, batch_size, concur
                        option_names=OPTION_NAMES)
 
 
-def _api_run(spec: RunSpec, console, command: str, wait_for_lease: bool, no_lease: bool):
+def _api_run(spec: RunSpec, console, command: str, wait_for_lease: bool, no_lease: bool,
+             max_lease_wait: float | None = None):
     """latte_ray.run over a command line's RunSpec (checked already, so errors name the options)."""
     from latte_ray import api
 
-    _lease_policy(wait_for_lease, no_lease)  # the two options that exclude each other, named as options
+    _lease_policy(wait_for_lease, no_lease, max_lease_wait)  # options that exclude each other, named as options
     return api.run(spec.pipeline, spec.prompts, spec.output, seed=spec.seed, resume=spec.resume,
                    retry_errors=spec.retry_errors, limit=spec.limit, storage_options=spec.storage_options,
-                   cache_dir=spec.cache_dir, wait_for_lease=wait_for_lease, lease=not no_lease, command=command,
+                   cache_dir=spec.cache_dir, wait_for_lease=wait_for_lease or max_lease_wait is not None,
+                   max_lease_wait=max_lease_wait, lease=not no_lease, command=command,
                    console=console)
 
 
@@ -265,6 +268,7 @@ def run(
     report: bool = ReportRunOpt,
     verbose: bool = VerboseOpt,
     wait_for_lease: bool = WaitLeaseOpt,
+    max_lease_wait: Optional[float] = MaxLeaseWaitOpt,
     no_lease: bool = NoLeaseOpt,
 ) -> None:
     """Generate one mp4 per prompt and a Parquet manifest, then the report. With no options: the tiny demo into ./outputs/demo."""
@@ -285,7 +289,7 @@ def run(
         typer.echo("\n".join(plan(spec, checked.in_fs, checked.files, gpus).lines()))
         return
     with _captured(console):
-        summary = _api_run(spec, console, "run", wait_for_lease, no_lease)
+        summary = _api_run(spec, console, "run", wait_for_lease, no_lease, max_lease_wait)
         if report:
             report_url = _run_report(output, spec.storage_options)
     summary.log = console.log_location or summary.log
@@ -311,6 +315,7 @@ def synth(
     cache_dir: Optional[str] = CacheOpt,
     verbose: bool = VerboseOpt,
     wait_for_lease: bool = WaitLeaseOpt,
+    max_lease_wait: Optional[float] = MaxLeaseWaitOpt,
     no_lease: bool = NoLeaseOpt,
 ) -> None:
     """Build a synthetic video dataset: expand the recipe, generate (resumable), export WebDataset shards + a Parquet index."""
@@ -324,7 +329,7 @@ def synth(
                              drop_blank=drop_blank, cache_dir=cache_dir, generate=not export_only,
                              min_clip_score=min_clip_score, min_aesthetic=min_aesthetic,
                              with_embeddings=with_embeddings, with_latents=with_latents, scoring=scoring,
-                             console=console, lease=_lease_policy(wait_for_lease, no_lease))
+                             console=console, lease=_lease_policy(wait_for_lease, no_lease, max_lease_wait))
     typer.echo("\n".join(summary.lines()))
     if summary.run is not None:
         for n, uri in enumerate(summary.run.videos):
@@ -345,6 +350,7 @@ def score(
     cache_dir: Optional[str] = CacheOpt,
     verbose: bool = VerboseOpt,
     wait_for_lease: bool = WaitLeaseOpt,
+    max_lease_wait: Optional[float] = MaxLeaseWaitOpt,
     no_lease: bool = NoLeaseOpt,
 ) -> None:
     """Score the ok videos of OUTPUT that have no scores of this scorer yet (CLIPScore, aesthetic); resumable.
@@ -359,7 +365,7 @@ def score(
     with _captured(console):
         result = score_output(output, spec, parse_storage_options(storage_option), cache_dir=cache_dir,
                               limit=limit, console=console,
-                              lease=_lease_policy(wait_for_lease, no_lease))
+                              lease=_lease_policy(wait_for_lease, no_lease, max_lease_wait))
     typer.echo(result.line())
     for err in result.errors[:5]:
         typer.echo(f"  error: {err}")
@@ -445,6 +451,7 @@ def backfill(
     report: bool = ReportRunOpt,
     verbose: bool = VerboseOpt,
     wait_for_lease: bool = WaitLeaseOpt,
+    max_lease_wait: Optional[float] = MaxLeaseWaitOpt,
     no_lease: bool = NoLeaseOpt,
 ) -> None:
     """Generate every row of the input tables that lacks an ok row in OUTPUT; a second backfill does nothing.
@@ -460,7 +467,7 @@ def backfill(
     spec = build_run_spec(pipeline, prompts, output, storage_option, batch_size, concurrency, seed, True,
                           retry_errors, limit, cache_dir)
     with _captured(console):
-        summary = _api_run(spec, console, "backfill", wait_for_lease, no_lease)
+        summary = _api_run(spec, console, "backfill", wait_for_lease, no_lease, max_lease_wait)
         if report and (summary.ok or summary.error):
             report_url = _run_report(output, spec.storage_options)
     summary.log = console.log_location or summary.log
@@ -502,13 +509,14 @@ def compact(
     min_age_minutes: float = typer.Option(60.0, "--min-age-minutes", min=0.0, help="Leave parts and videos younger than this alone (a running job's batch may still rewrite its part, or be about to commit its video)."),
     parts_per_file: int = typer.Option(10_000, "--parts-per-file", min=2, help="Most parts merged into one compacted part."),
     wait_for_lease: bool = WaitLeaseOpt,
+    max_lease_wait: Optional[float] = MaxLeaseWaitOpt,
     no_lease: bool = NoLeaseOpt,
 ) -> None:
     """Merge the manifest's small parts (one per batch) into a few large ones, and delete video objects no ok row names (older than the margin); safe to stop at any instant."""
     from latte_ray.record.compact import compact as compact_manifest
 
     result = compact_manifest(output, parse_storage_options(storage_option), min_age_s=min_age_minutes * 60,
-                              parts_per_file=parts_per_file, lease=_lease_policy(wait_for_lease, no_lease))
+                              parts_per_file=parts_per_file, lease=_lease_policy(wait_for_lease, no_lease, max_lease_wait))
     typer.echo(result.line())
 
 
@@ -520,6 +528,7 @@ def verify(
     repair: bool = typer.Option(False, "--repair", help="Move what is damaged or not latte-ray's to OUTPUT/quarantine/<time>/ (never deletes) and rebuild a damaged latte-ray.json from the run records; the next run (the same command, resuming) makes the affected videos again. Takes the output's lease."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
     wait_for_lease: bool = WaitLeaseOpt,
+    max_lease_wait: Optional[float] = MaxLeaseWaitOpt,
 ) -> None:
     """Check OUTPUT against its own record: manifest parts readable and of the manifest's schema, every ok video present with its recorded size (and --deep its sha256), run records, latte-ray.json and lease objects readable and consistent. Exit 0 clean, 1 damaged (after --repair: 0 once it is repaired)."""
     import json
@@ -535,7 +544,7 @@ def verify(
             typer.echo(f"sha256: {done}/{total} videos", err=True)
 
     report = verify_output(output, deep=deep, repair=repair, storage_options=parse_storage_options(storage_option),
-                           lease=_lease_policy(wait_for_lease, False), progress=progress if deep else None)
+                           lease=_lease_policy(wait_for_lease, False, max_lease_wait), progress=progress if deep else None)
     typer.echo(json.dumps(report.as_dict(), indent=2, default=str) if as_json else "\n".join(report.lines()))
     if report.findings and not repair:
         raise typer.Exit(1)

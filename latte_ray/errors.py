@@ -64,6 +64,11 @@ class RunFailed(LatteRayError, RuntimeError):
     exit_code = EXIT_FAILED
 
 
+class OutputFull(RunFailed):
+    """The output's storage has no space left (ENOSPC, a quota): the run stops there, with its record's end
+    written; the same command resumes it once there is space. The message starts `no space left on OUTPUT`."""
+
+
 class LeaseLost(RunFailed):
     """This run's lease was taken over (or its object deleted, or not renewed within its expiry): it commits
     nothing more. The message is the one-line reason (the CLI exits 1)."""

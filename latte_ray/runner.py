@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 
 from latte_ray.faults.interrupt import interrupt, sigterm_interrupts
-from latte_ray.faults.rootcause import RunFailed, damage_in, describe
+from latte_ray.faults.rootcause import RunFailed, damage_in, describe, no_space_in
 from latte_ray.faults.watchdog import RunStalled
 from latte_ray.plan.prompts import inspect_prompt_tables, resolve_prompt_files
 from latte_ray.record import lease as leases
@@ -377,6 +377,10 @@ def _run_holding(run: RunSpec, checked: Preflight, run_id: str, started_wall: da
         if isinstance(e, SpecError):
             history.finish("failed", str(e), **_counts(summary))
             raise
+        full = no_space_in(e, run.output) if isinstance(e, Exception) else None
+        if full is not None:  # stop here; the same command resumes once there is space
+            history.finish("failed", str(full), **_counts(summary))
+            raise full from None
         damage = damage_in(e) if isinstance(e, Exception) else None
         if damage is not None:  # a record file the run cannot read (its pre-pass, a stage): exit 2, one line
             history.finish("failed", str(damage), **_counts(summary))

@@ -586,6 +586,9 @@ def load_pipeline_spec(name_or_path: str | Path = DEFAULT_PIPELINE) -> PipelineS
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: not valid YAML: {e}") from e
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise SpecError(f"{path}: cannot be read as a pipeline spec ({type(e).__name__}: a YAML file is "
+                        f"expected)") from None
     return parse_pipeline_spec(raw, origin=str(path))
 
 

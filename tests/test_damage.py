@@ -71,7 +71,7 @@ def made(tmp_path_factory, ray_local, s3_server):
     """The undamaged output, once per store: {store kind: (Store, {id: video bytes}, prompts table, spec)}."""
     tmp = tmp_path_factory.mktemp("damage")
     prompts = write_prompts(tmp / "prompts.parquet", {"id": IDS, "prompt": [f"a scene number {i}" for i in range(8)]})
-    spec = fast_spec(batch_size=2)
+    spec = fast_spec(batch_size=1)  # each video made alone: a regenerated one is the same computation, byte for byte
     bucket = s3_server.make_bucket("damage-" + uuid.uuid4().hex[:8])
     stores = {"local": Store(str(tmp / "pristine"), None),
               "s3": Store(f"s3://{bucket}/pristine", s3_server.storage_options())}
@@ -112,15 +112,19 @@ def delete_video(store: Store) -> str:
 
 
 def overwrite_video(store: Store) -> str:
-    rows = sorted(store.rows(), key=lambda r: r["id"])
-    key, other = OutputLayout.key_of(rows[0]["video_uri"]), OutputLayout.key_of(rows[1]["video_uri"])
+    rows = sorted(store.rows(), key=lambda r: r["id"])  # v1's video replaced by v2's
+    key, other = OutputLayout.key_of(rows[1]["video_uri"]), OutputLayout.key_of(rows[2]["video_uri"])
     store.put(key, store.fs.cat_file(store.path(other)) + b"\0")  # another prompt's video (and not its size)
     return key
 
 
 def _part(store: Store) -> tuple[str, bytes]:
-    path = store.parts()[0]
-    return path[len(store.root) + 1:], store.fs.cat_file(path)
+    """The manifest part that records v7 (whose video no other damage here touches)."""
+    for path in store.parts():
+        data = store.fs.cat_file(path)
+        if "v7" in pq.read_table(pa.BufferReader(data), columns=["id"])["id"].to_pylist():
+            return path[len(store.root) + 1:], data
+    raise AssertionError("no part records v7")
 
 
 def truncate_part(store: Store) -> str:
@@ -212,22 +216,25 @@ def part_is_folder(store: Store) -> str:
     return "manifest/part-x.parquet"
 
 
-# name: (damage, what `verify` calls it, what the readers do: "exit2" one line naming the path, or "shown")
+EXIT2 = {c: "exit2" for c in READERS}  # one line naming the path and `verify --repair`, exit 2
+RUNS = {**EXIT2, "compact": "ok"}  # compact reads no run record
+# name: (damage, what `verify` calls it, what each reader does: "exit2"; "shown" in status's lines; "kept":
+# compact leaves the file where it is; "ok": not its business)
 DAMAGES = {
-    "video deleted": (delete_video, "video missing", "shown"),
-    "video overwritten": (overwrite_video, "video size", "shown"),
-    "part truncated": (truncate_part, "manifest part", "exit2"),
-    "part random bytes": (random_part, "manifest part", "exit2"),
-    "part bad body": (bad_body_part, "manifest part", "exit2"),
-    "parquet of another schema": (foreign_parquet, "manifest part", "exit2"),
-    "run record null": (null_run_record, "run record", "exit2"),
-    "run record a list": (list_run_record, "run record", "exit2"),
-    "latte-ray.json truncated": (truncate_record, "output record", "exit2"),
-    "latte-ray.json hash edited": (edit_record_hash, "output record", "shown"),
-    "manifest a file": (manifest_is_file, "manifest", "exit2"),
-    "runs a file": (runs_is_file, "run record", "exit2"),
-    "lease a file": (lease_is_file, "lease", "exit2-writers"),
-    "part a folder": (part_is_folder, "manifest part", "exit2"),
+    "video deleted": (delete_video, "video missing", {"status": "shown"}),
+    "video overwritten": (overwrite_video, "video size", {"status": "shown"}),
+    "part truncated": (truncate_part, "manifest part", EXIT2),
+    "part random bytes": (random_part, "manifest part", EXIT2),
+    "part bad body": (bad_body_part, "manifest part", EXIT2),
+    "parquet of another schema": (foreign_parquet, "manifest part", {**EXIT2, "compact": "kept"}),
+    "run record null": (null_run_record, "run record", RUNS),
+    "run record a list": (list_run_record, "run record", RUNS),
+    "latte-ray.json truncated": (truncate_record, "output record", EXIT2),
+    "latte-ray.json hash edited": (edit_record_hash, "output record", {"status": "shown"}),
+    "manifest a file": (manifest_is_file, "manifest", EXIT2),
+    "runs a file": (runs_is_file, "run record", RUNS),
+    "lease a file": (lease_is_file, "lease", {"status": "shown", "report": "exit2", "compact": "exit2"}),
+    "part a folder": (part_is_folder, "manifest part", EXIT2),
 }
 STORE_MATTERS = {"video deleted", "video overwritten", "part truncated", "part bad body", "parquet of another schema",
                  "run record null", "latte-ray.json truncated"}
@@ -250,13 +257,15 @@ def test_each_damage_is_named_by_every_reader_and_by_verify(made, damage, kind):
         text = own_output(result)
         assert "Traceback" not in text and result.exception is None or isinstance(result.exception, SystemExit), \
             (command, text, result.exception)
-        if readers == "exit2" or (readers == "exit2-writers" and command == "compact"):
+        expected = readers.get(command, "ok")
+        if expected == "exit2":
             assert result.exit_code == 2, (command, text)
             lines = [line for line in text.splitlines() if line.strip()]
             assert len(lines) == 1 and key in lines[0] and "latte-ray verify --repair" in lines[0], (command, text)
-        elif command == "status":
-            assert result.exit_code == 0, text
-            assert "damaged:" in text, text
+        elif expected == "shown":
+            assert result.exit_code == 0 and "damaged:" in text, (command, text)
+        elif expected == "kept":
+            assert result.exit_code == 0 and store.fs.isfile(store.path(key)), (command, text)
         else:
             assert result.exit_code in (0, 1), (command, text)
     result = invoke("verify", store.url, *store.cli_options())
@@ -312,21 +321,12 @@ def test_repair_then_resume_gives_back_every_video_byte_identical(made, kind):
                     *store.cli_options(), "--no-report")
     text = own_output(result)
     assert result.exit_code == 0, text
-    first = text.splitlines()[0]
-    assert "missing or damaged" in first, text
+    first = text.splitlines()[0]  # v0 (deleted), v1 (overwritten) and v7 (its part truncated)
+    assert "3 to do (2 of them ok ids whose recorded video is missing or damaged: made again)" in first, text
     assert store.videos() == pristine
     clean = verify(store.url, deep=True, storage_options=store.options)
     assert clean.clean, clean.lines()
     assert {n for n in store.files() if n.startswith("quarantine/")} >= {f"quarantine/{q}" for q in quarantined} or quarantined
-
-
-def test_a_resuming_run_makes_a_deleted_video_again_without_repair(made):
-    store = copy_of(made, "local")
-    key = delete_video(store)
-    summary = runner.run(RunSpec(pipeline=fast_spec(batch_size=2), prompts=[str(made["prompts"])], output=store.url))
-    assert summary.ok == 1 and summary.regenerated == 1 and summary.skipped_done == 7, summary
-    assert Path(store.path(key)).is_file()
-    assert store.videos() == made["stores"]["local"][1]
 
 
 # ---- the pieces ---------------------------------------------------------------------------------------
@@ -384,3 +384,133 @@ def test_a_path_that_is_a_file_is_one_line(tmp_path, command):
     assert result.exit_code == 2 and len(text.strip().splitlines()) == 1, text
     assert "a file, not a latte-ray output" in text, text
     assert afile.read_text() == "hello\n"
+
+
+# ---- clocks and dead endpoints --------------------------------------------------------------------------
+
+
+def _skewed_lease(folder: Path, expiry_s: float, ahead_s: float = 10 * 365 * 86400.0) -> None:
+    """A lease object as another host with a clock years ahead writes it (record/lease.py's fields)."""
+    import time
+
+    folder.mkdir(parents=True, exist_ok=True)
+    beat = time.time() + ahead_s
+    (folder / "000000000001.json").write_text(json.dumps({
+        "format": 1, "run_id": "20991231T000000-skewed00", "command": "run", "host": "elsewhere", "boot_id": "b",
+        "pid_ns": "p", "pid": 1, "started_at": "2099-12-31T00:00:00Z", "heartbeat_at": "2099-12-31T00:00:00Z",
+        "heartbeat_unix": beat, "heartbeat_s": 0.5, "expiry_s": expiry_s}))
+
+
+def test_a_lease_from_a_skewed_clock_is_reported_and_expires_on_the_readers_clock(made):
+    import time
+
+    from latte_ray.record import lease as leases
+    from latte_ray.spec import SpecError
+
+    out = Path(copy_of(made, "local").url)
+    _skewed_lease(out / "lease", expiry_s=2.0)
+    report = verify(str(out))
+    assert report.clean and any("clock skew" in w for w in report.warnings), report.lines()
+    fs, root = filesystem(str(out))
+    with pytest.raises(SpecError) as info:
+        leases.acquire(fs, root, str(out), "r1", "run", leases.Terms())
+    assert "clock skew" in str(info.value) and "in this machine's future" in str(info.value), info.value
+    started = time.monotonic()
+    taken = leases.acquire(fs, root, str(out), "r2", "run", leases.Terms(), leases.Policy(wait=True))
+    waited = time.monotonic() - started
+    assert taken.generation == 2 and waited < 10, waited  # expired 2 s after this process first saw it
+    taken.release()
+
+
+def test_wait_for_lease_has_an_upper_bound(tmp_path):
+    import time
+
+    from latte_ray.record import lease as leases
+    from latte_ray.spec import SpecError
+
+    out = tmp_path / "out"
+    _skewed_lease(out / "lease", expiry_s=3600.0, ahead_s=0.0)  # a live holder on a sane clock
+    fs, root = filesystem(str(out))
+    started = time.monotonic()
+    with pytest.raises(SpecError) as info:
+        leases.acquire(fs, root, str(out), "r1", "run", leases.Terms(), leases.Policy(wait=True, max_wait_s=1.0))
+    assert time.monotonic() - started < 5 and "--max-lease-wait" in str(info.value), info.value
+
+
+def test_an_endpoint_that_accepts_and_never_answers_is_named_within_a_minute():
+    """A loopback socket that accepts connections and never sends a byte."""
+    import socket
+    import threading
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held, stop = [], threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+    try:
+        started = time.monotonic()
+        result = invoke("status", "s3://silent-bucket/out", "--storage-option", f"endpoint_url={endpoint}",
+                        "--storage-option", "key=k", "--storage-option", "secret=s",
+                        "--storage-option", "connect_timeout=1", "--storage-option", "read_timeout=1")
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        for conn in held:
+            conn.close()
+        server.close()
+    text = own_output(result)
+    assert result.exit_code == 2 and endpoint in text and "did not answer" in text, text
+    assert len(text.strip().splitlines()) == 1, text
+    assert took < 60, took
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs of its own (root only): a disk that really fills, without filling the machine's."""
+    import os
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.decode().strip()}): needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+        os.rmdir(mount)
+
+
+def test_a_full_disk_stops_the_run_naming_it_and_leaves_it_resumable(made, small_disk):
+    import os
+
+    out = small_disk / "out"
+    stat = os.statvfs(small_disk)
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - 100_000))  # room for 2 or 3 videos
+    args = ["run", "--pipeline", str(made["spec"]), "--prompts", str(made["prompts"]), "--output", str(out),
+            "--no-report"]
+    result = invoke(*args)
+    text = own_output(result)
+    assert result.exit_code == 1, text
+    assert text.splitlines()[-1].startswith(f"error: no space left on {out}"), text
+    records = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    assert [r["outcome"] for r in records] == ["failed"] and "no space left" in records[0]["reason"], records
+    # Resumable: what it committed before the disk filled is whole and recorded (a resuming run is the same
+    # run as after any stop; test_repair_then_resume_... runs one), and nothing is left half-written.
+    filler.unlink()
+    report = verify(str(out), deep=True)
+    assert report.clean and report.ok_ids < 8, report.lines()
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]

@@ -48,6 +48,11 @@ TRANSIENT_NAMES = {
 TRANSIENT_CODES = ("SlowDown", "Throttl", "RequestTimeout", "ServiceUnavailable", "InternalError", "503", "500")
 
 
+def no_space(error: BaseException) -> bool:
+    """A full disk or an exhausted quota (permanent until someone frees space)."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def scale() -> float:
     value = os.environ.get(SCALE_ENV, "1")
     if value.startswith("@"):

@@ -74,7 +74,37 @@ def damage_in(error: BaseException):
     for e in reversed(_chain(error)):  # the deepest: Ray's wrapper classes carry the traceback in their text
         if isinstance(e, OutputDamaged):
             return OutputDamaged(_first_line(_ANSI.sub("", str(e.args[0] if e.args else e))))
+    found = _raised_in_text(error, ("OutputDamaged", "ForeignFile"))
+    return OutputDamaged(found) if found else None
+
+
+def _raised_in_text(error: BaseException, names: tuple[str, ...]) -> str | None:
+    """The message of the last `latte_ray.errors.<name>: message` line in the traceback texts Ray kept (an
+    actor's exception reaches the driver as a UserCodeException carrying only text)."""
+    pattern = re.compile(rf"^(?:latte_ray\.errors\.)?(?:{'|'.join(names)}): (.+)$")
+    for e in _chain(error):
+        hits = [m.group(1).strip() for m in (pattern.match(line.strip()) for line in _ANSI.sub("", str(e)).splitlines())
+                if m]
+        if hits:
+            return hits[-1][:1000]
     return None
+
+
+def no_space_in(error: BaseException, output: str):
+    """An OutputFull (latte_ray/errors.py) for `error` when it carries one, or an ENOSPC/EDQUOT OSError,
+    however Ray wrapped it; None otherwise."""
+    import errno
+
+    from latte_ray.errors import OutputFull
+
+    for e in reversed(_chain(error)):
+        if isinstance(e, OutputFull):
+            return OutputFull(_first_line(_ANSI.sub("", str(e.args[0] if e.args else e))))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return OutputFull(f"no space left on {output}: {_first_line(str(e))}; free space (or move the output), "
+                              f"then run the same command again to resume")
+    found = _raised_in_text(error, ("OutputFull",))
+    return OutputFull(found) if found else None
 
 
 def _chain(error: BaseException) -> list[BaseException]:

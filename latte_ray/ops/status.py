@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pyarrow.compute as pc
 
+from latte_ray.errors import OutputDamaged
 from latte_ray.plan.keys import contains, id_keys, key_set
 from latte_ray.record.output import list_runs, require_output, run_line
 from latte_ray.record.scores import SCORE_COLUMNS, attach_scores
@@ -55,6 +56,7 @@ class Status:
     videos_wrong_size: int = 0  # ok ids whose video object has another size than recorded
     damaged_ids: list[str] = field(default_factory=list)  # the first of those ids
     record_disagrees: str | None = None  # latte-ray.json and the rows (or the spec it holds) disagree
+    lease_damaged: str | None = None  # the lease folder or an object in it is not as latte-ray wrote it
     last_runs: list[dict] = field(default_factory=list)  # the last RUNS_SHOWN run records, oldest first
 
     def lines(self) -> list[str]:
@@ -83,6 +85,8 @@ class Status:
                        f"the next run makes them again (`latte-ray verify {self.output}` lists them)")
         if self.record_disagrees:
             out.append(f"damaged: {self.record_disagrees}; run `latte-ray verify --repair {self.output}`")
+        if self.lease_damaged:
+            out.append(f"damaged: {self.lease_damaged}")
         if self.top_errors:
             out.append("most common errors:")
             out += [f"  {count:>7}  {message}" for message, count in self.top_errors]
@@ -117,7 +121,10 @@ def status(output: str, storage_options: dict | None = None, prompts: list[str] 
     result.runs, runs = list_runs(out, last=RUNS_SHOWN)
     result.last_runs = [{k: r.get(k) for k in ("run_id", "started_at", "ended_at", "outcome", "reason", "counts",
                                                "spec_hash", "seed", "last_heartbeat_at")} for r in runs]
-    held = lease_holders(out)
+    try:
+        held = lease_holders(out)
+    except OutputDamaged as e:  # shown; status still says the rest (writers refuse the output until repaired)
+        held, result.lease_damaged = None, str(e)
     for r, full in zip(result.last_runs, runs):
         r["liveness"] = liveness(full, held) if r["outcome"] == "running" else None
     latest = latest_rows(manifest)
@@ -178,6 +185,8 @@ def lease_holders(out) -> dict[str, dict] | None:
 
     try:
         return holders(out.fs, out.layout.root)
+    except OutputDamaged:
+        raise
     except Exception:  # noqa: BLE001 - status still shows the rest
         return None
 
@@ -193,7 +202,12 @@ def liveness(record: dict, held: dict[str, dict] | None, now: float | None = Non
     holder = held.get(record.get("run_id"))
     if holder is None:
         return "died (no end recorded and its lease is gone)"
+    from latte_ray.record.lease import ahead_s, skewed
+
     age = heartbeat_age(holder, now)
+    if is_live(holder, now) and skewed(holder, now):
+        return (f"running? (its heartbeat is {ahead_s(holder, now):.0f}s in this machine's future: clock skew between "
+                f"its host {holder.get('host')} and this one)")
     if is_live(holder, now):
         return f"running (heartbeat {age:.0f}s ago)"
     why = "its process on this host is gone" if gone_here(holder) else "its lease expired"

@@ -39,6 +39,7 @@ to run there unless given --no-lease (the user then promises that nothing else w
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -86,6 +87,7 @@ class Policy:
 
     take: bool = True
     wait: bool = False
+    max_wait_s: float | None = None  # with wait: give up (refused, exit 2) after this long; None: no bound
 
 
 def lease_dir(root: str) -> str:
@@ -137,7 +139,7 @@ TAKEN_SUFFIX = "taken.json"  # <generation>.taken.json: written by the run that 
 
 
 def read_holder(fs: fsspec.AbstractFileSystem, folder: str, generation: int) -> dict | None:
-    """A lease object, None when it is gone; SpecError when it is not one latte-ray wrote."""
+    """A lease object, None when it is gone; OutputDamaged when it is not one latte-ray wrote."""
     path = f"{folder}/{_name(generation)}"
     try:
         data = fs.cat_file(path)
@@ -155,13 +157,41 @@ def read_holder(fs: fsspec.AbstractFileSystem, folder: str, generation: int) -> 
     return holder
 
 
+CLOCK_SKEW_S = 300.0  # a heartbeat further than this in the reader's future comes from a skewed clock
+# (run id, generation, heartbeat) of a skewed heartbeat -> when this process first saw it (time.monotonic()).
+_FIRST_SEEN: dict[tuple, float] = {}
+
+
+def ahead_s(holder: dict, now: float | None = None) -> float:
+    """How far the holder's heartbeat is in this machine's future (0 when it is not)."""
+    return max(0.0, holder["heartbeat_unix"] - (time.time() if now is None else now))
+
+
+def skewed(holder: dict, now: float | None = None) -> bool:
+    return ahead_s(holder, now) > CLOCK_SKEW_S
+
+
 def heartbeat_age(holder: dict, now: float | None = None) -> float:
+    """Seconds since the holder's last heartbeat: on its own clock, or, when that clock is skewed into the
+    future (the heartbeat is further ahead than CLOCK_SKEW_S), on this process's clock since it first saw
+    that heartbeat, so that a skewed lease still expires once its holder stops renewing it."""
+    if skewed(holder, now):
+        key = (holder.get("run_id"), holder.get("generation"), holder["heartbeat_unix"])
+        return time.monotonic() - _FIRST_SEEN.setdefault(key, time.monotonic())
     return max(0.0, (time.time() if now is None else now) - holder["heartbeat_unix"])
 
 
 def is_live(holder: dict, now: float | None = None) -> bool:
     """Its heartbeat is younger than the expiry its holder declared, and its process is not known to be gone."""
     return heartbeat_age(holder, now) < holder["expiry_s"] and not gone_here(holder)
+
+
+def _heartbeat_words(holder: dict, now: float | None = None) -> str:
+    if skewed(holder, now):
+        return (f"heartbeat {ahead_s(holder, now):.0f} s in this machine's future: clock skew between its host and "
+                f"this one; its expiry counts from when this process first saw it, {heartbeat_age(holder, now):.0f} s "
+                f"ago")
+    return f"last heartbeat {heartbeat_age(holder, now):.0f} s ago"
 
 
 def _machine() -> dict:
@@ -233,8 +263,8 @@ def holders(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict]:
 
 def describe_holder(holder: dict, url: str, now: float | None = None) -> str:
     return (f"run {holder.get('run_id', '?')} (`latte-ray {holder.get('command', '?')}` on host "
-            f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}; last heartbeat "
-            f"{heartbeat_age(holder, now):.0f} s ago; lease {url.rstrip('/')}/{LEASE_DIR}/"
+            f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}; {_heartbeat_words(holder, now)}; lease "
+            f"{url.rstrip('/')}/{LEASE_DIR}/"
             f"{_name(holder['generation'])})")
 
 
@@ -292,6 +322,10 @@ class Lease:
                 reason = self.renew()
             except Exception as e:  # noqa: BLE001 - storage trouble: retried at the next beat, within the expiry
                 quiet = time.monotonic() - last_renewed
+                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    self._lose(f"no space left on {self.url}: could not write the lease heartbeat ({e}); free space "
+                               f"(or move the output), then run the same command again to resume")
+                    return
                 if quiet < self.terms.expiry_s:
                     log.warning("could not renew the lease on %s (%s: %s); trying again in %.1f s",
                                 self.url, type(e).__name__, e, self.terms.heartbeat_s)
@@ -425,16 +459,23 @@ def acquire(fs: fsspec.AbstractFileSystem, root: str, url: str, run_id: str, com
         )
     folder = lease_dir(root)
     last_said = 0.0
+    waiting_since = time.monotonic()
     while True:
         holder, generation = top_holder(fs, folder)
         now = time.time()
         if holder is not None and is_live(holder, now) and not holder["taken"]:
             if not policy.wait:
                 raise _held_error(url, holder)
+            waited = time.monotonic() - waiting_since
+            if policy.max_wait_s is not None and waited >= policy.max_wait_s:
+                raise SpecError(f"gave up waiting for the lease after {waited:.0f} s (--max-lease-wait "
+                                f"{policy.max_wait_s:g}): {_held_error(url, holder)}")
             if time.monotonic() - last_said >= WAIT_LOG_S:
                 log.info("waiting for the lease on %s, held by %s", url, describe_holder(holder, url, now))
                 last_said = time.monotonic()
             left = holder["expiry_s"] - heartbeat_age(holder, now)
+            if policy.max_wait_s is not None:
+                left = min(left, policy.max_wait_s - waited)
             sleep(max(0.05, min(holder.get("heartbeat_s", 1.0), left, 30.0)))
             continue
         if holder is not None and not holder["taken"]:

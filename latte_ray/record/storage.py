@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from latte_ray.errors import ForeignFile, OutputDamaged
+from latte_ray.errors import ForeignFile, InputError, OutputDamaged
 from latte_ray.faults import injection as faults
 from latte_ray.spec import SpecError
 
@@ -126,11 +126,15 @@ def storage_options_for(url: str, options: dict | None = None) -> dict:
             opts["client_kwargs"] = client
         # A blackholed endpoint would hold each attempt for botocore's 60 s connect timeout times its own
         # retries; fail an attempt sooner and let faults/retry.py's time budget decide (tests/test_outage.py).
-        opts["config_kwargs"] = {"connect_timeout": S3_CONNECT_TIMEOUT_S, **(opts.get("config_kwargs") or {})}
+        # One that accepts connections and never answers waits out the read timeout instead (botocore: 60 s).
+        timeouts = {"connect_timeout": float(opts.pop("connect_timeout", S3_CONNECT_TIMEOUT_S)),
+                    "read_timeout": float(opts.pop("read_timeout", S3_READ_TIMEOUT_S))}
+        opts["config_kwargs"] = {**timeouts, **(opts.get("config_kwargs") or {})}
     return _typed_options(protocol, opts)
 
 
-S3_CONNECT_TIMEOUT_S = 10
+S3_CONNECT_TIMEOUT_S = 10  # storage option connect_timeout
+S3_READ_TIMEOUT_S = 20  # storage option read_timeout
 _S3_ALIASES = {"aws_access_key_id": "key", "aws_secret_access_key": "secret", "aws_session_token": "token",
                "region_name": "region"}
 
@@ -176,8 +180,45 @@ def filesystem(url: str, options: dict | None = None) -> tuple[fsspec.AbstractFi
         raise SpecError(f"{url!r}: unknown URL scheme {protocol!r} (use a local path, s3://, gs://, ...)") from None
     except ImportError as e:
         raise SpecError(f"{url!r}: the {protocol}:// backend is not installed: {e}") from None
-    fs, path = fsspec.core.url_to_fs(url, **storage_options_for(url, options))
+    options = storage_options_for(url, options)
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    _first_contact(fs, path, url, options)
     return fs, path
+
+
+_ANSWERED: set[str] = set()  # endpoints this process has had an answer from
+
+
+def _first_contact(fs: fsspec.AbstractFileSystem, path: str, url: str, options: dict) -> None:
+    """The first request to a remote endpoint in this process, under a wall-clock deadline, so that an
+    endpoint that accepts connections and never answers is reported in one line naming it within a minute,
+    instead of after every layer's retries of every read timeout (s3fs's, botocore's, ours: minutes)."""
+    if is_local(fs):
+        return
+    config = options.get("config_kwargs") or {}
+    endpoint = (options.get("client_kwargs") or {}).get("endpoint_url") or f"the {fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]}:// service's default endpoint"
+    if endpoint in _ANSWERED:
+        return
+    deadline = float(config.get("connect_timeout", S3_CONNECT_TIMEOUT_S)) + 2 * float(
+        config.get("read_timeout", S3_READ_TIMEOUT_S)) + 2
+    import threading
+
+    answered = threading.Event()
+
+    def probe() -> None:
+        try:
+            fs.exists(path)
+        except Exception:  # noqa: BLE001 - an answer, even an error: the callers meet it themselves
+            pass
+        answered.set()
+
+    threading.Thread(target=probe, name="latte-ray-first-contact", daemon=True).start()
+    if not answered.wait(deadline):
+        raise InputError(f"{url}: the storage endpoint {endpoint} did not answer within {deadline:.0f} s "
+                         f"(connect timeout {config.get('connect_timeout')} s, read timeout "
+                         f"{config.get('read_timeout')} s; storage options connect_timeout and read_timeout set "
+                         f"them): check the endpoint URL and the network")
+    _ANSWERED.add(endpoint)
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -387,6 +428,8 @@ def damaged(fs: fsspec.AbstractFileSystem, path: str, what: str, output: str | N
 def folder_or_damaged(fs: fsspec.AbstractFileSystem, path: str, what: str) -> bool:
     """True when `path` is a folder (or an object-store prefix), False when nothing is there; OutputDamaged
     when a file stands where latte-ray keeps its folder `what` (manifest/, runs/, lease/)."""
+    if not is_local(fs):
+        fs.invalidate_cache(path)
     try:
         info = fs.info(path)
     except FileNotFoundError:
@@ -409,8 +452,10 @@ def manifest_listing(fs: fsspec.AbstractFileSystem, layout: OutputLayout) -> lis
     is a file or a part is a folder."""
     if not folder_or_damaged(fs, layout.manifest_dir, "manifest"):
         return []
-    entries = sorted((e for e in fs.ls(layout.manifest_dir, detail=True) if e["name"].endswith(".parquet")),
-                     key=lambda e: e["name"])
+    # Fresh: s3fs would answer from its listing cache, blind to parts other processes wrote since.
+    listing = fs.ls(layout.manifest_dir, detail=True) if is_local(fs) else \
+        fs.ls(layout.manifest_dir, detail=True, refresh=True)
+    entries = sorted((e for e in listing if e["name"].endswith(".parquet")), key=lambda e: e["name"])
     for entry in entries:
         if entry.get("type") == "directory":
             raise damaged(fs, entry["name"], "a folder where a manifest part belongs")

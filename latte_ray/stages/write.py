@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
+from latte_ray.errors import OutputFull
 from latte_ray.faults import injection as faults
 from latte_ray.faults import retry
 from latte_ray.metrics import StageMetrics
@@ -72,8 +73,14 @@ class WriteStage:
         rows = self._manifest_rows(batch, status, uris)
         name = self._part_name(batch["id"])
         check_fence(self.fs, self.fence)
-        retry.call(lambda: write_manifest_part(self.fs, self.layout, rows, name), "write manifest part",
-                   retry.MANIFEST)
+        try:
+            retry.call(lambda: write_manifest_part(self.fs, self.layout, rows, name), "write manifest part",
+                       retry.MANIFEST)
+        except OSError as e:
+            if retry.no_space(e):
+                raise OutputFull(f"no space left on {self.layout.url}: writing a manifest part failed ({e}); free "
+                                 f"space (or move the output), then run the same command again to resume") from None
+            raise
         self.metrics.committed(status, sum(len(batch["video"][i]) for i in range(n) if status[i] == "ok"))
         return rows
 
@@ -96,6 +103,9 @@ class WriteStage:
         try:
             retry.call(lambda: write_atomic(self.fs, path, data), f"write {path}", retry.VIDEO)
         except Exception as e:  # noqa: BLE001 - one unstorable video is an error row, not a failed run
+            if retry.no_space(e):  # ... but a full disk fails every row after it: the run stops here
+                raise OutputFull(f"no space left on {self.layout.url}: writing {path} failed ({e}); free space "
+                                 f"(or move the output), then run the same command again to resume") from None
             notes = "".join(f" ({note})" for note in getattr(e, "__notes__", []))
             return "", f"storing the video failed: {type(e).__name__}: {e}{notes}"[:2000]
         faults.point("after_video", video_id)
