@@ -39,6 +39,11 @@ STAND_INS = {
 }
 
 
+# TI2V-5B's vae/config.json could not be read (SOURCE.md): its geometry alone, from the model authors' config
+# (https://raw.githubusercontent.com/Wan-Video/Wan2.2/main/wan/configs/wan_ti2v_5B.py: vae_stride = (4, 16, 16)).
+GEOMETRY_ONLY = {"Wan-AI/Wan2.2-TI2V-5B-Diffusers": {"scale_factor_temporal": 4, "scale_factor_spatial": 16}}
+
+
 def vendored(repo: str, rel: str) -> tuple[dict | None, str]:
     for r, f in ((repo, rel), STAND_INS.get((repo, rel), (None, None))):
         if r and (DATA / r.replace("/", "--") / f).exists():
@@ -65,8 +70,16 @@ def main() -> None:
             spec = spec.with_overrides(batch_size=args.batch_size)
         repo = spec.model.source
         transformer, t_from = vendored(repo, "transformer/config.json")
+        if transformer and transformer.get("image_dim") is not None and transformer["in_channels"] == 48:
+            # The vendored TI2V-5B copy comes from an image-to-video repackaging (SOURCE.md): its image projections
+            # cannot run in WanPipeline's text-to-video call (no image tokens), so the stock TI2V-5B text-to-video
+            # path has none; counted without them.
+            transformer = {**transformer, "image_dim": None, "added_kv_proj_dim": None}
+            t_from += " (image projections dropped)"
         text, e_from = vendored(repo, "text_encoder/config.json")
         vae, v_from = vendored(repo, "vae/config.json")
+        if vae is None and repo in GEOMETRY_ONLY:
+            vae, v_from = GEOMETRY_ONLY[repo], "missing (stride (4, 16, 16) from Wan-Video/Wan2.2's wan_ti2v_5B.py)"
         experts = 2 if spec.sampling.guidance_scale_2 is not None else 1
         f = figures(spec, transformer, text, vae, experts=experts)
         s = spec.sampling

@@ -205,6 +205,21 @@ def test_engine_batch_of_one_is_the_stock_pipeline_and_batch_of_three_within_one
     assert text.tokens[1] < text.tokens[2] and not any(text.truncated)
     assert len({hashlib.sha256(v.tobytes()).hexdigest() for v in batched}) == 3
 
+    # The text-encode stage's path: UMT5 in an actor of its own (no transformer, no VAE), the embeddings through
+    # the stage's numpy columns, then the denoiser: the same videos; the latents kept for the sidecars.
+    from latte_ray.model.choose import make_engine
+    from latte_ray.model.engine import TextBatch
+
+    encoder = make_engine(spec, cache_dir=engine.cache_dir, with_denoiser=False)
+    assert encoder.pipe.transformer is None and encoder.pipe.vae is None
+    columns = encoder.encode_text(prompts, negatives).to_numpy()
+    assert columns["prompt_embeds"].shape == (3, spec.sampling.max_sequence_length, 32)
+    assert not columns["prompt_embeds"][1, int(columns["keep"][1]):].any()  # zeros after the prompt's tokens
+    capture = {}
+    staged = engine.denoise(TextBatch.from_numpy(columns, engine.device, engine.dtype), seeds, capture=capture)
+    assert np.array_equal(staged, batched)
+    assert capture["latents"].shape == (3, 16, 5, 8, 8)  # 17 frames -> 5 latent frames, 64 px -> 8
+
 
 # ----------------------------------------------------------------- one real run, read by several tests
 

@@ -83,12 +83,13 @@ def _meta_models(transformer: dict, text_encoder: dict | None, vae: dict | None,
     with torch.device("meta"):
         t = WanTransformer3DModel.from_config(_clean(transformer))  # float32: FLOPs do not depend on the dtype
         e = UMT5EncoderModel(UMT5Config(**_clean(text_encoder))) if text_encoder else None
-        v = AutoencoderKLWan.from_config(_clean(vae)) if vae else None
+        v = AutoencoderKLWan.from_config(_clean(vae)) if vae and "z_dim" in vae else None
     return t, e, v
 
 
 def figures(spec, transformer: dict, text_encoder: dict | None, vae: dict | None, experts: int = 1) -> WanFigures:
-    """The spec's figures per video; `experts`: 2 for Wan 2.2 A14B (transformer and transformer_2)."""
+    """The spec's figures per video; `experts`: 2 for Wan 2.2 A14B (transformer and transformer_2). `vae` may hold
+    only the VAE's scale factors (its geometry): then its FLOPs and weights are not counted."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -120,7 +121,7 @@ def figures(spec, transformer: dict, text_encoder: dict | None, vae: dict | None
     weights = [diffusers_weights("transformer", {"_class_name": "WanTransformer3DModel", **_clean(transformer)}, dtype)]
     if experts == 2:
         weights.append(Weights("transformer_2", weights[0].params, weights[0].bytes, dict(weights[0].by_dtype)))
-    if vae:
+    if v is not None:
         weights.append(diffusers_weights("vae", {"_class_name": "AutoencoderKLWan", **_clean(vae)}, dtype))
     if e is not None and not spec.execution.text_encode_stage:
         kept = set(getattr(e, "_keep_in_fp32_modules", None) or ()) if dtype == torch.float16 else set()
