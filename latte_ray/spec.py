@@ -377,6 +377,11 @@ class ExecutionSpec(_Strict):
         "rounds overlap so that a round change leaves no GPU idle (latte_ray/fleet/servers.py). Off: each "
         "round's actor pool loads its own, and rounds run one after another.",
     )
+    sustained_tflops: float | None = Field(
+        None, gt=0, description="Dense TFLOP/s one generation actor sustains, for `run --dry-run` estimates from "
+        "the model family's FLOP figures (Wan: latte_ray/model/families/wan_figures.py) when seconds_per_video is "
+        "null and the output has no finished videos to measure. Not in the spec hash.",
+    )
     seconds_per_video: float | None = Field(
         None, gt=0, description="Seconds one actor takes per video on its device, for `run --dry-run` "
         "estimates and the default stall timeout and batch deadline (null: estimate from the output's "

@@ -222,6 +222,15 @@ def check_model(spec: PipelineSpec, storage_options: dict | None = None) -> tupl
         return f"model.source {model.source!r}: the benchmark null engine (no model)", {"kind": "null"}
     src = f"model.source {model.source!r}"
     summary = family.load().check_configs(spec, configs, src)
+    identity = configs.identity
+    if model.lora:  # each LoRA fits the transformer, or the run is refused here (before any GPU time)
+        from latte_ray.model.lora import check_loras
+
+        transformer, _ = configs.resolved()
+        loras, digests = check_loras(spec, configs.model_index["transformer"][1], transformer,
+                                     storage_options=storage_options)
+        summary = f"{summary}; {loras}"
+        identity = {**identity, "lora": digests}
     if configs.files is not None:
         for component in WEIGHTED:
             if not any(f.startswith(f"{component}/") and f.endswith((".safetensors", ".safetensors.index.json"))
@@ -229,7 +238,7 @@ def check_model(spec: PipelineSpec, storage_options: dict | None = None) -> tupl
                 raise SpecError(f"{src}: {component}/ has no .safetensors weights (latte-ray loads safetensors "
                                 f"only, never pickled weights)")
     pinned = configs.identity.get("commit") or configs.identity.get("fingerprint") or configs.identity.get("version")
-    return f"{src} ({configs.where}{', ' + str(pinned)[:12] if pinned else ''}): {summary}", configs.identity
+    return f"{src} ({configs.where}{', ' + str(pinned)[:12] if pinned else ''}): {summary}", identity
 
 
 def _component_present(model_index: dict, name: str) -> bool:

@@ -455,6 +455,18 @@ def _scores_html(selection, distributions: dict) -> list[str]:
     ]
 
 
+def _model_rows(model: dict) -> dict:
+    """The model family (when not the default Latte) and each fused LoRA with its scale."""
+    rows = {}
+    if model.get("family") not in (None, "latte"):
+        rows["model family"] = model["family"]
+    for i, lora in enumerate(model.get("lora") or ()):
+        name = f"{lora.get('source')}{'/' + lora['weight_name'] if lora.get('weight_name') else ''}"
+        at = f" @ {lora['revision']}" if lora.get("revision") else ""
+        rows[f"LoRA {i + 1}"] = f"{name}{at} x{lora.get('scale', 1.0):g}"
+    return rows
+
+
 def render_html(output: str, record: dict, runs: tuple[int, list[dict]], counts: dict, latest: pa.Table,
                 sampled: list[str], selection=None, distributions: dict | None = None, sections=(),
                 gallery: dict | None = None) -> str:
@@ -471,6 +483,7 @@ def render_html(output: str, record: dict, runs: tuple[int, list[dict]], counts:
         "spec hash": record.get("spec_hash", ""),
         "run seed": record.get("run_seed", ""),
         "model": (pipeline.get("model") or {}).get("source", ""),
+        **_model_rows(pipeline.get("model") or {}),
         "created": record.get("created_at") or "(before latte-ray.json existed)",
         "runs recorded": total_runs,
         "versions (last run)": ", ".join(f"{k} {v}" for k, v in versions.items() if v is not None),

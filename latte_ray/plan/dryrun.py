@@ -36,6 +36,7 @@ class DryRunPlan:
     gpus: int = 1  # GPUs given to the run; for a CPU spec (0 GPUs per actor), generation actors
     gpus_per_actor: float = 1.0
     memory: str | None = None  # a GPU spec's memory per generation actor (latte_ray/model/memory.py)
+    compute: str | None = None  # the family's FLOPs per video, where it has a FLOP model (Wan: families/wan_figures.py)
 
     @property
     def actors(self) -> int:
@@ -71,6 +72,8 @@ class DryRunPlan:
                 f"= {self.gpu_hours:.4g} {'GPU' if gpu else 'actor'}-hours; wall time {_duration(self.wall_hours)} "
                 f"on {where}, plus actor start-up and compile warm-up"
             )
+        if self.compute:
+            out.append(self.compute)
         if self.memory:
             out.append(self.memory)
         out.append("nothing was loaded or written (the output is writable: a probe was written and deleted)")
@@ -106,11 +109,32 @@ def plan(run: RunSpec, in_fs, files: list[str], gpus: int | None = None) -> DryR
     result.invalid = counts["todo"] - counts["conflicts"] - counts["generate"]
     result.to_generate = min(counts["generate"], run.limit) if run.limit else counts["generate"]
     result.seconds_per_video, result.seconds_source = _seconds_per_video(run, layout, out_fs)
-    if ex.num_gpus_per_actor:  # weights computed from the source's configs, activations estimated
+    if run.pipeline.model.family == "wan":  # FLOPs and memory from the configs (model/families/wan_figures.py)
+        _wan_figures(run.pipeline, result)
+    elif ex.num_gpus_per_actor:  # weights computed from the source's configs, activations estimated
         from latte_ray.model.memory import dry_run_line
 
         result.memory = dry_run_line(run.pipeline)
     return result
+
+
+def _wan_figures(spec, result: DryRunPlan) -> None:
+    """Wan's FLOPs per video, its memory line for a GPU spec, and, when no seconds_per_video is known (spec or
+    output), the estimate from the FLOPs at the spec's execution.sustained_tflops."""
+    from latte_ray.model.families.wan_figures import dry_run_figures, flops_words
+
+    figures = dry_run_figures(spec)
+    if isinstance(figures, str):
+        result.compute = figures
+        return
+    result.compute = figures.flops_line()
+    if spec.execution.num_gpus_per_actor:
+        result.memory = figures.memory_line()
+    rate = spec.execution.sustained_tflops
+    if result.seconds_per_video is None and rate:
+        result.seconds_per_video = figures.per_video / (rate * 1e12)
+        result.seconds_source = (f"Wan FLOP model: {flops_words(figures.per_video)} per video at {rate:g} TFLOP/s "
+                                 f"sustained, execution.sustained_tflops")
 
 
 def _seconds_per_video(run: RunSpec, layout: OutputLayout, out_fs) -> tuple[float | None, str]:

@@ -213,10 +213,12 @@ def _identity_key(identity: dict | None) -> str | None:
     model's version (None: nothing recorded, e.g. an output made before identities were recorded)."""
     if not identity:
         return None
+    # LoRA files (model.lora) are part of the weights: the same path holding another file is other weights.
+    lora = "".join(f"+lora:{d['sha256']}" for d in identity.get("lora") or ())
     for key in ("commit", "fingerprint", "version"):
         if identity.get(key):
-            return f"{identity.get('kind')}:{identity[key]}"
-    return identity.get("kind")
+            return f"{identity.get('kind')}:{identity[key]}{lora}"
+    return f"{identity.get('kind')}{lora}" if lora else identity.get("kind")
 
 
 def _identity_words(identity: dict) -> str:

@@ -16,8 +16,7 @@ import time
 import numpy as np
 import torch
 
-from latte_ray.model.engine import TextBatch, bound_compile_threads, inductor_cache_dir, pick_device, \
-    set_inductor_cache_dir
+from latte_ray.model.engine import TextBatch, inductor_cache_dir, pick_device, set_inductor_cache_dir
 from latte_ray.model.loading import DTYPES, load_pipeline
 from latte_ray.spec import PipelineSpec
 
@@ -64,7 +63,7 @@ class WanEngine:
         WanTransformerBlock as `_repeated_blocks`) of every expert, for the one shape this actor sees (text always
         max_sequence_length tokens, a short batch padded to batch_size), then one warm-up call."""
         opts = self.spec.model.compile
-        bound_compile_threads(self.spec.execution.num_cpus_per_actor)
+        _compile_threads(self.spec)
         set_inductor_cache_dir(inductor_cache_dir(opts.cache_dir, self.cache_dir))
         kwargs = {"mode": opts.mode} if opts.backend == "inductor" else {}
         for expert in self._experts():
@@ -153,3 +152,16 @@ class WanEngine:
         pad = lambda x: torch.cat([x, x[:1].expand(extra, *x.shape[1:])])  # noqa: E731
         return (TextBatch(pad(text.embeds), pad(text.negative_embeds), pad(text.keep), text.tokens, text.truncated),
                 seeds + [seeds[0]] * extra)
+
+
+def _compile_threads(spec) -> None:
+    """Inductor's compile workers, sized as the Latte engine sizes them: model/compiling.py (the node's usable
+    cores over its generation actors) where that module exists, else the actor's CPU share."""
+    try:
+        from latte_ray.model.compiling import node_compile_threads, node_gpus, set_compile_threads
+    except ImportError:
+        from latte_ray.model.engine import bound_compile_threads
+
+        bound_compile_threads(spec.execution.num_cpus_per_actor)
+        return
+    set_compile_threads(node_compile_threads(spec.execution.num_gpus_per_actor, gpus=node_gpus()))
