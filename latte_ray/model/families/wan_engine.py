@@ -16,8 +16,7 @@ import time
 import numpy as np
 import torch
 
-from latte_ray.model.engine import TextBatch, bound_compile_threads, inductor_cache_dir, pick_device, \
-    set_inductor_cache_dir
+from latte_ray.model.engine import TextBatch, inductor_cache_dir, pick_device, set_inductor_cache_dir
 from latte_ray.model.loading import DTYPES, load_pipeline
 from latte_ray.spec import PipelineSpec
 
@@ -64,7 +63,9 @@ class WanEngine:
         WanTransformerBlock as `_repeated_blocks`) of every expert, for the one shape this actor sees (text always
         max_sequence_length tokens, a short batch padded to batch_size), then one warm-up call."""
         opts = self.spec.model.compile
-        bound_compile_threads(self.spec.execution.num_cpus_per_actor)
+        from latte_ray.model.compiling import node_compile_threads, node_gpus, set_compile_threads
+
+        set_compile_threads(node_compile_threads(self.spec.execution.num_gpus_per_actor, gpus=node_gpus()))
         set_inductor_cache_dir(inductor_cache_dir(opts.cache_dir, self.cache_dir))
         kwargs = {"mode": opts.mode} if opts.backend == "inductor" else {}
         for expert in self._experts():
