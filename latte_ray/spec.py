@@ -250,7 +250,15 @@ class ModelSpec(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weights and compute dtype.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks cuda when one is visible.")
     channels_last: bool = Field(False, description="Put the VAE in channels_last memory format.")
-    attention: Literal["sdpa", "default"] = Field("sdpa", description="Attention backend.")
+    attention: Literal["sdpa", "default"] = Field(
+        "sdpa",
+        description="How every attention layer of the transformer computes softmax(QK^T/sqrt(d))V. 'sdpa': "
+        "torch.nn.functional.scaled_dot_product_attention, whose fused kernels (flash, memory-efficient, cuDNN "
+        "on CUDA) never hold the full score matrix; diffusers' own choice. 'default': the plain, unfused math - "
+        "the whole score matrix in memory, no fused kernel (Latte: diffusers' AttnProcessor on each layer, "
+        "batched matmul, softmax, matmul); slower and heavier, for comparing against or where a fused kernel "
+        "misbehaves. The two agree to rounding (a video within a level or so); part of the spec hash.",
+    )
     compile: CompileSpec = Field(default_factory=CompileSpec)
     cache: CacheSpec | None = Field(None, description="Optional cache acceleration; off when null.")
     quantization: QuantizationSpec | None = Field(

@@ -162,6 +162,25 @@ def test_faster_cache_calls_are_the_rows_reaching_the_transformer(model_cache):
     assert sum(seen) < STEPS * 2, f"FasterCache skipped no unconditional half: {seen}"
 
 
+def test_default_attention_loads_and_matches_sdpa(model_cache, uncached):
+    """model.attention 'default' (diffusers' unfused AttnProcessor on every layer of a LatteTransformer3DModel,
+    which has no set_attn_processor) loads, really switches every attention layer, and gives each video within
+    one uint8 level of the SDPA one (the same math, rounded differently); it is its own spec hash."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    from latte_ray.model.engine import LatteEngine
+
+    engine = LatteEngine(spec(1, attention="default"), cache_dir=str(model_cache))
+    layers = [m for m in engine.transformer.modules() if isinstance(m, Attention)]
+    assert layers and {type(m.processor) for m in layers} == {AttnProcessor}
+    sdpa = LatteEngine(spec(1), cache_dir=str(model_cache), with_text_encoder=False)
+    assert {type(m.processor) for m in sdpa.transformer.modules() if isinstance(m, Attention)} == {AttnProcessor2_0}
+    for i, vid in enumerate(IDS[:3]):
+        frames, _ = generate(engine, [i])
+        assert diff(frames[0], uncached[vid][0]) <= 1, vid
+    assert spec(1, attention="default").spec_hash() != spec(1).spec_hash() == spec(1, attention="sdpa").spec_hash()
+
+
 # ---------------------------------------------------------------------------------- real runs: manifest
 
 

@@ -30,6 +30,25 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def use_default_attention(transformer: torch.nn.Module) -> int:
+    """model.attention 'default': every attention layer computes softmax(QK^T)V with plain matmuls (diffusers'
+    AttnProcessor: baddbmm, softmax, bmm) instead of torch's fused scaled_dot_product_attention kernels.
+
+    LatteTransformer3DModel has no set_attn_processor (it is not an AttentionMixin in diffusers 0.42) and its
+    layers' AttnProcessor2_0 calls torch's SDPA directly, so ModelMixin.set_attention_backend does not reach
+    it either: the processor is set per layer with Attention.set_processor, the way set_attn_processor would.
+    Returns how many layers were switched (0 would mean the model has no layer this applies to)."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    layers = [m for m in transformer.modules() if isinstance(m, Attention)]
+    if not layers:
+        raise ValueError(f"model.attention 'default': {type(transformer).__name__} has no diffusers Attention layer")
+    processor = AttnProcessor()  # stateless: one instance serves every layer
+    for layer in layers:
+        layer.set_processor(processor)
+    return len(layers)
+
+
 @dataclass
 class TextBatch:
     """Encoded prompts, padded to the spec's text length; `keep` is how many tokens each attends to."""
@@ -114,9 +133,7 @@ class LatteEngine:
     def _configure_denoiser(self) -> None:
         pipe, model = self.pipe, self.spec.model
         if model.attention == "default":
-            from diffusers.models.attention_processor import AttnProcessor
-
-            pipe.transformer.set_attn_processor(AttnProcessor())
+            use_default_attention(pipe.transformer)
         if model.channels_last:
             pipe.vae.to(memory_format=torch.channels_last)
         if model.cache is not None and model.cache.kind == "teacache":

@@ -63,7 +63,9 @@ class WanEngine:
         WanTransformerBlock as `_repeated_blocks`) of every expert, for the one shape this actor sees (text always
         max_sequence_length tokens, a short batch padded to batch_size), then one warm-up call."""
         opts = self.spec.model.compile
-        _compile_threads(self.spec)
+        from latte_ray.model.compiling import node_compile_threads, node_gpus, set_compile_threads
+
+        set_compile_threads(node_compile_threads(self.spec.execution.num_gpus_per_actor, gpus=node_gpus()))
         set_inductor_cache_dir(inductor_cache_dir(opts.cache_dir, self.cache_dir))
         kwargs = {"mode": opts.mode} if opts.backend == "inductor" else {}
         for expert in self._experts():
@@ -152,16 +154,3 @@ class WanEngine:
         pad = lambda x: torch.cat([x, x[:1].expand(extra, *x.shape[1:])])  # noqa: E731
         return (TextBatch(pad(text.embeds), pad(text.negative_embeds), pad(text.keep), text.tokens, text.truncated),
                 seeds + [seeds[0]] * extra)
-
-
-def _compile_threads(spec) -> None:
-    """Inductor's compile workers, sized as the Latte engine sizes them: model/compiling.py (the node's usable
-    cores over its generation actors) where that module exists, else the actor's CPU share."""
-    try:
-        from latte_ray.model.compiling import node_compile_threads, node_gpus, set_compile_threads
-    except ImportError:
-        from latte_ray.model.engine import bound_compile_threads
-
-        bound_compile_threads(spec.execution.num_cpus_per_actor)
-        return
-    set_compile_threads(node_compile_threads(spec.execution.num_gpus_per_actor, gpus=node_gpus()))
