@@ -256,8 +256,9 @@ class ModelSpec(_Strict):
         "torch.nn.functional.scaled_dot_product_attention, whose fused kernels (flash, memory-efficient, cuDNN "
         "on CUDA) never hold the full score matrix; diffusers' own choice. 'default': the plain, unfused math - "
         "the whole score matrix in memory, no fused kernel (Latte: diffusers' AttnProcessor on each layer, "
-        "batched matmul, softmax, matmul); slower and heavier, for comparing against or where a fused kernel "
-        "misbehaves. The two agree to rounding (a video within a level or so); part of the spec hash.",
+        "batched matmul, softmax, matmul; Wan: diffusers' attention backend '_native_math', torch's math SDPA); "
+        "slower and heavier, a reference or a way round a misbehaving fused kernel. Both compute the same function "
+        "and differ only in floating-point rounding; part of the spec hash.",
     )
     compile: CompileSpec = Field(default_factory=CompileSpec)
     cache: CacheSpec | None = Field(None, description="Optional cache acceleration; off when null.")

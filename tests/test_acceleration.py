@@ -166,19 +166,52 @@ def test_default_attention_loads_and_matches_sdpa(model_cache, uncached):
     """model.attention 'default' (diffusers' unfused AttnProcessor on every layer of a LatteTransformer3DModel,
     which has no set_attn_processor) loads, really switches every attention layer, and gives each video within
     one uint8 level of the SDPA one (the same math, rounded differently); it is its own spec hash."""
-    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+    from diffusers.models.attention_processor import Attention, AttnProcessor
 
     from latte_ray.model.engine import LatteEngine
 
     engine = LatteEngine(spec(1, attention="default"), cache_dir=str(model_cache))
     layers = [m for m in engine.transformer.modules() if isinstance(m, Attention)]
     assert layers and {type(m.processor) for m in layers} == {AttnProcessor}
-    sdpa = LatteEngine(spec(1), cache_dir=str(model_cache), with_text_encoder=False)
-    assert {type(m.processor) for m in sdpa.transformer.modules() if isinstance(m, Attention)} == {AttnProcessor2_0}
     for i, vid in enumerate(IDS[:3]):
         frames, _ = generate(engine, [i])
         assert diff(frames[0], uncached[vid][0]) <= 1, vid
     assert spec(1, attention="default").spec_hash() != spec(1).spec_hash() == spec(1, attention="sdpa").spec_hash()
+
+
+def test_wan_default_attention_is_the_math_backend_and_matches_sdpa():
+    """Wan's layers dispatch through diffusers' attention backends: 'default' sets '_native_math' on each expert
+    (a real WanTransformer3DModel from the tiny Wan config), gives the SDPA output to float rounding, and leaves
+    diffusers' process-wide default backend as it was, so an 'sdpa' model built afterwards still runs SDPA."""
+    import torch
+    from diffusers import WanTransformer3DModel
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    from latte_ray.model.families import check_supported
+    from latte_ray.model.families.wan_engine import use_math_attention
+    from latte_ray.model.tiny_wan import TEXT_DIM, TRANSFORMER
+
+    raw = json.loads(spec(1).model_dump_json())
+    raw["model"].update(family="wan", attention="default")
+    raw["sampling"].update(video_length=5, height=32, width=32)
+    check_supported(parse_pipeline_spec(raw))  # accepted before any model loads
+
+    torch.manual_seed(0)
+    sdpa = WanTransformer3DModel.from_config(TRANSFORMER).eval()
+    math = WanTransformer3DModel.from_config(TRANSFORMER).eval()
+    math.load_state_dict(sdpa.state_dict())
+    before = _AttentionBackendRegistry.get_active_backend()[0]
+    use_math_attention([math])
+
+    def backends(model):
+        return {layer.processor._attention_backend for layer in model.modules() if hasattr(layer, "processor")}
+
+    assert backends(math) == {AttentionBackendName._NATIVE_MATH} and backends(sdpa) == {None}
+    assert _AttentionBackendRegistry.get_active_backend()[0] == before
+    latents, text = torch.randn(2, 16, 2, 8, 8), torch.randn(2, 7, TEXT_DIM)
+    with torch.no_grad():
+        want, got = (m(latents, torch.tensor([500, 20]), text, return_dict=False)[0] for m in (sdpa, math))
+    assert want.abs().mean() > 0.1 and torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
 # ---------------------------------------------------------------------------------- real runs: manifest

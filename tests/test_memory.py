@@ -93,6 +93,10 @@ def test_activation_estimate_grows_with_batch_cfg_frames_and_decode_chunk():
     assert base.vae_decode == 4 * 16 * 512 * 512 * 256 * 2 and act(batch=4).vae_decode == base.vae_decode
     assert act(decode_chunk_size=8).vae_decode == base.vae_decode // 2
     assert act(height=256, width=256).vae_decode == base.vae_decode // 4
+    # model.attention 'default': the spatial layers' scores and softmax, rows x frames x 16 heads x tokens^2, on top
+    unfused = memory.activations(config("transformer"), config("vae"), spec.sampling, 2, "float16",
+                                 unfused_attention=True)
+    assert unfused.denoise == base.denoise + 2 * 4 * 16 * 16 * tokens**2 * 2 and unfused.vae_decode == base.vae_decode
 
 
 def test_dry_run_memory_line_reads_the_sources_configs(model_cache):

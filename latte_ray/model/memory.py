@@ -16,7 +16,10 @@ the measured peak by benchmarks/gpu.py, which prints both:
 - a denoise step holds, per transformer row (batch x 2 with classifier-free guidance), frames x tokens x
   hidden values a few times over: the residual stream, the normalized input, q, k and v, the attention output,
   and the feed-forward's 4 x hidden intermediate before and after its GELU (SDPA's fused kernels keep no
-  tokens x tokens matrix): ~DENOISE_FACTOR x rows x frames x tokens x hidden values;
+  tokens x tokens matrix): ~DENOISE_FACTOR x rows x frames x tokens x hidden values; with model.attention
+  'default' (unfused attention) one attention layer also holds its scores and their softmax, two
+  heads x tokens x tokens matrices per sequence (UNFUSED_SCORES): the spatial layers' rows x frames sequences
+  of `tokens`, or the temporal layers' rows x tokens sequences of `frames`, whichever is larger;
 - a VAE decode call turns decode_chunk_size latent frames into frames at full resolution; its largest
   tensors are the last up-blocks' at H x W with the widest channel count there (256 for the SD VAE), a few
   alive at once: ~VAE_FACTOR x chunk x H x W x channels values.
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 GB = 1e9
 
 DENOISE_FACTOR = 14  # residual, norm, q, k, v, attention out (6 x hidden) + feed-forward 4 x hidden in and out (8)
+UNFUSED_SCORES = 2  # diffusers' AttnProcessor: baddbmm scores, then their softmax, alive together
 VAE_FACTOR = 4  # input, group-norm output, conv output and the skip path of a resnet at full resolution
 
 
@@ -117,9 +121,11 @@ class Activations:
         return max(self.denoise, self.vae_decode)
 
 
-def activations(transformer: dict, vae: dict, sampling, batch_size: int, dtype) -> Activations:
+def activations(transformer: dict, vae: dict, sampling, batch_size: int, dtype,
+                unfused_attention: bool = False) -> Activations:
     """The estimate for `batch_size` videos at the spec's sampling settings (frames, height, width, guidance,
-    decode_chunk_size), from the transformer's and VAE's configs."""
+    decode_chunk_size), from the transformer's and VAE's configs; `unfused_attention`: model.attention
+    'default', whose layers hold their score matrices."""
     itemsize = _itemsize(dtype)
     rows = batch_size * (2 if sampling.guidance_scale > 1.0 else 1)
     hidden = transformer["num_attention_heads"] * transformer["attention_head_dim"]
@@ -127,6 +133,9 @@ def activations(transformer: dict, vae: dict, sampling, batch_size: int, dtype) 
     patch = transformer.get("patch_size", 2)
     tokens = (sampling.height // down // patch) * (sampling.width // down // patch)
     denoise = DENOISE_FACTOR * rows * sampling.video_length * tokens * hidden * itemsize
+    if unfused_attention:
+        frames, heads = sampling.video_length, transformer["num_attention_heads"]
+        denoise += UNFUSED_SCORES * rows * heads * max(frames * tokens**2, tokens * frames**2) * itemsize
     # The decoder's blocks run in reversed(block_out_channels); the last two reach full resolution (the one before
     # the last upsamples into it), so the widest tensor there has block_out_channels[1] channels (256 for SD's).
     channels = max(vae["block_out_channels"][:2])
@@ -199,7 +208,8 @@ def memory_plan(spec, transformer: dict, text_encoder: dict | None, vae: dict) -
     encoder = None if spec.execution.text_encode_stage else text_encoder
     return MemoryPlan(
         weights=pipeline_weights(transformer, encoder, vae, dtype),
-        activations=activations(transformer, vae, spec.sampling, spec.execution.batch_size, dtype),
+        activations=activations(transformer, vae, spec.sampling, spec.execution.batch_size, dtype,
+                                unfused_attention=spec.model.attention == "default"),
     )
 
 

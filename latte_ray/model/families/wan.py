@@ -31,9 +31,6 @@ def check_spec(spec) -> None:
             raise SpecError(f"sampling.{name} {getattr(s, name)}: Wan needs a multiple of {SPATIAL_MULTIPLE}")
     if model.channels_last:
         raise SpecError("model.channels_last applies to Latte's 2D VAE; Wan's VAE is 3D: set it to false")
-    if model.attention != "sdpa":
-        raise SpecError(f"model.attention {model.attention!r}: Wan runs its own attention processor (SDPA); "
-                        f"remove model.attention")
 
 
 def tiny_configs() -> dict[str, dict]:

@@ -23,6 +23,19 @@ from latte_ray.spec import PipelineSpec
 log = logging.getLogger(__name__)
 
 
+def use_math_attention(experts: list[torch.nn.Module]) -> None:
+    """model.attention 'default' for Wan: WanAttnProcessor calls diffusers' dispatch_attention_fn, so the backend is
+    chosen per model with ModelMixin.set_attention_backend; '_native_math' is torch's unfused math SDPA (the whole
+    score matrix, no fused kernel). set_attention_backend also makes its backend the process-wide default for
+    every model whose layers name none; the `attention_backend` context manager puts the previous default back,
+    so an 'sdpa' engine built later in the same process still runs the fused SDPA."""
+    from diffusers.models.attention_dispatch import attention_backend
+
+    for expert in experts:
+        with attention_backend():
+            expert.set_attention_backend("_native_math")
+
+
 class WanEngine:
     """Owns one WanPipeline on one device: loaded, LoRA fused, optionally quantized and compiled, then reused."""
 
@@ -49,6 +62,8 @@ class WanEngine:
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
         self.last_transformer_calls: list[int] = []
+        if with_denoiser and spec.model.attention == "default":
+            use_math_attention(self._experts())
         if with_denoiser and spec.model.compile.enabled:
             self._compile()
         self.load_seconds = time.perf_counter() - started
