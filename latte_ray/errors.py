@@ -68,3 +68,10 @@ class RunStalled(LatteRayError, RuntimeError):
     """The run made no progress for two stall timeouts; the message is the one-line reason (exit 3)."""
 
     exit_code = EXIT_STALLED
+
+
+class StageGraphError(LatteRayError, ValueError):
+    """Declared stages composed so that one reads a column nothing upstream produces (latte_ray/stages/
+    declare.py); found before anything executes, in one line naming the stage and the column."""
+
+    exit_code = EXIT_BAD_INPUT

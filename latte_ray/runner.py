@@ -23,11 +23,13 @@ from importlib import metadata
 from latte_ray.faults.interrupt import interrupt, sigterm_interrupts
 from latte_ray.faults.rootcause import RunFailed, describe
 from latte_ray.faults.watchdog import RunStalled
-from latte_ray.plan.prompts import inspect_prompt_tables, resolve_prompt_files
+from latte_ray.plan.prompts import _arrow_filesystem, inspect_prompt_tables, read_input, resolve_prompt_files  # noqa: F401 - re-exported
 from latte_ray.record import lease as leases
 from latte_ray.record import output as outputs
 from latte_ray.record.storage import is_local
-from latte_ray.spec import RunSpec, SpecError, pool_bounds
+from latte_ray.spec import RunSpec, SpecError
+from latte_ray.stages.denoise import restart_args  # noqa: F401 - re-exported
+from latte_ray.stages.graph import build_plan
 from latte_ray.versions import provenance
 
 log = logging.getLogger(__name__)
@@ -114,128 +116,6 @@ def init_ray() -> None:
     ray.init(address="local", logging_level=logging.WARNING)
 
 
-def _arrow_filesystem(fs):
-    if is_local(fs):
-        return None
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    return PyFileSystem(FSSpecHandler(fs))
-
-
-def read_input(run: RunSpec, in_fs, files: list[str]):
-    """The input tables as a Ray Data dataset, with each row's file and a deterministic row hash (the
-    pre-pass and the main pass read through this one function so that their row hashes agree)."""
-    import ray
-
-    return ray.data.read_parquet(
-        files, filesystem=_arrow_filesystem(in_fs), include_paths=True, include_row_hash=True,
-        num_cpus=run.pipeline.execution.num_cpus_per_cpu_task,
-    )
-
-
-def build_plan(run: RunSpec, in_fs, files: list[str], work=None, run_id: str = "",
-               round_of: tuple[int, int] | None = None, fence: dict | None = None, servers=None,
-               executions: int = 1):
-    """The Ray Data dataset whose rows are the manifest rows of this run (`work`: a workplan.WorkPlan;
-    when none of its rows needs a model, only error rows are written and no generation actor starts;
-    `round_of`: (k, rounds) to take on only the ids of round k, see `rounds`; `servers`: the run's
-    fleet/servers.ModelServers when the models live for the whole run, execution.keep_model_actors;
-    `executions`: how many of the run's executions are under way at once, which share the CPU stages' most
-    actors)."""
-    import ray
-    import pyarrow.parquet as pq  # noqa: F401  (pyarrow must be importable on workers)
-
-    from latte_ray.plan.fit import initial_pool_size
-    from latte_ray.stages import DenoiseStage, EncodeStage, WriteStage
-    from latte_ray.stages.prepare import prepare_batch
-
-    spec = run.pipeline
-    ex = spec.execution
-    spec_json = spec.model_dump_json()
-    # Encode and write are small autoscaling actor pools (encoders and writers keep their state between
-    # batches); the prepare stage runs inside the read tasks (stages/prepare.py says why). Two executions
-    # under way (overlapping rounds) share cpu_stage_max_actors: one whose pools had grown onto every spare
-    # CPU left the next none to start on (its reads and first actors waited for the last one's end).
-    cpu_pool = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, ex.cpu_stage_max_actors // executions))
-    ds = read_input(run, in_fs, files)
-    ds = ds.map_batches(
-        prepare_batch,
-        fn_kwargs={
-            "default_negative": spec.sampling.negative_prompt, "run_seed": run.seed,
-            **(work.refs if work is not None else {}), "round_of": round_of,
-            "without_id": work.without_id if work is not None else None,
-        },
-        batch_format="pyarrow",
-        num_cpus=ex.num_cpus_per_cpu_task,
-    )
-    if run.limit:
-        ds = ds.limit(run.limit)
-    if work is not None and not work.generate:
-        return ds.map_batches(
-            WriteStage,
-            fn_constructor_kwargs={"output_url": run.output, "spec_json": spec_json,
-                                   "storage_options": run.storage_options, "run_id": run_id, "fence": fence},
-            batch_format="numpy", compute=cpu_pool, num_cpus=ex.num_cpus_per_cpu_task,
-        )
-    # Small blocks, one generation batch each, so every actor in the pool gets work.
-    ds = ds.repartition(target_num_rows_per_block=ex.batch_size)
-    if ex.text_encode_stage:
-        from latte_ray.stages.text_encode import TextEncodeStage
-
-        ds = ds.map_batches(
-            TextEncodeStage,
-            fn_constructor_kwargs={"spec_json": spec_json, "cache_dir": run.cache_dir,
-                                   "storage_options": run.storage_options},
-            batch_size=ex.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=1),
-            num_cpus=ex.num_cpus_per_actor, num_gpus=ex.num_gpus_per_actor,
-            **restart_args(ex),
-        )
-    lo, hi = pool_bounds(ex.concurrency)
-    if servers is not None:  # thin clients of the run's generation servers, which hold the GPUs and models
-        from latte_ray.fleet.client import DenoiseClient
-        from latte_ray.fleet.servers import client_pool
-
-        # A fixed pool of a few clients, each running several batches at once (one thread each), with room
-        # for two batches per server the pool may reach: a batch takes a free slot of whichever server
-        # has one (fleet/servers.py), so servers that join mid-round are fed without a new client.
-        clients, in_flight = client_pool(spec)
-        pool = ray.data.ActorPoolStrategy(size=clients, max_tasks_in_flight_per_actor=in_flight,
-                                          max_concurrent_calls_per_actor=in_flight, enable_true_multi_threading=True)
-        ds = ds.map_batches(DenoiseClient, fn_constructor_kwargs={"broker": servers.broker,
-                                                                  "order": round_of[0] if round_of else 0},
-                            batch_size=ex.batch_size, batch_format="numpy", compute=pool, num_cpus=0)
-    else:
-        ds = ds.map_batches(
-            DenoiseStage,
-            fn_constructor_kwargs={"spec_json": spec_json, "cache_dir": run.cache_dir,
-                                   "storage_options": run.storage_options, "run_id": run_id},
-            batch_size=ex.batch_size,
-            batch_format="numpy",
-            # Every actor the cluster can hold starts at once (plan/fit.initial_pool_size says why).
-            compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, initial_size=initial_pool_size(spec)),
-            num_cpus=ex.num_cpus_per_actor,
-            num_gpus=ex.num_gpus_per_actor,
-            **restart_args(ex),
-        )
-    ds = ds.map_batches(
-        EncodeStage, fn_constructor_kwargs={"video_spec_json": spec.video.model_dump_json()},
-        batch_format="numpy", compute=cpu_pool, num_cpus=ex.num_cpus_per_cpu_task,
-    )
-    if spec.scoring.enabled:  # scores go into the manifest rows this run commits (latte_ray/record/scores.py)
-        from latte_ray.stages.score import add_scoring_stages
-
-        ds = add_scoring_stages(ds, spec.scoring, cpu_pool, ex.num_cpus_per_cpu_task, run.cache_dir,
-                                run.storage_options)
-    ds = ds.map_batches(
-        WriteStage,
-        fn_constructor_kwargs={"output_url": run.output, "spec_json": spec_json,
-                               "storage_options": run.storage_options, "run_id": run_id, "fence": fence},
-        batch_format="numpy", compute=cpu_pool, num_cpus=ex.num_cpus_per_cpu_task,
-    )
-    return ds
-
-
 def rounds(run: RunSpec, todo: int) -> int:
     """How many Ray Data executions a run of `todo` rows is split into.
 
@@ -248,16 +128,6 @@ def rounds(run: RunSpec, todo: int) -> int:
     if run.limit:
         return 1
     return max(1, -(-todo // run.pipeline.execution.round_rows))
-
-
-def restart_args(ex) -> dict:
-    """Actor restart options for the model stages. Ray Data's own default for actor pools is what we want
-    (restart without limit, retry the batch; a row that keeps killing its actor is stopped by
-    crashes.CrashLedger), and passing it through `**ray_remote_args` is deprecated, so only a
-    non-default `execution.max_restarts` is passed on."""
-    if ex.max_restarts == -1:
-        return {}
-    return {"max_restarts": ex.max_restarts, "max_task_retries": -1 if ex.max_restarts else 0}
 
 
 @dataclass
@@ -374,7 +244,9 @@ def _run_holding(run: RunSpec, checked: Preflight, run_id: str, started_wall: da
             raise
         if not isinstance(e, Exception):
             raise
-        reason = describe(e)  # Ray's errors carry whole tracebacks: keep the root cause
+        from latte_ray.stages.declare import labels
+
+        reason = describe(e, labels())  # Ray's errors carry whole tracebacks: keep the root cause
         log.debug("run %s failed", run_id, exc_info=e)
         history.finish("failed", reason, **_counts(summary))
         raise RunFailed(reason) from None

@@ -75,7 +75,7 @@ class Demand:
 
 
 def plan_minimum(spec, generate: bool = True) -> list[Demand]:
-    """What must run at once for the plan to make progress (runner.build_plan's operators)."""
+    """What must run at once for the plan to make progress (stages/graph.build_plan's operators)."""
     ex = spec.execution
     task = ex.num_cpus_per_cpu_task
     demands = [Demand("write-stage actor", task)]
@@ -86,7 +86,7 @@ def plan_minimum(spec, generate: bool = True) -> list[Demand]:
             demands.append(Demand("text-encode actor", ex.num_cpus_per_actor, ex.num_gpus_per_actor))
         demands += [Demand("generation actor", ex.num_cpus_per_actor, ex.num_gpus_per_actor)] * lo
         scoring = spec.scoring
-        if scoring.enabled:  # stages/score.add_scoring_stages: a CPU stage, then the scoring actor pool
+        if scoring.enabled:  # stages/graph.generation: the sample-frames CPU stage, then the scoring actor pool
             demands.append(Demand("sample-frames-stage actor", task))
             low, _ = pool_bounds(scoring.concurrency)
             demands += [Demand("scoring actor", scoring.num_cpus, scoring.num_gpus)] * low

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from latte_ray.spec import SpecError
-from latte_ray.record.storage import filesystem
+from latte_ray.record.storage import filesystem, is_local
 
 ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 MAX_SEED = 2**63 - 1
@@ -204,3 +204,22 @@ def prepare_rows(batch: pa.Table, default_negative: str, run_seed: int,
         "status": np.array(out["status"], dtype=object),
         "error": np.array(out["error"], dtype=object),
     }
+
+
+def _arrow_filesystem(fs):
+    if is_local(fs):
+        return None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(fs))
+
+
+def read_input(run, in_fs, files: list[str]):
+    """The input tables as a Ray Data dataset, with each row's file and a deterministic row hash (the
+    pre-pass and the main pass read through this one function so that their row hashes agree)."""
+    import ray
+
+    return ray.data.read_parquet(
+        files, filesystem=_arrow_filesystem(in_fs), include_paths=True, include_row_hash=True,
+        num_cpus=run.pipeline.execution.num_cpus_per_cpu_task,
+    )
