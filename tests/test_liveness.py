@@ -277,7 +277,7 @@ def test_an_actor_that_ray_will_not_restart_is_replaced(ray_local, faults_file, 
     ids = [f"r-{i}" for i in range(8)]
     started = time.time()
     with fault_rules(faults_file, "point=denoise match=r-5 action=exit times=1") as state, \
-            caplog.at_level("WARNING", logger="latte_ray.runner"):
+            caplog.at_level("WARNING", logger="latte_ray.scheduler"):
         summary = runner.run(RunSpec(pipeline=spec, prompts=[str(_table(tmp_path, ids))],
                                      output=str(tmp_path / "out")))
         assert faults.fired(str(state)) == {0: 1}

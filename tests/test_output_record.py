@@ -214,7 +214,7 @@ def test_a_corrupt_weight_file_ends_the_run_in_one_line(tmp_path, model_cache, r
     spec = spec.model_copy(update={"model": spec.model.model_copy(update={"source": str(model)})})
     table = write_prompts(tmp_path / "p.parquet", {"id": ["a", "b"], "prompt": ["a cat", "a dog"]})
     out = tmp_path / "out"
-    with caplog.at_level("WARNING", logger="latte_ray.runner"):
+    with caplog.at_level("WARNING", logger="latte_ray.scheduler"):
         result = CliRunner().invoke(app, ["run", "-p", str(write_spec(tmp_path / "s.yaml", spec)), "--prompts",
                                           str(table), "--output", str(out)])
     assert result.exit_code == 1, result.output

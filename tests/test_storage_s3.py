@@ -24,7 +24,7 @@ from conftest import REPO, write_prompts
 from latte_ray.cli import parse_storage_options
 from latte_ray.model.loading import MIRROR_RECORD, ModelSourceError, load_pipeline, mirror_to_local
 from latte_ray.plan.prompts import check_prompt_schema, resolve_prompt_files
-from latte_ray.runner import _arrow_filesystem
+from latte_ray.plan.prompts import _arrow_filesystem
 from latte_ray.runner import run as run_generation
 from latte_ray.spec import ModelSpec, RunSpec, SpecError, load_pipeline_spec, parse_pipeline_spec
 from latte_ray.record.storage import OutputLayout, filesystem, latest_rows, read_manifest

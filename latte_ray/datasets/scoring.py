@@ -171,7 +171,7 @@ def _score(output: str, scoring: ScoringSpec, storage_options: dict | None, cach
     ds = ds.materialize()  # the rows to score, in the object store: counted before any model loads
     summary.todo = ds.count()
     if console is not None:
-        from latte_ray.runner import cluster_line
+        from latte_ray.cluster import cluster_line
 
         log_part = f"; log: {console.log_now}" if console.log_now else ""
         console.echo(f"score: scorer {digest} ({scoring.clip_model}) over {output}: {summary.todo} videos to "

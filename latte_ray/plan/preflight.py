@@ -8,7 +8,7 @@
   are fine: a synthetic dataset keeps its prompt table in OUTPUT/prompts/.
 
 The rest of the driver-side checks live with what they check (record/output.py: the output's binding and
-writability; model/configs.py: the model source; stages/encode.py: the video settings); runner.preflight
+writability; model/configs.py: the model source; stages/encode.py: the video settings); `preflight` below
 runs them all, in order.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 
 import fsspec
 
@@ -95,3 +96,49 @@ def _normal(fs, path: str) -> str:
         return os.path.realpath(path)
     fixed, _, rest = path[: match.start()].rpartition("/")
     return f"{os.path.realpath(fixed or '/')}/{rest}{path[match.start():]}".replace("//", "/")
+
+
+@dataclass
+class Preflight:
+    """What the driver-side checks found: the output (checked, not yet bound) and the input tables."""
+
+    output: object  # record/output.Output
+    in_fs: object
+    files: list[str]
+    without_id: list[str]
+    model: str  # a line describing the model source
+    model_identity: dict | None = None  # what the source resolved to (model/configs.py ModelConfigs.identity)
+
+
+def preflight(run: RunSpec, tables: bool = True) -> Preflight:
+    """Every check that needs neither Ray nor model weights, in the driver, cheapest first; SpecError (one
+    line, exit 2) names the option, field, path or URL. Writes nothing but a probe it deletes again.
+    `tables=False` leaves out the prompt tables (synth checks the rest before it writes its table)."""
+    from latte_ray.model.configs import check_model
+    from latte_ray.plan.prompts import inspect_prompt_tables, resolve_prompt_files
+    from latte_ray.record import output as outputs
+    from latte_ray.stages.encode import check_video_settings
+
+    check_urls(run)
+    check_output_location(run)
+    in_fs, files, without_id = None, [], []
+    if tables:
+        in_fs, files = resolve_prompt_files(run.prompts, run.storage_options)
+        _, without_id = inspect_prompt_tables(in_fs, files)
+    sampling = run.pipeline.sampling
+    check_video_settings(run.pipeline.video, sampling.height, sampling.width)
+    out = outputs.open_output(run.output, run.storage_options)
+    outputs.check_binding(out, run.pipeline, run.seed)
+    outputs.probe_writable(out)
+    if run.pipeline.model.quantization is not None:
+        from latte_ray.model.quantize import check_before_run
+
+        check_before_run(run.pipeline.model)  # float8 on a machine without float8 GPUs: refused here
+    model, identity = check_model(run.pipeline, run.storage_options)
+    outputs.check_model_identity(out, identity)  # the same source resolving to other weights: refused
+    if run.pipeline.scoring.enabled:
+        from latte_ray.model.clip import check_sources
+
+        check_sources(run.pipeline.scoring, run.storage_options)
+    return Preflight(output=out, in_fs=in_fs, files=files, without_id=without_id, model=model,
+                     model_identity=identity)

@@ -42,7 +42,7 @@ def build_plan(run, in_fs, files: list[str], work=None, run_id: str = "",
                executions: int = 1):
     """The Ray Data dataset whose rows are the manifest rows of this run (`work`: a workplan.WorkPlan;
     when none of its rows needs a model, only error rows are written and no generation actor starts;
-    `round_of`: (k, rounds) to take on only the ids of round k, see runner.rounds; `servers`: the run's
+    `round_of`: (k, rounds) to take on only the ids of round k, see scheduler.rounds; `servers`: the run's
     fleet/servers.ModelServers when the models live for the whole run, execution.keep_model_actors;
     `executions`: how many of the run's executions are under way at once, which share the CPU stages' most
     actors). StageGraphError before anything runs if the declared stages cannot compose."""

@@ -35,7 +35,7 @@ class PrepareStage:
                  round_of: tuple[int, int] | None = None, carry: bool = False):
         self.default_negative = default_negative
         self.carry = carry  # keep the input's other columns (the processor: the caller's columns ride along)
-        self.round_of = round_of  # (k, rounds): keep only the ids of round k (runner.rounds)
+        self.round_of = round_of  # (k, rounds): keep only the ids of round k (scheduler.rounds)
         self.without_id = frozenset(without_id or ())  # files with no id column (prompts.prepare_rows)
         self.run_seed = run_seed
         self.skip = _resolve(skip)  # sorted id keys to leave out (resume), or None
