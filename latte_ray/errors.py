@@ -75,3 +75,10 @@ class StageGraphError(LatteRayError, ValueError):
     declare.py); found before anything executes, in one line naming the stage and the column."""
 
     exit_code = EXIT_BAD_INPUT
+
+
+class PlanDoesNotFit(LatteRayError):
+    """A plan that can never be scheduled on this cluster (no autoscaler can add what it lacks), or that
+    asks for hardware this machine lacks; refused before any actor starts, naming the numbers."""
+
+    exit_code = EXIT_BAD_INPUT

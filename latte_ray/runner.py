@@ -29,7 +29,8 @@ from latte_ray.plan.preflight import Preflight, preflight
 from latte_ray.record import lease as leases
 from latte_ray.record import output as outputs
 from latte_ray.scheduler import generate
-from latte_ray.spec import RunSpec, SpecError
+from latte_ray.errors import EXIT_BAD_INPUT, LatteRayError
+from latte_ray.spec import RunSpec
 from latte_ray.versions import provenance
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ def _run_holding(run: RunSpec, checked: Preflight, run_id: str, started_wall: da
         if isinstance(e, KeyboardInterrupt):
             history.finish("interrupted", **_counts(summary))
             raise
-        if isinstance(e, SpecError):
+        if isinstance(e, LatteRayError) and e.exit_code == EXIT_BAD_INPUT:  # found by a check in the run
             history.finish("failed", str(e), **_counts(summary))
             raise
         if not isinstance(e, Exception):

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import yaml
 from pydantic import ValidationError
 
+from latte_ray.errors import InputError
 from latte_ray.spec import ExecutionSpec, ScoringSpec, SpecError, _format_errors, resolve_pipeline_path
 
 log = logging.getLogger(__name__)
@@ -149,9 +150,9 @@ def _score(output: str, scoring: ScoringSpec, storage_options: dict | None, cach
     try:
         parts = manifest_files(fs, layout)
     except Exception as e:  # noqa: BLE001 - an unreadable output fails before any model loads
-        raise SpecError(f"score: cannot read {layout.url}/manifest/: {type(e).__name__}: {e}") from e
+        raise InputError(f"score: cannot read {layout.url}/manifest/: {type(e).__name__}: {e}") from e
     if not parts:
-        raise SpecError(f"score: {output} has no manifest parts (not a latte-ray output, or nothing generated yet)")
+        raise InputError(f"score: {output} has no manifest parts (not a latte-ray output, or nothing generated yet)")
     from latte_ray.model.clip import check_sources
 
     check_sources(scoring, storage_options)

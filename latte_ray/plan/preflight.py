@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import fsspec
 
 from latte_ray.record.storage import filesystem, is_local
-from latte_ray.spec import RunSpec, SpecError
+from latte_ray.errors import InputError
+from latte_ray.spec import RunSpec
 
 NOT_PERSISTENT = {"memory": "keeps files only in this process's memory, so the videos would be gone when it ends"}
 READ_ONLY = {"http", "https", "zip", "tar", "libarchive", "github", "git", "reference", "data", "jlab", "dask"}
@@ -35,18 +36,18 @@ def check_urls(run: RunSpec) -> None:
     for url in run.prompts:
         try:
             filesystem(url, run.storage_options)
-        except SpecError as e:
-            raise SpecError(f"prompts: {e}") from None
+        except InputError as e:
+            raise InputError(f"prompts: {e}") from None
     try:
         filesystem(run.output, run.storage_options)
-    except SpecError as e:
-        raise SpecError(f"output: {e}") from None
+    except InputError as e:
+        raise InputError(f"output: {e}") from None
     protocol = fsspec.utils.get_protocol(run.output)
     if protocol in NOT_PERSISTENT:
-        raise SpecError(f"output {run.output!r}: {protocol}:// {NOT_PERSISTENT[protocol]}; use a local folder or "
+        raise InputError(f"output {run.output!r}: {protocol}:// {NOT_PERSISTENT[protocol]}; use a local folder or "
                         f"an object store (s3://...)")
     if protocol in READ_ONLY:
-        raise SpecError(f"output {run.output!r}: {protocol}:// is read-only; use a local folder or an object "
+        raise InputError(f"output {run.output!r}: {protocol}:// is read-only; use a local folder or an object "
                         f"store (s3://...)")
 
 
@@ -55,14 +56,14 @@ def check_output_location(run: RunSpec) -> None:
     out_fs, out_root = filesystem(run.output, run.storage_options)
     out_root = _normal(out_fs, out_root)
     if is_local(out_fs) and os.path.isfile(out_root):
-        raise SpecError(f"output {run.output!r} is an existing file; give a folder (it holds videos/, manifest/ "
+        raise InputError(f"output {run.output!r} is an existing file; give a folder (it holds videos/, manifest/ "
                         f"and the run records)")
     for url in run.prompts:
         in_fs, in_path = filesystem(url, run.storage_options)
         if type(in_fs) is not type(out_fs):
             continue
         if reads_own_tables(_normal(in_fs, in_path), out_root):
-            raise SpecError(
+            raise InputError(
                 f"output {run.output!r} lies inside the input {url!r}: the input would take in the output's own "
                 f"manifest parts (OUTPUT/manifest/*.parquet) as prompt tables on the next run; put the output "
                 f"outside every input folder and glob"
@@ -111,7 +112,7 @@ class Preflight:
 
 
 def preflight(run: RunSpec, tables: bool = True) -> Preflight:
-    """Every check that needs neither Ray nor model weights, in the driver, cheapest first; SpecError (one
+    """Every check that needs neither Ray nor model weights, in the driver, cheapest first; LatteRayError (one
     line, exit 2) names the option, field, path or URL. Writes nothing but a probe it deletes again.
     `tables=False` leaves out the prompt tables (synth checks the rest before it writes its table)."""
     from latte_ray.model.configs import check_model

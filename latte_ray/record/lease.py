@@ -54,7 +54,7 @@ import fsspec
 
 from latte_ray.errors import LeaseLost, RunFailed  # noqa: F401 - re-exported: latte_ray.record.lease.LeaseLost
 from latte_ray.record.storage import is_local, write_atomic, write_exclusive
-from latte_ray.spec import SpecError
+from latte_ray.errors import InputError, LeaseHeld, OutputDamaged
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ TAKEN_SUFFIX = "taken.json"  # <generation>.taken.json: written by the run that 
 
 
 def read_holder(fs: fsspec.AbstractFileSystem, folder: str, generation: int) -> dict | None:
-    """A lease object, None when it is gone; SpecError when it is not one latte-ray wrote."""
+    """A lease object, None when it is gone; OutputDamaged when it is not one latte-ray wrote."""
     path = f"{folder}/{_name(generation)}"
     try:
         data = fs.cat_file(path)
@@ -146,7 +146,7 @@ def read_holder(fs: fsspec.AbstractFileSystem, folder: str, generation: int) -> 
         holder["heartbeat_unix"] = float(holder["heartbeat_unix"])
         holder["expiry_s"] = float(holder["expiry_s"])
     except (ValueError, KeyError, TypeError):
-        raise SpecError(f"{path}: not a latte-ray lease object (unreadable JSON or fields missing); if no run "
+        raise OutputDamaged(f"{path}: not a latte-ray lease object (unreadable JSON or fields missing); if no run "
                         f"writes this output, delete it") from None
     holder["generation"] = generation
     return holder
@@ -221,7 +221,7 @@ def holders(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict]:
     for gen in generations(fs, folder):
         try:
             holder = read_holder(fs, folder, gen)
-        except SpecError:
+        except OutputDamaged:
             continue
         if holder is not None:
             found[holder.get("run_id", "?")] = holder
@@ -235,8 +235,8 @@ def describe_holder(holder: dict, url: str, now: float | None = None) -> str:
             f"{_name(holder['generation'])})")
 
 
-def _held_error(url: str, holder: dict) -> SpecError:
-    return SpecError(
+def _held_error(url: str, holder: dict) -> LeaseHeld:
+    return LeaseHeld(
         f"output {url} is being written by {describe_holder(holder, url)}: one writer per output. Wait for it "
         f"with --wait-for-lease, or run again once it has ended; a lease whose heartbeat is older than its "
         f"expiry ({holder['expiry_s']:.0f} s) is taken over automatically"
@@ -385,7 +385,7 @@ def fence_breach(fs: fsspec.AbstractFileSystem, fence: dict) -> str | None:
     if gens[-1] != mine:
         try:
             taker = read_holder(fs, folder, gens[-1])
-        except SpecError:
+        except OutputDamaged:
             taker = None
         who = describe_holder(taker, url) if taker else f"generation {gens[-1]}"
         return (f"lease lost: output {url} was taken over by {who} after this run's heartbeat went stale; "
@@ -408,14 +408,14 @@ def check_fence(fs: fsspec.AbstractFileSystem, fence: dict | None) -> None:
 def acquire(fs: fsspec.AbstractFileSystem, root: str, url: str, run_id: str, command: str, terms: Terms,
             policy: Policy = Policy(), on_takeover: Callable[[dict, "Lease"], None] | None = None,
             sleep: Callable[[float], None] = time.sleep) -> Lease | None:
-    """Take the output's lease (None with `policy.take` off). Refused (SpecError, one line) while another run
+    """Take the output's lease (None with `policy.take` off). Refused (LeaseHeld, one line) while another run
     holds it, unless `policy.wait`: then poll until it is released or expires. A stale holder is replaced
     and `on_takeover(holder, lease)` is called (the runner marks its record `died`)."""
     if not policy.take:
         return None
     if not create_only_supported(fs):
         protocol = _protocols(fs)[0]
-        raise SpecError(
+        raise InputError(
             f"output {url}: {protocol}:// storage has no create-only write latte-ray can use for the output "
             f"lease (one writer per output; local disk and s3:// have one); run with --no-lease if nothing "
             f"else writes to this output"
