@@ -238,7 +238,7 @@ def measure(found, rounds, fleet: Fleet, t_run0: float, t_run1: float, load: flo
 def run_scenario(name: str, args, work: Path) -> dict:
     import ray
 
-    from latte_ray import runner
+    from latte_ray import runner, scheduler
     from latte_ray.ops.fleet import lives
     from latte_ray.record.storage import OutputLayout, filesystem, read_manifest
     from latte_ray.spec import RunSpec
@@ -300,7 +300,7 @@ def run_scenario(name: str, args, work: Path) -> dict:
         rows = read_manifest(fs, OutputLayout(str(out), root))
         ok = [r["id"] for r in rows.to_pylist() if r["status"] == "ok"]
         assert summary.ok == prompts and len(ok) == len(set(ok)) == prompts, (summary.ok, len(ok), len(set(ok)))
-        n_rounds = runner.rounds(RunSpec(pipeline=spec, prompts=[str(table)], output=str(out)), prompts)
+        n_rounds = scheduler.rounds(RunSpec(pipeline=spec, prompts=[str(table)], output=str(out)), prompts)
         r = measure(lives(rows), by_round(rows, n_rounds), fleet, t_run0, t_run1, load, batch, pooled=args.pooled)
         if args.dump:  # every actor life's start and calls (epoch seconds), for a closer look
             Path(args.dump).write_text(json.dumps({"t_run0": t_run0, "lives": [

@@ -52,6 +52,7 @@ def child(mode: str, table: str, output: str) -> None:
     from latte_ray.spec import RunSpec
     from latte_ray.record.storage import OutputLayout, filesystem
     from latte_ray.plan import workplan
+    from latte_ray.plan.prompts import read_input
     from latte_ray.plan.workplan import plan_work
 
     run = RunSpec(pipeline=tiny_spec(), prompts=[table], output=output)
@@ -63,7 +64,7 @@ def child(mode: str, table: str, output: str) -> None:
     baseline = rss_mb()
     started = time.perf_counter()
     if mode == "plan":
-        work = plan_work(run, in_fs, files, lambda subset: runner.read_input(run, in_fs, subset))
+        work = plan_work(run, in_fs, files, lambda subset: read_input(run, in_fs, subset))
         result = {"done": work.done, "todo": work.todo}
     else:
         out_fs, root = filesystem(output)

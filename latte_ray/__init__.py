@@ -11,7 +11,7 @@ Errors raised on purpose are `latte_ray.LatteRayError` subclasses with the CLI's
 
 _API = {"load_spec", "run", "build_processor"}
 _ERRORS = {"LatteRayError", "SpecError", "InputError", "OutputBindingError", "OutputDamaged", "LeaseHeld",
-           "RunFailed", "LeaseLost", "RunStalled"}
+           "RunFailed", "LeaseLost", "RunStalled", "StageGraphError", "PlanDoesNotFit"}
 
 __all__ = sorted(_API | _ERRORS | {"RunSummary", "__version__"})
 

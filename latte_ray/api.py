@@ -138,7 +138,10 @@ def build_processor(spec: str | Path | PipelineSpec, *, preprocess: Callable | N
     Ray, like any Ray Data operation (the pattern of `ray.data.llm.build_llm_processor`). The generation
     is the run's own (the same declared stages): a row's `video` holds the same mp4 bytes `run` writes
     for the same (prompt, negative prompt, seed, spec). No output, no lease, no resume, no record: the caller
-    owns the dataflow and writes what it keeps.
+    owns the dataflow and writes what it keeps. The processor's own tasks ask for the spec's
+    `execution.num_cpus_per_cpu_task`; its generation actors hold their CPUs (and GPUs) while the pipeline
+    runs, so on a small machine give the pipeline's other tasks a share of a CPU too (`num_cpus=0.25`),
+    or a task asking for a whole one may wait behind them for ever (examples/compose.py does).
 
     Args:
         spec: a PipelineSpec, a built-in spec name or a YAML path.

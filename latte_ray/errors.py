@@ -78,3 +78,17 @@ class RunStalled(LatteRayError, RuntimeError):
     """The run made no progress for two stall timeouts; the message is the one-line reason (exit 3)."""
 
     exit_code = EXIT_STALLED
+
+
+class StageGraphError(LatteRayError, ValueError):
+    """Declared stages composed so that one reads a column nothing upstream produces (latte_ray/stages/
+    declare.py); found before anything executes, in one line naming the stage and the column."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class PlanDoesNotFit(LatteRayError):
+    """A plan that can never be scheduled on this cluster (no autoscaler can add what it lacks), or that
+    asks for hardware this machine lacks; refused before any actor starts, naming the numbers."""
+
+    exit_code = EXIT_BAD_INPUT

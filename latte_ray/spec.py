@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -359,7 +359,31 @@ class VideoSpec(_Strict):
         return "rgb24" if self.codec == "libx264rgb" else "yuv420p"
 
 
-class ExecutionSpec(_Strict):
+class _LeaseTerms(_Strict):
+    """The output lease's terms (latte_ray/record/lease.py: one writer per output), for every section that
+    configures a writing command: a run's `execution`, a scoring run's `scoring`."""
+
+    _section: ClassVar[str] = "execution"
+
+    lease_heartbeat_s: float = Field(
+        30.0, gt=0, description="How often the driver renews its output lease's heartbeat "
+        "(latte_ray/record/lease.py: one writer per output).",
+    )
+    lease_expiry_s: float = Field(
+        180.0, gt=0, description="After how long without a heartbeat the output lease counts as dead and the "
+        "next writing run takes it over (and marks the dead run's record `died`). At least twice "
+        "lease_heartbeat_s; longer than the longest pause a live driver can have (storage outage, GC).",
+    )
+
+    @model_validator(mode="after")
+    def _lease_expiry_covers_heartbeats(self):
+        if self.lease_expiry_s < 2 * self.lease_heartbeat_s:
+            raise ValueError(f"{self._section}.lease_expiry_s ({self.lease_expiry_s:g}) must be at least twice "
+                             f"{self._section}.lease_heartbeat_s ({self.lease_heartbeat_s:g})")
+        return self
+
+
+class ExecutionSpec(_LeaseTerms):
     """Placement, batching, rounds, timeouts and the output lease: how a run is executed, never what it makes
     (not in the spec hash)."""
 
@@ -413,27 +437,10 @@ class ExecutionSpec(_Strict):
         "null: off.",
     )
 
-    lease_heartbeat_s: float = Field(
-        30.0, gt=0, description="How often the driver renews its output lease's heartbeat "
-        "(latte_ray/record/lease.py: one writer per output).",
-    )
-    lease_expiry_s: float = Field(
-        180.0, gt=0, description="After how long without a heartbeat the output lease counts as dead and the "
-        "next writing run takes it over (and marks the dead run's record `died`). At least twice "
-        "lease_heartbeat_s; longer than the longest pause a live driver can have (storage outage, GC).",
-    )
-
     @field_validator("concurrency")
     @classmethod
     def _concurrency(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
         return check_concurrency(v)
-
-    @model_validator(mode="after")
-    def _lease_expiry_covers_heartbeats(self) -> "ExecutionSpec":
-        if self.lease_expiry_s < 2 * self.lease_heartbeat_s:
-            raise ValueError(f"execution.lease_expiry_s ({self.lease_expiry_s:g}) must be at least twice "
-                             f"execution.lease_heartbeat_s ({self.lease_heartbeat_s:g})")
-        return self
 
     @field_validator("stall_timeout_s", "batch_deadline_s")
     @classmethod
@@ -456,8 +463,10 @@ def check_concurrency(v: int | tuple[int, int]) -> int | tuple[int, int]:
     return v
 
 
-class ScoringSpec(_Strict):
+class ScoringSpec(_LeaseTerms):
     """Per-video quality scores (latte_ray/model/clip.py): CLIPScore and a LAION-style aesthetic score."""
+
+    _section: ClassVar[str] = "scoring"
 
     enabled: bool = Field(False, description="Score every new video in the run (an actor pool after encoding). "
                           "`latte-ray score OUTPUT --scoring SPEC` scores an existing output whatever this says.")
@@ -481,27 +490,10 @@ class ScoringSpec(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="CLIP weights and compute dtype.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks cuda when one is visible.")
 
-    lease_heartbeat_s: float = Field(
-        30.0, gt=0, description="How often the driver renews its output lease's heartbeat "
-        "(latte_ray/record/lease.py: one writer per output).",
-    )
-    lease_expiry_s: float = Field(
-        180.0, gt=0, description="After how long without a heartbeat the output lease counts as dead and the "
-        "next writing run takes it over (and marks the dead run's record `died`). At least twice "
-        "lease_heartbeat_s; longer than the longest pause a live driver can have (storage outage, GC).",
-    )
-
     @field_validator("concurrency")
     @classmethod
     def _concurrency(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
         return check_concurrency(v)
-
-    @model_validator(mode="after")
-    def _lease_expiry_covers_heartbeats(self) -> "ExecutionSpec":
-        if self.lease_expiry_s < 2 * self.lease_heartbeat_s:
-            raise ValueError(f"execution.lease_expiry_s ({self.lease_expiry_s:g}) must be at least twice "
-                             f"execution.lease_heartbeat_s ({self.lease_heartbeat_s:g})")
-        return self
 
     def scoring_hash(self) -> str:
         """Hash of what determines a score (models, frames, dtype), not placement or batch size."""

@@ -17,7 +17,8 @@ import pytest
 
 from latte_ray import runner
 from latte_ray.plan.prompts import MAX_PROMPT_CHARS, check_prompt_schema, derive_id, resolve_prompt_files
-from latte_ray.spec import RunSpec, SpecError
+from latte_ray.errors import InputError
+from latte_ray.spec import RunSpec
 from tests.conftest import own_output, write_prompts
 from tests.invariants import assert_exactly_once, fast_spec, manifest
 
@@ -122,7 +123,7 @@ def test_malformed_tables_fail_before_any_work_naming_the_file_or_field(case, tm
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore: fail a refused connection at once
     options = {"endpoint_url": f"http://127.0.0.1:{_closed_port()}", "key": "k", "secret": "s"}
     out = tmp_path / "out"
-    with pytest.raises(SpecError) as info:
+    with pytest.raises(InputError) as info:
         runner.run(RunSpec(pipeline=fast_spec(), prompts=urls, output=str(out),
                            storage_options=options if urls[0].startswith("s3://") else {}))
     message = str(info.value)
@@ -134,7 +135,7 @@ def test_unreachable_output_fails_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     table = write_prompts(tmp_path / "t.parquet", {"prompt": ["a"]})
     options = {"endpoint_url": f"http://127.0.0.1:{_closed_port()}", "key": "k", "secret": "s"}
-    with pytest.raises(SpecError, match=r"output: cannot read s3://bucket/out/latte-ray.json: EndpointConnectionError"):
+    with pytest.raises(InputError, match=r"output: cannot read s3://bucket/out/latte-ray.json: EndpointConnectionError"):
         runner.run(RunSpec(pipeline=fast_spec(), prompts=[str(table)], output="s3://bucket/out",
                            storage_options=options))
 

@@ -204,7 +204,7 @@ with console.capture():
     logging.getLogger("ray.data").info("Running Dataset: before the output is bound")
     console.echo("run: what will run")
     console.attach_log(fsspec.filesystem("file"), out + "/runs/r1.log", out + "/runs/r1.log")
-    logging.getLogger("latte_ray.runner").warning("re-planning from the manifest")
+    logging.getLogger("latte_ray.scheduler").warning("re-planning from the manifest")
     os.write(1, b"an actor's forwarded output\\n")
     console.echo("latte-ray: 1 ok")
 print("after: " + console.log_location)

@@ -79,6 +79,32 @@ def runs(tmp_path_factory, ray_local):
     }
 
 
+def test_the_processor_makes_the_bytes_a_run_writes(runs):
+    """latte_ray.build_processor over the same prompts, seeds and spec, inside a Ray Data pipeline in this
+    session's Ray: every row's mp4 bytes are the bytes the batch-1 run stored, byte for byte; a bad row is an
+    error row, and every input row has its output row."""
+    import ray
+
+    import latte_ray
+
+    _, rows = runs["b1"]
+    items = [dict(zip(PROMPTS, values)) for values in zip(*PROMPTS.values())]
+    items.append({"id": "empty", "prompt": " ", "negative_prompt": None, "seed": 5})
+    got = {r["id"]: r for r in latte_ray.build_processor(lossless_spec(1))(ray.data.from_items(items)).take_all()}
+    assert set(got) == {*PROMPTS["id"], "empty"}
+    assert got["empty"]["status"] == "error" and "prompt is empty" in got["empty"]["error"]
+    assert got["empty"]["sha256"] is None
+    fs, _ = filesystem(rows["video_uri"][0].as_py())
+    for row in rows.to_pylist():
+        mine = got[row["id"]]
+        assert mine["status"] == "ok" and mine["error"] is None, mine["error"]
+        assert mine["video"] == fs.cat_file(row["video_uri"]), f"{row['id']}: other bytes than the run's"
+        assert (mine["sha256"], mine["seed"], mine["prompt"]) == (row["sha256"], row["seed"], row["prompt"])
+        assert (mine["num_frames"], mine["height"], mine["width"], mine["fps"]) == (
+            row["num_frames"], row["height"], row["width"], row["fps"])
+        assert mine["generate_seconds"] > 0
+
+
 def test_batched_videos_match_single_prompt_reference(runs, model_cache):
     from latte_ray.model.tiny import ensure_tiny_model
 

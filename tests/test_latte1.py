@@ -23,6 +23,7 @@ import yaml
 
 from hubcache import (LATTE_1, LATTE_1_COMMIT, LATTE_1_CONFIGS, LATTE_1_DATA, LATTE_1_DDIM, LATTE_1_LEARNED_RANGE,
                       LATTE_1_SCHEDULERS, latte_1_file, write_hub_cache)
+from latte_ray.errors import OutputBindingError
 from latte_ray.spec import TEACACHE_LATTE_COEFFICIENTS, SpecError, load_pipeline_spec, parse_pipeline_spec
 
 PROMPT, SEED = "a golden retriever running on a beach at sunset", 7
@@ -270,7 +271,7 @@ def test_a_resume_that_resolves_another_commit_is_refused(tmp_path):
         assert runner.preflight(run).model_identity == first.model_identity  # the same commit: fine
         moved = "1" * 40  # main moves on (the same files at a new commit, as a README edit would do)
         write_hub_cache(hub, LATTE_1, LATTE_1_CONFIGS, commit=moved)
-        with pytest.raises(SpecError) as refused:
+        with pytest.raises(OutputBindingError) as refused:
             runner.preflight(run)
     finally:
         constants.HF_HUB_CACHE = old
@@ -326,7 +327,7 @@ def test_a_model_folder_whose_files_changed_is_refused(tmp_path):
     assert first.model_identity["kind"] == "folder" and len(first.model_identity["fingerprint"]) == 32
     outputs.bind(first.output, spec, run.seed, "test", model_identity=first.model_identity)
     (folder / "transformer" / "model.safetensors").write_bytes(b"\0" * 16)  # new weights, same path
-    with pytest.raises(SpecError) as refused:
+    with pytest.raises(OutputBindingError) as refused:
         runner.preflight(run)
     message = str(refused.value)
     assert "\n" not in message and first.model_identity["fingerprint"] in message and "new --output" in message

@@ -24,6 +24,7 @@ from latte_ray.cli import app
 from latte_ray.record import lease as leases
 from latte_ray.record.output import open_output
 from latte_ray.record.storage import OutputLayout, filesystem, read_manifest, write_exclusive
+from latte_ray.errors import InputError, LeaseHeld
 from latte_ray.spec import SpecError, parse_pipeline_spec
 from tests.conftest import write_prompts
 from tests.invariants import assert_exactly_once, cli_env, fast_spec, kill_run, start_cli, write_spec
@@ -77,7 +78,7 @@ def test_a_second_taker_is_refused_naming_the_holder_and_release_frees_it(store)
     fs, root, url = store
     first = leases.acquire(fs, root, url, "run-a", "run", TERMS)
     assert first.generation == 1
-    with pytest.raises(SpecError) as refused:
+    with pytest.raises(LeaseHeld) as refused:
         leases.acquire(fs, root, url, "run-b", "backfill", TERMS)
     line = str(refused.value)
     assert "\n" not in line
@@ -115,7 +116,7 @@ def test_racing_takers_exactly_one_wins(store):
         barrier.wait()
         try:
             won.append(leases.acquire(fs, root, url, f"taker-{i}", "run", TERMS))
-        except SpecError as e:
+        except LeaseHeld as e:
             refused.append(str(e))
 
     threads = [threading.Thread(target=take, args=(i,)) for i in range(8)]
@@ -266,7 +267,7 @@ def test_a_holder_that_ends_between_a_takers_read_and_its_check_is_not_taken_ove
 
 def test_a_store_without_create_only_writes_needs_no_lease():
     fs, root = filesystem("memory://lease-test/out")
-    with pytest.raises(SpecError, match=r"memory:// storage has no create-only write .* run with --no-lease"):
+    with pytest.raises(InputError, match=r"memory:// storage has no create-only write .* run with --no-lease"):
         leases.acquire(fs, root, "memory://lease-test/out", "run-a", "run", TERMS)
     assert leases.acquire(fs, root, "memory://lease-test/out", "run-a", "run", TERMS, leases.Policy(take=False)) is None
 

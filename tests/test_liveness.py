@@ -28,7 +28,8 @@ from latte_ray.faults.crashes import MAX_CRASHES, CrashLedger, crash_message
 from latte_ray.faults.deadline import batch_deadline
 from latte_ray.faults.watchdog import RunStalled, Watchdog, stall_timeouts
 from latte_ray.plan import fit
-from latte_ray.spec import RunSpec, SpecError, load_pipeline_spec
+from latte_ray.errors import PlanDoesNotFit
+from latte_ray.spec import RunSpec, load_pipeline_spec
 from tests.conftest import write_prompts
 from tests.invariants import assert_exactly_once, fast_spec, manifest, write_spec
 
@@ -90,7 +91,7 @@ def test_the_plan_fits_a_node_with_one_cpu_beyond_a_generation_actors_share(name
 def test_a_refusal_names_the_numbers_and_the_fix():
     gpu_pool = _with(load_pipeline_spec("latte-1-t2v-512"), concurrency=(4, 8))
     none = fit.Autoscaler(False, "no autoscaler found")
-    with pytest.raises(SpecError) as one_gpu:
+    with pytest.raises(PlanDoesNotFit) as one_gpu:
         fit.check_fit(gpu_pool, nodes=[{"CPU": 16, "GPU": 1}], scaler=none)
     message = str(one_gpu.value)
     assert "needs at least 8.75 CPU and 4 GPU" in message and "16 CPU and 1 GPU" in message
@@ -98,10 +99,10 @@ def test_a_refusal_names_the_numbers_and_the_fix():
     assert "--concurrency 1,8" in message and "\n" not in message
     # An autoscaler that can reach the GPUs: logged, not refused; one whose limit is too low: refused.
     fit.check_fit(gpu_pool, nodes=[{"CPU": 16, "GPU": 1}], scaler=fit.Autoscaler(True, "test", {"GPU": 16}))
-    with pytest.raises(SpecError, match="the autoscaler's limit is GPU 2"):
+    with pytest.raises(PlanDoesNotFit, match="the autoscaler's limit is GPU 2"):
         fit.check_fit(gpu_pool, nodes=[{"CPU": 16, "GPU": 1}], scaler=fit.Autoscaler(True, "test", {"GPU": 2}))
     cpu_hungry = _with(fast_spec(), num_cpus_per_actor=4.0)
-    with pytest.raises(SpecError, match="lower execution.num_cpus_per_actor"):
+    with pytest.raises(PlanDoesNotFit, match="lower execution.num_cpus_per_actor"):
         fit.check_fit(cpu_hungry, nodes=[{"CPU": 2}], scaler=none)
 
 
@@ -277,7 +278,7 @@ def test_an_actor_that_ray_will_not_restart_is_replaced(ray_local, faults_file, 
     ids = [f"r-{i}" for i in range(8)]
     started = time.time()
     with fault_rules(faults_file, "point=denoise match=r-5 action=exit times=1") as state, \
-            caplog.at_level("WARNING", logger="latte_ray.runner"):
+            caplog.at_level("WARNING", logger="latte_ray.scheduler"):
         summary = runner.run(RunSpec(pipeline=spec, prompts=[str(_table(tmp_path, ids))],
                                      output=str(tmp_path / "out")))
         assert faults.fired(str(state)) == {0: 1}

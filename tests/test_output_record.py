@@ -21,7 +21,8 @@ from latte_ray.cli import app
 from latte_ray.faults.rootcause import RunFailed
 from latte_ray.record.output import RunLog, bind, check_binding, list_runs, open_output, spec_diff
 from latte_ray.record.storage import write_manifest_part
-from latte_ray.spec import RunSpec, SpecError, parse_pipeline_spec
+from latte_ray.errors import OutputBindingError
+from latte_ray.spec import RunSpec, parse_pipeline_spec
 from tests.conftest import REPO, own_output, write_prompts
 from tests.invariants import fast_spec, manifest, snapshot, write_spec
 
@@ -43,13 +44,13 @@ def test_the_record_is_create_only_and_names_what_differs(tmp_path):
     data = (tmp_path / "out" / "latte-ray.json").read_bytes()
     assert first["spec_hash"] == _spec(num_inference_steps=4).spec_hash() and first["run_seed"] == 0
     assert bind(out, _spec(num_inference_steps=4), 0, "test") == first  # the same spec: the same record
-    with pytest.raises(SpecError) as info:
+    with pytest.raises(OutputBindingError) as info:
         bind(out, _spec(num_inference_steps=6, guidance_scale=3.0), 0, "test")  # as a second run starting at once
     message = str(info.value)
     assert first["spec_hash"] in message and _spec(num_inference_steps=6, guidance_scale=3.0).spec_hash() in message
     assert "sampling.guidance_scale: 7.5 -> 3.0; sampling.num_inference_steps: 4 -> 6" in message
     assert (tmp_path / "out" / "latte-ray.json").read_bytes() == data
-    with pytest.raises(SpecError, match="run seed 0 .* --seed 3"):
+    with pytest.raises(OutputBindingError, match="run seed 0 .* --seed 3"):
         check_binding(out, _spec(num_inference_steps=4), 3)
     # what the hash leaves out (execution, device, name) does not bind
     raw = yaml.safe_load(_spec(num_inference_steps=4).model_dump_json())
@@ -69,12 +70,12 @@ def test_an_older_output_is_adopted_only_when_every_row_has_the_runs_spec(tmp_pa
     same = rows.set_column(rows.schema.get_field_index("spec_hash"), "spec_hash", pa.array([spec.spec_hash()] * 2))
     write_manifest_part(out.fs, out.layout, same, name="old-1")
     (tmp_path / "out" / "run.json").write_text(json.dumps({"seed": 4, "spec_hash": spec.spec_hash()}))
-    with pytest.raises(SpecError, match="last run with --seed 4; this run has --seed 0"):
+    with pytest.raises(OutputBindingError, match="last run with --seed 4; this run has --seed 0"):
         check_binding(out, spec, 0)
     assert check_binding(out, spec, 4) is None  # adoptable: the run binds it
     other = rows.set_column(rows.schema.get_field_index("spec_hash"), "spec_hash", pa.array(["feedfacefeedface"] * 2))
     write_manifest_part(out.fs, out.layout, other, name="old-2")
-    with pytest.raises(SpecError, match="rows of spec hash feedfacefeedface"):
+    with pytest.raises(OutputBindingError, match="rows of spec hash feedfacefeedface"):
         check_binding(out, spec, 4)
 
 
@@ -161,7 +162,7 @@ def test_history_binding_and_status_across_good_refused_and_failed_runs(tmp_path
 
     assert pending() == 0  # the run seed 7 comes from latte-ray.json, not from a --seed here
     before = snapshot(out)
-    with pytest.raises(SpecError, match="sampling.num_inference_steps: 2 -> 3"):
+    with pytest.raises(OutputBindingError, match="sampling.num_inference_steps: 2 -> 3"):
         runner.run(RunSpec(pipeline=_spec(source="null", num_inference_steps=3), prompts=[str(table)],
                            output=str(out), seed=7))
     assert snapshot(out) == before  # refused before it wrote anything, its own run record included
@@ -214,7 +215,7 @@ def test_a_corrupt_weight_file_ends_the_run_in_one_line(tmp_path, model_cache, r
     spec = spec.model_copy(update={"model": spec.model.model_copy(update={"source": str(model)})})
     table = write_prompts(tmp_path / "p.parquet", {"id": ["a", "b"], "prompt": ["a cat", "a dog"]})
     out = tmp_path / "out"
-    with caplog.at_level("WARNING", logger="latte_ray.runner"):
+    with caplog.at_level("WARNING", logger="latte_ray.scheduler"):
         result = CliRunner().invoke(app, ["run", "-p", str(write_spec(tmp_path / "s.yaml", spec)), "--prompts",
                                           str(table), "--output", str(out)])
     assert result.exit_code == 1, result.output

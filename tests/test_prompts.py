@@ -8,7 +8,7 @@ import pytest
 from latte_ray.plan.prompts import (
     ID_RE, check_prompt_schema, derive_id, derive_seed, prepare_rows, resolve_prompt_files,
 )
-from latte_ray.spec import SpecError
+from latte_ray.errors import InputError
 from tests.conftest import write_prompts
 
 
@@ -42,14 +42,14 @@ def test_prepare_rows_uses_columns_and_defaults():
 def test_schema_checks_fail_fast_naming_the_field(tmp_path):
     no_prompt = write_prompts(tmp_path / "a.parquet", {"text": ["x"]})
     fs, files = resolve_prompt_files([str(no_prompt)])
-    with pytest.raises(SpecError, match="no 'prompt' column"):
+    with pytest.raises(InputError, match="no 'prompt' column"):
         check_prompt_schema(fs, files)
     int_prompt = write_prompts(tmp_path / "b.parquet", {"prompt": [1, 2]})
-    with pytest.raises(SpecError, match="column 'prompt' has type int64"):
+    with pytest.raises(InputError, match="column 'prompt' has type int64"):
         check_prompt_schema(*resolve_prompt_files([str(int_prompt)]))
     not_parquet = tmp_path / "c.parquet"
     not_parquet.write_text("id,prompt\n1,hello\n")
-    with pytest.raises(SpecError, match="not a readable Parquet file"):
+    with pytest.raises(InputError, match="not a readable Parquet file"):
         check_prompt_schema(*resolve_prompt_files([str(not_parquet)]))
 
 
@@ -61,7 +61,7 @@ def test_folders_and_globs(tmp_path):
     assert len(files) == 2
     _, files = resolve_prompt_files([str(tmp_path / "date=2026-11-0*")])
     assert len(files) == 2
-    with pytest.raises(SpecError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         resolve_prompt_files([str(tmp_path / "missing.parquet")])
-    with pytest.raises(SpecError, match="no Parquet files"):
+    with pytest.raises(InputError, match="no Parquet files"):
         resolve_prompt_files([str(tmp_path / "nothing-*.parquet")])

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from latte_ray import runner
+from latte_ray import runner, scheduler
 from latte_ray.faults import injection as faults
 from latte_ray.faults import retry
 from latte_ray.cli import app
@@ -358,7 +358,7 @@ def test_regenerating_an_id_never_changes_a_recorded_video(tmp_path, model_cache
 def test_rounds_bound_the_rows_of_one_execution():
     spec = fast_spec().with_overrides(round_rows=7)
     def rounds(todo, **run):
-        return runner.rounds(RunSpec(pipeline=spec, prompts=["x"], output="y", **run), todo)
+        return scheduler.rounds(RunSpec(pipeline=spec, prompts=["x"], output="y", **run), todo)
     assert [rounds(n) for n in (0, 1, 7, 8, 14, 15)] == [1, 1, 1, 2, 2, 3]
     assert rounds(100, limit=50) == 1  # --limit is a total, so one execution
 
@@ -368,7 +368,7 @@ def test_a_run_split_into_rounds_is_exactly_once_resumes_and_compacts(tmp_path, 
     the ids whose key falls in it: duplicates, conflicts and bad rows land in exactly one round, and a
     resume over rounds skips what is done. With execution.keep_model_actors (the production spec's) the
     rounds share one generation actor: its model is loaded once per run, not once per round; and two
-    rounds run at once (runner._round_events)."""
+    rounds run at once (scheduler.round_events)."""
     ids = [f"r-{i:02d}" for i in range(10)]
     table = {"id": ids + ["r-01", "cx", "cx", "bad"],
              "prompt": [f"a round scene {i}" for i in ids] + ["a round scene r-01", "one", "other", ""]}
@@ -376,7 +376,7 @@ def test_a_run_split_into_rounds_is_exactly_once_resumes_and_compacts(tmp_path, 
     spec = fast_spec(batch_size=2).with_overrides(round_rows=7, keep_model_actors=True)
     spec = spec.model_copy(update={"model": spec.model.model_copy(update={"source": "null"})})  # no model load
     out = tmp_path / "out"
-    with caplog.at_level("INFO", logger="latte_ray.runner"):
+    with caplog.at_level("INFO", logger="latte_ray.scheduler"):  # the round scheduler says what it starts
         summary = runner.run(RunSpec(pipeline=spec, prompts=[str(tmp_path / "in")], output=str(out)))
     assert "round 2 of 2" in caplog.text  # 10 ids + 2 conflicting rows + 1 bad row = 13 rows to do
     # With the models kept, the rounds' executions overlap: the second starts before the first has ended.

@@ -24,9 +24,10 @@ from conftest import REPO, write_prompts
 from latte_ray.cli import parse_storage_options
 from latte_ray.model.loading import MIRROR_RECORD, ModelSourceError, load_pipeline, mirror_to_local
 from latte_ray.plan.prompts import check_prompt_schema, resolve_prompt_files
-from latte_ray.runner import _arrow_filesystem
+from latte_ray.plan.prompts import _arrow_filesystem
 from latte_ray.runner import run as run_generation
-from latte_ray.spec import ModelSpec, RunSpec, SpecError, load_pipeline_spec, parse_pipeline_spec
+from latte_ray.errors import InputError
+from latte_ray.spec import ModelSpec, RunSpec, load_pipeline_spec, parse_pipeline_spec
 from latte_ray.record.storage import OutputLayout, filesystem, latest_rows, read_manifest
 
 
@@ -88,13 +89,13 @@ def test_credentials_from_storage_options(s3_server, tmp_path, monkeypatch):
     assert (fs.key, fs.secret, fs.use_ssl, fs.max_concurrency) == ("opt-key", "opt-secret", False, 4)
     fs.pipe_file(root, b"hello")
     assert fs.cat_file(root) == b"hello"
-    with pytest.raises(SpecError, match="use_ssl"):
+    with pytest.raises(InputError, match="use_ssl"):
         filesystem(f"s3://{bucket}/x", {**options, "use_ssl": "maybe"})
 
 
 def test_missing_prompt_bucket_fails_before_ray_and_hides_the_secret(s3_server):
     secret = "hidden-" + uuid.uuid4().hex
-    with pytest.raises(SpecError) as err:
+    with pytest.raises(InputError) as err:
         resolve_prompt_files(["s3://no-such-bucket-lr/p.parquet"], s3_server.storage_options(secret=secret))
     assert "s3://no-such-bucket-lr/p.parquet" in str(err.value)
     assert secret not in str(err.value)

@@ -186,7 +186,7 @@ def test_save_fills_an_empty_folder_replaces_only_its_own_model_and_refuses_the_
     """tiny-model never deletes what it did not write: an empty folder is filled (the folder itself kept),
     an earlier tiny model is replaced, anything else is refused untouched (tests/test_bad_input.py has the
     CLI cases: `.`, a regular file)."""
-    from latte_ray.spec import SpecError
+    from latte_ray.errors import InputError
 
     folder = tmp_path / "empty"
     folder.mkdir()
@@ -202,13 +202,13 @@ def test_save_fills_an_empty_folder_replaces_only_its_own_model_and_refuses_the_
     assert [p.name for p in tmp_path.iterdir()] == ["empty"]  # no temp or old folder left
 
     (folder / "vae" / "my-notes.txt").write_text("mine")
-    with pytest.raises(SpecError, match="vae/my-notes.txt"):
+    with pytest.raises(InputError, match="vae/my-notes.txt"):
         save_tiny_model(folder)
     assert (folder / "vae" / "my-notes.txt").read_text() == "mine"
     user = tmp_path / "user"
     user.mkdir()
     (user / "thesis.tex").write_text("precious")
-    with pytest.raises(SpecError, match=f"{user} is a folder with files in it"):
+    with pytest.raises(InputError, match=f"{user} is a folder with files in it"):
         save_tiny_model(user)
     assert [p.name for p in user.iterdir()] == ["thesis.tex"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "user"]

@@ -40,6 +40,7 @@ from latte_ray.record.output import require_output
 from latte_ray.record.scores import SCORE_COLUMNS, ScoreSelection, attach_scores
 from latte_ray.record.sidecars import from_npy
 from latte_ray.record.storage import OutputLayout, is_local, latest_rows, read_manifest, write_atomic
+from latte_ray.errors import InputError
 from latte_ray.spec import SpecError
 
 log = logging.getLogger(__name__)
@@ -187,12 +188,12 @@ def export_dataset(
     rows, summary.scores = attach_scores(fs, layout, rows, scoring_hash)
     if scoring_hash and not summary.scores.scored and (min_clip_score is not None or min_aesthetic is not None):
         known = ", ".join(sorted(summary.scores.available)) or "none"
-        raise SpecError(f"export: no video of {output} has scores of scoring {scoring_hash} (scorers with "
+        raise InputError(f"export: no video of {output} has scores of scoring {scoring_hash} (scorers with "
                         f"scores: {known})")
     for wanted, column, flag, spec_field in ((with_embeddings, "embeddings_uri", "--with-embeddings", "embeddings"),
                                              (with_latents, "latents_uri", "--with-latents", "latents")):
         if wanted and rows.num_rows and pc.sum(pc.is_valid(rows[column])).as_py() == 0:
-            raise SpecError(f"export {flag}: no video of {output} has them; they are kept at generation time "
+            raise InputError(f"export {flag}: no video of {output} has them; they are kept at generation time "
                             f"(pipeline spec sidecars.{spec_field}: true, or `latte-ray run --keep-{spec_field}`)")
     if prompts_url:
         prompts = _read_prompt_table(prompts_url, storage_options)

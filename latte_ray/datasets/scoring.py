@@ -26,12 +26,14 @@ import pyarrow.compute as pc
 import yaml
 from pydantic import ValidationError
 
+from latte_ray.errors import InputError
 from latte_ray.spec import ExecutionSpec, ScoringSpec, SpecError, _format_errors, resolve_pipeline_path
 
 log = logging.getLogger(__name__)
 
 _ROW_COLUMNS = ["id", "prompt", "status", "sha256", "video_uri", "clip_score", "scoring_hash"]
 CPU_PER_TASK = ExecutionSpec().num_cpus_per_cpu_task
+ROWS_TO_SCORE = ("id", "prompt", "sha256", "video_uri", "status")  # rows_to_score's columns
 
 
 @dataclass
@@ -136,8 +138,11 @@ def _score(output: str, scoring: ScoringSpec, storage_options: dict | None, cach
     from latte_ray.record.scores import write_scoring_record
     from latte_ray.record.storage import manifest_files
     from latte_ray.runner import init_ray
-    from latte_ray.stages.score import add_scoring_stages
-    from latte_ray.stages.write_scores import WriteScoresStage
+    from latte_ray.spec import PipelineSpec
+    from latte_ray.stages.declare import Context, compose
+    from latte_ray.stages.sample_frames import STAGE as SAMPLE_FRAMES
+    from latte_ray.stages.score import STAGE as SCORE
+    from latte_ray.stages.write_scores import STAGE as WRITE_SCORES
 
     started = time.perf_counter()
     out, _record = require_output(output, storage_options)
@@ -145,9 +150,9 @@ def _score(output: str, scoring: ScoringSpec, storage_options: dict | None, cach
     try:
         parts = manifest_files(fs, layout)
     except Exception as e:  # noqa: BLE001 - an unreadable output fails before any model loads
-        raise SpecError(f"score: cannot read {layout.url}/manifest/: {type(e).__name__}: {e}") from e
+        raise InputError(f"score: cannot read {layout.url}/manifest/: {type(e).__name__}: {e}") from e
     if not parts:
-        raise SpecError(f"score: {output} has no manifest parts (not a latte-ray output, or nothing generated yet)")
+        raise InputError(f"score: {output} has no manifest parts (not a latte-ray output, or nothing generated yet)")
     from latte_ray.model.clip import check_sources
 
     check_sources(scoring, storage_options)
@@ -167,7 +172,7 @@ def _score(output: str, scoring: ScoringSpec, storage_options: dict | None, cach
     ds = ds.materialize()  # the rows to score, in the object store: counted before any model loads
     summary.todo = ds.count()
     if console is not None:
-        from latte_ray.runner import cluster_line
+        from latte_ray.cluster import cluster_line
 
         log_part = f"; log: {console.log_now}" if console.log_now else ""
         console.echo(f"score: scorer {digest} ({scoring.clip_model}) over {output}: {summary.todo} videos to "
@@ -177,14 +182,12 @@ def _score(output: str, scoring: ScoringSpec, storage_options: dict | None, cach
     if not summary.todo:
         summary.seconds = time.perf_counter() - started
         return summary
-    cpu_pool = ray.data.ActorPoolStrategy(min_size=1, max_size=ExecutionSpec().cpu_stage_max_actors)
+    # The declared stages, as a run composes them; the CPU stages with the default execution settings.
+    ctx = Context(spec=PipelineSpec(), cache_dir=cache_dir, storage_options=storage_options, run_id=run_id,
+                  output=output, fence=held.fence if held is not None else None, scoring_spec=scoring,
+                  extra={"fetch_from": output, "scoring_hash": digest})
     ds = ds.repartition(target_num_rows_per_block=scoring.batch_size)
-    ds = add_scoring_stages(ds, scoring, cpu_pool, CPU_PER_TASK, cache_dir, storage_options, fetch_from=output)
-    ds = ds.map_batches(WriteScoresStage, fn_constructor_kwargs={"output_url": output,
-                                                                 "storage_options": storage_options,
-                                                                 "run_id": run_id, "scoring_hash": digest,
-                                                                 "fence": held.fence if held is not None else None},
-                        batch_format="numpy", compute=cpu_pool, num_cpus=CPU_PER_TASK)
+    ds = compose(ds, [SAMPLE_FRAMES, SCORE, WRITE_SCORES], ctx, ROWS_TO_SCORE)
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
         if held is not None:
             held.check()

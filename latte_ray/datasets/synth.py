@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from latte_ray.record.output import require_output
+from latte_ray.errors import InputError, OutputBindingError
 from latte_ray.spec import PIPELINES_DIR, PipelineSpec, RunSpec, SpecError, _format_errors, load_pipeline_spec
 from latte_ray.record.storage import filesystem, write_atomic
 
@@ -158,7 +159,7 @@ def load_recipe(url: str, storage_options: dict | None = None) -> tuple[Recipe, 
         fs, path = filesystem(url, storage_options)
         text = fs.cat_file(path).decode()
     except FileNotFoundError:
-        raise SpecError(f"recipe {url!r} does not exist") from None
+        raise InputError(f"recipe {url!r} does not exist") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -313,7 +314,7 @@ def _check_owned(output: str, storage_options: dict | None) -> None:
     fs, root = out.fs, out.layout.root
     prompts = f"{root}/{PROMPTS_DIR}"
     if fs.exists(prompts) and fs.ls(prompts) and not fs.exists(f"{root}/recipe.yaml"):
-        raise SpecError(f"synth: {output.rstrip('/')}/{PROMPTS_DIR}/ holds files and {output} is not a latte-ray "
+        raise OutputBindingError(f"synth: {output.rstrip('/')}/{PROMPTS_DIR}/ holds files and {output} is not a latte-ray "
                         f"output; refusing to replace them (give a new or empty --output)")
 
 

@@ -11,24 +11,21 @@ logged at DEBUG by the runner.
 from __future__ import annotations
 
 import re
+from typing import Mapping
 
 from latte_ray.errors import RunFailed  # noqa: F401 - re-exported: latte_ray.faults.rootcause.RunFailed
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # The last line of a printed traceback: `module.Type: message`.
 _EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt|Fault|Failure|Killed)\w*): (.+)$")
-STAGES = {  # stage class -> what to call it
-    "DenoiseStage": "generation actor", "DenoiseClient": "generation actor",
-    "TextEncodeStage": "text-encode actor", "EncodeStage": "encode actor",
-    "WriteStage": "write actor", "prepare_batch": "prepare stage",
-}
-
-
-def describe(error: BaseException) -> str:
-    """`<stage> failed: <Type>: <message>` for an exception raised out of a Ray Data execution."""
+def describe(error: BaseException, stages: Mapping[str, str] | None = None) -> str:
+    """`<stage> failed: <Type>: <message>` for an exception raised out of a Ray Data execution. `stages`:
+    {declared stage name: what to call it} (stages/declare.labels(): the declarations, so that every stage
+    a graph composes is named); a stage not in it is called `Ray Data execution`."""
+    stages = stages or {}
     chain = _chain(error)
     texts = [_ANSI.sub("", str(e)) for e in chain]
-    where = next((STAGES[name] for text in texts for name in _stage_names(text)), "Ray Data execution")
+    where = next((stages[name] for text in texts for name in _stage_names(text, stages)), "Ray Data execution")
     for e in reversed(chain):  # the deepest exception object that is not one of Ray's wrappers
         if not _is_ray(e) and str(e).strip():
             first = _first_line(str(e))
@@ -126,8 +123,8 @@ def _is_ray(e: BaseException) -> bool:
     return module.startswith("ray.") or module == "ray" or type(e).__name__.startswith("Ray")
 
 
-def _stage_names(text: str) -> list[str]:
-    return [name for name in re.findall(r"MapBatches\((\w+)\)", text) if name in STAGES]
+def _stage_names(text: str, stages: Mapping[str, str]) -> list[str]:
+    return [name for name in re.findall(r"MapBatches\((\w+)\)", text) if name in stages]
 
 
 def _first_line(text: str) -> str:

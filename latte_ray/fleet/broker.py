@@ -81,7 +81,7 @@ class ServerBroker:
         `order`: the batch's round. Free slots go to the waiting batches of the oldest round first (then
         first come, first served), so the round that started first runs at the fleet's full speed and the
         next one, already started beside it, only fills the slots it leaves: the rounds stay staggered and a
-        round's tail is the next one's start (runner._round_events). `prefer_node`: a batch whose server
+        round's tail is the next one's start (scheduler.round_events). `prefer_node`: a batch whose server
         died goes to a server on that node while one there is loaded (its crash ledger, faults/crashes.py,
         then counts a row that kills every worker); such a batch does not wait its turn."""
         until = time.monotonic() + ACQUIRE_WAIT_S

@@ -26,6 +26,9 @@ import uuid
 
 import numpy as np
 
+from latte_ray.stages.declare import Context, Stage
+from latte_ray.stages.denoise import DROPS, reads, writes
+
 log = logging.getLogger(__name__)
 
 CHECK_S = 10.0  # how often a batch waiting on a call looks at its server's state
@@ -85,3 +88,25 @@ class DenoiseClient:
             finally:
                 self.broker.release.remote(sid, self.me, failed)
             prefer = node
+
+
+def _map_args(ctx: Context) -> dict:
+    """A fixed pool of a few clients, each running several batches at once (one thread each), with room for
+    two batches per server the pool may reach: a batch takes a free slot of whichever server has one
+    (fleet/servers.py), so servers that join mid-round are fed without a new client."""
+    import ray
+
+    from latte_ray.fleet.servers import client_pool
+
+    clients, in_flight = client_pool(ctx.spec)
+    pool = ray.data.ActorPoolStrategy(size=clients, max_tasks_in_flight_per_actor=in_flight,
+                                      max_concurrent_calls_per_actor=in_flight, enable_true_multi_threading=True)
+    round_of = ctx.extra.get("round_of")
+    return {"fn": DenoiseClient,
+            "fn_constructor_kwargs": {"broker": ctx.extra["servers"].broker, "order": round_of[0] if round_of else 0},
+            "batch_size": ctx.spec.execution.batch_size, "batch_format": "numpy", "compute": pool, "num_cpus": 0}
+
+
+# The generation stage's columns: the servers run the DenoiseStage itself.
+STAGE = Stage(name="DenoiseClient", label="generation actor", reads=reads, writes=writes, drops=DROPS,
+              map_args=_map_args)

@@ -2,7 +2,7 @@
 one per round, and a fleet that grows, shrinks and balances within a round.
 
 Ray Data ends an execution's actor pools when the execution ends, and a run of more than
-`execution.round_rows` rows is several executions (runner.rounds: they bound the driver's per-block
+`execution.round_rows` rows is several executions (scheduler.rounds: they bound the driver's per-block
 bookkeeping). With pooled generation actors every round loads and compiles the model again on every GPU:
 minutes of a full fleet per round (benchmarks/fleet.py measured one load per GPU per round). Here the model
 lives in a plain Ray actor, a GenerationServer (the DenoiseStage itself: the same crash ledger, deadlines and
@@ -104,7 +104,7 @@ def actor_info(handle) -> tuple[bool, int]:
 
 class ModelServers:
     """The driver's side: the run's broker, from the first round that generates to the end of the run
-    (runner._generate closes it however the run ends)."""
+    (scheduler.generate closes it however the run ends)."""
 
     def __init__(self, spec, cache_dir: str | None, storage_options: dict | None, run_id: str):
         import ray

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from filelock import FileLock
 
-from latte_ray.spec import SpecError
+from latte_ray.errors import InputError
 
 if TYPE_CHECKING:
     from diffusers import LattePipeline
@@ -79,7 +79,7 @@ def _complete(path: Path) -> bool:
 
 def save_tiny_model(path: str | os.PathLike) -> Path:
     """Build the tiny pipeline and save it to `path` (safetensors only), atomically: into a missing folder,
-    an empty one, or over an earlier tiny model (see `_claim`); SpecError for anything else."""
+    an empty one, or over an earlier tiny model (see `_claim`); InputError for anything else."""
     return save_atomically(path, _write_tiny_model)
 
 
@@ -124,24 +124,24 @@ def _claim(path: Path) -> bool:
     if not path.exists() and not path.is_symlink():
         return False
     if not path.is_dir():
-        raise SpecError(f"tiny-model: {path} exists and is not a folder; refusing to replace it (give a new or "
+        raise InputError(f"tiny-model: {path} exists and is not a folder; refusing to replace it (give a new or "
                         f"empty folder)")
     entries = list(path.iterdir())
     if not entries:
         return False
     marker = path / MARKER
     if not marker.is_file():
-        raise SpecError(f"tiny-model: {path} is a folder with files in it that is not a tiny model saved by "
+        raise InputError(f"tiny-model: {path} is a folder with files in it that is not a tiny model saved by "
                         f"latte-ray (no {MARKER}); refusing to replace it (give a new or empty folder)")
     try:
         listed = set(json.loads(marker.read_text())["files"])
     except (ValueError, KeyError, TypeError):
-        raise SpecError(f"tiny-model: {marker} is not a latte-ray tiny model marker; refusing to replace "
+        raise InputError(f"tiny-model: {marker} is not a latte-ray tiny model marker; refusing to replace "
                         f"{path}") from None
     extra = sorted(str(p.relative_to(path)) for p in path.rglob("*")
                    if p.is_file() and p.name != MARKER and str(p.relative_to(path)) not in listed)
     if extra:
-        raise SpecError(f"tiny-model: {path} holds files the tiny model did not write ({', '.join(extra[:5])}"
+        raise InputError(f"tiny-model: {path} holds files the tiny model did not write ({', '.join(extra[:5])}"
                         f"{', ...' if len(extra) > 5 else ''}); refusing to replace it")
     return True
 

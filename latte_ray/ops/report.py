@@ -43,7 +43,7 @@ from latte_ray.ops.fleet import add_fleet_section
 from latte_ray.record.output import list_runs, require_output, run_line
 from latte_ray.record.scores import attach_scores, distribution
 from latte_ray.record.storage import OutputLayout, filesystem, is_local, latest_rows, read_manifest, write_atomic
-from latte_ray.spec import SpecError
+from latte_ray.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def write_report(output: str, storage_options: dict | None = None, dest: str | N
     dest_fs, dest_root = filesystem(dest, storage_options)
     dest_root = dest_root.rstrip("/")
     if is_local(dest_fs) and os.path.exists(dest_root) and not os.path.isdir(dest_root):
-        raise SpecError(f"report --dest {dest!r} is an existing file; give a folder for index.html and its images")
+        raise InputError(f"report --dest {dest!r} is an existing file; give a folder for index.html and its images")
     attempts = read_manifest(fs, layout, columns=_COLUMNS)
     latest = latest_rows(attempts)
     total_runs, runs = list_runs(out, last=RUNS_SHOWN)
@@ -119,7 +119,7 @@ def write_report(output: str, storage_options: dict | None = None, dest: str | N
             write_atomic(dest_fs, f"{dest_root}/scores.png", score_histograms(ok))
         write_atomic(dest_fs, f"{dest_root}/index.html", page.encode())
     except Exception as e:  # noqa: BLE001 - a read-only or unreachable destination, named
-        raise SpecError(f"report: cannot write to {dest}: {type(e).__name__}: {e}") from e
+        raise InputError(f"report: cannot write to {dest}: {type(e).__name__}: {e}") from e
     return Report(url=f"{dest}/index.html", counts=counts, sampled=sampled, scores=selection,
                   gallery=len(data["rows"]), gallery_of=latest.num_rows)
 

@@ -1,6 +1,6 @@
 """`run --dry-run`: count new versus done work and estimate device time. No model, no Ray.
 
-The driver-side checks of a real run come first (runner.preflight: tables, output location, binding and
+The driver-side checks of a real run come first (plan/preflight.preflight: tables, output location, binding and
 writability, model configs, video settings). The counts are a real run's own: the tables are scanned with
 the work plan's `scan_keys` (the same `prepare_rows` as the prepare stage) and reduced with its
 `reduce_keys` against the same done-key set resume uses (`workplan.done_keys`), in this process, so
@@ -90,7 +90,7 @@ def _duration(hours: float) -> str:
 
 
 def plan(run: RunSpec, in_fs, files: list[str], gpus: int | None = None) -> DryRunPlan:
-    """Counts and estimates for `run` over its resolved input `files` (runner.preflight resolves and checks
+    """Counts and estimates for `run` over its resolved input `files` (plan/preflight.preflight resolves and checks
     them first)."""
     from latte_ray.plan.workplan import done_keys, reduce_keys, scan_keys
 

@@ -10,7 +10,7 @@
    workplan's own tasks ask for the same share.
 2. `check_fit`: before any actor starts, the plan's minimum (generation actors at the pool's minimum size,
    the optional text-encode actor, one actor per CPU stage, one task slot) is packed onto the alive nodes'
-   resources. When it cannot fit and no autoscaler can add nodes, the run is refused (SpecError: one line,
+   resources. When it cannot fit and no autoscaler can add nodes, the run is refused (PlanDoesNotFit: one line,
    exit 2) with the numbers and the fix; with an autoscaler, what must be added is logged and the run goes
    on (the progress watchdog covers a cluster that never grows).
 3. `initial_pool_size`: the generation pool starts as large as the cluster allows.
@@ -28,7 +28,8 @@ import re
 from dataclasses import dataclass
 
 from latte_ray.raycompat import autoscaler_max_resources, autoscaler_status_key
-from latte_ray.spec import STAND_IN_SOURCES, SpecError, pool_bounds
+from latte_ray.errors import PlanDoesNotFit, SpecError
+from latte_ray.spec import STAND_IN_SOURCES, pool_bounds
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class Demand:
 
 
 def plan_minimum(spec, generate: bool = True) -> list[Demand]:
-    """What must run at once for the plan to make progress (runner.build_plan's operators)."""
+    """What must run at once for the plan to make progress (stages/graph.build_plan's operators)."""
     ex = spec.execution
     task = ex.num_cpus_per_cpu_task
     demands = [Demand("write-stage actor", task)]
@@ -90,7 +91,7 @@ def plan_minimum(spec, generate: bool = True) -> list[Demand]:
             demands.append(Demand("text-encode actor", ex.num_cpus_per_actor, ex.num_gpus_per_actor))
         demands += [Demand("generation actor", ex.num_cpus_per_actor, ex.num_gpus_per_actor)] * lo
         scoring = spec.scoring
-        if scoring.enabled:  # stages/score.add_scoring_stages: a CPU stage, then the scoring actor pool
+        if scoring.enabled:  # stages/graph.generation: the sample-frames CPU stage, then the scoring actor pool
             demands.append(Demand("sample-frames-stage actor", task))
             low, _ = pool_bounds(scoring.concurrency)
             demands += [Demand("scoring actor", scoring.num_cpus, scoring.num_gpus)] * low
@@ -202,7 +203,7 @@ def _fix(spec, demands: list[Demand], nodes: list[dict], left: list[Demand]) -> 
 
 def check_fit(spec, generate: bool = True, nodes: list[dict] | None = None,
               scaler: Autoscaler | None = None) -> None:
-    """Refuse a plan that can never be scheduled on this cluster (SpecError naming the numbers and the
+    """Refuse a plan that can never be scheduled on this cluster (PlanDoesNotFit naming the numbers and the
     fix), or log what the autoscaler must add."""
     demands = plan_minimum(spec, generate)
     nodes = alive_nodes() if nodes is None else nodes
@@ -233,7 +234,7 @@ def check_fit(spec, generate: bool = True, nodes: list[dict] | None = None,
         what += f"; the autoscaler's limit is {', '.join(f'{n} {limits[n]:g}' for n in over)}"
     else:
         what += f" ({scaler.how})"
-    raise SpecError(f"the plan cannot run on this cluster: {what}. Fix: {_fix(spec, demands, nodes, left)}")
+    raise PlanDoesNotFit(f"the plan cannot run on this cluster: {what}. Fix: {_fix(spec, demands, nodes, left)}")
 
 
 # ---- 3. the generation pool starts as large as the cluster allows

@@ -8,7 +8,7 @@
   are fine: a synthetic dataset keeps its prompt table in OUTPUT/prompts/.
 
 The rest of the driver-side checks live with what they check (record/output.py: the output's binding and
-writability; model/configs.py: the model source; stages/encode.py: the video settings); runner.preflight
+writability; model/configs.py: the model source; stages/encode.py: the video settings); `preflight` below
 runs them all, in order.
 """
 
@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 
 import fsspec
 
 from latte_ray.record.storage import filesystem, is_local
-from latte_ray.spec import RunSpec, SpecError
+from latte_ray.errors import InputError
+from latte_ray.spec import RunSpec
 
 NOT_PERSISTENT = {"memory": "keeps files only in this process's memory, so the videos would be gone when it ends"}
 READ_ONLY = {"http", "https", "zip", "tar", "libarchive", "github", "git", "reference", "data", "jlab", "dask"}
@@ -34,18 +36,18 @@ def check_urls(run: RunSpec) -> None:
     for url in run.prompts:
         try:
             filesystem(url, run.storage_options)
-        except SpecError as e:
-            raise SpecError(f"prompts: {e}") from None
+        except InputError as e:
+            raise InputError(f"prompts: {e}") from None
     try:
         filesystem(run.output, run.storage_options)
-    except SpecError as e:
-        raise SpecError(f"output: {e}") from None
+    except InputError as e:
+        raise InputError(f"output: {e}") from None
     protocol = fsspec.utils.get_protocol(run.output)
     if protocol in NOT_PERSISTENT:
-        raise SpecError(f"output {run.output!r}: {protocol}:// {NOT_PERSISTENT[protocol]}; use a local folder or "
+        raise InputError(f"output {run.output!r}: {protocol}:// {NOT_PERSISTENT[protocol]}; use a local folder or "
                         f"an object store (s3://...)")
     if protocol in READ_ONLY:
-        raise SpecError(f"output {run.output!r}: {protocol}:// is read-only; use a local folder or an object "
+        raise InputError(f"output {run.output!r}: {protocol}:// is read-only; use a local folder or an object "
                         f"store (s3://...)")
 
 
@@ -54,14 +56,14 @@ def check_output_location(run: RunSpec) -> None:
     out_fs, out_root = filesystem(run.output, run.storage_options)
     out_root = _normal(out_fs, out_root)
     if is_local(out_fs) and os.path.isfile(out_root):
-        raise SpecError(f"output {run.output!r} is an existing file; give a folder (it holds videos/, manifest/ "
+        raise InputError(f"output {run.output!r} is an existing file; give a folder (it holds videos/, manifest/ "
                         f"and the run records)")
     for url in run.prompts:
         in_fs, in_path = filesystem(url, run.storage_options)
         if type(in_fs) is not type(out_fs):
             continue
         if reads_own_tables(_normal(in_fs, in_path), out_root):
-            raise SpecError(
+            raise InputError(
                 f"output {run.output!r} lies inside the input {url!r}: the input would take in the output's own "
                 f"manifest parts (OUTPUT/manifest/*.parquet) as prompt tables on the next run; put the output "
                 f"outside every input folder and glob"
@@ -95,3 +97,52 @@ def _normal(fs, path: str) -> str:
         return os.path.realpath(path)
     fixed, _, rest = path[: match.start()].rpartition("/")
     return f"{os.path.realpath(fixed or '/')}/{rest}{path[match.start():]}".replace("//", "/")
+
+
+@dataclass
+class Preflight:
+    """What the driver-side checks found: the output (checked, not yet bound) and the input tables."""
+
+    output: object  # record/output.Output
+    in_fs: object
+    files: list[str]
+    without_id: list[str]
+    model: str  # a line describing the model source
+    model_identity: dict | None = None  # what the source resolved to (model/configs.py ModelConfigs.identity)
+
+
+def preflight(run: RunSpec, tables: bool = True) -> Preflight:
+    """Every check that needs neither Ray nor model weights, in the driver, cheapest first; LatteRayError (one
+    line, exit 2) names the option, field, path or URL. Writes nothing but a probe it deletes again.
+    `tables=False` leaves out the prompt tables (synth checks the rest before it writes its table)."""
+    from latte_ray.model.configs import check_model
+    from latte_ray.plan.prompts import inspect_prompt_tables, resolve_prompt_files
+    from latte_ray.record import output as outputs
+    from latte_ray.stages.encode import check_video_settings
+
+    check_urls(run)
+    check_output_location(run)
+    in_fs, files, without_id = None, [], []
+    if tables:
+        in_fs, files = resolve_prompt_files(run.prompts, run.storage_options)
+        _, without_id = inspect_prompt_tables(in_fs, files)
+    sampling = run.pipeline.sampling
+    check_video_settings(run.pipeline.video, sampling.height, sampling.width)
+    out = outputs.open_output(run.output, run.storage_options)
+    outputs.check_binding(out, run.pipeline, run.seed)
+    outputs.probe_writable(out)
+    if run.pipeline.model.quantization is not None:
+        from latte_ray.model.quantize import check_before_run
+
+        check_before_run(run.pipeline.model)  # float8 on a machine without float8 GPUs: refused here
+    model, identity = check_model(run.pipeline, run.storage_options)
+    outputs.check_model_identity(out, identity)  # the same source resolving to other weights: refused
+    from latte_ray.plan.fit import check_attention_grid
+
+    check_attention_grid(run.pipeline)  # a batch past CUDA's grid in temporal attention: refused before any GPU
+    if run.pipeline.scoring.enabled:
+        from latte_ray.model.clip import check_sources
+
+        check_sources(run.pipeline.scoring, run.storage_options)
+    return Preflight(output=out, in_fs=in_fs, files=files, without_id=without_id, model=model,
+                     model_identity=identity)

@@ -1,7 +1,7 @@
 """Prompt tables: find the files, check their schema up front, and turn rows into work items.
 
 A table needs a `prompt` column (string); `id`, `seed` and `negative_prompt` are optional. Table-level
-problems (no file, not Parquet, no prompt column, wrong column type) raise `SpecError` before any model
+problems (no file, not Parquet, no prompt column, wrong column type) raise `InputError` before any model
 loads. Row-level problems (empty prompt, bad id, out-of-range seed) become error rows; the run goes on.
 
 Ids: the `id` column when present (1-128 chars of [A-Za-z0-9._-]), else a hash of (prompt, negative prompt,
@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from latte_ray.spec import SpecError
-from latte_ray.record.storage import filesystem
+from latte_ray.errors import InputError
+from latte_ray.record.storage import filesystem, is_local
 
 ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 MAX_SEED = 2**63 - 1
@@ -44,7 +44,7 @@ def resolve_prompt_files(urls: list[str], storage_options: dict | None = None) -
     for url in urls:
         url_fs, path = filesystem(url, storage_options)
         if fs is not None and type(url_fs) is not type(fs):
-            raise SpecError(f"prompts: all tables must be on one filesystem ({url!r} differs)")
+            raise InputError(f"prompts: all tables must be on one filesystem ({url!r} differs)")
         fs = url_fs
         try:
             if any(ch in path for ch in "*?["):
@@ -55,13 +55,13 @@ def resolve_prompt_files(urls: list[str], storage_options: dict | None = None) -
             elif fs.exists(path):
                 found = [path]
             else:
-                raise SpecError(f"prompts: {url!r} does not exist")
-        except SpecError:
+                raise InputError(f"prompts: {url!r} does not exist")
+        except InputError:
             raise
         except Exception as e:  # network and permission errors name the URL
-            raise SpecError(f"prompts: cannot list {url!r}: {type(e).__name__}: {e}") from e
+            raise InputError(f"prompts: cannot list {url!r}: {type(e).__name__}: {e}") from e
         if not found:
-            raise SpecError(f"prompts: no Parquet files under {url!r}")
+            raise InputError(f"prompts: no Parquet files under {url!r}")
         files.extend(found)
     return fs, sorted(dict.fromkeys(files))
 
@@ -87,16 +87,16 @@ def inspect_prompt_tables(fs: fsspec.AbstractFileSystem, files: list[str]) -> tu
             with fs.open(path, "rb") as f:
                 schema = pq.read_schema(f)
         except Exception as e:
-            raise SpecError(f"prompts: {path!r} is not a readable Parquet file: {type(e).__name__}: {e}") from e
+            raise InputError(f"prompts: {path!r} is not a readable Parquet file: {type(e).__name__}: {e}") from e
         if "prompt" not in schema.names:
-            raise SpecError(f"prompts: {path!r} has no 'prompt' column (columns: {schema.names})")
+            raise InputError(f"prompts: {path!r} has no 'prompt' column (columns: {schema.names})")
         for name, (checks, wanted) in _COLUMN_RULES.items():
             if name in schema.names:
                 typ = schema.field(name).type
                 if pa.types.is_dictionary(typ):  # e.g. pandas categoricals: judge the values
                     typ = typ.value_type
                 if not (pa.types.is_null(typ) or any(check(typ) for check in checks)):
-                    raise SpecError(f"prompts: {path!r} column {name!r} has type {typ}; expected {wanted}")
+                    raise InputError(f"prompts: {path!r} column {name!r} has type {typ}; expected {wanted}")
         return schema
 
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -104,11 +104,11 @@ def inspect_prompt_tables(fs: fsspec.AbstractFileSystem, files: list[str]) -> tu
     try:  # Ray Data reads all tables as one dataset, cast to one schema: their columns must be compatible
         unified = pa.unify_schemas(schemas, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise SpecError(f"prompts: the tables' schemas conflict: {e}") from e
+        raise InputError(f"prompts: the tables' schemas conflict: {e}") from e
     for path, schema in zip(files, schemas):
         for name in _COLUMN_RULES:
             if name in schema.names and _lossy(schema.field(name).type, unified.field(name).type):
-                raise SpecError(
+                raise InputError(
                     f"prompts: {path!r} column {name!r} has type {schema.field(name).type} but other tables make "
                     f"it {unified.field(name).type}: values above 2**63-1 could not be read; use one type"
                 )
@@ -204,3 +204,22 @@ def prepare_rows(batch: pa.Table, default_negative: str, run_seed: int,
         "status": np.array(out["status"], dtype=object),
         "error": np.array(out["error"], dtype=object),
     }
+
+
+def _arrow_filesystem(fs):
+    if is_local(fs):
+        return None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(fs))
+
+
+def read_input(run, in_fs, files: list[str]):
+    """The input tables as a Ray Data dataset, with each row's file and a deterministic row hash (the
+    pre-pass and the main pass read through this one function so that their row hashes agree)."""
+    import ray
+
+    return ray.data.read_parquet(
+        files, filesystem=_arrow_filesystem(in_fs), include_paths=True, include_row_hash=True,
+        num_cpus=run.pipeline.execution.num_cpus_per_cpu_task,
+    )

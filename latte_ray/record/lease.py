@@ -55,7 +55,7 @@ import fsspec
 
 from latte_ray.errors import LeaseLost, OutputDamaged, RunFailed  # noqa: F401 - re-exported: latte_ray.record.lease.LeaseLost
 from latte_ray.record.storage import damaged, is_local, write_atomic, write_exclusive
-from latte_ray.spec import SpecError
+from latte_ray.errors import InputError, LeaseHeld
 
 log = logging.getLogger(__name__)
 
@@ -268,8 +268,8 @@ def describe_holder(holder: dict, url: str, now: float | None = None) -> str:
             f"{_name(holder['generation'])})")
 
 
-def _held_error(url: str, holder: dict) -> SpecError:
-    return SpecError(
+def _held_error(url: str, holder: dict) -> LeaseHeld:
+    return LeaseHeld(
         f"output {url} is being written by {describe_holder(holder, url)}: one writer per output. Wait for it "
         f"with --wait-for-lease, or run again once it has ended; a lease whose heartbeat is older than its "
         f"expiry ({holder['expiry_s']:.0f} s) is taken over automatically"
@@ -445,14 +445,14 @@ def check_fence(fs: fsspec.AbstractFileSystem, fence: dict | None) -> None:
 def acquire(fs: fsspec.AbstractFileSystem, root: str, url: str, run_id: str, command: str, terms: Terms,
             policy: Policy = Policy(), on_takeover: Callable[[dict, "Lease"], None] | None = None,
             sleep: Callable[[float], None] = time.sleep) -> Lease | None:
-    """Take the output's lease (None with `policy.take` off). Refused (SpecError, one line) while another run
+    """Take the output's lease (None with `policy.take` off). Refused (LeaseHeld, one line) while another run
     holds it, unless `policy.wait`: then poll until it is released or expires. A stale holder is replaced
     and `on_takeover(holder, lease)` is called (the runner marks its record `died`)."""
     if not policy.take:
         return None
     if not create_only_supported(fs):
         protocol = _protocols(fs)[0]
-        raise SpecError(
+        raise InputError(
             f"output {url}: {protocol}:// storage has no create-only write latte-ray can use for the output "
             f"lease (one writer per output; local disk and s3:// have one); run with --no-lease if nothing "
             f"else writes to this output"
@@ -468,7 +468,7 @@ def acquire(fs: fsspec.AbstractFileSystem, root: str, url: str, run_id: str, com
                 raise _held_error(url, holder)
             waited = time.monotonic() - waiting_since
             if policy.max_wait_s is not None and waited >= policy.max_wait_s:
-                raise SpecError(f"gave up waiting for the lease after {waited:.0f} s (--max-lease-wait "
+                raise LeaseHeld(f"gave up waiting for the lease after {waited:.0f} s (--max-lease-wait "
                                 f"{policy.max_wait_s:g}): {_held_error(url, holder)}")
             if time.monotonic() - last_said >= WAIT_LOG_S:
                 log.info("waiting for the lease on %s, held by %s", url, describe_holder(holder, url, now))

@@ -37,7 +37,8 @@ from latte_ray.record.storage import (
     OUTPUT_RECORD, OutputLayout, damaged, filesystem, folder_or_damaged, is_local, read_manifest, write_atomic,
     write_exclusive,
 )
-from latte_ray.spec import PipelineSpec, SpecError, hashed_fields
+from latte_ray.errors import InputError, OutputBindingError, OutputDamaged
+from latte_ray.spec import PipelineSpec, hashed_fields
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def open_output(url: str, storage_options: dict | None = None) -> Output:
 
 def _read_json(out: Output, path: str, name: str) -> dict | None:
     """A JSON object under the output, None if there is none; OutputDamaged if it is not one latte-ray wrote
-    (a folder, unparseable, not an object), SpecError if it cannot be read at all (network, permission)."""
+    (a folder, unparseable, not an object), InputError if it cannot be read at all (network, permission)."""
     try:
         data = out.fs.cat_file(path)
     except FileNotFoundError:
@@ -76,7 +77,7 @@ def _read_json(out: Output, path: str, name: str) -> dict | None:
     except (IsADirectoryError, NotADirectoryError) as e:
         raise damaged(out.fs, path, f"not a file ({type(e).__name__})", out.url) from None
     except Exception as e:  # noqa: BLE001 - network, permission: name the URL and the cause
-        raise SpecError(f"output: cannot read {out.url}/{name}: {type(e).__name__}: {_first_line(e)}") from e
+        raise InputError(f"output: cannot read {out.url}/{name}: {type(e).__name__}: {_first_line(e)}") from e
     return parse_json_object(out, path, data)
 
 
@@ -100,7 +101,7 @@ def read_record(out: Output) -> dict | None:
         raise damaged(out.fs, out.layout.record_json, "not a latte-ray output record (no spec_hash or format)",
                       out.url)
     if record["format"] > FORMAT:
-        raise SpecError(f"{out.url}/{OUTPUT_RECORD} has format {record['format']}, newer than this latte-ray "
+        raise OutputDamaged(f"{out.url}/{OUTPUT_RECORD} has format {record['format']}, newer than this latte-ray "
                         f"reads ({FORMAT}); upgrade latte-ray")
     return record
 
@@ -111,7 +112,7 @@ def read_legacy_record(out: Output) -> dict | None:
 
 
 def require_output(url: str, storage_options: dict | None = None) -> tuple[Output, dict]:
-    """The output and its record, for the operations commands; SpecError (exit 2) for a path that is not a
+    """The output and its record, for the operations commands; InputError (exit 2) for a path that is not a
     latte-ray output, so that a mistyped path is an error, not an empty report. An output made before
     latte-ray.json existed counts by its run.json."""
     out = open_output(url, storage_options)
@@ -124,7 +125,7 @@ def require_output(url: str, storage_options: dict | None = None) -> tuple[Outpu
         return out, record
     legacy = read_legacy_record(out)
     if legacy is None:
-        raise SpecError(f"{url}: not a latte-ray output (no {OUTPUT_RECORD} there); check the path")
+        raise InputError(f"{url}: not a latte-ray output (no {OUTPUT_RECORD} there); check the path")
     return out, {"format": 0, "spec_hash": legacy.get("spec_hash"), "run_seed": int(legacy.get("seed") or 0),
                  "pipeline": legacy.get("pipeline") or {}, "created_at": None, "legacy": True}
 
@@ -159,18 +160,18 @@ def _show(value: object) -> str:
 
 
 def _refuse_mismatch(out: Output, record: dict, spec: PipelineSpec, seed: int) -> None:
-    """SpecError if `record` binds the output to another spec hash or run seed than this run's."""
+    """OutputBindingError if `record` binds the output to another spec hash or run seed than this run's."""
     new_hash = spec.spec_hash()
     made = f"made {record['created_at']}" if record.get("created_at") else "made by an earlier run"
     if record["spec_hash"] != new_hash:
         diff = "; ".join(spec_diff(record.get("pipeline") or {}, spec.model_dump(mode="json")))
-        raise SpecError(
+        raise OutputBindingError(
             f"output {out.url} is bound to pipeline spec {record['spec_hash']} ({made}); this run's spec is "
             f"{new_hash}: {diff}. One output holds the videos of one spec: write this spec to a new --output"
         )
     bound_seed = record.get("run_seed")
     if bound_seed is not None and int(bound_seed) != seed:
-        raise SpecError(
+        raise OutputBindingError(
             f"output {out.url} was made with run seed {bound_seed} (--seed); this run has --seed {seed}, which "
             f"would change the seeds and ids of rows without them. Use --seed {bound_seed} to continue this "
             f"output, or a new --output"
@@ -178,7 +179,7 @@ def _refuse_mismatch(out: Output, record: dict, spec: PipelineSpec, seed: int) -
 
 
 def check_binding(out: Output, spec: PipelineSpec, seed: int) -> dict | None:
-    """Refuse (SpecError) a run whose spec or run seed is not the one the output is bound to. Reads only.
+    """Refuse (OutputBindingError) a run whose spec or run seed is not the one the output is bound to. Reads only.
     Returns the output's record, or None for an output that has none yet (new, or made by an older
     version and adoptable: every manifest row has this spec's hash)."""
     record = read_record(out)
@@ -188,20 +189,20 @@ def check_binding(out: Output, spec: PipelineSpec, seed: int) -> dict | None:
     try:
         hashes = read_manifest(out.fs, out.layout, columns=["spec_hash"])["spec_hash"].unique().to_pylist()
     except Exception as e:  # noqa: BLE001
-        raise SpecError(f"output: cannot read the manifest under {out.url}: {type(e).__name__}: {_first_line(e)}") from e
+        raise InputError(f"output: cannot read the manifest under {out.url}: {type(e).__name__}: {_first_line(e)}") from e
     if not hashes:
         return None
     new_hash = spec.spec_hash()
     others = sorted(str(h) for h in hashes if h != new_hash)
     if others:
-        raise SpecError(
+        raise OutputBindingError(
             f"output {out.url} has no {OUTPUT_RECORD} (made by an older latte-ray) and its manifest holds rows "
             f"of spec hash {', '.join(others)}; this run's spec is {new_hash}. Refusing to mix specs in one "
             f"output: write this spec to a new --output"
         )
     legacy = read_legacy_record(out)
     if legacy and legacy.get("seed") is not None and int(legacy["seed"]) != seed:
-        raise SpecError(
+        raise OutputBindingError(
             f"output {out.url} (made by an older latte-ray) was last run with --seed {legacy['seed']}; this run "
             f"has --seed {seed}. Use --seed {legacy['seed']} to continue it, or a new --output"
         )
@@ -231,7 +232,7 @@ def _identity_words(identity: dict) -> str:
 
 
 def check_model_identity(out: Output, identity: dict | None) -> None:
-    """Refuse (SpecError) a run whose model source resolves to other weights than the ones this output's videos
+    """Refuse (OutputBindingError) a run whose model source resolves to other weights than the ones this output's videos
     were made with: a hub id whose branch moved to another commit, a folder or mirror whose files changed.
     Compared with the output's record and its newest run record that has one. Reads only."""
     new = _identity_key(identity)
@@ -249,7 +250,7 @@ def check_model_identity(out: Output, identity: dict | None) -> None:
                 break
     if known is None or _identity_key(known) == new:
         return
-    raise SpecError(
+    raise OutputBindingError(
         f"output {out.url} was made from model.source {known.get('source')!r} at {_identity_words(known)} "
         f"({where}); this run resolves it to {_identity_words(identity)}. Its videos would come from other "
         f"weights under the same spec: pin model.revision to {known.get('commit') or 'the old version'} to "
@@ -273,13 +274,13 @@ def bind(out: Output, spec: PipelineSpec, seed: int, version: str, model_identit
     try:
         created = write_exclusive(out.fs, out.layout.record_json, json.dumps(record, indent=2).encode())
     except Exception as e:  # noqa: BLE001
-        raise SpecError(f"output: cannot write {out.url}/{OUTPUT_RECORD}: {type(e).__name__}: {_first_line(e)}") from e
+        raise InputError(f"output: cannot write {out.url}/{OUTPUT_RECORD}: {type(e).__name__}: {_first_line(e)}") from e
     if created:
         log.info("output %s bound to spec %s (run seed %d)", out.url, record["spec_hash"], seed)
         return record
     existing = read_record(out)
     if existing is None:  # cannot be: create-only write found something there
-        raise SpecError(f"output: {out.url}/{OUTPUT_RECORD} exists but cannot be read back")
+        raise OutputDamaged(f"output: {out.url}/{OUTPUT_RECORD} exists but cannot be read back")
     _refuse_mismatch(out, existing, spec, seed)
     return existing
 
@@ -299,7 +300,7 @@ class RunLog:
         try:
             self._write()
         except Exception as e:  # noqa: BLE001
-            raise SpecError(f"output: cannot write {self.out.url}/runs/: {type(e).__name__}: {_first_line(e)}") from e
+            raise InputError(f"output: cannot write {self.out.url}/runs/: {type(e).__name__}: {_first_line(e)}") from e
 
     def finish(self, outcome: str, reason: str | None = None, **counts: object) -> None:
         """Record how the run ended. A storage failure here is logged, not raised: it must not hide the
@@ -391,7 +392,7 @@ def probe_writable(out: Output) -> None:
         write_atomic(out.fs, path, b"latte-ray write probe\n")
         out.fs.rm_file(path)
     except Exception as e:  # noqa: BLE001
-        raise SpecError(f"output: cannot write to {out.url}: {type(e).__name__}: {_first_line(e)}") from e
+        raise InputError(f"output: cannot write to {out.url}: {type(e).__name__}: {_first_line(e)}") from e
     finally:
         if is_local(out.fs):
             if os.path.exists(path):

@@ -35,7 +35,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from latte_ray.errors import ForeignFile, InputError, OutputDamaged
 from latte_ray.faults import injection as faults
-from latte_ray.spec import SpecError
+from latte_ray.errors import InputError
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -151,7 +151,7 @@ def _typed_options(protocol: str, opts: dict) -> dict:
             try:
                 value = _parse_bool(value) if isinstance(default, bool) else int(value)
             except ValueError:
-                raise SpecError(f"storage option {key!r}: expected {type(default).__name__}, got {value!r}") from None
+                raise InputError(f"storage option {key!r}: expected {type(default).__name__}, got {value!r}") from None
         typed[key] = value
     return typed
 
@@ -171,15 +171,15 @@ def redact_options(options: dict | None) -> dict:
 
 
 def filesystem(url: str, options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path) for a URL; an unknown scheme or a missing fsspec backend is a SpecError naming
+    """(filesystem, path) for a URL; an unknown scheme or a missing fsspec backend is an InputError naming
     the URL."""
     try:
         protocol = fsspec.utils.get_protocol(url)
         fsspec.get_filesystem_class(protocol)
     except ValueError:
-        raise SpecError(f"{url!r}: unknown URL scheme {protocol!r} (use a local path, s3://, gs://, ...)") from None
+        raise InputError(f"{url!r}: unknown URL scheme {protocol!r} (use a local path, s3://, gs://, ...)") from None
     except ImportError as e:
-        raise SpecError(f"{url!r}: the {protocol}:// backend is not installed: {e}") from None
+        raise InputError(f"{url!r}: the {protocol}:// backend is not installed: {e}") from None
     options = storage_options_for(url, options)
     fs, path = fsspec.core.url_to_fs(url, **options)
     _first_contact(fs, path, url, options)

@@ -586,3 +586,17 @@ def _write_report(out: Output, report: VerifyReport, stamp: str) -> None:
         report.report = out.layout.uri(key)
     except Exception as e:  # noqa: BLE001 - a read-only output: the console still has the findings
         log.warning("could not write the verify report under %s: %s: %s", out.url, type(e).__name__, e)
+
+
+def quarantine_videos(output: str, storage_options: dict, keys: list[str]) -> None:
+    """Recorded videos of another size than their row says are made again under the same key by a resuming
+    run: their bytes (not latte-ray's) go to OUTPUT/quarantine/<time>/ first, so that nothing the run did not
+    make is overwritten."""
+    from latte_ray.record.storage import OutputLayout, filesystem
+
+    fs, root = filesystem(output, storage_options)
+    layout, stamp = OutputLayout(url=output.rstrip("/"), root=root.rstrip("/")), stamp_now()
+    for key in keys:
+        move_aside(fs, layout, key, stamp)
+    log.warning("%d recorded videos had another size than their manifest row says: moved to %s/quarantine/%s/ "
+                "and made again", len(keys), layout.url, stamp)

@@ -25,7 +25,8 @@ from latte_ray.faults import injection as faults
 from latte_ray.faults.crashes import MAX_CRASHES, CrashLedger, crash_message
 from latte_ray.faults.deadline import batch_deadline, deadline
 from latte_ray.metrics import StageMetrics
-from latte_ray.spec import PipelineSpec
+from latte_ray.spec import PipelineSpec, pool_bounds
+from latte_ray.stages.declare import Context, Stage
 
 log = logging.getLogger(__name__)
 
@@ -183,3 +184,55 @@ def _placement() -> tuple[str | None, str | None]:
 
 def _now() -> np.datetime64:
     return np.datetime64(datetime.now(timezone.utc).replace(tzinfo=None), "us")
+
+
+def restart_args(ex) -> dict:
+    """Actor restart options for the model stages. Ray Data's own default for actor pools is what we want
+    (restart without limit, retry the batch; a row that keeps killing its actor is stopped by
+    crashes.CrashLedger), and passing it through `**ray_remote_args` is deprecated, so only a
+    non-default `execution.max_restarts` is passed on."""
+    if ex.max_restarts == -1:
+        return {}
+    return {"max_restarts": ex.max_restarts, "max_task_retries": -1 if ex.max_restarts else 0}
+
+
+def reads(ctx: Context) -> tuple[str, ...]:
+    """The prompts, or their embeddings when a text-encode stage ran before (execution.text_encode_stage)."""
+    from latte_ray.stages.text_encode import TEXT_COLUMNS
+
+    text = TEXT_COLUMNS if ctx.spec.execution.text_encode_stage else ("prompt", "negative_prompt")
+    return ("id", "seed", "status", "error", *text)
+
+
+def writes(ctx: Context) -> tuple[str, ...]:
+    """Raw frames and where, when and how they were made; the sidecar columns the spec keeps."""
+    from latte_ray.record.sidecars import EMBEDDINGS, LATENTS
+
+    sidecars = ctx.spec.sidecars
+    kept = tuple(c for c, on in ((EMBEDDINGS, sidecars.embeddings), (LATENTS, sidecars.latents)) if on)
+    return ("status", "error", "frames", "prompt_tokens", "prompt_truncated", "started_at", "generate_seconds",
+            "transformer_calls", "actor", "node", "actor_started_at", "busy_start", "busy_end", "num_frames",
+            "height", "width", *kept)
+
+
+DROPS = ("prompt_embeds", "negative_prompt_embeds", "keep")
+
+
+def _map_args(ctx: Context) -> dict:
+    """A pool of generation actors; every actor the cluster can hold starts at once (plan/fit.py says why)."""
+    import ray
+
+    from latte_ray.plan.fit import initial_pool_size
+
+    ex = ctx.spec.execution
+    lo, hi = pool_bounds(ex.concurrency)
+    return {"fn": DenoiseStage,
+            "fn_constructor_kwargs": {"spec_json": ctx.spec.model_dump_json(), "cache_dir": ctx.cache_dir,
+                                      "storage_options": ctx.storage_options, "run_id": ctx.run_id},
+            "batch_size": ex.batch_size, "batch_format": "numpy",
+            "compute": ray.data.ActorPoolStrategy(min_size=lo, max_size=hi, initial_size=initial_pool_size(ctx.spec)),
+            "num_cpus": ex.num_cpus_per_actor, "num_gpus": ex.num_gpus_per_actor, **restart_args(ex)}
+
+
+STAGE = Stage(name="DenoiseStage", label="generation actor", reads=reads, writes=writes, drops=DROPS,
+              map_args=_map_args)

@@ -9,6 +9,7 @@ import av
 import numpy as np
 
 from latte_ray.spec import SpecError, VideoSpec
+from latte_ray.stages.declare import Context, Stage
 
 BLANK_STD = 2.0  # a frame whose pixels vary by less than this (0-255) is blank
 FROZEN_DIFF = 0.5  # a frame that differs from the previous by less than this on average is frozen
@@ -141,3 +142,18 @@ class EncodeStage:
             out["status"][i] = "encoded"
         out.update(stats)
         return out
+
+
+STATS = ("mean_brightness", "motion_score", "blank_frames", "frozen_frames")
+
+
+def _map_args(ctx: Context) -> dict:
+    return {"fn": EncodeStage, "fn_constructor_kwargs": {"video_spec_json": ctx.spec.video.model_dump_json()},
+            "batch_format": "numpy", "compute": ctx.cpu_pool(), "num_cpus": ctx.cpu_task_cpus}
+
+
+STAGE = Stage(
+    name="EncodeStage", label="encode actor",
+    reads=("id", "status", "error", "frames", "num_frames", "height", "width"),
+    writes=("status", "error", "video", "sha256", "bytes", *STATS), drops=("frames",), map_args=_map_args,
+)

@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 
 from latte_ray.plan.keys import contains, id_keys
-from latte_ray.plan.prompts import prepare_rows
+from latte_ray.plan.prompts import WORK_COLUMNS, prepare_rows
+from latte_ray.stages.declare import Context, Stage
 
 
 def _resolve(value):
@@ -31,9 +32,10 @@ def _resolve(value):
 class PrepareStage:
     def __init__(self, default_negative: str, run_seed: int, skip: object = None, conflicts: object = None,
                  dups: object = None, winners: object = None, without_id: list[str] | None = None,
-                 round_of: tuple[int, int] | None = None):
+                 round_of: tuple[int, int] | None = None, carry: bool = False):
         self.default_negative = default_negative
-        self.round_of = round_of  # (k, rounds): keep only the ids of round k (runner.rounds)
+        self.carry = carry  # keep the input's other columns (the processor: the caller's columns ride along)
+        self.round_of = round_of  # (k, rounds): keep only the ids of round k (scheduler.rounds)
         self.without_id = frozenset(without_id or ())  # files with no id column (prompts.prepare_rows)
         self.run_seed = run_seed
         self.skip = _resolve(skip)  # sorted id keys to leave out (resume), or None
@@ -43,6 +45,10 @@ class PrepareStage:
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         rows = prepare_rows(batch, self.default_negative, self.run_seed, self.without_id)
+        if self.carry:
+            for name in batch.column_names:
+                if name not in rows:
+                    rows[name] = batch[name].to_numpy(zero_copy_only=False)
         if self.skip is None and self.conflicts is None and self.dups is None and self.round_of is None:
             return rows
         keys = id_keys(rows["id"])
@@ -85,3 +91,27 @@ class PrepareStage:
 def prepare_batch(batch: pa.Table, **kwargs) -> dict[str, np.ndarray]:
     """The Ray Data UDF: PrepareStage(**kwargs) on one block, inside the read task that produced it."""
     return PrepareStage(**kwargs)(batch)
+
+
+def _map_args(ctx: Context) -> dict:
+    """Inside the read tasks (a plain function), with the work plan's refs and the round (a run's), or
+    carrying the input's other columns (the processor's)."""
+    work = ctx.extra.get("work")
+    kwargs = {"default_negative": ctx.spec.sampling.negative_prompt, "run_seed": ctx.run_seed,
+              **(work.refs if work is not None else {}), "round_of": ctx.extra.get("round_of"),
+              "without_id": work.without_id if work is not None else None}
+    if ctx.extra.get("carry"):
+        kwargs["carry"] = True
+    return {"fn": prepare_batch, "fn_kwargs": kwargs, "batch_format": "pyarrow",
+            "num_cpus": ctx.spec.execution.num_cpus_per_cpu_task}
+
+
+STAGE = Stage(
+    name="prepare_batch", label="prepare stage", reads=("prompt",), writes=tuple(WORK_COLUMNS),
+    replaces=True, map_args=_map_args,
+)
+# The processor's: the same stage, the caller's other columns carried along (its Context says carry).
+CARRYING = Stage(
+    name="prepare_batch", label="prepare stage", reads=("prompt",), writes=tuple(WORK_COLUMNS),
+    map_args=_map_args,
+)

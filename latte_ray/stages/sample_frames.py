@@ -19,6 +19,8 @@ import logging
 
 import numpy as np
 
+from latte_ray.stages.declare import Context, Stage
+
 log = logging.getLogger(__name__)
 
 
@@ -62,3 +64,19 @@ class SampleFramesStage:
         if hashlib.sha256(data).hexdigest() != str(batch["sha256"][i]):
             raise ValueError(f"{uri}: its bytes do not match the manifest's sha256")
         return data
+
+
+def _reads(ctx: Context) -> tuple[str, ...]:
+    """A run's rows carry the mp4 bytes; `latte-ray score`'s are manifest rows, read by video_uri."""
+    return ("id", "status", *(("video_uri", "sha256") if ctx.extra.get("fetch_from") else ("video",)))
+
+
+def _map_args(ctx: Context) -> dict:
+    return {"fn": SampleFramesStage,
+            "fn_constructor_kwargs": {"frames": ctx.scoring.frames, "fetch_from": ctx.extra.get("fetch_from"),
+                                      "storage_options": ctx.storage_options},
+            "batch_format": "numpy", "compute": ctx.cpu_pool(), "num_cpus": ctx.cpu_task_cpus}
+
+
+STAGE = Stage(name="SampleFramesStage", label="sample-frames actor", reads=_reads,
+              writes=("score_frames", "score_shape", "score_error"), map_args=_map_args)

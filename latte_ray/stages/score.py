@@ -13,6 +13,7 @@ import logging
 import numpy as np
 
 from latte_ray.spec import ScoringSpec, pool_bounds
+from latte_ray.stages.declare import Context, Stage
 
 log = logging.getLogger(__name__)
 
@@ -59,26 +60,20 @@ class ScoreStage:
         return out
 
 
-def add_scoring_stages(ds, scoring: ScoringSpec, cpu_pool, num_cpus_per_cpu_task: float, cache_dir: str | None,
-                       storage_options: dict | None, fetch_from: str | None = None):
-    """`ds` followed by sample-frames (CPU pool) and score (the scoring actor pool): in a run after the
-    encode stage, in `latte-ray score` after reading the manifest rows (`fetch_from`: the output whose
-    videos are read by their rows' video_uri)."""
+def _map_args(ctx: Context) -> dict:
     import ray
 
-    from latte_ray.stages.sample_frames import SampleFramesStage
-
-    ds = ds.map_batches(
-        SampleFramesStage, fn_constructor_kwargs={"frames": scoring.frames, "fetch_from": fetch_from,
-                                                  "storage_options": storage_options},
-        batch_format="numpy", compute=cpu_pool, num_cpus=num_cpus_per_cpu_task,
-    )
+    scoring = ctx.scoring
     lo, hi = pool_bounds(scoring.concurrency)
-    return ds.map_batches(
-        ScoreStage,
-        fn_constructor_kwargs={"scoring_json": scoring.model_dump_json(), "cache_dir": cache_dir,
-                               "storage_options": storage_options},
-        batch_size=scoring.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-        num_cpus=scoring.num_cpus, num_gpus=scoring.num_gpus,
-    )
+    return {"fn": ScoreStage,
+            "fn_constructor_kwargs": {"scoring_json": scoring.model_dump_json(), "cache_dir": ctx.cache_dir,
+                                      "storage_options": ctx.storage_options},
+            "batch_size": scoring.batch_size, "batch_format": "numpy",
+            "compute": ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+            "num_cpus": scoring.num_cpus, "num_gpus": scoring.num_gpus}
+
+
+SCORE_COLUMNS = ("clip_score", "aesthetic_score", "clip_prompt_truncated", "scoring_hash", "score_error")
+STAGE = Stage(name="ScoreStage", label="score actor",
+              reads=("id", "status", "prompt", "score_frames", "score_shape"), writes=SCORE_COLUMNS,
+              drops=("score_frames", "score_shape"), map_args=_map_args)

@@ -17,6 +17,7 @@ import logging
 import numpy as np
 
 from latte_ray.spec import PipelineSpec
+from latte_ray.stages.declare import Context, Stage
 
 log = logging.getLogger(__name__)
 
@@ -63,3 +64,27 @@ class TextEncodeStage:
             for name, values in text.items():
                 out[name][rows] = values
         return out
+
+
+TEXT_COLUMNS = ("prompt_embeds", "negative_prompt_embeds", "keep", "prompt_tokens", "prompt_truncated")
+
+
+def _map_args(ctx: Context) -> dict:
+    """One actor (it holds a GPU of its own per execution), batches of the generation batch size."""
+    import ray
+
+    from latte_ray.stages.denoise import restart_args
+
+    ex = ctx.spec.execution
+    return {"fn": TextEncodeStage,
+            "fn_constructor_kwargs": {"spec_json": ctx.spec.model_dump_json(), "cache_dir": ctx.cache_dir,
+                                      "storage_options": ctx.storage_options},
+            "batch_size": ex.batch_size, "batch_format": "numpy", "compute": ray.data.ActorPoolStrategy(size=1),
+            "num_cpus": ex.num_cpus_per_actor, "num_gpus": ex.num_gpus_per_actor, **restart_args(ex)}
+
+
+STAGE = Stage(
+    name="TextEncodeStage", label="text-encode actor",
+    reads=("id", "prompt", "negative_prompt", "status", "error"), writes=("status", "error", *TEXT_COLUMNS),
+    map_args=_map_args,
+)

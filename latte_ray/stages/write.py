@@ -29,6 +29,7 @@ from latte_ray.spec import PipelineSpec
 from latte_ray.record.lease import check_fence
 from latte_ray.record.scores import manifest_score_columns
 from latte_ray.record.storage import MANIFEST_SCHEMA, OutputLayout, filesystem, write_atomic, write_manifest_part
+from latte_ray.stages.declare import Context, Stage
 
 PUT_CONCURRENCY = 8  # video uploads in flight per write actor
 
@@ -150,3 +151,22 @@ class WriteStage:
             else:
                 arrays.append(pa.array(list(columns[field.name]), field.type, from_pandas=True))
         return pa.Table.from_arrays(arrays, schema=MANIFEST_SCHEMA)
+
+
+def _reads(ctx: Context) -> tuple[str, ...]:
+    """The rows' identity and outcome; the encoded videos when the graph generates (a plan with nothing to
+    generate writes only error rows)."""
+    video = ("video", "sha256", "bytes") if ctx.extra.get("generates", True) else ()
+    return ("id", "prompt", "negative_prompt", "seed", "status", "error", *video)
+
+
+def _map_args(ctx: Context) -> dict:
+    return {"fn": WriteStage,
+            "fn_constructor_kwargs": {"output_url": ctx.output, "spec_json": ctx.spec.model_dump_json(),
+                                      "storage_options": ctx.storage_options, "run_id": ctx.run_id,
+                                      "fence": ctx.fence},
+            "batch_format": "numpy", "compute": ctx.cpu_pool(), "num_cpus": ctx.cpu_task_cpus}
+
+
+STAGE = Stage(name="WriteStage", label="write actor", reads=_reads, writes=tuple(MANIFEST_SCHEMA.names),
+              replaces=True, map_args=_map_args)

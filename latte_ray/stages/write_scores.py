@@ -19,6 +19,7 @@ from latte_ray.faults import retry
 from latte_ray.record.lease import check_fence
 from latte_ray.record.scores import SCORE_SCHEMA, write_score_part
 from latte_ray.record.storage import OutputLayout, filesystem
+from latte_ray.stages.declare import Context, Stage
 
 
 class WriteScoresStage:
@@ -49,3 +50,16 @@ class WriteScoresStage:
         check_fence(self.fs, self.fence)  # a run whose lease was taken over commits nothing more
         retry.call(lambda: write_score_part(self.fs, self.layout, rows, name), "write score part", retry.MANIFEST)
         return rows
+
+
+def _map_args(ctx: Context) -> dict:
+    return {"fn": WriteScoresStage,
+            "fn_constructor_kwargs": {"output_url": ctx.output, "storage_options": ctx.storage_options,
+                                      "run_id": ctx.run_id, "scoring_hash": ctx.extra["scoring_hash"],
+                                      "fence": ctx.fence},
+            "batch_format": "numpy", "compute": ctx.cpu_pool(), "num_cpus": ctx.cpu_task_cpus}
+
+
+STAGE = Stage(name="WriteScoresStage", label="write-scores actor",
+              reads=("id", "sha256", "clip_score", "aesthetic_score", "clip_prompt_truncated", "score_error"),
+              writes=tuple(SCORE_SCHEMA.names), replaces=True, map_args=_map_args)
