@@ -5,13 +5,15 @@ The public API, imported on first use so that `import latte_ray` stays light (no
     spec = latte_ray.load_spec("tiny-cpu", {"sampling.num_inference_steps": 4})
     summary = latte_ray.run(spec, "prompts.parquet", "s3://bucket/out/")       # what `latte-ray run` does
     videos = latte_ray.build_processor(spec)(ray.data.from_items([{"prompt": "a red fox"}]))
+    report = latte_ray.verify("s3://bucket/out/", deep=True)                   # what `latte-ray verify` does
 
 Errors raised on purpose are `latte_ray.LatteRayError` subclasses with the CLI's exit code (latte_ray/errors.py).
 """
 
-_API = {"load_spec", "run", "build_processor"}
+_API = {"load_spec", "run", "build_processor", "verify"}
 _ERRORS = {"LatteRayError", "SpecError", "InputError", "OutputBindingError", "OutputDamaged", "LeaseHeld",
-           "RunFailed", "LeaseLost", "RunStalled", "StageGraphError", "PlanDoesNotFit"}
+           "RunFailed", "LeaseLost", "RunStalled", "StageGraphError", "PlanDoesNotFit", "ModelSourceError",
+           "QuantizationUnsupported"}
 
 __all__ = sorted(_API | _ERRORS | {"RunSummary", "__version__"})
 

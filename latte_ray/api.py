@@ -19,6 +19,7 @@ from latte_ray.spec import DEFAULT_PIPELINE, PipelineSpec, RunSpec, load_pipelin
     parse_pipeline_spec
 
 if TYPE_CHECKING:  # heavy: imported only when a function runs
+    from latte_ray.record.verify import VerifyReport
     from latte_ray.runner import RunSummary
     from latte_ray.stages.processor import Processor
 
@@ -171,3 +172,35 @@ def build_processor(spec: str | Path | PipelineSpec, *, preprocess: Callable | N
     check_video_settings(pipeline.video, pipeline.sampling.height, pipeline.sampling.width)
     return Processor(pipeline, preprocess=preprocess, postprocess=postprocess, seed=seed, cache_dir=cache_dir,
                      storage_options=dict(storage_options or {}))
+
+
+def verify(output: str, *, deep: bool = False, repair: bool = False,
+           storage_options: Mapping[str, str] | None = None, wait_for_lease: bool = False,
+           progress: Callable[[int, int], None] | None = None) -> "VerifyReport":
+    """Check an output against its own record, as `latte-ray verify` does: every manifest part readable and
+    of the manifest's schema, every ok row's video present with its recorded size (from listings), with
+    `deep` its sha256 too, and the run records, `latte-ray.json` and lease objects readable and consistent
+    with the rows. The report is also written to OUTPUT/verify/<time>.json.
+
+    Args:
+        output: the output prefix (a local folder or an fsspec URL).
+        deep: also read every ok video and compare its sha256 (every byte: opt-in at scale).
+        repair: move what is damaged or not latte-ray's to OUTPUT/quarantine/<time>/ (never deletes) and
+            record the damaged ids so that the next resuming run makes them again. Takes the output's lease.
+        storage_options: fsspec options for the output (never recorded).
+        wait_for_lease: with `repair`, wait while another run holds the lease instead of raising LeaseHeld.
+        progress: called as progress(done, total) while `deep` hashes videos.
+
+    Returns:
+        A VerifyReport (latte_ray/record/verify.py): counts, `findings` (each a damaged path and what is wrong
+        with it), `clean`, and with `repair` what was moved where and the ids the next run makes again.
+
+    Raises:
+        InputError: the output is not a latte-ray output (or cannot be reached). LeaseHeld: with `repair`,
+        another live run writes this output.
+    """
+    from latte_ray.record.lease import Policy
+    from latte_ray.record.verify import verify as verify_output
+
+    return verify_output(output, deep=deep, repair=repair, storage_options=dict(storage_options or {}),
+                         lease=Policy(wait=wait_for_lease), progress=progress)

@@ -92,3 +92,16 @@ class PlanDoesNotFit(LatteRayError):
     asks for hardware this machine lacks; refused before any actor starts, naming the numbers."""
 
     exit_code = EXIT_BAD_INPUT
+
+
+class ModelSourceError(LatteRayError, RuntimeError):
+    """A model (or LoRA, or scoring model) source that cannot be loaded where it is loaded: a missing folder,
+    a partial mirror, a file of the wrong size. Raised on a node; a run reports it as its root cause (exit 1)."""
+
+    exit_code = EXIT_FAILED
+
+
+class QuantizationUnsupported(LatteRayError, RuntimeError):
+    """The spec's quantization kind cannot run on this device (the message says why, in one line)."""
+
+    exit_code = EXIT_BAD_INPUT

@@ -26,11 +26,19 @@ def test_import_latte_ray_stays_light():
 
 
 def test_every_public_function_documents_its_arguments_returns_and_errors():
-    for name in ("load_spec", "run", "build_processor"):
+    for name in ("load_spec", "run", "build_processor", "verify"):
         doc = getattr(latte_ray, name).__doc__
         for part in ("Args:", "Returns:", "Raises:"):
             assert part in doc, (name, part)
     assert issubclass(latte_ray.InputError, latte_ray.LatteRayError) and latte_ray.RunStalled.exit_code == 3
+
+
+def test_verify_refuses_a_folder_that_is_no_output_naming_it(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an output")
+    with pytest.raises(latte_ray.InputError, match=str(tmp_path)) as error:
+        latte_ray.verify(str(tmp_path))
+    assert error.value.exit_code == 2
+    assert not (tmp_path / "verify").exists() and not (tmp_path / "quarantine").exists()  # nothing written
 
 
 def test_load_spec_applies_dotted_overrides_and_names_what_it_refuses(tmp_path):

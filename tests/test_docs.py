@@ -21,11 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 REFERENCE = REPO / "docs" / "spec-reference.md"
 PAGES = [README, *sorted((REPO / "docs").glob("*.md"))]
-# Written on the branches of issues 29 (verify and repair), 31 (model families, LoRA) and 28's API (the compose
-# example); a link to one is checked like any other once it exists.
-ELSEWHERE = {"docs/verify.md", "docs/models.md", "examples/compose.py"}
-
-
 def _rel(path: Path) -> str:
     return path.relative_to(REPO).as_posix()
 
@@ -106,8 +101,7 @@ def test_every_link_resolves():
             file, _, fragment = target.partition("#")
             dest = (page.parent / file).resolve() if file else page
             if not dest.exists():
-                if _rel(dest) not in ELSEWHERE:
-                    broken.append(f"{_rel(page)}: {target}")
+                broken.append(f"{_rel(page)}: {target}")
             elif fragment and dest.suffix == ".md" and fragment not in _anchors(dest):
                 broken.append(f"{_rel(page)}: {target} (no such heading)")
     assert not broken, broken
@@ -122,8 +116,8 @@ def test_every_file_named_exists():
     for page in PAGES:
         for path in _PATH.findall(page.read_text()):
             path = path.rstrip("/").split(":")[0]
-            if "<" in path or path in ELSEWHERE:
-                continue  # a pattern of names (videos/<shard>/...), or a file another branch adds
+            if "<" in path:
+                continue  # a pattern of names (videos/<shard>/...)
             if not (list(REPO.glob(path)) if "*" in path else (REPO / path).exists()):
                 missing.append(f"{_rel(page)}: {path}")
     assert len(missing) == 0, f"named but not in the repository: {missing}"
@@ -167,9 +161,9 @@ def test_every_command_and_option_shown_exists():
             words = args.replace("\\\n", " ").split()
             name = " ".join(words[:2]) if " ".join(words[:2]) in commands else (words[0] if words else "")
             if name not in commands:
-                if words and re.fullmatch(r"[a-z][a-z-]*", words[0]) and words[0] != "verify":
+                if words and re.fullmatch(r"[a-z][a-z-]*", words[0]):
                     wrong.append(f"{_rel(page)}: no command `latte-ray {words[0]}`")
-                continue  # (`latte-ray verify`: issue 29's command, docs/verify.md)
+                continue
             shown += 1
             for word in words:
                 flag = word.split("=")[0]

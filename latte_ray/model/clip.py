@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from latte_ray.errors import ModelSourceError
 from latte_ray.spec import ScoringSpec
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ HEAD_CONFIG = "config.json"
 HEAD_WEIGHTS = "model.safetensors"
 
 
-class ScoringSourceError(RuntimeError):
+class ScoringSourceError(ModelSourceError):
     """A scoring model source that cannot be loaded (names the field, the source and why)."""
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock, Timeout
 
+from latte_ray.errors import ModelSourceError  # noqa: F401 - re-exported: latte_ray.model.loading.ModelSourceError
 from latte_ray.spec import ModelSpec
 from latte_ray.record.storage import filesystem
 
@@ -38,10 +39,6 @@ _SCHEDULERS = {
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("LATTE_RAY_CACHE") or Path.home() / ".cache" / "latte-ray")
-
-
-class ModelSourceError(RuntimeError):
-    """The spec's model.source cannot be turned into a loadable pipeline (names the source and why)."""
 
 
 def resolve_model_dir(model: ModelSpec, cache_dir: str | None = None, storage_options: dict | None = None) -> str:

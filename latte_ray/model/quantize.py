@@ -22,13 +22,10 @@ from __future__ import annotations
 import logging
 import sys
 
+from latte_ray.errors import QuantizationUnsupported  # noqa: F401 - re-exported
 from latte_ray.spec import FLOAT8_MIN_CAPABILITY, QUANTIZATION_KINDS, ModelSpec, QuantizationSpec, SpecError
 
 log = logging.getLogger(__name__)
-
-
-class QuantizationUnsupported(RuntimeError):
-    """The spec's quantization kind cannot run on this device (the message says why, in one line)."""
 
 
 def check_supported(quantization: QuantizationSpec | None, device: "torch.device | str") -> None:
