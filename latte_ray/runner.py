@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 
-from latte_ray.errors import OutputDamaged
 from latte_ray.faults.rootcause import RunFailed, damage_in, describe, no_space_in
 from latte_ray.faults.watchdog import RunStalled
 from latte_ray.plan.prompts import inspect_prompt_tables, resolve_prompt_files
