@@ -6,4 +6,8 @@ def __getattr__(name: str):
         from latte_ray.versions import version
 
         return version()
+    if name == "verify":  # latte_ray.verify(output, deep=..., repair=...): docs/verify.md
+        from latte_ray.record.verify import verify
+
+        return verify
     raise AttributeError(f"module 'latte_ray' has no attribute {name!r}")
