@@ -433,6 +433,9 @@ def report(
     c = result.counts
     sampled = f" (gallery: a sample of {result.gallery})" if result.gallery < result.gallery_of else ""
     typer.echo(f"report: {c['ok']} ok, {c['error']} error of {c['prompts']} prompts{sampled} -> {result.url}")
+    for key in ("videos missing", "videos wrong size", "record disagrees"):
+        if c.get(key):
+            typer.echo(f"damaged: {key}: {c[key]} (`latte-ray verify {output}` names them)")
     typer.echo(f"        {_open_hint(result.url)}")
 
 

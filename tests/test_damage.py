@@ -221,8 +221,8 @@ RUNS = {**EXIT2, "compact": "ok"}  # compact reads no run record
 # name: (damage, what `verify` calls it, what each reader does: "exit2"; "shown" in status's lines; "kept":
 # compact leaves the file where it is; "ok": not its business)
 DAMAGES = {
-    "video deleted": (delete_video, "video missing", {"status": "shown"}),
-    "video overwritten": (overwrite_video, "video size", {"status": "shown"}),
+    "video deleted": (delete_video, "video missing", {"status": "shown", "report": "shown"}),
+    "video overwritten": (overwrite_video, "video size", {"status": "shown", "report": "shown"}),
     "part truncated": (truncate_part, "manifest part", EXIT2),
     "part random bytes": (random_part, "manifest part", EXIT2),
     "part bad body": (bad_body_part, "manifest part", EXIT2),
@@ -230,7 +230,7 @@ DAMAGES = {
     "run record null": (null_run_record, "run record", RUNS),
     "run record a list": (list_run_record, "run record", RUNS),
     "latte-ray.json truncated": (truncate_record, "output record", EXIT2),
-    "latte-ray.json hash edited": (edit_record_hash, "output record", {"status": "shown"}),
+    "latte-ray.json hash edited": (edit_record_hash, "output record", {"status": "shown", "report": "shown"}),
     "manifest a file": (manifest_is_file, "manifest", EXIT2),
     "runs a file": (runs_is_file, "run record", RUNS),
     "lease a file": (lease_is_file, "lease", {"status": "shown", "report": "exit2", "compact": "exit2"}),

@@ -57,7 +57,7 @@ GALLERY_EXTREMES = 100  # lowest and highest by each score, kept in a sampled ga
 PAGE_SIZE = 48
 _COLUMNS = ["id", "prompt", "seed", "status", "error", "bytes", "started_at", "finished_at", "generate_seconds",
             "mean_brightness", "motion_score", "blank_frames", "frozen_frames", "video_uri", "sha256",
-            "clip_score", "aesthetic_score", "clip_prompt_truncated", "scoring_hash"]
+            "clip_score", "aesthetic_score", "clip_prompt_truncated", "scoring_hash", "spec_hash"]
 SCORES = ("clip_score", "aesthetic_score")
 RUNS_SHOWN = 20
 
@@ -93,6 +93,10 @@ def write_report(output: str, storage_options: dict | None = None, dest: str | N
         r["liveness"] = liveness(r, held) if r.get("outcome") == "running" else None
 
     counts = count(attempts, latest)
+    from latte_ray.ops.status import damage
+
+    found = damage(fs, layout, latest, attempts, record)  # shown in the counts, and by the command's line
+    counts.update({k.replace("_", " "): v for k, v in found.items() if v and k != "damaged_ids"})
     ok = latest.filter(pc.equal(latest["status"], "ok")).sort_by("id")
     ok, selection = attach_scores(fs, layout, ok, scoring_hash)
     sections = [("", _spread(ok["id"].to_pylist(), samples))] + score_extremes(ok, extremes)

@@ -152,11 +152,19 @@ SHOWN_IDS = 5
 
 
 def _damage(fs, layout, latest, manifest, record: dict, result: Status) -> None:
+    found = damage(fs, layout, latest, manifest, record)
+    result.videos_missing, result.videos_wrong_size = found["videos_missing"], found["videos_wrong_size"]
+    result.damaged_ids, result.record_disagrees = found["damaged_ids"], found["record_disagrees"]
+
+
+def damage(fs, layout, latest, manifest, record: dict) -> dict:
     """Ok ids whose video is missing or of another size (one listing per videos/ shard, record/verify.py),
-    and a record that disagrees with its rows or with the spec it holds."""
+    and a record that disagrees with its rows or with the spec it holds; for status and the report.
+    `latest` needs id, status, video_uri, bytes; `manifest` spec_hash."""
     from latte_ray.record.storage import OutputLayout
     from latte_ray.record.verify import lookup, spec_hash_of, video_listing
 
+    found = {"videos_missing": 0, "videos_wrong_size": 0, "damaged_ids": [], "record_disagrees": None}
     ok = latest.filter(pc.equal(latest["status"], "ok"))
     if ok.num_rows:
         keys, sizes = video_listing(fs, layout)
@@ -164,19 +172,20 @@ def _damage(fs, layout, latest, manifest, record: dict, result: Status) -> None:
         present, size = lookup(keys, sizes, names)
         recorded = np.array([-1 if b is None else b for b in ok["bytes"].to_pylist()], np.int64)
         wrong = present & (recorded >= 0) & (size != recorded)
-        result.videos_missing, result.videos_wrong_size = int((~present).sum()), int(wrong.sum())
+        found["videos_missing"], found["videos_wrong_size"] = int((~present).sum()), int(wrong.sum())
         ids = ok["id"].to_pylist()
-        result.damaged_ids = [ids[i] for i in np.flatnonzero(~present | wrong)[:SHOWN_IDS]]
+        found["damaged_ids"] = [ids[i] for i in np.flatnonzero(~present | wrong)[:SHOWN_IDS]]
     bound = record.get("spec_hash")
     own = spec_hash_of(record.get("pipeline"))
     if bound and own and own != bound:
-        result.record_disagrees = (f"latte-ray.json binds spec {bound}, but the spec it holds hashes to {own} "
-                                   f"(edited?)")
+        found["record_disagrees"] = (f"latte-ray.json binds spec {bound}, but the spec it holds hashes to {own} "
+                                     f"(edited?)")
     elif bound and manifest.num_rows:
         other = int(pc.sum(pc.not_equal(manifest["spec_hash"], bound)).as_py() or 0)
         if other:
-            result.record_disagrees = (f"latte-ray.json binds spec {bound}, but {other} of {manifest.num_rows} "
-                                       f"manifest rows were made with another spec")
+            found["record_disagrees"] = (f"latte-ray.json binds spec {bound}, but {other} of {manifest.num_rows} "
+                                         f"manifest rows were made with another spec")
+    return found
 
 
 def lease_holders(out) -> dict[str, dict] | None:

@@ -397,11 +397,15 @@ def video_listing(fs, layout: OutputLayout) -> tuple[np.ndarray, np.ndarray]:
                                             retry.READ) if e.get("type") == "directory"]
 
     def shard(folder: str) -> tuple[np.ndarray, np.ndarray]:
-        entries = retry.call(lambda: listing(folder), f"list {folder}", retry.READ)
         name = folder.rstrip("/").rsplit("/", 1)[-1]
-        files = [e for e in entries if e.get("type") != "directory" and ".tmp-" not in e["name"]]
-        return (_keys(f"videos/{name}/{e['name'].rsplit('/', 1)[-1]}" for e in files),
-                np.array([int(e.get("size") or 0) for e in files], np.int64))
+        if local:  # os.scandir: fsspec's ls builds a dict of a dozen fields per file
+            with os.scandir(folder) as entries:
+                files = [(e.name, e.stat().st_size) for e in entries if ".tmp-" not in e.name and e.is_file()]
+        else:
+            files = [(e["name"].rsplit("/", 1)[-1], int(e.get("size") or 0))
+                     for e in retry.call(lambda: listing(folder), f"list {folder}", retry.READ)
+                     if e.get("type") != "directory" and ".tmp-" not in e["name"]]
+        return _keys(f"videos/{name}/{n}" for n, _ in files), np.array([size for _, size in files], np.int64)
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         parts = list(pool.map(shard, shards))
@@ -409,7 +413,7 @@ def video_listing(fs, layout: OutputLayout) -> tuple[np.ndarray, np.ndarray]:
         return np.empty(0, KEY_DTYPE), np.empty(0, np.int64)
     keys = np.concatenate([p[0] for p in parts])
     sizes = np.concatenate([p[1] for p in parts])
-    order = np.argsort(keys)
+    order = np.lexsort((keys["lo"], keys["hi"]))  # argsort of a structured array compares field by field: slow
     return keys[order], sizes[order]
 
 
@@ -424,13 +428,22 @@ def _keys(names) -> np.ndarray:
 
 
 def lookup(keys: np.ndarray, sizes: np.ndarray, wanted: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(present mask, listed size) of the objects at the keys `wanted` (videos/<shard>/<name>)."""
+    """(present mask, listed size) of the objects at the keys `wanted` (videos/<shard>/<name>), by binary search
+    on the keys' high halves (video_listing sorts by (hi, lo)); equal high halves, if ever, are walked."""
     query = _keys(wanted)
     if len(keys) == 0:
         return np.zeros(len(query), bool), np.zeros(len(query), np.int64)
-    pos = np.searchsorted(keys, query)
+    hi = keys["hi"]
+    pos = np.searchsorted(hi, query["hi"])
     pos[pos >= len(keys)] = 0
-    return keys[pos] == query, sizes[pos]
+    found = (hi[pos] == query["hi"]) & (keys["lo"][pos] == query["lo"])
+    for i in np.flatnonzero(~found & (hi[pos] == query["hi"])):  # another key with the same high half first
+        p = pos[i]
+        while p < len(keys) and hi[p] == query["hi"][i] and keys["lo"][p] != query["lo"][i]:
+            p += 1
+        if p < len(keys) and hi[p] == query["hi"][i]:
+            pos[i], found[i] = p, True
+    return found, sizes[pos]
 
 
 def _check_runs(out: Output, report: VerifyReport, record: dict | None) -> None:

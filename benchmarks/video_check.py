@@ -1,0 +1,143 @@
+"""video_check: what a resuming run's video check costs (issue 29), next to the rest of its pre-pass.
+
+Before it skips an ok id, a resuming run checks that the id's video is there with its recorded size, from
+listings of the videos/<shard>/ folders (record/verify.video_listing: one LIST per shard page, 16 bytes and a
+size per object; plan/workplan.done_keys). This times, on one output of N ok rows (parts of --part-rows rows)
+and N video objects (a few bytes each: a LIST costs the same whatever the objects' sizes):
+  1. the manifest side of the pre-pass as it was: every part read (id, status) into sorted 128-bit keys;
+  2. the same with the video check: plus video_uri and bytes read, the shards listed, every ok row looked up;
+and prints the check's cost as a ratio of (1), and of the whole pre-pass at 1M rows (resume_scale.py).
+
+    .venv/bin/python benchmarks/video_check.py [--rows 1000000] [--store local|s3]
+
+--store s3 starts moto's standalone server on a loopback port (as the tests do) and writes there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import machine
+
+PREPASS_1M_S = 21.0  # benchmarks/README.md, resume_scale: the whole pre-pass at 1M ok ids (this machine)
+
+
+def make_output(url: str, options: dict, rows: int, part_rows: int) -> None:
+    import pyarrow as pa
+
+    from latte_ray.record.storage import MANIFEST_SCHEMA, OutputLayout, filesystem, is_local, write_manifest_part
+
+    fs, root = filesystem(url, options)
+    layout = OutputLayout(url, root)
+    ids = [f"id-{i:08d}" for i in range(rows)]
+    keys = [layout.video_key(i, f"{n:064x}") for n, i in enumerate(ids)]
+    for start in range(0, rows, part_rows):
+        chunk = slice(start, start + part_rows)
+        n = len(ids[chunk])
+        cols = {f.name: pa.nulls(n, f.type) for f in MANIFEST_SCHEMA}
+        cols["id"], cols["status"] = pa.array(ids[chunk]), pa.array(["ok"] * n)
+        cols["video_uri"] = pa.array([layout.uri(k) for k in keys[chunk]])
+        cols["bytes"] = pa.array([8] * n, pa.int64())
+        write_manifest_part(fs, layout, pa.table(cols, schema=MANIFEST_SCHEMA))
+    if is_local(fs):
+        for key in keys:
+            path = layout.path(key)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(b"12345678")
+    else:
+        for start in range(0, rows, 5000):
+            fs.pipe({layout.path(k): b"12345678" for k in keys[start:start + 5000]})
+
+
+def measure(url: str, options: dict) -> dict:
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from latte_ray.faults import retry
+    from latte_ray.plan.keys import KEY_DTYPE, id_keys
+    from latte_ray.plan.workplan import done_keys
+    from latte_ray.record.storage import OutputLayout, filesystem, manifest_files, read_part
+
+    fs, root = filesystem(url, options)
+    layout = OutputLayout(url, root)
+    run = SimpleNamespace(retry_errors=True)
+
+    def keys_only() -> np.ndarray:  # the manifest side of the pre-pass before the check
+        from concurrent.futures import ThreadPoolExecutor
+
+        import pyarrow.compute as pc
+
+        def part(path):
+            t = retry.call(lambda: read_part(fs, path, ["id", "status"]), f"read {path}", retry.READ)
+            return np.unique(id_keys(t.filter(pc.equal(t["status"], "ok"))["id"].to_pylist()))
+
+        files = manifest_files(fs, layout)
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            parts = list(pool.map(part, files))
+        return np.unique(np.concatenate(parts)) if parts else np.empty(0, KEY_DTYPE)
+
+    started = time.perf_counter()
+    before = keys_only()
+    old = time.perf_counter() - started
+    videos: dict = {}
+    started = time.perf_counter()
+    after = done_keys(run, layout, fs, videos)
+    new = time.perf_counter() - started
+    assert len(after) == len(before) and videos["regenerate"] == 0, (len(after), len(before), videos)
+    return {"old": old, "new": new, "rows": len(before)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--part-rows", type=int, default=1000)
+    parser.add_argument("--store", choices=["local", "s3"], default="local")
+    args = parser.parse_args()
+    proc = None
+    with tempfile.TemporaryDirectory(prefix="latte-ray-video-check-") as tmp:
+        if args.store == "local":
+            url, options = str(Path(tmp) / "out"), {}
+        else:
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+            from conftest import free_port
+
+            port = free_port()
+            moto = Path(sys.executable).with_name("moto_server")
+            proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            time.sleep(3)
+            import boto3
+
+            endpoint = f"http://127.0.0.1:{port}"
+            boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="k", aws_secret_access_key="s",
+                         region_name="us-east-1").create_bucket(Bucket="bench")
+            os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+            url, options = "s3://bench/out", {"endpoint_url": endpoint, "key": "k", "secret": "s"}
+        try:
+            started = time.perf_counter()
+            make_output(url, options, args.rows, args.part_rows)
+            print(f"{machine()}; store {args.store}: {args.rows} ok rows in {args.rows // args.part_rows} parts and "
+                  f"{args.rows} video objects made in {time.perf_counter() - started:.0f} s")
+            m = measure(url, options)
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait()
+    check = m["new"] - m["old"]
+    print(f"manifest side of the pre-pass: {m['old']:.2f} s without the video check, {m['new']:.2f} s with it")
+    per_object = check / args.rows
+    print(f"video check: {check:.2f} s ({per_object * 1e6:.1f} us per video) = {m['new'] / m['old']:.2f}x the "
+          f"manifest side; projected at 1M videos: {per_object * 1e6:.0f} s, {per_object * 1e6 / PREPASS_1M_S:.2f}x "
+          f"the whole pre-pass at 1M ids (resume_scale: {PREPASS_1M_S:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
