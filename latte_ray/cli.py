@@ -626,6 +626,12 @@ def tiny_model(path: Path = typer.Argument(..., help="Folder to save the tiny ra
 
 
 def main() -> None:
+    from latte_ray.model.quantize import leave_torchao_unimported
+
+    # The driver never quantizes (model actors do, and lift this where a spec asks): diffusers imports peft,
+    # which imports torchao when installed, whose load failures on a machine without its kernels would
+    # otherwise stand in front of every command's output.
+    leave_torchao_unimported(None)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     STANDALONE["stop_ray_before_failing"] = True
     app()

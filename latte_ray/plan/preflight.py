@@ -116,10 +116,14 @@ def preflight(run: RunSpec, tables: bool = True) -> Preflight:
     line, exit 2) names the option, field, path or URL. Writes nothing but a probe it deletes again.
     `tables=False` leaves out the prompt tables (synth checks the rest before it writes its table)."""
     from latte_ray.model.configs import check_model
+    from latte_ray.model.quantize import leave_torchao_unimported
     from latte_ray.plan.prompts import inspect_prompt_tables, resolve_prompt_files
     from latte_ray.record import output as outputs
     from latte_ray.stages.encode import check_video_settings
 
+    # The model checks import diffusers, which imports peft, which imports torchao when it is installed: its
+    # load failures on a machine without its kernels would stand in front of the one-line result.
+    leave_torchao_unimported(run.pipeline.model.quantization)
     check_urls(run)
     check_output_location(run)
     in_fs, files, without_id = None, [], []

@@ -32,7 +32,6 @@ from datetime import datetime, timezone
 
 import fsspec
 
-from latte_ray.errors import OutputDamaged
 from latte_ray.record.storage import (
     OUTPUT_RECORD, OutputLayout, damaged, filesystem, folder_or_damaged, is_local, read_manifest, write_atomic,
     write_exclusive,
@@ -117,8 +116,6 @@ def require_output(url: str, storage_options: dict | None = None) -> tuple[Outpu
     latte-ray.json existed counts by its run.json."""
     out = open_output(url, storage_options)
     if is_local(out.fs) and os.path.isfile(out.layout.root):
-        from latte_ray.errors import InputError
-
         raise InputError(f"{url}: a file, not a latte-ray output (a folder or an object-store prefix); check the path")
     record = read_record(out)
     if record is not None:

@@ -35,7 +35,6 @@ from fsspec.implementations.local import LocalFileSystem
 
 from latte_ray.errors import ForeignFile, InputError, OutputDamaged
 from latte_ray.faults import injection as faults
-from latte_ray.errors import InputError
 
 MANIFEST_SCHEMA = pa.schema(
     [
