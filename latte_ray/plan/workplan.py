@@ -186,16 +186,16 @@ def done_keys(run, layout, out_fs, videos: dict | None = None) -> np.ndarray:
     present, size = lookup(listing, names)
     expected = np.concatenate([p[3] for p in parts]).astype(np.int64)
     fine = present & ((expected < 0) | (size == expected))
-    done, ok_ids, start = [], [], 0
+    done, unfit, start = [], [], 0
     for keys, ok, _, recorded in parts:
         there = np.ones(len(keys), bool)
         there[ok] = fine[start:start + len(recorded)]
         start += len(recorded)
         done.append(np.unique(keys[there & ok if run.retry_errors else there]))
-        ok_ids.append(keys[ok])
+        unfit.append(keys[ok & ~there])
     done = np.unique(np.concatenate(done))
-    if videos is not None:
-        videos["regenerate"] = int((~contains(done, np.unique(np.concatenate(ok_ids)))).sum())
+    if videos is not None:  # ok ids none of whose rows' videos is fine (a second sort of every ok id avoided)
+        videos["regenerate"] = int((~contains(done, np.unique(np.concatenate(unfit)))).sum())
         videos["wrong_size"] = sorted(set(names.filter(pa.array(present & ~fine)).to_pylist()))
     return done
 
