@@ -404,15 +404,15 @@ def _skewed_lease(folder: Path, expiry_s: float, ahead_s: float = 10 * 365 * 864
 def test_a_lease_from_a_skewed_clock_is_reported_and_expires_on_the_readers_clock(made):
     import time
 
+    from latte_ray.errors import LeaseHeld
     from latte_ray.record import lease as leases
-    from latte_ray.spec import SpecError
 
     out = Path(copy_of(made, "local").url)
     _skewed_lease(out / "lease", expiry_s=2.0)
     report = verify(str(out))
     assert report.clean and any("clock skew" in w for w in report.warnings), report.lines()
     fs, root = filesystem(str(out))
-    with pytest.raises(SpecError) as info:
+    with pytest.raises(LeaseHeld) as info:
         leases.acquire(fs, root, str(out), "r1", "run", leases.Terms())
     assert "clock skew" in str(info.value) and "in this machine's future" in str(info.value), info.value
     started = time.monotonic()
@@ -425,14 +425,14 @@ def test_a_lease_from_a_skewed_clock_is_reported_and_expires_on_the_readers_cloc
 def test_wait_for_lease_has_an_upper_bound(tmp_path):
     import time
 
+    from latte_ray.errors import LeaseHeld
     from latte_ray.record import lease as leases
-    from latte_ray.spec import SpecError
 
     out = tmp_path / "out"
     _skewed_lease(out / "lease", expiry_s=3600.0, ahead_s=0.0)  # a live holder on a sane clock
     fs, root = filesystem(str(out))
     started = time.monotonic()
-    with pytest.raises(SpecError) as info:
+    with pytest.raises(LeaseHeld) as info:
         leases.acquire(fs, root, str(out), "r1", "run", leases.Terms(), leases.Policy(wait=True, max_wait_s=1.0))
     assert time.monotonic() - started < 5 and "--max-lease-wait" in str(info.value), info.value
 
