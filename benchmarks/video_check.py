@@ -1,9 +1,9 @@
 """video_check: what a resuming run's video check costs (issue 29), next to the rest of its pre-pass.
 
 Before it skips an ok id, a resuming run checks that the id's video is there with its recorded size, from
-listings of the videos/<shard>/ folders (record/verify.video_listing: one LIST per shard page, 16 bytes and a
-size per object; plan/workplan.done_keys). This times, on one output of N ok rows (parts of --part-rows rows)
-and N video objects (a few bytes each: a LIST costs the same whatever the objects' sizes):
+listings of the videos/<shard>/ folders (record/verify.video_listing: one LIST per shard page, an Arrow
+table of (key, size); plan/workplan.done_keys looks every ok row up in it at once). This times, on one output
+of N ok rows (parts of --part-rows rows) and N video objects (a few bytes each: a LIST costs the same whatever the objects' sizes):
   1. the manifest side of the pre-pass as it was: every part read (id, status) into sorted 128-bit keys;
   2. the same with the video check: plus video_uri and bytes read, the shards listed, every ok row looked up;
 and prints the check's cost as a ratio of (1), and of the whole pre-pass at 1M rows (resume_scale.py).

@@ -514,3 +514,44 @@ def test_a_full_disk_stops_the_run_naming_it_and_leaves_it_resumable(made, small
     report = verify(str(out), deep=True)
     assert report.clean and report.ok_ids < 8, report.lines()
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
+def test_resume_video_check_finds_missing_wrong_size_and_ignores_temp_files(tmp_path):
+    """The resume pre-pass's video check (plan/workplan.done_keys over record/verify's listing and lookup),
+    on a hand-made output of 6 ok rows and 1 error row: no model, no Ray."""
+    from types import SimpleNamespace
+
+    from latte_ray.plan.keys import contains, id_keys
+    from latte_ray.plan.workplan import done_keys
+    from latte_ray.record.storage import MANIFEST_SCHEMA, write_manifest_part
+    from latte_ray.record.verify import lookup, video_keys, video_listing
+
+    url = str(tmp_path / "out")
+    fs, root = filesystem(url, {})
+    layout = OutputLayout(url, root)
+    ids = [f"id{i}" for i in range(7)]
+    keys = [layout.video_key(v, f"{i:064x}") for i, v in enumerate(ids)]
+    cols = {f.name: pa.nulls(7, f.type) for f in MANIFEST_SCHEMA}
+    cols["id"], cols["status"] = pa.array(ids), pa.array(["ok"] * 6 + ["error"])
+    cols["video_uri"] = pa.array([layout.uri(k) for k in keys[:6]] + [None])
+    cols["bytes"] = pa.array([4, 4, 4, 4, None, 4, None], pa.int64())
+    write_manifest_part(fs, layout, pa.table(cols, schema=MANIFEST_SCHEMA))
+    body = {0: b"1234", 1: b"12345", 3: b"1234", 4: b"any size: none recorded"}  # 2, 5 missing; 1 wrong size
+    for key in keys:
+        Path(layout.path(key)).parent.mkdir(parents=True, exist_ok=True)
+    for i, data in body.items():
+        Path(layout.path(keys[i])).write_bytes(data)
+    Path(layout.path(keys[2] + ".tmp-123")).write_bytes(b"1234")  # a killed writer's temp never counts
+    Path(layout.path(keys[5]) + ".tmp-9").write_bytes(b"1234")
+
+    listing = video_listing(fs, layout)
+    assert sorted(listing["key"].to_pylist()) == sorted(keys[i] for i in body)
+    found, size = lookup(listing, video_keys(pa.array([layout.uri(k) for k in keys] + ["s3://b/x.mp4", None])))
+    assert found.tolist() == [True, True, False, True, True, False, False, False, False]
+    assert size[[0, 1, 3]].tolist() == [4, 5, 4]
+
+    for retry_errors, skipped in [(True, [0, 3, 4]), (False, [0, 3, 4, 6])]:
+        videos: dict = {}
+        done = done_keys(SimpleNamespace(retry_errors=retry_errors), layout, fs, videos)
+        assert contains(done, id_keys(ids)).tolist() == [i in skipped for i in range(7)]
+        assert videos == {"regenerate": 3, "wrong_size": [keys[1]]}

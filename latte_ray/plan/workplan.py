@@ -153,7 +153,8 @@ def done_keys(run, layout, out_fs, videos: dict | None = None) -> np.ndarray:
 
     Streams the manifest part by part (in parallel), keeping 16 bytes per id; see done_ids. Whether a video
     is there comes from listings of the videos/ shards (record/verify.video_listing: one LIST per shard page,
-    16 bytes and a size per object), never one request per video. `videos`, when given, receives the count
+    a (key, size) table), never one request per video; the ok rows' keys come from their video_uri by a
+    string kernel and are looked up all at once, so the check adds no Python work per row. `videos`, when given, receives the count
     of ok ids made again because their video is missing or of another size ("regenerate"), and the keys of
     the objects of another size ("wrong_size", which the run moves aside before it writes them again).
     """
@@ -162,40 +163,40 @@ def done_keys(run, layout, out_fs, videos: dict | None = None) -> np.ndarray:
     import pyarrow.compute as pc
 
     from latte_ray.faults import retry
-    from latte_ray.record.storage import OutputLayout, manifest_files, read_part
-    from latte_ray.record.verify import lookup, video_listing
+    from latte_ray.record.storage import manifest_files, read_part
+    from latte_ray.record.verify import lookup, video_keys, video_listing
 
-    listed_keys, listed_sizes = video_listing(out_fs, layout)
+    listing = video_listing(out_fs, layout)
 
-    def part_keys(path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    def part_keys(path: str) -> tuple[np.ndarray, np.ndarray, pa.Array, np.ndarray]:
         table = retry.call(lambda: read_part(out_fs, path, ["id", "status", "video_uri", "bytes"]), f"read {path}",
                            retry.READ)
         keys = id_keys(table["id"].to_pylist())
-        ok = pc.equal(table["status"], "ok").to_numpy(zero_copy_only=False)
-        there = np.ones(len(keys), bool)
-        wrong: list[str] = []
-        if ok.any():
-            at = np.flatnonzero(ok)
-            uris, recorded = table["video_uri"].to_pylist(), table["bytes"].to_pylist()
-            names = [OutputLayout.key_of(uris[i] or "") or "" for i in at]
-            present, size = lookup(listed_keys, listed_sizes, names)
-            expected = np.array([-1 if recorded[i] is None else recorded[i] for i in at], np.int64)
-            fine = present & ((expected < 0) | (size == expected))
-            there[at] = fine
-            wrong = [names[j] for j in np.flatnonzero(present & ~fine)]
-        keep = there & ok if run.retry_errors else there
-        return np.unique(keys[keep]), np.unique(keys[ok]), wrong
+        ok = pc.equal(table["status"], "ok").fill_null(False)
+        ok_rows = table.filter(ok)
+        return keys, ok.to_numpy(), video_keys(ok_rows["video_uri"]), ok_rows["bytes"].fill_null(-1).to_numpy()
 
     files = retry.call(lambda: manifest_files(out_fs, layout), f"list {layout.manifest_dir}", retry.READ)
     if not files:
         return np.empty(0, KEY_DTYPE)
     with ThreadPoolExecutor(max_workers=16) as pool:
         parts = list(pool.map(part_keys, files))
-    done = np.unique(np.concatenate([p[0] for p in parts]))
-    if videos is not None:
-        ok_ids = np.unique(np.concatenate([p[1] for p in parts]))
-        videos["regenerate"] = int((~contains(done, ok_ids)).sum())
-        videos["wrong_size"] = sorted({k for p in parts for k in p[2]})
+    # every part's ok rows looked up at once: one hash table of the listing, not one per part
+    names = pa.chunked_array([p[2] for p in parts], pa.string())
+    present, size = lookup(listing, names)
+    expected = np.concatenate([p[3] for p in parts]).astype(np.int64)
+    fine = present & ((expected < 0) | (size == expected))
+    done, unfit, start = [], [], 0
+    for keys, ok, _, recorded in parts:
+        there = np.ones(len(keys), bool)
+        there[ok] = fine[start:start + len(recorded)]
+        start += len(recorded)
+        done.append(np.unique(keys[there & ok if run.retry_errors else there]))
+        unfit.append(keys[ok & ~there])
+    done = np.unique(np.concatenate(done))
+    if videos is not None:  # ok ids none of whose rows' videos is fine (a second sort of every ok id avoided)
+        videos["regenerate"] = int((~contains(done, np.unique(np.concatenate(unfit)))).sum())
+        videos["wrong_size"] = sorted(set(names.filter(pa.array(present & ~fine)).to_pylist()))
     return done
 
 
