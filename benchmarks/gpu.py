@@ -207,8 +207,9 @@ def configs(smoke: bool, frames: int) -> dict[str, dict]:
 
 def random_pipeline(device: str, dtype, cfg: dict[str, dict]):
     """A LattePipeline with Latte-1's architecture and random weights, built directly on `device`, each
-    component in the dtype from_pretrained would give it (T5's wo in fp32 under fp16), with the pinned
-    revision's scheduler config."""
+    component in the dtype from_pretrained would give it (T5's wo in fp32 under fp16) and in eval mode as
+    from_pretrained leaves it (T5's dropout_rate is 0.1: in training mode each call drops other units), with
+    the pinned revision's scheduler config."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, LattePipeline, LatteTransformer3DModel
     from transformers import T5Config, T5EncoderModel
@@ -226,6 +227,8 @@ def random_pipeline(device: str, dtype, cfg: dict[str, dict]):
                 module.to(keep[name.split(".")[-1]])
         transformer = LatteTransformer3DModel.from_config(cfg["transformer"]).to(dtype)
         vae = AutoencoderKL.from_config(cfg["vae"]).to(dtype)
+    for model in (text_encoder, transformer, vae):
+        model.eval()
     scheduler = DDIMScheduler.from_config(json.loads((LATTE1 / "scheduler" / "scheduler_config.json").read_text()))
     return LattePipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                          scheduler=scheduler)

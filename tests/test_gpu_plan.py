@@ -123,6 +123,9 @@ def test_every_step_runs_at_toy_size_on_the_cpu(step, options, tmp_path):
         assert [p["batch"] for p in by["step"]] == list(gpu.BATCHES) and all(p["finite"] for p in by["step"])
         assert {"t5", "flops", "profile", "batch-invariance", "build"} <= set(by)
         assert [p["cudnn_benchmark"] for p in by["vae-decode"]] == [False, True] and by["profile"][0]["top"]
+        # float32 on the CPU: row 0 alone and beside another row agree to rounding (the models in eval mode:
+        # T5's dropout, live in a freshly built model, made them differ by 1e-2)
+        assert by["batch-invariance"][0]["max_abs_diff"] < 1e-4
     else:
         assert by["compile"][0]["compile_s"] > 0 and by["step"][0]["finite"]
     if step in ("compiled", "production-mode"):
