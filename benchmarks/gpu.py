@@ -1,10 +1,11 @@
-"""gpu: the one-command GPU plan (../shared/GPU.md): Latte-1's production path measured on a lent GPU within one
-480 s budget, every figure appended to a JSON Lines file the moment it exists.
+"""gpu: the one-command GPU plan (../shared/GPU.md): Latte-1's production path, then Wan 2.1-T2V-1.3B's, measured
+on a lent GPU within one 480 s budget, every figure appended to a JSON Lines file the moment it exists.
 
-A lent GPU has 15 minutes in all, machine start included, and no model hub: the model is Latte-1's architecture
-from its published configs (tests/data/latte-1/, SOURCE.md there) with random weights, built directly in fp16
-on the GPU (T5's `wo` kept in fp32 as transformers keeps it). Random weights make noise videos, but every kernel
-is the one a real run launches.
+A lent GPU has 15 minutes in all, machine start included, and no model hub: each model is its architecture from
+its published configs (Latte-1: tests/data/latte-1/; Wan 2.1-T2V-1.3B: tests/data/wan/; SOURCE.md in each) with
+random weights, built directly on the GPU in the dtypes from_pretrained gives (Latte fp16, T5's `wo` in fp32 as
+transformers keeps it; Wan bf16, the modules diffusers keeps in fp32 kept there) and in eval mode. Random weights
+make noise videos, but every kernel is the one a real run launches.
 
 The plan, in the order of what matters most; each step is a process of its own (no dynamo, CUDA or allocator
 state shared), started only when the time left is worth it, stopped at its own timeout (what is left of the
@@ -25,6 +26,18 @@ timeout or skipped, with the reason) after the lines it wrote itself:
                  per step and per video. torchao missing: a skipped line saying so
   4. production-mode  the production spec's own compile mode and scope (max-autotune-no-cudagraphs, blocks),
                  only when at least 2 minutes are left: compile seconds and seconds per step
+  5. wan-eager   Wan 2.1-T2V-1.3B (spec wan2.1-t2v-1.3b: 81 frames at 480x832, bf16, CFG), the model built once
+                 (UMT5-XXL, transformer, VAE): step 1's figures against Wan's FLOP and memory model
+                 (model/families/wan_figures.py, from the same configs) at batch 1 and 2, a step being the
+                 transformer's two calls (prompt, negative prompt) as WanPipeline makes them; UMT5 encode; VAE
+                 decode with and without cudnn.benchmark; the built weights against the model's; batch
+                 invariance; one step's FLOPs counted and top kernels; one batch-1 video, all 50 steps when they
+                 fit the step's timeout, else as many as fit (said in the line)
+  6. wan-compiled  Wan at batch 1, compiled regionally (the Wan engine's compile_repeated_blocks), inductor
+                 "default", fed embeddings directly (no UMT5 built): compile seconds, step and video seconds,
+                 recompiles
+Latte-1 is the project's reference, so the Wan steps come last and run on what the Latte steps leave (a skipped
+line says so); `--only wan-eager wan-compiled` gives them the whole budget.
 A step whose least useful time (for a compile step: the slowest compile seen so far plus its timing) no longer
 fits is skipped with a line saying why. `--device cpu` runs every step's code at toy sizes (compile backend
 eager; int8_weight_only stands in for float8, which needs CUDA; 2-step videos; one timed call per figure):
@@ -33,6 +46,7 @@ its numbers time nothing.
     python3 benchmarks/gpu.py --plan                       # the plan and its budget, nothing run
     python3 benchmarks/gpu.py --out $OUT                   # on the GPU machine: $OUT/gpu.jsonl, $OUT/logs/
     python3 benchmarks/gpu.py --device cpu --out /tmp/gpu-rehearsal
+    python3 benchmarks/gpu.py --only wan-eager wan-compiled --out $OUT   # the Wan table alone
 """
 
 from __future__ import annotations
@@ -66,12 +80,18 @@ AFTER_COMPILE_S = 40.0  # a compile step's timing after its compile: steps and a
 PRODUCTION_MIN_LEFT_S = 120.0  # GPU.md: the production mode only if at least 2 minutes remain
 
 
+WAN_EAGER_MIN_S = 90.0  # process start, UMT5-XXL + transformer built, UMT5 timed, the batch-1 and -2 steps
+WAN_NOTE = ("Wan 2.1-1.3B runs on what the Latte steps leave; `--only wan-eager wan-compiled` gives it a whole "
+            "budget")
+
+
 @dataclass(frozen=True)
 class Step:
     name: str
     cap_s: float  # the most this step is given (its timeout, when more than that is left)
     min_s: float  # the least time worth starting it with
     compiles: bool = False
+    note: str = ""  # said with the step's reason when it is skipped
 
 
 STEPS = (
@@ -79,6 +99,9 @@ STEPS = (
     Step("compiled", cap_s=420, min_s=60, compiles=True),
     Step("float8", cap_s=240, min_s=60, compiles=True),
     Step("production-mode", cap_s=420, min_s=PRODUCTION_MIN_LEFT_S, compiles=True),
+    # Latte-1 is the reference the project's figures stand on, so Wan comes after every Latte step.
+    Step("wan-eager", cap_s=240, min_s=WAN_EAGER_MIN_S, note=WAN_NOTE),
+    Step("wan-compiled", cap_s=240, min_s=60, compiles=True, note=WAN_NOTE),
 )
 
 
@@ -98,7 +121,8 @@ def decide(step: Step, left: float, slowest_compile: float | None, torchao: str 
         why = (f"a compile here took {slowest_compile:.0f} s or more, + {AFTER_COMPILE_S:.0f} s of timing"
                if step.compiles and slowest_compile is not None and compile_need >= step.min_s
                else "its least useful time")
-        return None, f"needs {need:.0f} s ({why}), {left:.0f} s left of the budget"
+        return None, f"needs {need:.0f} s ({why}), {left:.0f} s left of the budget" + (
+            f" ({step.note})" if step.note else "")
     if step.name == "compiled":
         reserve = 0.0 if torchao else FLOAT8_RESERVE_S
         return {"scope": "whole" if left - reserve >= WHOLE_COMPILE_EST_S else "blocks"}, ""
@@ -155,7 +179,7 @@ class ChildLauncher:
         log = self.out / "logs" / f"{step.name}.log"
         before = results.stat().st_size if results.exists() else 0
         cmd = [sys.executable, __file__, "--child", step.name, "--options", json.dumps(options),
-               "--out", str(self.out), "--device", self.device]
+               "--out", str(self.out), "--device", self.device, "--timeout-s", f"{timeout:.1f}"]
         started = time.monotonic()
         with open(log, "w") as sink:
             proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
@@ -237,7 +261,10 @@ def random_pipeline(device: str, dtype, cfg: dict[str, dict]):
 class Child:
     """One step's process: its spec, model, timers and the lines it appends (`emit`)."""
 
-    def __init__(self, step: str, out: Path, smoke: bool):
+    published_s_per_video: float | None = PUBLISHED_S_PER_VIDEO
+    video_batch = VIDEO_BATCH
+
+    def __init__(self, step: str, out: Path, smoke: bool, timeout_s: float | None = None):
         import torch
 
         self.step, self.results, self.smoke = step, out / "gpu.jsonl", smoke
@@ -245,6 +272,11 @@ class Child:
         self.warm, self.repeat = (1, 1) if smoke else (WARM_STEPS, TIMED_STEPS)
         self.cuda = self.device == "cuda"
         self.torch = torch
+        self.deadline = time.monotonic() + timeout_s if timeout_s else None
+
+    def left(self) -> float:
+        """Seconds until the launcher stops this process (infinite when it gave no timeout)."""
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
 
     def emit(self, part: str, **fields) -> None:
         append(self.results, {"step": self.step, "part": part, **fields})
@@ -340,9 +372,13 @@ class Child:
 
         return call
 
-    def time_steps(self, engine, text, batch: int) -> dict:
+    def step_flops(self, engine, text, batch: int) -> float:
+        """The FLOP model's count of one denoise step at `batch` (both CFG halves)."""
         from latte_ray.model.memory import transformer_flops
 
+        return transformer_flops(self.cfg["transformer"], engine.sampling, 2 * batch, text.embeds.shape[1])
+
+    def time_steps(self, engine, text, batch: int) -> dict:
         call = self.step_call(engine, text, batch)
         with self.torch.inference_mode():
             for _ in range(self.warm):
@@ -351,7 +387,7 @@ class Child:
             self.reset_peak()
             seconds = self.timed(call, self.repeat)
             finite = bool(self.torch.isfinite(call()).all())
-        flops = transformer_flops(self.cfg["transformer"], engine.sampling, 2 * batch, text.embeds.shape[1])
+        flops = self.step_flops(engine, text, batch)
         result = {"batch": batch, "s_per_step": seconds, "s_per_step_per_video": seconds / batch,
                   "tflops": flops / seconds / 1e12, "model_tflop_per_step": flops / 1e12, "finite": finite,
                   **self.memory("denoise_peak")}
@@ -361,18 +397,22 @@ class Child:
         del out
         return result
 
-    def video(self, engine, batch: int = VIDEO_BATCH) -> dict:
-        torch = self.torch
-        text, seeds, capture = self.text(engine, batch), list(range(batch)), {}
+    def video(self, engine, batch: int | None = None, text=None, steps: int | None = None) -> dict:
+        """One whole video batch through the engine (denoise loop, decode, uint8 frames), by the wall clock
+        around synchronized calls; `steps` fewer than the spec's when a caller has no time for them all."""
+        torch, batch = self.torch, batch or self.video_batch
+        text, seeds, capture = text or self.text(engine, batch), list(range(batch)), {}
         self.sync()
         started = time.perf_counter()
-        frames = engine.denoise(text, seeds, capture=capture)
+        frames = engine.denoise(text, seeds, steps=steps, capture=capture)
         self.sync()
         seconds = time.perf_counter() - started
-        steps = engine.sampling.num_inference_steps
-        return {"batch": batch, "steps": steps, "s_per_batch": seconds, "s_per_video": seconds / batch,
-                "published_ratio": PUBLISHED_S_PER_VIDEO / (seconds / batch),
-                "latents_finite": bool(torch.isfinite(capture["latents"]).all()), "frames_std": float(frames.std())}
+        result = {"batch": batch, "steps": steps or engine.sampling.num_inference_steps, "s_per_batch": seconds,
+                  "s_per_video": seconds / batch, "latents_finite": bool(torch.isfinite(capture["latents"]).all()),
+                  "frames_std": float(frames.std())}
+        if self.published_s_per_video and result["steps"] == engine.sampling.num_inference_steps:
+            result["published_ratio"] = self.published_s_per_video / (seconds / batch)
+        return result
 
 
 def child_eager(c: Child, options: dict) -> None:
@@ -505,15 +545,328 @@ def child_float8(c: Child, options: dict) -> None:
     c.emit("video", **c.video(engine))
 
 
+# ---- Wan 2.1-T2V-1.3B (steps wan-eager and wan-compiled) -----------------------------------------------------
+
+WAN_SPEC = "wan2.1-t2v-1.3b"  # the built-in production spec: 81 frames at 480x832, bf16, batch 1, 50 steps, CFG 5
+WAN_DATA = REPO / "tests" / "data" / "wan"  # published configs (SOURCE.md there)
+WAN_CONFIGS = WAN_DATA / "Wan-AI--Wan2.1-T2V-1.3B-Diffusers"
+# 1.3B's own scheduler_config.json is not vendored (SOURCE.md: missing); the sibling Wan 2.1 repo's UniPC
+# flow-matching config is, and it is what the tiny Wan uses too (flow_shift 3.0, Wan's setting for 480p).
+WAN_SCHEDULER = WAN_DATA / "Wan-AI--Wan2.1-VACE-14B-diffusers" / "scheduler" / "scheduler_config.json"
+WAN_BATCHES = (1, 2)  # 1 is the production batch (compiled runs at it); 2 for scaling and batch invariance
+WAN_VIDEO_BATCH = 1
+WAN_TIMED_STEPS, WAN_WARM_STEPS = 3, 1  # a Wan step is ~1 s or more at full size: fewer calls give as firm a mean
+
+
+def wan_smoke() -> dict[str, dict]:
+    """--device cpu: the published configs with the tiny Wan's widths and depths (model/tiny_wan.py), every other
+    key as published (UMT5's 256,384-row vocabulary included)."""
+    from latte_ray.model import tiny_wan
+
+    pick = lambda d, keys: {k: d[k] for k in keys}  # noqa: E731
+    return {
+        "transformer": pick(tiny_wan.TRANSFORMER, ("num_attention_heads", "attention_head_dim", "ffn_dim",
+                                                  "num_layers", "text_dim", "freq_dim", "rope_max_seq_len")),
+        "text_encoder": pick(tiny_wan.TEXT_ENCODER, ("d_model", "d_kv", "d_ff", "num_layers", "num_heads",
+                                                    "relative_attention_num_buckets")),
+        "vae": pick(tiny_wan.VAE, ("base_dim", "dim_mult", "num_res_blocks")),
+    }
+
+
+def wan_configs(smoke: bool) -> dict[str, dict]:
+    out = {c: json.loads((WAN_CONFIGS / c / "config.json").read_text()) for c in ("transformer", "text_encoder", "vae")}
+    if smoke:
+        out = {c: {**cfg, **wan_smoke()[c]} for c, cfg in out.items()}
+    return out
+
+
+def as_loaded(model, dtype):
+    """`model` (a diffusers model built in float32) in the dtypes diffusers' from_pretrained(torch_dtype=dtype)
+    gives it: a class without `_keep_in_fp32_modules` cast whole; otherwise each floating tensor of its state
+    dict cast to `dtype` except those under a kept module (WanTransformer3DModel keeps rope, time_embedder,
+    scale_shift_table and its norms in float32, whatever the dtype), and tensors outside the state dict left
+    as built."""
+    keep = model._keep_in_fp32_modules
+    if keep is None:
+        return model.to(dtype)
+    saved = set(model.state_dict())
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name in saved and tensor.is_floating_point():
+            tensor.data = tensor.data.to(dtype if not set(keep) & set(name.split(".")) else tensor.dtype)
+    return model
+
+
+def random_wan_pipeline(device: str, dtype, cfg: dict[str, dict], with_text_encoder: bool = True):
+    """A WanPipeline with Wan 2.1-T2V-1.3B's published architecture and random weights, built directly on
+    `device` in the dtypes from_pretrained with that dtype gives each component (`as_loaded`; UMT5 keeps `wo`
+    in fp32 only under fp16). The tokenizer is the tiny model's fixed offline one (UMT5's own is not vendored): its ids fit the
+    published vocabulary, and UMT5 always runs over max_sequence_length tokens, so the encoder's work is the
+    same. Without the text encoder (a compile step feeds the transformer embeddings directly) 11 GB less."""
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from latte_ray.model.tiny import build_tiny_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = text_encoder = None
+    with torch.device(device):
+        if with_text_encoder:
+            tokenizer = build_tiny_tokenizer()
+            t5 = {k: v for k, v in cfg["text_encoder"].items() if not k.startswith("_")}
+            text_encoder = UMT5EncoderModel._from_config(UMT5Config(**t5), dtype=dtype)
+            keep = text_encoder._get_dtype_plan(dtype)
+            for name, module in text_encoder.named_modules():
+                if name.split(".")[-1] in keep:
+                    module.to(keep[name.split(".")[-1]])
+        transformer = as_loaded(WanTransformer3DModel.from_config(cfg["transformer"]), dtype)
+        vae = as_loaded(AutoencoderKLWan.from_config(cfg["vae"]), dtype)
+    for model in (text_encoder, transformer, vae):
+        if model is not None:
+            model.eval()  # as from_pretrained leaves it (UMT5's published dropout_rate is 0.1)
+    scheduler = UniPCMultistepScheduler.from_config(json.loads(WAN_SCHEDULER.read_text()))
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                       scheduler=scheduler)
+
+
+class WanChild(Child):
+    """A Wan step's process: Latte's measurements, against Wan's FLOP and memory model
+    (model/families/wan_figures.py, computed from the same configs the model is built from). WanPipeline calls
+    the transformer once per CFG half, so a step here is two calls, as in the pipeline's own loop."""
+
+    published_s_per_video = None  # no published seconds per video for Wan on a known GPU to compare with
+    video_batch = WAN_VIDEO_BATCH
+
+    def __init__(self, step: str, out: Path, smoke: bool, timeout_s: float | None = None):
+        super().__init__(step, out, smoke, timeout_s)
+        if not smoke:
+            self.warm, self.repeat = WAN_WARM_STEPS, WAN_TIMED_STEPS
+        self.cfg = wan_configs(smoke)
+        self._figures: dict[int, object] = {}
+
+    def spec(self, batch: int, compile_: dict | None = None, quantization: str | None = None,
+             text_encoder: bool = True):
+        from latte_ray.spec import load_pipeline_spec, parse_pipeline_spec
+
+        raw = json.loads(load_pipeline_spec(WAN_SPEC).model_dump_json())
+        model = raw["model"]
+        model["compile"].update(enabled=compile_ is not None, **(compile_ or {}))
+        model["quantization"] = {"kind": quantization} if quantization else None
+        raw["execution"]["batch_size"] = batch
+        # No text encoder on the device: the memory model leaves UMT5 out, as for a separate text-encode stage.
+        raw["execution"]["text_encode_stage"] = not text_encoder
+        if self.smoke:
+            model.update(device="cpu", dtype="float32")
+            model["compile"].update(backend="eager")
+            raw["sampling"].update(height=32, width=32, video_length=5, num_inference_steps=2, max_sequence_length=32)
+        return parse_pipeline_spec(raw, origin=f"gpu.py {self.step}")
+
+    def engine(self, spec, pipe=None):
+        from latte_ray.model.families.wan_engine import WanEngine
+        from latte_ray.model.loading import DTYPES
+
+        with_text_encoder = not spec.execution.text_encode_stage
+        pipe = pipe or random_wan_pipeline(self.device, DTYPES[spec.model.dtype], self.cfg, with_text_encoder)
+        return WanEngine(spec, with_text_encoder=with_text_encoder, pipe=pipe)
+
+    def weights_gib(self, engine) -> float:
+        """The built pipeline's parameters and buffers, each storage once (what the memory model predicts)."""
+        seen = {}
+        for model in (engine.pipe.text_encoder, engine.pipe.transformer, engine.pipe.vae):
+            for t in [*model.parameters(), *model.buffers()] if model is not None else []:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(seen.values()) / 2**30
+
+    def figures(self, spec):
+        """wan_figures.figures for `spec` at batch 1 (its FLOPs are per video; at full size it takes seconds of
+        CPU, so once per process and text-encoder choice)."""
+        from latte_ray.model.families.wan_figures import figures
+
+        key = spec.execution.text_encode_stage
+        if key not in self._figures:
+            one = spec.model_copy(update={"execution": spec.execution.model_copy(update={"batch_size": 1})})
+            self._figures[key] = figures(one, self.cfg["transformer"], self.cfg["text_encoder"], self.cfg["vae"])
+        return self._figures[key]
+
+    def predicted(self, spec) -> dict:
+        """Wan's memory model for `spec`: its denoise estimate is per row (DENOISE_FACTOR x rows x tokens x
+        hidden), so batch 1's times the batch."""
+        f = self.figures(spec)
+        denoise = f.denoise_activations * spec.execution.batch_size
+        peak = f.weights_bytes + max(denoise, f.vae_activations)
+        return {"predicted_weights_gib": f.weights_bytes / 2**30, "predicted_denoise_gib": denoise / 2**30,
+                "predicted_vae_decode_gib": f.vae_activations / 2**30, "predicted_peak_gib": peak / 2**30}
+
+    def step_flops(self, engine, text, batch: int) -> float:
+        calls = 2 if engine.sampling.guidance_scale > 1.0 else 1
+        return self.figures(engine.spec).transformer_per_forward * calls * batch
+
+    def synthetic_text(self, engine, batch: int):
+        """Embeddings without a text encoder (a compile step): random rows, max_sequence_length long."""
+        from latte_ray.model.engine import TextBatch
+
+        torch, length = self.torch, engine.sampling.max_sequence_length
+        g = torch.Generator("cpu").manual_seed(2)
+        embeds, negative = (torch.randn(batch, length, engine.pipe.transformer.config.text_dim, generator=g)
+                            .to(engine.device, engine.dtype) for _ in range(2))
+        return TextBatch(embeds, negative, torch.full((batch,), length), [length] * batch, [False] * batch)
+
+    def latent_shape(self, engine, batch: int) -> tuple:
+        pipe, s = engine.pipe, engine.sampling
+        frames = (s.video_length - 1) // pipe.vae_scale_factor_temporal + 1
+        return (batch, pipe.transformer.config.in_channels, frames, s.height // pipe.vae_scale_factor_spatial,
+                s.width // pipe.vae_scale_factor_spatial)
+
+    def step_call(self, engine, text, batch: int, seed: int = 0):
+        """One denoise step as WanPipeline's loop makes it: the transformer called for the prompt, then for the
+        negative prompt, at the scheduler's first timestep expanded over the rows, on fixed random latents.
+        Returns both calls' outputs stacked: (2, B, C, f, h, w)."""
+        torch, pipe, s = self.torch, engine.pipe, engine.sampling
+        g = torch.Generator("cpu").manual_seed(seed)
+        latents = torch.randn(*self.latent_shape(engine, batch), generator=g).to(engine.device, engine.dtype)
+        pipe.scheduler.set_timesteps(s.num_inference_steps, device=engine.device)
+        timestep = pipe.scheduler.timesteps[0].expand(batch)
+        embeds = text.embeds.to(engine.device, engine.dtype)
+        negative = text.negative_embeds.to(engine.device, engine.dtype)
+        cfg = s.guidance_scale > 1.0
+
+        def call():
+            outs = [pipe.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=e,
+                                     return_dict=False)[0] for e in ([embeds, negative] if cfg else [embeds])]
+            return torch.stack(outs)
+
+        return call
+
+    def decode_call(self, engine, batch: int):
+        """The VAE decode as WanPipeline makes it (latents un-normalized by latents_mean/std, then vae.decode)."""
+        torch, vae = self.torch, engine.pipe.vae
+        g = torch.Generator("cpu").manual_seed(1)
+        latents = torch.randn(*self.latent_shape(engine, batch), generator=g).to(engine.device, vae.dtype)
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
+        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
+        latents = latents * std + mean
+        return lambda: vae.decode(latents, return_dict=False)[0]
+
+    def video_steps(self, step_s: float | None, decode_s: float | None, spare_s: float = 20.0) -> int | None:
+        """The spec's steps when they fit the time left (None), else as many as fit (at least 2): the video
+        part is the last and the longest, and a cut-short video still measures a whole loop and decode."""
+        full = self.spec(self.video_batch).sampling.num_inference_steps
+        if step_s is None or self.left() == float("inf"):
+            return None
+        steps = max(2, int((self.left() - (decode_s or 0.0) - spare_s) / step_s))
+        return None if steps >= full else steps
+
+
+def child_wan_eager(c: WanChild, options: dict) -> None:
+    """Wan 2.1-T2V-1.3B eager, the model built once (UMT5-XXL 5.7 B parameters, transformer 1.4 B, VAE): as
+    child_eager, in the order that keeps the most if the step is stopped at its timeout."""
+    import torch
+
+    started = time.perf_counter()
+    spec = c.spec(WAN_VIDEO_BATCH)
+    engine = c.engine(spec)
+    c.sync()
+    c.emit("build", build_s=time.perf_counter() - started, model=WAN_SPEC, configs=str(WAN_CONFIGS.relative_to(REPO)),
+           weights_gib=c.weights_gib(engine), **c.memory("build_peak"), **c.predicted(spec))
+    figures = c.figures(spec)
+    with torch.inference_mode():
+        for batch in WAN_BATCHES:
+            c.text(engine, batch)  # warm-up
+            seconds = c.timed(lambda: c.text(engine, batch))
+            c.emit("umt5", batch=batch, s=seconds, model_tflop=figures.t5 * batch / 1e12,
+                   tflops=figures.t5 * batch / seconds / 1e12)
+    total = torch.cuda.mem_get_info()[1] / 2**30 if c.cuda else None
+    texts, step_s = {}, {}
+    for batch in WAN_BATCHES:
+        predicted = c.predicted(c.spec(batch))
+        if total and predicted["predicted_peak_gib"] > 0.95 * total:
+            c.emit("step", batch=batch, status="skipped", reason=f"predicted {predicted['predicted_peak_gib']:.0f} "
+                   f"GiB > 95% of {total:.0f} GiB", **predicted)
+            continue
+        try:
+            with torch.inference_mode():
+                texts[batch] = c.text(engine, batch)
+            result = c.time_steps(engine, texts[batch], batch)
+            step_s[batch] = result["s_per_step"]
+            c.emit("step", status="ok", **result, **predicted)
+        except torch.OutOfMemoryError as e:
+            c.emit("step", batch=batch, status="oom", reason=str(e).splitlines()[0], **predicted)
+            break
+    with torch.inference_mode():
+        one = c.step_call(engine, texts.get(1) or c.text(engine, 1), 1)()
+        two = c.step_call(engine, texts.get(2) or c.text(engine, 2), 2)()
+        c.emit("batch-invariance", max_abs_diff=float((one[:, 0] - two[:, 0]).abs().max()),
+               rows_equal=bool(torch.equal(one[:, 0], two[:, 0])))
+        del one, two
+        decode, decode_s = c.decode_call(engine, WAN_VIDEO_BATCH), None
+        for bench in (False, True):
+            torch.backends.cudnn.benchmark = bench
+            decode()  # warm-up (and cudnn's autotuning when benchmark is on)
+            c.sync()
+            c.reset_peak()
+            seconds = c.timed(decode)
+            decode_s = seconds if decode_s is None else min(decode_s, seconds)
+            c.emit("vae-decode", batch=WAN_VIDEO_BATCH, cudnn_benchmark=bench, s=seconds,
+                   model_tflop=(figures.vae_decode or 0) / 1e12, tflops=(figures.vae_decode or 0) / seconds / 1e12,
+                   **c.memory("decode_peak"), **c.predicted(spec))
+        torch.backends.cudnn.benchmark = False
+        del decode
+        from torch.utils.flop_counter import FlopCounterMode
+
+        call = c.step_call(engine, texts.get(1) or c.text(engine, 1), 1)
+        with FlopCounterMode(display=False) as counter:
+            call()
+        c.emit("flops", batch=1, counted_tflop=counter.get_total_flops() / 1e12,
+               modelled_tflop=c.step_flops(engine, None, 1) / 1e12)
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if c.cuda else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            call()
+            c.sync()
+        key = "self_device_time_total" if c.cuda else "self_cpu_time_total"
+        events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:12]
+        c.emit("profile", batch=1, by=key, top=[{"name": e.key[:120], "calls": e.count,
+                                                 "ms": getattr(e, key, 0) / 1000} for e in events])
+    c.reset_peak()
+    steps = c.video_steps(step_s.get(WAN_VIDEO_BATCH), decode_s)
+    c.emit("video", **c.video(engine, steps=steps), **c.memory("video_peak"),
+           **({"cut_short": f"{steps} of {spec.sampling.num_inference_steps} steps fit the time left"} if steps else {}))
+
+
+def child_wan_compiled(c: WanChild, options: dict) -> None:
+    """Wan compiled at the production batch, regionally (the engine's only way: diffusers'
+    compile_repeated_blocks over WanTransformerBlock), inductor mode "default"; the transformer fed embeddings
+    directly, so UMT5 is not built. Cold compile seconds (the engine's compile + its 2-step warm-up video),
+    seconds per step and per video, recompiles after warm-up."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    compile_ = {"mode": options.get("mode", "default"), "scope": "blocks", "vae_decode": False}
+    spec = c.spec(WAN_VIDEO_BATCH, compile_, text_encoder=False)
+    counters.clear()
+    started = time.perf_counter()
+    engine = c.engine(spec)
+    c.emit("compile", compile_s=engine.warmup_seconds, load_s=time.perf_counter() - started - engine.warmup_seconds,
+           frames=counters["frames"]["total"], weights_gib=c.weights_gib(engine), **compile_)
+    warmed = counters["frames"]["total"]
+    text = c.synthetic_text(engine, WAN_VIDEO_BATCH)
+    with torch.inference_mode():
+        step = c.time_steps(engine, text, WAN_VIDEO_BATCH)
+    c.emit("step", **step, recompiles=counters["frames"]["total"] - warmed, **c.predicted(spec))
+    warmed = counters["frames"]["total"]
+    steps = c.video_steps(step["s_per_step"], None, spare_s=30.0)
+    c.emit("video", **c.video(engine, text=text, steps=steps), recompiles=counters["frames"]["total"] - warmed,
+           **({"cut_short": f"{steps} of {spec.sampling.num_inference_steps} steps fit the time left"} if steps else {}))
+
+
 CHILDREN = {"eager": child_eager, "compiled": child_compiled, "float8": child_float8,
-            "production-mode": child_compiled}
+            "production-mode": child_compiled, "wan-eager": child_wan_eager, "wan-compiled": child_wan_compiled}
 
 
-def run_child(step: str, options: dict, out: Path, smoke: bool) -> None:
+def run_child(step: str, options: dict, out: Path, smoke: bool, timeout_s: float | None = None) -> None:
     run = CHILDREN[step]
     import torch
 
-    c = Child(step, out, smoke)
+    c = (WanChild if step.startswith("wan-") else Child)(step, out, smoke, timeout_s)
     if c.cuda:
         c.emit("device", name=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()))
     run(c, options)
@@ -557,7 +910,8 @@ def print_plan(budget: float) -> None:
     print(f"plan: {len(STEPS)} steps in {budget:.0f} s, each its own process (timeout: the time left, at most its cap)")
     for i, s in enumerate(STEPS, 1):
         print(f"  {i}. {s.name:<16} cap {s.cap_s:.0f} s, started with at least {s.min_s:.0f} s left"
-              f"{' (a compile step: at least the slowest compile so far + ' + str(int(AFTER_COMPILE_S)) + ' s)' if s.compiles else ''}")
+              f"{' (a compile step: at least the slowest compile so far + ' + str(int(AFTER_COMPILE_S)) + ' s)' if s.compiles else ''}"
+              f"{'; ' + s.note if s.note else ''}")
 
 
 def main() -> None:
@@ -569,10 +923,11 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", default=None, help="run only these steps")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one step, in its own process (internal)
     ap.add_argument("--options", default="{}", help=argparse.SUPPRESS)
+    ap.add_argument("--timeout-s", type=float, default=None, help=argparse.SUPPRESS)  # the child's own timeout
     args = ap.parse_args()
     out = Path(args.out)
     if args.child:
-        run_child(args.child, json.loads(args.options), out, args.device == "cpu")
+        run_child(args.child, json.loads(args.options), out, args.device == "cpu", args.timeout_s)
         return
     print_plan(args.budget_s)
     if args.plan:
