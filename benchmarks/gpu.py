@@ -179,7 +179,8 @@ class ChildLauncher:
         log = self.out / "logs" / f"{step.name}.log"
         before = results.stat().st_size if results.exists() else 0
         cmd = [sys.executable, __file__, "--child", step.name, "--options", json.dumps(options),
-               "--out", str(self.out), "--device", self.device, "--timeout-s", f"{timeout:.1f}"]
+               "--out", str(self.out), "--device", self.device,
+               "--deadline", f"{time.time() + timeout:.1f}"]
         started = time.monotonic()
         with open(log, "w") as sink:
             proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
@@ -264,7 +265,7 @@ class Child:
     published_s_per_video: float | None = PUBLISHED_S_PER_VIDEO
     video_batch = VIDEO_BATCH
 
-    def __init__(self, step: str, out: Path, smoke: bool, timeout_s: float | None = None):
+    def __init__(self, step: str, out: Path, smoke: bool, deadline: float | None = None):
         import torch
 
         self.step, self.results, self.smoke = step, out / "gpu.jsonl", smoke
@@ -272,11 +273,11 @@ class Child:
         self.warm, self.repeat = (1, 1) if smoke else (WARM_STEPS, TIMED_STEPS)
         self.cuda = self.device == "cuda"
         self.torch = torch
-        self.deadline = time.monotonic() + timeout_s if timeout_s else None
+        self.deadline = deadline  # time.time() at which the launcher stops this process (None: never)
 
     def left(self) -> float:
-        """Seconds until the launcher stops this process (infinite when it gave no timeout)."""
-        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+        """Seconds until the launcher stops this process (infinite when it gave no deadline)."""
+        return float("inf") if self.deadline is None else self.deadline - time.time()
 
     def emit(self, part: str, **fields) -> None:
         append(self.results, {"step": self.step, "part": part, **fields})
@@ -599,9 +600,9 @@ def as_loaded(model, dtype):
 def random_wan_pipeline(device: str, dtype, cfg: dict[str, dict], with_text_encoder: bool = True):
     """A WanPipeline with Wan 2.1-T2V-1.3B's published architecture and random weights, built directly on
     `device` in the dtypes from_pretrained with that dtype gives each component (`as_loaded`; UMT5 keeps `wo`
-    in fp32 only under fp16). The tokenizer is the tiny model's fixed offline one (UMT5's own is not vendored): its ids fit the
-    published vocabulary, and UMT5 always runs over max_sequence_length tokens, so the encoder's work is the
-    same. Without the text encoder (a compile step feeds the transformer embeddings directly) 11 GB less."""
+    in fp32 only under fp16), in eval mode. The tokenizer is the tiny model's fixed offline one (UMT5's own is
+    not vendored): its ids fit the published vocabulary, and UMT5 always runs over max_sequence_length tokens,
+    so the encoder's work is the same. Without the text encoder (a compile step feeds the transformer embeddings directly) 11 GB less."""
     import torch
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
@@ -629,6 +630,21 @@ def random_wan_pipeline(device: str, dtype, cfg: dict[str, dict], with_text_enco
                        scheduler=scheduler)
 
 
+def video_steps(full: int, step_s: float | None, decode_s: float | None, left: float,
+                spare_s: float = 20.0) -> int | None:
+    """None (the spec's `full` steps) when they fit in `left` seconds beside the decode and `spare_s`, or no
+    step time is known; else as many as fit, at least 2. The video is a Wan step's last and longest part, and a
+    cut-short video still measures a whole loop and decode."""
+    if step_s is None:
+        return None
+    steps = max(2, int((left - (decode_s or 0.0) - spare_s) / step_s)) if left != float("inf") else full
+    return None if steps >= full else steps
+
+
+def cut_short(steps: int | None, spec) -> dict:
+    return {"cut_short": f"{steps} of {spec.sampling.num_inference_steps} steps fit the time left"} if steps else {}
+
+
 class WanChild(Child):
     """A Wan step's process: Latte's measurements, against Wan's FLOP and memory model
     (model/families/wan_figures.py, computed from the same configs the model is built from). WanPipeline calls
@@ -637,8 +653,8 @@ class WanChild(Child):
     published_s_per_video = None  # no published seconds per video for Wan on a known GPU to compare with
     video_batch = WAN_VIDEO_BATCH
 
-    def __init__(self, step: str, out: Path, smoke: bool, timeout_s: float | None = None):
-        super().__init__(step, out, smoke, timeout_s)
+    def __init__(self, step: str, out: Path, smoke: bool, deadline: float | None = None):
+        super().__init__(step, out, smoke, deadline)
         if not smoke:
             self.warm, self.repeat = WAN_WARM_STEPS, WAN_TIMED_STEPS
         self.cfg = wan_configs(smoke)
@@ -748,13 +764,8 @@ class WanChild(Child):
         return lambda: vae.decode(latents, return_dict=False)[0]
 
     def video_steps(self, step_s: float | None, decode_s: float | None, spare_s: float = 20.0) -> int | None:
-        """The spec's steps when they fit the time left (None), else as many as fit (at least 2): the video
-        part is the last and the longest, and a cut-short video still measures a whole loop and decode."""
-        full = self.spec(self.video_batch).sampling.num_inference_steps
-        if step_s is None or self.left() == float("inf"):
-            return None
-        steps = max(2, int((self.left() - (decode_s or 0.0) - spare_s) / step_s))
-        return None if steps >= full else steps
+        return video_steps(self.spec(self.video_batch).sampling.num_inference_steps, step_s, decode_s, self.left(),
+                           spare_s)
 
 
 def child_wan_eager(c: WanChild, options: dict) -> None:
@@ -828,8 +839,7 @@ def child_wan_eager(c: WanChild, options: dict) -> None:
                                                  "ms": getattr(e, key, 0) / 1000} for e in events])
     c.reset_peak()
     steps = c.video_steps(step_s.get(WAN_VIDEO_BATCH), decode_s)
-    c.emit("video", **c.video(engine, steps=steps), **c.memory("video_peak"),
-           **({"cut_short": f"{steps} of {spec.sampling.num_inference_steps} steps fit the time left"} if steps else {}))
+    c.emit("video", **c.video(engine, steps=steps), **c.memory("video_peak"), **cut_short(steps, spec))
 
 
 def child_wan_compiled(c: WanChild, options: dict) -> None:
@@ -855,18 +865,18 @@ def child_wan_compiled(c: WanChild, options: dict) -> None:
     warmed = counters["frames"]["total"]
     steps = c.video_steps(step["s_per_step"], None, spare_s=30.0)
     c.emit("video", **c.video(engine, text=text, steps=steps), recompiles=counters["frames"]["total"] - warmed,
-           **({"cut_short": f"{steps} of {spec.sampling.num_inference_steps} steps fit the time left"} if steps else {}))
+           **cut_short(steps, spec))
 
 
 CHILDREN = {"eager": child_eager, "compiled": child_compiled, "float8": child_float8,
             "production-mode": child_compiled, "wan-eager": child_wan_eager, "wan-compiled": child_wan_compiled}
 
 
-def run_child(step: str, options: dict, out: Path, smoke: bool, timeout_s: float | None = None) -> None:
+def run_child(step: str, options: dict, out: Path, smoke: bool, deadline: float | None = None) -> None:
     run = CHILDREN[step]
     import torch
 
-    c = (WanChild if step.startswith("wan-") else Child)(step, out, smoke, timeout_s)
+    c = (WanChild if step.startswith("wan-") else Child)(step, out, smoke, deadline)
     if c.cuda:
         c.emit("device", name=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()))
     run(c, options)
@@ -923,11 +933,11 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", default=None, help="run only these steps")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one step, in its own process (internal)
     ap.add_argument("--options", default="{}", help=argparse.SUPPRESS)
-    ap.add_argument("--timeout-s", type=float, default=None, help=argparse.SUPPRESS)  # the child's own timeout
+    ap.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)  # time.time() of the child's kill
     args = ap.parse_args()
     out = Path(args.out)
     if args.child:
-        run_child(args.child, json.loads(args.options), out, args.device == "cpu", args.timeout_s)
+        run_child(args.child, json.loads(args.options), out, args.device == "cpu", args.deadline)
         return
     print_plan(args.budget_s)
     if args.plan:

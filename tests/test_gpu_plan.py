@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,8 @@ def test_budget_replay_compile_300s_keeps_compiled_and_says_why_the_rest_is_skip
     assert [name for name, _, _ in ran] == ["eager", "compiled"]
     assert "took 300 s" in lines["float8"]["reason"] and "40 s left" in lines["float8"]["reason"]
     assert "40 s left" in lines["production-mode"]["reason"]
-    assert lines["wan-eager"]["reason"] == f"needs 90 s (its least useful time), 40 s left of the budget ({gpu.WAN_NOTE})"
+    assert lines["wan-eager"]["reason"] == (f"needs 90 s (its least useful time), 40 s left of the budget "
+                                            f"({gpu.WAN_NOTE})")
 
 
 def test_budget_replay_compile_450s_stops_compiled_at_the_budget(tmp_path):
@@ -190,18 +192,22 @@ def test_wan_steps_run_at_toy_size_on_the_cpu(tmp_path):
     assert compile_["compile_s"] > 0 and compile_["scope"] == "blocks"
     assert 0 < compile_["weights_gib"] < build["weights_gib"] / 2, "the compile step builds no UMT5"
     step, = by[("wan-compiled", "step")]
-    assert step["finite"] and step["recompiles"] == 0 and step["model_tflop_per_step"] == steps[0]["model_tflop_per_step"]
+    assert step["finite"] and step["recompiles"] == 0
+    assert step["model_tflop_per_step"] == steps[0]["model_tflop_per_step"]
     for video in (by[("wan-eager", "video")][0], by[("wan-compiled", "video")][0]):
         assert video["latents_finite"] and video["frames_std"] > 0 and video["steps"] == 2 and "cut_short" not in video
     assert by[("wan-compiled", "video")][0]["recompiles"] == 0
 
 
 def test_wan_video_takes_the_steps_that_fit_its_timeout(tmp_path):
-    """The Wan video is the last and longest part: all 50 steps when they fit the child's timeout, else as many
-    as fit beside the decode and a spare 20 s (at least 2)."""
-    c = gpu.WanChild("wan-eager", tmp_path, smoke=False, timeout_s=60)  # the production spec: 50 steps
-    assert c.video_steps(step_s=None, decode_s=5) is None, "no step timed: the spec's steps"
-    assert 25 <= c.video_steps(step_s=1.3, decode_s=5) <= 26  # (60 - 5 - 20) / 1.3
-    assert c.video_steps(step_s=100.0, decode_s=5) == 2
-    assert gpu.WanChild("wan-eager", tmp_path, smoke=False, timeout_s=200).video_steps(1.3, 5) is None
-    assert gpu.WanChild("wan-eager", tmp_path, smoke=False).video_steps(1.3, 5) is None, "no timeout: all steps"
+    """The Wan video is the last and longest part: all 50 steps when they fit the time the child has left,
+    else as many as fit beside the decode and a spare 20 s (at least 2). The child's time left runs from the
+    deadline the launcher gives it."""
+    assert gpu.video_steps(50, step_s=None, decode_s=5, left=60) is None, "no step timed: the spec's steps"
+    assert gpu.video_steps(50, step_s=1.3, decode_s=5, left=60) == 26  # (60 - 5 - 20) / 1.3
+    assert gpu.video_steps(50, step_s=100.0, decode_s=5, left=60) == 2
+    assert gpu.video_steps(50, step_s=1.3, decode_s=5, left=200) is None
+    assert gpu.video_steps(50, step_s=1.3, decode_s=5, left=float("inf")) is None, "no deadline: all steps"
+    assert gpu.video_steps(2, step_s=100.0, decode_s=5, left=60) is None, "2 of 2 is not cut short"
+    assert 0 < gpu.WanChild("wan-eager", tmp_path, False, deadline=time.time() + 60).left() <= 60
+    assert gpu.WanChild("wan-eager", tmp_path, False).left() == float("inf")
