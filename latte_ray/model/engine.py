@@ -1,5 +1,6 @@
-"""What every family's engine shares: the encoded-text batch (TextBatch, also what the text-encode stage hands the
-generation actors), the device choice, CUDA-graph-safe outputs of compiled callables and the inductor cache.
+"""What every family's engine shares: the start-up of its pipeline (start_pipeline), the encoded-text batch
+(TextBatch, also what the text-encode stage hands the generation actors) and the padding of a short batch, the
+device choice, CUDA-graph-safe outputs of compiled callables and the inductor cache.
 
 Each family's engine is its own module under latte_ray/model/families/ (latte_engine.py, wan_engine.py).
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,6 +55,53 @@ class TextBatch:
             tokens=[int(t) for t in batch["prompt_tokens"]],
             truncated=[bool(t) for t in batch["prompt_truncated"]],
         )
+
+
+def pad_batch(text: TextBatch, seeds: list[int], batch_size: int, compiled: bool) -> tuple[TextBatch, list[int]]:
+    """Compiled graphs are built for one batch size: pad a short batch by repeating its first row (the engine
+    drops the padded rows' videos)."""
+    if not compiled or len(seeds) >= batch_size:
+        return text, seeds
+    extra = batch_size - len(seeds)
+    pad = lambda x: torch.cat([x, x[:1].expand(extra, *x.shape[1:])])  # noqa: E731
+    return (TextBatch(pad(text.embeds), pad(text.negative_embeds), pad(text.keep), text.tokens, text.truncated),
+            seeds + [seeds[0]] * extra)
+
+
+@dataclass
+class Started:
+    """A family's pipeline ready for its engine (start_pipeline)."""
+
+    pipe: Any
+    device: torch.device
+    dtype: torch.dtype
+    lora: list[str]  # the LoRAs fused, "file xscale" each, in the spec's order
+
+
+def start_pipeline(spec: PipelineSpec, cache_dir: str | None = None, storage_options: dict | None = None,
+                   with_text_encoder: bool = True, with_denoiser: bool = True, pipe=None) -> Started:
+    """Every engine's start-up, in the order it must run: the device; the quantization refused before any
+    weights are read; the pipeline loaded (or `pipe`, an already built one: benchmarks/gpu.py passes full-size
+    random weights); LoRA fused on the loaded weights (before quantization, which replaces the Linear weights
+    LoRA adds to, and before any compile); moved to the device; quantized; progress bars off (an actor logs
+    its own progress)."""
+    from latte_ray.model.loading import DTYPES, load_pipeline
+    from latte_ray.model.quantize import check_supported, quantize_pipeline
+
+    device = pick_device(spec.model.device)
+    check_supported(spec.model.quantization, device)  # before any weights are read
+    if pipe is None:
+        pipe = load_pipeline(spec.model, cache_dir, storage_options, with_text_encoder=with_text_encoder,
+                             scheduler=spec.sampling.scheduler, with_denoiser=with_denoiser)
+    lora: list[str] = []
+    if with_denoiser and spec.model.lora:
+        from latte_ray.model.lora import fuse_loras
+
+        lora = fuse_loras(pipe, spec.model.lora, cache_dir, storage_options)
+    pipe.to(device)
+    quantize_pipeline(pipe, spec.model.quantization)
+    pipe.set_progress_bar_config(disable=True)
+    return Started(pipe, device, DTYPES[spec.model.dtype], lora)
 
 
 class CudaGraphOutputs:

@@ -15,9 +15,8 @@ import time
 import numpy as np
 import torch
 
-from latte_ray.model.engine import (CudaGraphOutputs, TextBatch, inductor_cache_dir, pick_device,
-                                    set_inductor_cache_dir)
-from latte_ray.model.loading import DTYPES, load_pipeline
+from latte_ray.model.engine import (CudaGraphOutputs, TextBatch, inductor_cache_dir, pad_batch, set_inductor_cache_dir,
+                                    start_pipeline)
 from latte_ray.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
@@ -59,20 +58,9 @@ class LatteEngine:
         self.spec = spec
         self.cache_dir = cache_dir
         self.sampling = spec.sampling
-        self.device = pick_device(spec.model.device)
-        self.dtype = DTYPES[spec.model.dtype]
-        from latte_ray.model.quantize import check_supported, quantize_pipeline
-
-        check_supported(spec.model.quantization, self.device)  # before any weights are read
         started = time.perf_counter()
-        if pipe is None:
-            pipe = load_pipeline(
-                spec.model, cache_dir, storage_options, with_text_encoder=with_text_encoder,
-                scheduler=spec.sampling.scheduler, with_denoiser=with_denoiser,
-            )
-        pipe.to(self.device)
-        quantize_pipeline(pipe, spec.model.quantization)
-        pipe.set_progress_bar_config(disable=True)
+        ready = start_pipeline(spec, cache_dir, storage_options, with_text_encoder, with_denoiser, pipe)
+        self.device, self.dtype, self.lora, pipe = ready.device, ready.dtype, ready.lora, ready.pipe
         pipe._current_timestep = None  # read by cache hooks through pipe.current_timestep; set per step
         self.pipe = pipe
         self.transformer = pipe.transformer
@@ -286,16 +274,7 @@ class LatteEngine:
         return frames[:n].cpu().numpy()
 
     def _pad_batch(self, text: TextBatch, seeds: list[int]) -> tuple[TextBatch, list[int]]:
-        """Compiled graphs are built for one batch size: pad a short batch by repeating its first row."""
-        want = self.spec.execution.batch_size
-        if not self.spec.model.compile.enabled or len(seeds) >= want:
-            return text, seeds
-        extra = want - len(seeds)
-        pad = lambda x: torch.cat([x, x[:1].expand(extra, *x.shape[1:])])  # noqa: E731
-        return (
-            TextBatch(pad(text.embeds), pad(text.negative_embeds), pad(text.keep), text.tokens, text.truncated),
-            seeds + [seeds[0]] * extra,
-        )
+        return pad_batch(text, seeds, self.spec.execution.batch_size, self.spec.model.compile.enabled)
 
 
 def predicts_variance(transformer_config) -> bool:

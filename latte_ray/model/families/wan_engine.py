@@ -16,8 +16,7 @@ import time
 import numpy as np
 import torch
 
-from latte_ray.model.engine import TextBatch, inductor_cache_dir, pick_device, set_inductor_cache_dir
-from latte_ray.model.loading import DTYPES, load_pipeline
+from latte_ray.model.engine import TextBatch, inductor_cache_dir, pad_batch, set_inductor_cache_dir, start_pipeline
 from latte_ray.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
@@ -44,22 +43,9 @@ class WanEngine:
         self.spec = spec
         self.cache_dir = cache_dir
         self.sampling = spec.sampling
-        self.device = pick_device(spec.model.device)
-        self.dtype = DTYPES[spec.model.dtype]
-        from latte_ray.model.quantize import check_supported, quantize_pipeline
-
-        check_supported(spec.model.quantization, self.device)  # before any weights are read
         started = time.perf_counter()
-        if pipe is None:
-            pipe = load_pipeline(spec.model, cache_dir, storage_options, with_text_encoder=with_text_encoder,
-                                 with_denoiser=with_denoiser)
-        if with_denoiser and spec.model.lora:
-            from latte_ray.model.lora import fuse_loras
-
-            self.lora = fuse_loras(pipe, spec.model.lora, cache_dir, storage_options)  # before quantize and compile
-        pipe.to(self.device)
-        quantize_pipeline(pipe, spec.model.quantization)
-        pipe.set_progress_bar_config(disable=True)
+        ready = start_pipeline(spec, cache_dir, storage_options, with_text_encoder, with_denoiser, pipe)
+        self.device, self.dtype, self.lora, pipe = ready.device, ready.dtype, ready.lora, ready.pipe
         self.pipe = pipe
         self.last_transformer_calls: list[int] = []
         if with_denoiser and spec.model.attention == "default":
@@ -161,11 +147,4 @@ class WanEngine:
         return frames[:n].cpu().numpy()
 
     def _pad_batch(self, text: TextBatch, seeds: list[int]) -> tuple[TextBatch, list[int]]:
-        """Compiled graphs are built for one batch size: pad a short batch by repeating its first row."""
-        want = self.spec.execution.batch_size
-        if not self.spec.model.compile.enabled or len(seeds) >= want:
-            return text, seeds
-        extra = want - len(seeds)
-        pad = lambda x: torch.cat([x, x[:1].expand(extra, *x.shape[1:])])  # noqa: E731
-        return (TextBatch(pad(text.embeds), pad(text.negative_embeds), pad(text.keep), text.tokens, text.truncated),
-                seeds + [seeds[0]] * extra)
+        return pad_batch(text, seeds, self.spec.execution.batch_size, self.spec.model.compile.enabled)
