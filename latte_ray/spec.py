@@ -53,10 +53,11 @@ class CompileSpec(_Strict):
     )
     scope: Literal["whole", "blocks"] = Field(
         "whole", description="What is compiled without a cache (TeaCache and the hook caches compile their own "
-        "parts): 'whole' = the transformer's forward as one graph; 'blocks' = regional compilation (diffusers' "
-        "compile_repeated_blocks): each spatial and temporal block on its own, traced once for all 56 since they "
-        "share their code, so a cold compile costs about two blocks' worth instead of 56; the embedding, reshapes "
-        "and output head between them run eagerly (latte_ray/model/compiling.py)."
+        "parts): 'whole' = the transformer's forward as one graph (each expert's, for Wan 2.2 A14B); 'blocks' = "
+        "regional compilation (diffusers' compile_repeated_blocks): each repeated block on its own (Latte-1's 28 "
+        "spatial and 28 temporal blocks, Wan's WanTransformerBlocks), traced once for all of them since they "
+        "share their code, so a cold compile costs about one or two blocks' worth instead of the whole stack; the "
+        "embedding, reshapes and output head between them run eagerly (latte_ray/model/compiling.py)."
     )
     backend: Literal["inductor", "aot_eager", "eager"] = Field(
         "inductor", description="torch.compile backend; 'eager'/'aot_eager' trace with dynamo but generate no "

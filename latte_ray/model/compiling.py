@@ -43,6 +43,19 @@ def compile_transformer(transformer, opts):
     return torch.compile(transformer, backend=opts.backend, fullgraph=opts.fullgraph, dynamic=False, **kwargs)
 
 
+def compile_in_place(transformer, opts) -> None:
+    """`transformer` compiled in place as model.compile says, for an engine whose pipeline calls its own
+    `pipe.transformer` (Wan: diffusers' WanPipeline.__call__ runs the loop, so the module it holds must be the
+    compiled one; replacing the attribute with torch.compile's wrapper would change what the pipeline
+    registered). `whole`: nn.Module.compile, torch.compile of the module's call, one graph of the model;
+    `blocks`: compile_repeated_blocks."""
+    kwargs = {"mode": opts.mode} if opts.backend == "inductor" else {}
+    if opts.scope == "blocks":
+        compile_repeated_blocks(transformer, backend=opts.backend, fullgraph=opts.fullgraph, dynamic=False, **kwargs)
+    else:
+        transformer.compile(backend=opts.backend, fullgraph=opts.fullgraph, dynamic=False, **kwargs)
+
+
 def compile_repeated_blocks(transformer, **compile_kwargs) -> list[str]:
     """Regional compilation with diffusers' `ModelMixin.compile_repeated_blocks` (every submodule whose class
     is named in `_repeated_blocks` is compiled in place with `compile_kwargs`). A model class that does not

@@ -60,18 +60,19 @@ class WanEngine:
         return [m for m in (self.pipe.transformer, getattr(self.pipe, "transformer_2", None)) if m is not None]
 
     def _compile(self) -> None:
-        """Regional compile (diffusers' compile_repeated_blocks: WanTransformer3DModel declares its
-        WanTransformerBlock as `_repeated_blocks`) of every expert, for the one shape this actor sees (text always
+        """Compile every expert as model.compile.scope says (compiling.compile_in_place: `blocks` is diffusers'
+        compile_repeated_blocks, WanTransformer3DModel declaring its WanTransformerBlock as `_repeated_blocks`;
+        `whole` the expert's forward as one graph), for the one shape this actor sees (text always
         max_sequence_length tokens, a short batch padded to batch_size), then one warm-up call."""
         opts = self.spec.model.compile
-        from latte_ray.model.compiling import node_compile_threads, node_gpus, set_compile_threads
+        from latte_ray.model.compiling import compile_in_place, node_compile_threads, node_gpus, set_compile_threads
 
         set_compile_threads(node_compile_threads(self.spec.execution.num_gpus_per_actor, gpus=node_gpus()))
         set_inductor_cache_dir(inductor_cache_dir(opts.cache_dir, self.cache_dir))
-        kwargs = {"mode": opts.mode} if opts.backend == "inductor" else {}
         for expert in self._experts():
-            expert.compile_repeated_blocks(backend=opts.backend, fullgraph=opts.fullgraph, dynamic=False, **kwargs)
+            compile_in_place(expert, opts)
         if opts.vae_decode:
+            kwargs = {"mode": opts.mode} if opts.backend == "inductor" else {}
             self.pipe.vae.decode = torch.compile(self.pipe.vae.decode, backend=opts.backend, dynamic=False, **kwargs)
         started = time.perf_counter()
         batch, length = self.spec.execution.batch_size, self.sampling.max_sequence_length
@@ -133,8 +134,8 @@ class WanEngine:
             return {}
 
         video = pipe(
-            prompt_embeds=text.embeds.to(self.device, self.dtype),
-            negative_prompt_embeds=text.negative_embeds.to(self.device, self.dtype) if cfg else None,
+            prompt_embeds=_inference_tensor(text.embeds.to(self.device, self.dtype)),
+            negative_prompt_embeds=_inference_tensor(text.negative_embeds.to(self.device, self.dtype)) if cfg else None,
             height=s.height, width=s.width, num_frames=s.video_length, num_inference_steps=steps,
             guidance_scale=s.guidance_scale, guidance_scale_2=s.guidance_scale_2, latents=latents,
             max_sequence_length=s.max_sequence_length, output_type="pt",
@@ -148,3 +149,11 @@ class WanEngine:
 
     def _pad_batch(self, text: TextBatch, seeds: list[int]) -> tuple[TextBatch, list[int]]:
         return pad_batch(text, seeds, self.spec.execution.batch_size, self.spec.model.compile.enabled)
+
+
+def _inference_tensor(t: torch.Tensor) -> torch.Tensor:
+    """`t` as an inference tensor (a copy made under inference_mode where it is not one). WanPipeline hands the
+    embeddings to the transformer as they are, and a whole-model compile guards on their dispatch keys: the
+    warm-up's stand-in zeros and the text-encode stage's arrays (TextBatch.from_numpy) are ordinary tensors,
+    encode_text's are inference tensors, and a graph built for one recompiles for the other."""
+    return t if t.is_inference() else t.clone()
