@@ -83,7 +83,7 @@ def main() -> None:
 
     import torch
 
-    from latte_ray.model.engine import LatteEngine
+    from latte_ray.model.families.latte_engine import LatteEngine
     from latte_ray.model.teacache import fit_coefficients
     from latte_ray.ops.compare import Candidate, markdown, run_candidates, summarize
     from latte_ray.datasets.scoring import load_scoring_spec

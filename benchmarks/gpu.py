@@ -298,7 +298,8 @@ class Child:
         return parse_pipeline_spec(raw, origin=f"gpu.py {self.step}")
 
     def engine(self, spec, pipe=None):
-        from latte_ray.model.engine import DTYPES, LatteEngine
+        from latte_ray.model.families.latte_engine import LatteEngine
+        from latte_ray.model.loading import DTYPES
 
         self.cfg = configs(self.smoke, spec.sampling.video_length)
         pipe = pipe or random_pipeline(self.device, DTYPES[spec.model.dtype], self.cfg)

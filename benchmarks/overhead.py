@@ -73,7 +73,7 @@ def bare_generate(spec):
 
 
 def engine_generate(spec):
-    from latte_ray.model.engine import LatteEngine
+    from latte_ray.model.families.latte_engine import LatteEngine
 
     engine = LatteEngine(spec)
     return lambda row: engine.generate([row["prompt"]], [spec.sampling.negative_prompt], [row["seed"]])[0][0]

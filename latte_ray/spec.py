@@ -53,10 +53,11 @@ class CompileSpec(_Strict):
     )
     scope: Literal["whole", "blocks"] = Field(
         "whole", description="What is compiled without a cache (TeaCache and the hook caches compile their own "
-        "parts): 'whole' = the transformer's forward as one graph; 'blocks' = regional compilation (diffusers' "
-        "compile_repeated_blocks): each spatial and temporal block on its own, traced once for all 56 since they "
-        "share their code, so a cold compile costs about two blocks' worth instead of 56; the embedding, reshapes "
-        "and output head between them run eagerly (latte_ray/model/compiling.py)."
+        "parts): 'whole' = the transformer's forward as one graph (each expert's, for Wan 2.2 A14B); 'blocks' = "
+        "regional compilation (diffusers' compile_repeated_blocks): each repeated block on its own (Latte-1's 28 "
+        "spatial and 28 temporal blocks, Wan's WanTransformerBlocks), traced once for all of them since they "
+        "share their code, so a cold compile costs about one or two blocks' worth instead of the whole stack; the "
+        "embedding, reshapes and output head between them run eagerly (latte_ray/model/compiling.py)."
     )
     backend: Literal["inductor", "aot_eager", "eager"] = Field(
         "inductor", description="torch.compile backend; 'eager'/'aot_eager' trace with dynamo but generate no "
@@ -145,8 +146,9 @@ class QuantizationSpec(_Strict):
         "activations), float8_weight_only / float8_dynamic (CUDA compute capability >= 8.9: Ada, Hopper).",
     )
     components: tuple[Literal["transformer", "text_encoder"], ...] = Field(
-        ("transformer",), min_length=1, description="Which models to quantize: the transformer, and optionally "
-        "the T5 text encoder (Latte-1's is ~11.5 GB in fp16: transformers keeps its wo layers in fp32).",
+        ("transformer",), min_length=1, description="Which models to quantize: the transformer (every expert: Wan "
+        "2.2 A14B's transformer_2 too), and optionally the T5 text encoder (Latte-1's is ~11.5 GB in fp16: "
+        "transformers keeps its wo layers in fp32).",
     )
 
     @field_validator("components")
@@ -208,6 +210,12 @@ class LoraSpec(_Strict):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when source is a hub id.")
     scale: float = Field(1.0, ge=-10.0, le=10.0, description="LoRA scale fused into the weights (lora_scale of "
                          "fuse_lora): changing it changes every video, and the spec hash.")
+    component: Literal["transformer", "transformer_2"] | None = Field(
+        None, description="The denoiser it is fused into: 'transformer', or 'transformer_2' (Wan 2.2 A14B's "
+        "low-noise expert; diffusers' load_lora_weights(..., load_into_transformer_2=True)). null: the transformer "
+        "of a one-transformer model; a model with two experts needs it named (A14B LoRAs come as a high-noise "
+        "and a low-noise file: one entry each).",
+    )
 
     @field_validator("source")
     @classmethod
@@ -563,6 +571,9 @@ def hashed_fields(raw: dict) -> dict:
         model.pop("family", None)
     if not model.get("lora"):
         model.pop("lora", None)
+    for lora in model.get("lora") or ():
+        if lora.get("component") is None:
+            lora.pop("component", None)
     sampling = payload.get("sampling") or {}
     if sampling.get("guidance_scale_2") is None:
         sampling.pop("guidance_scale_2", None)

@@ -56,7 +56,7 @@ def generate(engine, idx: list[int]):
 @pytest.fixture(scope="module")
 def uncached(model_cache):
     """Each prompt alone, no cache: frames and calls by id."""
-    from latte_ray.model.engine import LatteEngine
+    from latte_ray.model.families.latte_engine import LatteEngine
 
     engine = LatteEngine(spec(1), cache_dir=str(model_cache))
     out = {}
@@ -69,7 +69,7 @@ def uncached(model_cache):
 @pytest.fixture(scope="module")
 def teacache_alone(model_cache):
     """Each prompt alone (batch 1), TeaCache on."""
-    from latte_ray.model.engine import LatteEngine
+    from latte_ray.model.families.latte_engine import LatteEngine
 
     engine = LatteEngine(spec(1, cache=TEACACHE), cache_dir=str(model_cache))
     out = {}
@@ -87,7 +87,7 @@ def test_uncached_video_makes_a_call_per_step_and_cfg_half(uncached):
 
 
 def test_teacache_threshold_zero_computes_every_step_and_equals_uncached(model_cache):
-    from latte_ray.model.engine import LatteEngine
+    from latte_ray.model.families.latte_engine import LatteEngine
 
     tea = LatteEngine(spec(3, cache={"kind": "teacache", "threshold": 0.0}), cache_dir=str(model_cache))
     plain = LatteEngine(spec(3), cache_dir=str(model_cache))
@@ -99,7 +99,7 @@ def test_teacache_threshold_zero_computes_every_step_and_equals_uncached(model_c
 
 
 def test_teacache_skips_per_video_and_is_batch_invariant(model_cache, teacache_alone, uncached):
-    from latte_ray.model.engine import LatteEngine
+    from latte_ray.model.families.latte_engine import LatteEngine
 
     engine = LatteEngine(spec(3, cache=TEACACHE), cache_dir=str(model_cache))
     for idx in ([0, 1, 2], [3, 0, 2]):
@@ -121,7 +121,7 @@ def test_teacache_compiled_runs_fixed_sizes_warmed_at_load(model_cache, teacache
     batch afterwards reuse those graphs (dynamo's own counters), and the videos equal the eager ones."""
     from torch._dynamo.utils import counters
 
-    from latte_ray.model.engine import LatteEngine
+    from latte_ray.model.families.latte_engine import LatteEngine
 
     counters.clear()
     engine = LatteEngine(spec(4, cache=TEACACHE, compile={"enabled": True, "backend": "eager"}),
@@ -147,7 +147,7 @@ def test_teacache_compiled_runs_fixed_sizes_warmed_at_load(model_cache, teacache
 
 def test_faster_cache_calls_are_the_rows_reaching_the_transformer(model_cache):
     """FasterCache drops the unconditional half at some steps; the engine's count must be what ran."""
-    from latte_ray.model.engine import LatteEngine
+    from latte_ray.model.families.latte_engine import LatteEngine
 
     engine = LatteEngine(spec(1, cache={"kind": "faster_cache"}), cache_dir=str(model_cache))
     frames_per_row = engine.sampling.video_length
@@ -168,7 +168,7 @@ def test_default_attention_loads_and_matches_sdpa(model_cache, uncached):
     one uint8 level of the SDPA one (the same math, rounded differently); it is its own spec hash."""
     from diffusers.models.attention_processor import Attention, AttnProcessor
 
-    from latte_ray.model.engine import LatteEngine
+    from latte_ray.model.families.latte_engine import LatteEngine
 
     engine = LatteEngine(spec(1, attention="default"), cache_dir=str(model_cache))
     layers = [m for m in engine.transformer.modules() if isinstance(m, Attention)]
@@ -269,7 +269,7 @@ def test_float8_fails_before_any_weights_load(tmp_path, prompts_path, monkeypatc
     from typer.testing import CliRunner
 
     from latte_ray.cli import app
-    from latte_ray.model.engine import LatteEngine
+    from latte_ray.model.families.latte_engine import LatteEngine
     from latte_ray.model.quantize import QuantizationUnsupported
     from tests.invariants import write_spec
 
@@ -313,7 +313,7 @@ def test_quality_gate_compares_candidates_with_the_baseline(model_cache):
     """ops/compare.py end to end on the tiny model: TeaCache at threshold 0 is the baseline (inf dB, no CLIP
     change, every call), int8 weight-only is close but not equal, TeaCache skipping makes fewer calls; the
     CLIP column comes from the scoring stage's own scorer (tiny random CLIP here)."""
-    from latte_ray.model.engine import LatteEngine
+    from latte_ray.model.families.latte_engine import LatteEngine
     from latte_ray.ops.compare import Candidate, markdown, run_candidates, summarize
     from latte_ray.spec import ScoringSpec
 

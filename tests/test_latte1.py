@@ -157,7 +157,7 @@ def test_a_genuinely_wrong_config_is_still_refused(tmp_path, rel, change, words)
 @pytest.fixture(scope="module")
 def engine(latte1_hub):
     """The production spec's engine on the Latte-1-shaped model, loaded by hub id (offline), batch 1."""
-    from latte_ray.model.engine import LatteEngine
+    from latte_ray.model.families.latte_engine import LatteEngine
 
     raw = production()
     raw["execution"]["batch_size"] = 1
@@ -288,7 +288,8 @@ def test_half_dtypes_on_cpu(model_cache, dtype):
     come back from the text-encode stage, through numpy), the attention mask and the VAE fails here."""
     import torch
 
-    from latte_ray.model.engine import LatteEngine, TextBatch
+    from latte_ray.model.engine import TextBatch
+    from latte_ray.model.families.latte_engine import LatteEngine
 
     raw = yaml.safe_load(load_pipeline_spec("tiny-cpu").model_dump_json())
     raw["model"]["dtype"] = dtype

@@ -226,7 +226,7 @@ def scored_run(ray_local, tmp_path_factory):
 
 
 def test_run_scores_every_video_and_keeps_its_embeddings_and_latents(scored_run, model_cache):
-    from latte_ray.model.engine import LatteEngine
+    from latte_ray.model.families.latte_engine import LatteEngine
 
     out, spec = scored_run
     rows = {r["id"]: r for r in assert_exactly_once(out, set(PROMPTS))}

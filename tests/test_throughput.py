@@ -119,7 +119,7 @@ def compiled(model_cache, tmp_path_factory):
     import torch._inductor.runtime.cache_dir_utils as cache_dir_utils
     from torch._dynamo.utils import counters
 
-    from latte_ray.model.engine import LatteEngine
+    from latte_ray.model.families.latte_engine import LatteEngine
 
     cache_dir_utils.cache_dir()  # torch's default is now written to the environment, as after any compile
     inductor_dir = tmp_path_factory.mktemp("inductor")
@@ -196,7 +196,7 @@ def test_compile_with_hook_cache_compiles_once_and_matches_eager(kind, model_cac
     """FasterCache/PAB decide per step in Python; compiled, they must not recompile per step (before: every
     step, until dynamo's limit, then eager). Warm-up compiles a few graphs, a batch after it none, and the
     video is the eager cached one."""
-    from latte_ray.model.engine import LatteEngine
+    from latte_ray.model.families.latte_engine import LatteEngine
 
     cached = {"kind": kind}
     with DynamoCompiles() as compiles:
@@ -215,7 +215,7 @@ def test_regional_compile_compiles_the_blocks_once_and_matches_eager(compiled, m
     """model.compile.scope: blocks (diffusers' compile_repeated_blocks): every spatial and temporal block is
     compiled in place and the top module is not; warm-up compiles a few graphs, a batch after it none, no
     block falls back to eager at dynamo's recompile limit, and the video is the eager engine's."""
-    from latte_ray.model.engine import LatteEngine
+    from latte_ray.model.families.latte_engine import LatteEngine
 
     _, eager, _, _ = compiled
     with DynamoCompiles() as compiles:
@@ -289,14 +289,14 @@ def test_cuda_graph_outputs_are_cloned_before_they_are_kept():
 
 @pytest.fixture(scope="module")
 def plain_engine(model_cache):
-    from latte_ray.model.engine import LatteEngine
+    from latte_ray.model.families.latte_engine import LatteEngine
 
     return LatteEngine(spec_with(1), cache_dir=str(model_cache))
 
 
 @pytest.mark.parametrize("kind", ["faster_cache", "pyramid_attention_broadcast"])
 def test_cache_is_active_and_reset_between_batches(kind, plain_engine, model_cache):
-    from latte_ray.model.engine import LatteEngine
+    from latte_ray.model.families.latte_engine import LatteEngine
 
     engine = LatteEngine(spec_with(1, cache={"kind": kind}), cache_dir=str(model_cache))
     assert engine.pipe.transformer.is_cache_enabled

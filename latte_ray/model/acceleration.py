@@ -5,7 +5,7 @@ FasterCache and PAB reuse attention outputs from earlier denoising steps inside 
 little fidelity for speed (diffusers' tables for Latte: FasterCache ~1.31x, PAB ~1.15x); FasterCache also
 skips the unconditional half of the batch at some steps and extrapolates it. They change pixels, so the
 cache settings are part of the spec hash and the manifest's `cache` column names the kind. The hooks keep
-per-video state; the engine resets it before and after every batch (engine._reset_cache_state).
+per-video state; the engine resets it before and after every batch (latte_engine._reset_cache_state).
 """
 
 from __future__ import annotations

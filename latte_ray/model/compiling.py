@@ -33,14 +33,32 @@ INDUCTOR_MAX_THREADS = 32  # inductor's own cap on its default pool
 
 
 def compile_transformer(transformer, opts):
-    """`transformer` compiled as model.compile says (`opts`: a CompileSpec); returns what the engine calls."""
+    """`transformer` compiled as model.compile says (`opts`: a CompileSpec); returns what the engine calls: the
+    module itself for `blocks`, torch.compile's wrapper of it for `whole`."""
     import torch
 
-    kwargs = {"mode": opts.mode} if opts.backend == "inductor" else {}
     if opts.scope == "blocks":
-        compile_repeated_blocks(transformer, backend=opts.backend, fullgraph=opts.fullgraph, dynamic=False, **kwargs)
+        compile_in_place(transformer, opts)
         return transformer
-    return torch.compile(transformer, backend=opts.backend, fullgraph=opts.fullgraph, dynamic=False, **kwargs)
+    return torch.compile(transformer, **_compile_kwargs(opts))
+
+
+def compile_in_place(transformer, opts) -> None:
+    """`transformer` compiled in place as model.compile says, for an engine whose pipeline calls its own
+    `pipe.transformer` (Wan: diffusers' WanPipeline.__call__ runs the loop, so the module it holds must be the
+    compiled one; replacing the attribute with torch.compile's wrapper would change what the pipeline
+    registered). `whole`: nn.Module.compile, torch.compile of the module's call, one graph of the model;
+    `blocks`: compile_repeated_blocks."""
+    if opts.scope == "blocks":
+        compile_repeated_blocks(transformer, **_compile_kwargs(opts))
+    else:
+        transformer.compile(**_compile_kwargs(opts))
+
+
+def _compile_kwargs(opts) -> dict:
+    """torch.compile's arguments for a CompileSpec: static shapes (one batch size and text length per actor)."""
+    mode = {"mode": opts.mode} if opts.backend == "inductor" else {}
+    return {"backend": opts.backend, "fullgraph": opts.fullgraph, "dynamic": False, **mode}
 
 
 def compile_repeated_blocks(transformer, **compile_kwargs) -> list[str]:

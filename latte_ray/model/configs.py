@@ -227,8 +227,15 @@ def check_model(spec: PipelineSpec, storage_options: dict | None = None) -> tupl
         from latte_ray.model.lora import check_loras
 
         transformer, _ = configs.resolved()
-        loras, digests = check_loras(spec, configs.model_index["transformer"][1], transformer,
-                                     storage_options=storage_options)
+        experts = {"transformer": (configs.model_index["transformer"][1], transformer)}
+        if configs.component_present("transformer_2"):  # Wan 2.2 A14B's low-noise expert
+            second = configs.extra.get("transformer_2")
+            if second is None:
+                raise SpecError(f"{src}: model.lora is set but transformer_2/config.json cannot be read (the "
+                                f"LoRAs cannot be checked against the second expert)")
+            experts["transformer_2"] = (configs.model_index["transformer_2"][1],
+                                        resolve_config(configs.model_index, "transformer_2", second))
+        loras, digests = check_loras(spec, experts, storage_options=storage_options)
         summary = f"{summary}; {loras}"
         identity = {**identity, "lora": digests}
     if configs.files is not None:

@@ -2,7 +2,7 @@
 per actor before quantization and compile.
 
 Loading and fusing are diffusers' own (the family pipeline's `lora_state_dict`, `load_lora_weights`,
-`fuse_lora`, `unload_lora_weights`, on peft): a LoRA in the original Wan or musubi key layout is converted by
+`fuse_lora`, `unload_lora_weights`, on peft; `load_into_transformer_2` for Wan 2.2 A14B's second expert): a LoRA in the original Wan or musubi key layout is converted by
 diffusers as it would be in a notebook. Each LoRA is fused alone, at its own scale, in the spec's order, and
 its peft layers are unloaded afterwards, so the generation actor runs plain fused weights (nothing per step).
 
@@ -101,25 +101,50 @@ def lora_state_dict(pipeline_class, path: Path) -> dict:
     return pipeline_class.lora_state_dict(str(path.parent), weight_name=path.name, use_safetensors=True)
 
 
-def check_loras(spec, class_name: str, transformer_config: dict, cache_dir: str | None = None,
+def lora_component(lora, experts, field: str) -> str:
+    """The denoiser a LoRA is fused into (LoraSpec.component): named, or the only transformer the model has;
+    refused in one line when it names one the model lacks, or leaves it open on a model with two experts."""
+    if lora.component is None:
+        if len(experts) > 1:
+            raise SpecError(f"{field}: the model has two experts ({', '.join(experts)}: Wan 2.2 A14B's high- and "
+                            f"low-noise transformers); say which this LoRA is fused into with component: "
+                            f"transformer or component: transformer_2 (one entry per expert)")
+        return "transformer"
+    if lora.component not in experts:
+        raise SpecError(f"{field}: component {lora.component!r}, but the model has no {lora.component} "
+                        f"(model_index.json names {', '.join(experts)})")
+    return lora.component
+
+
+def check_loras(spec, experts: dict[str, tuple[str, dict]], cache_dir: str | None = None,
                 storage_options: dict | None = None) -> tuple[str, list[dict]]:
-    """Refuse (SpecError, one line) a LoRA with a key that adapts no module of the transformer or whose
-    shapes do not fit it; returns a summary ("LoRA a.safetensors x0.8 (rank 4, 12 modules)") and each file's
-    identity (name, sha256) for the output record."""
+    """Refuse (SpecError, one line) a LoRA with a key that adapts no module of the denoiser it is fused into
+    or whose shapes do not fit it; `experts`: {component: (class name, config)} of the model's transformers
+    (transformer, and Wan 2.2 A14B's transformer_2). Returns a summary ("LoRA a.safetensors x0.8 (rank 4, 12
+    modules)") and each file's identity (name, sha256) for the output record."""
     import diffusers
     import torch
 
     from latte_ray.model.families import family_of
 
     pipeline_class = getattr(diffusers, family_of(spec).pipeline_class)
-    cls = getattr(diffusers, class_name)
-    config = {k: v for k, v in transformer_config.items() if not k.startswith("_")}
-    with torch.device("meta"):
-        transformer = cls.from_config(config)
-    modules = dict(transformer.named_modules())
+    built: dict[str, tuple[str, dict]] = {}
+
+    def modules_of(component: str) -> tuple[str, dict]:
+        if component not in built:
+            class_name, transformer_config = experts[component]
+            cls = getattr(diffusers, class_name)
+            config = {k: v for k, v in transformer_config.items() if not k.startswith("_")}
+            with torch.device("meta"):
+                transformer = cls.from_config(config)
+            built[component] = (cls.__name__, dict(transformer.named_modules()))
+        return built[component]
+
     parts, identity = [], []
     for i, lora in enumerate(spec.model.lora):
         field = f"model.lora[{i}] {lora.source!r}"
+        component = lora_component(lora, experts, field)
+        class_name, modules = modules_of(component)
         path = lora_file(lora, i, cache_dir, storage_options)
         try:
             state = lora_state_dict(pipeline_class, path)
@@ -130,6 +155,8 @@ def check_loras(spec, class_name: str, transformer_config: dict, cache_dir: str 
             raise SpecError(f"{field}: {path.name} holds no LoRA tensors")
         ranks, adapted = set(), set()
         for key, tensor in state.items():
+            # diffusers keeps the "transformer." prefix for either expert (load_into_transformer_2 loads the
+            # same keys into transformer_2)
             if not key.startswith(LORA_PREFIX):
                 raise SpecError(f"{field}: key {key!r} adapts no module of the transformer (only transformer "
                                 f"LoRAs are fused)")
@@ -137,7 +164,7 @@ def check_loras(spec, class_name: str, transformer_config: dict, cache_dir: str 
             module = modules.get(name)
             if module is None or not hasattr(module, "weight") or kind not in ("A.weight", "B.weight", "A.bias",
                                                                                 "B.bias"):
-                raise SpecError(f"{field}: key {key!r} matches no module of the {cls.__name__} "
+                raise SpecError(f"{field}: key {key!r} matches no module of the {class_name} "
                                 f"({len(state)} keys; is it a LoRA for another model?)")
             out_features, in_features = module.weight.shape[0], module.weight.shape[1]
             if kind == "A.weight" and tuple(tensor.shape[1:2]) != (in_features,):
@@ -151,20 +178,26 @@ def check_loras(spec, class_name: str, transformer_config: dict, cache_dir: str 
                 adapted.add(name)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         identity.append({"source": lora.source, "file": path.name, "sha256": digest})
-        parts.append(f"{path.name} x{lora.scale:g} (rank {'/'.join(map(str, sorted(ranks)))}, "
+        into = f" into {component}" if len(experts) > 1 else ""
+        parts.append(f"{path.name}{into} x{lora.scale:g} (rank {'/'.join(map(str, sorted(ranks)))}, "
                      f"{len(adapted)} modules, sha256 {digest[:12]})")
     return "LoRA " + ", ".join(parts), identity
 
 
 def fuse_loras(pipe, loras, cache_dir: str | None = None, storage_options: dict | None = None) -> list[str]:
-    """Fuse each LoRA into the pipeline's transformer at its scale (diffusers' load_lora_weights + fuse_lora),
-    one after another, then drop the peft layers (unload_lora_weights): the fused weights stay."""
+    """Fuse each LoRA into its denoiser (LoraSpec.component; Wan 2.2 A14B's transformer_2 through diffusers'
+    load_into_transformer_2) at its scale, with diffusers' load_lora_weights + fuse_lora, one after another,
+    then drop the peft layers (unload_lora_weights): the fused weights stay."""
+    experts = [c for c in ("transformer", "transformer_2") if getattr(pipe, c, None) is not None]
     fused = []
     for i, lora in enumerate(loras):
         path = lora_file(lora, i, cache_dir, storage_options)
+        component = lora_component(lora, experts, f"model.lora[{i}] {lora.source!r}")
         name = f"latte_ray_lora_{i}"
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name, use_safetensors=True)
-        pipe.fuse_lora(components=["transformer"], lora_scale=lora.scale, adapter_names=[name])
+        into = {"load_into_transformer_2": True} if component == "transformer_2" else {}
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name, use_safetensors=True,
+                               **into)
+        pipe.fuse_lora(components=[component], lora_scale=lora.scale, adapter_names=[name])
         pipe.unload_lora_weights()
-        fused.append(f"{path.name} x{lora.scale:g}")
+        fused.append(f"{path.name}{f' into {component}' if len(experts) > 1 else ''} x{lora.scale:g}")
     return fused

@@ -100,7 +100,8 @@ def quantize_pipeline(pipe, quantization: QuantizationSpec | None) -> dict[str, 
     from torchao.quantization import quantize_
 
     done = {}
-    for name in quantization.components:
+    names = [n for c in quantization.components for n in ((c, "transformer_2") if c == "transformer" else (c,))]
+    for name in names:  # "transformer" is the denoiser: Wan 2.2 A14B's second expert (transformer_2) too
         module = getattr(pipe, name, None)
         if module is None:
             continue

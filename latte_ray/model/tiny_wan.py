@@ -71,13 +71,23 @@ def ensure_tiny_wan(cache_dir: str | os.PathLike | None = None) -> Path:
     return ensure_built(cache_root(cache_dir) / f"tiny-wan-{TINY_WAN_VERSION}", save_tiny_wan)
 
 
-def save_tiny_wan(path: str | os.PathLike) -> Path:
+def save_tiny_wan(path: str | os.PathLike, experts: int = 1) -> Path:
     """Build the tiny Wan pipeline and save it to `path` (safetensors only), as save_tiny_model does."""
-    return save_atomically(path, lambda folder: build_tiny_wan().save_pretrained(folder, safe_serialization=True))
+    return save_atomically(path, lambda folder: build_tiny_wan(experts=experts).save_pretrained(
+        folder, safe_serialization=True))
 
 
-def build_tiny_wan(seed: int = 0):
-    """A random-weight WanPipeline; the same seed gives the same weights in any process."""
+# The two-expert variant's switch: diffusers' WanPipeline runs `transformer` while the timestep is at or above
+# boundary_ratio x 1000 and `transformer_2` below. A tiny-model choice (Wan 2.2 A14B's own model_index.json is not
+# vendored, tests/data/wan/SOURCE.md): with the scheduler's flow_shift 3 a 4-step schedule (1000, 900, 750, 500)
+# gives each expert two steps.
+TWO_EXPERT_BOUNDARY = 0.8
+
+
+def build_tiny_wan(seed: int = 0, experts: int = 1):
+    """A random-weight WanPipeline; the same seed gives the same weights in any process. `experts=2`: Wan 2.2
+    A14B's layout at toy size, a second WanTransformer3DModel (transformer_2, other random weights) and a
+    boundary_ratio."""
     import torch
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
@@ -93,7 +103,9 @@ def build_tiny_wan(seed: int = 0):
     vae = AutoencoderKLWan(**VAE)
     transformer = WanTransformer3DModel(**TRANSFORMER)
     scheduler = UniPCMultistepScheduler.from_config(SCHEDULER)
+    second = WanTransformer3DModel(**TRANSFORMER) if experts == 2 else None
     pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                       scheduler=scheduler)
+                       scheduler=scheduler, transformer_2=second,
+                       boundary_ratio=TWO_EXPERT_BOUNDARY if second is not None else None)
     pipe.set_progress_bar_config(disable=True)
     return pipe

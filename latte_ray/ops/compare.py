@@ -141,7 +141,7 @@ def run_candidates(candidates: list[Candidate], prompts: list[str], seeds: list[
                    cache_dir: str | None = None, interleave: bool = True, make_engine=None) -> None:
     """Generate `prompts` with every candidate (the first is the baseline), filling videos, calls, seconds."""
     if make_engine is None:
-        from latte_ray.model.engine import LatteEngine as make_engine
+        from latte_ray.model.families.latte_engine import LatteEngine as make_engine
     batches = []
     for c in candidates:
         b = c.spec.execution.batch_size

@@ -467,7 +467,8 @@ def _model_rows(model: dict) -> dict:
     for i, lora in enumerate(model.get("lora") or ()):
         name = f"{lora.get('source')}{'/' + lora['weight_name'] if lora.get('weight_name') else ''}"
         at = f" @ {lora['revision']}" if lora.get("revision") else ""
-        rows[f"LoRA {i + 1}"] = f"{name}{at} x{lora.get('scale', 1.0):g}"
+        into = f" into {lora['component']}" if lora.get("component") else ""
+        rows[f"LoRA {i + 1}"] = f"{name}{at}{into} x{lora.get('scale', 1.0):g}"
     return rows
 
 

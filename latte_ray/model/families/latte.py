@@ -1,6 +1,6 @@
 """The Latte family (Latte-1, diffusers' LattePipeline): the reference family, the default of every spec.
 
-Its engine is latte_ray/model/engine.py (LatteEngine: our own denoise loop, because the stock pipeline pads text
+Its engine is latte_ray/model/families/latte_engine.py (LatteEngine: our own denoise loop, because the stock pipeline pads text
 differently for a batch of one); its tiny offline model is latte_ray/model/tiny.py. This module holds what the
 driver checks before any weights load. No torch import here.
 """
@@ -13,7 +13,7 @@ PIPELINE_CLASS = "LattePipeline"
 
 
 def engine_class():
-    from latte_ray.model.engine import LatteEngine
+    from latte_ray.model.families.latte_engine import LatteEngine
 
     return LatteEngine
 

@@ -16,8 +16,7 @@ import time
 import numpy as np
 import torch
 
-from latte_ray.model.engine import TextBatch, inductor_cache_dir, pick_device, set_inductor_cache_dir
-from latte_ray.model.loading import DTYPES, load_pipeline
+from latte_ray.model.engine import TextBatch, inductor_cache_dir, pad_batch, set_inductor_cache_dir, start_pipeline
 from latte_ray.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
@@ -44,22 +43,9 @@ class WanEngine:
         self.spec = spec
         self.cache_dir = cache_dir
         self.sampling = spec.sampling
-        self.device = pick_device(spec.model.device)
-        self.dtype = DTYPES[spec.model.dtype]
-        from latte_ray.model.quantize import check_supported, quantize_pipeline
-
-        check_supported(spec.model.quantization, self.device)  # before any weights are read
         started = time.perf_counter()
-        if pipe is None:
-            pipe = load_pipeline(spec.model, cache_dir, storage_options, with_text_encoder=with_text_encoder,
-                                 with_denoiser=with_denoiser)
-        if with_denoiser and spec.model.lora:
-            from latte_ray.model.lora import fuse_loras
-
-            self.lora = fuse_loras(pipe, spec.model.lora, cache_dir, storage_options)  # before quantize and compile
-        pipe.to(self.device)
-        quantize_pipeline(pipe, spec.model.quantization)
-        pipe.set_progress_bar_config(disable=True)
+        ready = start_pipeline(spec, cache_dir, storage_options, with_text_encoder, with_denoiser, pipe)
+        self.device, self.dtype, self.lora, pipe = ready.device, ready.dtype, ready.lora, ready.pipe
         self.pipe = pipe
         self.last_transformer_calls: list[int] = []
         if with_denoiser and spec.model.attention == "default":
@@ -74,18 +60,19 @@ class WanEngine:
         return [m for m in (self.pipe.transformer, getattr(self.pipe, "transformer_2", None)) if m is not None]
 
     def _compile(self) -> None:
-        """Regional compile (diffusers' compile_repeated_blocks: WanTransformer3DModel declares its
-        WanTransformerBlock as `_repeated_blocks`) of every expert, for the one shape this actor sees (text always
+        """Compile every expert as model.compile.scope says (compiling.compile_in_place: `blocks` is diffusers'
+        compile_repeated_blocks, WanTransformer3DModel declaring its WanTransformerBlock as `_repeated_blocks`;
+        `whole` the expert's forward as one graph), for the one shape this actor sees (text always
         max_sequence_length tokens, a short batch padded to batch_size), then one warm-up call."""
         opts = self.spec.model.compile
-        from latte_ray.model.compiling import node_compile_threads, node_gpus, set_compile_threads
+        from latte_ray.model.compiling import compile_in_place, node_compile_threads, node_gpus, set_compile_threads
 
         set_compile_threads(node_compile_threads(self.spec.execution.num_gpus_per_actor, gpus=node_gpus()))
         set_inductor_cache_dir(inductor_cache_dir(opts.cache_dir, self.cache_dir))
-        kwargs = {"mode": opts.mode} if opts.backend == "inductor" else {}
         for expert in self._experts():
-            expert.compile_repeated_blocks(backend=opts.backend, fullgraph=opts.fullgraph, dynamic=False, **kwargs)
+            compile_in_place(expert, opts)
         if opts.vae_decode:
+            kwargs = {"mode": opts.mode} if opts.backend == "inductor" else {}
             self.pipe.vae.decode = torch.compile(self.pipe.vae.decode, backend=opts.backend, dynamic=False, **kwargs)
         started = time.perf_counter()
         batch, length = self.spec.execution.batch_size, self.sampling.max_sequence_length
@@ -147,8 +134,8 @@ class WanEngine:
             return {}
 
         video = pipe(
-            prompt_embeds=text.embeds.to(self.device, self.dtype),
-            negative_prompt_embeds=text.negative_embeds.to(self.device, self.dtype) if cfg else None,
+            prompt_embeds=_inference_tensor(text.embeds.to(self.device, self.dtype)),
+            negative_prompt_embeds=_inference_tensor(text.negative_embeds.to(self.device, self.dtype)) if cfg else None,
             height=s.height, width=s.width, num_frames=s.video_length, num_inference_steps=steps,
             guidance_scale=s.guidance_scale, guidance_scale_2=s.guidance_scale_2, latents=latents,
             max_sequence_length=s.max_sequence_length, output_type="pt",
@@ -161,11 +148,12 @@ class WanEngine:
         return frames[:n].cpu().numpy()
 
     def _pad_batch(self, text: TextBatch, seeds: list[int]) -> tuple[TextBatch, list[int]]:
-        """Compiled graphs are built for one batch size: pad a short batch by repeating its first row."""
-        want = self.spec.execution.batch_size
-        if not self.spec.model.compile.enabled or len(seeds) >= want:
-            return text, seeds
-        extra = want - len(seeds)
-        pad = lambda x: torch.cat([x, x[:1].expand(extra, *x.shape[1:])])  # noqa: E731
-        return (TextBatch(pad(text.embeds), pad(text.negative_embeds), pad(text.keep), text.tokens, text.truncated),
-                seeds + [seeds[0]] * extra)
+        return pad_batch(text, seeds, self.spec.execution.batch_size, self.spec.model.compile.enabled)
+
+
+def _inference_tensor(t: torch.Tensor) -> torch.Tensor:
+    """`t` as an inference tensor (a copy made under inference_mode where it is not one). WanPipeline hands the
+    embeddings to the transformer as they are, and a whole-model compile guards on their dispatch keys: the
+    warm-up's stand-in zeros and the text-encode stage's arrays (TextBatch.from_numpy) are ordinary tensors,
+    encode_text's are inference tensors, and a graph built for one recompiles for the other."""
+    return t if t.is_inference() else t.clone()
