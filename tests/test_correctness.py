@@ -75,14 +75,14 @@ def runs(tmp_path_factory, ray_local):
     return {
         "b1": run_job(tmp, "b1", 1, prompts),
         "b3": run_job(tmp, "b3", 3, prompts),
-        "b3_again": run_job(tmp, "b3_again", 3, prompts),
     }
 
 
 def test_the_processor_makes_the_bytes_a_run_writes(runs):
     """latte_ray.build_processor over the same prompts, seeds and spec, inside a Ray Data pipeline in this
     session's Ray: every row's mp4 bytes are the bytes the batch-1 run stored, byte for byte; a bad row is an
-    error row, and every input row has its output row."""
+    error row, and every input row has its output row. This is also the rerun check: a second execution of the
+    same rows and spec (other actors, other batching of the rows around them) stores the same bytes."""
     import ray
 
     import latte_ray
@@ -140,14 +140,6 @@ def test_stock_batched_pipeline_would_differ(model_cache):
     ).frames
     single = reference_frames(str(ensure_tiny_model(model_cache)), spec, PROMPTS["prompt"][0], "", PROMPTS["seed"][0])
     assert np.abs((batched[0] * 255).round().astype(int) - single.astype(int)).max() > 10
-
-
-def test_same_batch_size_gives_identical_bytes(runs):
-    first, rows_a = runs["b3"]
-    second, rows_b = runs["b3_again"]
-    for vid in PROMPTS["id"]:
-        assert first[vid][1] == second[vid][1], f"{vid}: mp4 bytes differ between two identical runs"
-    assert pc.all(pc.equal(rows_a["spec_hash"], rows_b["spec_hash"])).as_py()
 
 
 def test_manifest_rows_are_complete(runs):

@@ -60,9 +60,9 @@ def test_fused_lora_equals_diffusers_load_lora_weights_and_fuse_lora(lora_dir, m
 
     pipe = WanPipeline.from_pretrained(str(ensure_tiny_wan(model_cache)), use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
-    plain = [pipe(prompt=p, height=64, width=64, num_frames=17, num_inference_steps=STEPS, guidance_scale=5.0,
-                  generator=torch.Generator("cpu").manual_seed(s), output_type="np", max_sequence_length=32).frames[0]
-             for p, s in zip(prompts, seeds)]
+    # the LoRA changes the video (it is not a no-op that would pass the comparison below trivially): row 0 suffices
+    plain = pipe(prompt=prompts[0], height=64, width=64, num_frames=17, num_inference_steps=STEPS, guidance_scale=5.0,
+                 generator=torch.Generator("cpu").manual_seed(seeds[0]), output_type="np", max_sequence_length=32).frames[0]
     pipe.load_lora_weights(lora_dir, weight_name="lora.safetensors")
     pipe.fuse_lora(lora_scale=0.7)
     for i, (p, s) in enumerate(zip(prompts, seeds)):
@@ -70,8 +70,8 @@ def test_fused_lora_equals_diffusers_load_lora_weights_and_fuse_lora(lora_dir, m
                    generator=torch.Generator("cpu").manual_seed(s), output_type="np", max_sequence_length=32).frames[0]
         ref8 = (ref * 255).round().astype(np.int16)
         assert np.abs(frames[i].astype(np.int16) - ref8).max() <= 1, f"row {i}"
-        # the LoRA changes the video (it is not a no-op that would pass the comparison above trivially)
-        assert np.abs((plain[i] * 255).round().astype(np.int16) - ref8).max() > 8
+        if i == 0:
+            assert np.abs((plain * 255).round().astype(np.int16) - ref8).max() > 8
 
 
 def test_lora_and_its_scale_are_part_of_the_spec_hash(lora_dir):
