@@ -555,3 +555,38 @@ def test_resume_video_check_finds_missing_wrong_size_and_ignores_temp_files(tmp_
         done = done_keys(SimpleNamespace(retry_errors=retry_errors), layout, fs, videos)
         assert contains(done, id_keys(ids)).tolist() == [i in skipped for i in range(7)]
         assert videos == {"regenerate": 3, "wrong_size": [keys[1]]}
+
+
+def test_find_videos_gives_what_key_of_and_the_listing_give(tmp_path):
+    """record/verify.find_videos (the resume check's lookup: a slice for the URIs under the output's own URI, the
+    regular expression for the rest) gives for every URI the key OutputLayout.key_of gives and the listed
+    size; a folder inside a shard is not a video. No model, no Ray."""
+    from latte_ray.record.verify import find_videos, video_listing
+
+    url = str(tmp_path / "out")
+    fs, root = filesystem(url, {})
+    layout = OutputLayout(url, root)
+    listed = {"videos/ab/a.mp4": 1, "videos/ab/b.mp4": 22, "videos/cd/c.npy": 333, "videos/cd/notes.txt": 4}
+    for key, size in listed.items():
+        Path(layout.path(key)).parent.mkdir(parents=True, exist_ok=True)
+        Path(layout.path(key)).write_bytes(b"x" * size)
+    Path(layout.path("videos/cd/d.mp4")).mkdir()  # a folder with a video's name: not a video
+    listing = video_listing(fs, layout)
+    assert dict(zip(listing["key"].to_pylist(), listing["size"].to_pylist())) == listed
+
+    own = f"{layout.url}/"
+    uris = [own + "videos/ab/a.mp4",  # the slice
+            "s3://elsewhere/copy/videos/ab/b.mp4",  # an output copied elsewhere: the regular expression
+            own + "videos/ab/a.mp4/",  # a trailing slash
+            own + "videos/cd/notes.txt",  # listed, but not a video's name
+            own + "videos/cd/d.mp4",  # a folder
+            own + "x/videos/cd/c.npy",  # the last three segments
+            own + "videos/zz/a.mp4",  # not listed
+            "junk", None]
+    for prefix in (own, None, "s3://another/"):
+        keys, found, size = find_videos(listing, pa.array(uris), prefix)
+        assert keys.to_pylist() == [OutputLayout.key_of(u) if u else None for u in uris]
+        assert found.tolist() == [True, True, True, False, False, True, False, False, False]
+        assert size.tolist() == [1, 22, 1, 0, 0, 333, 0, 0, 0]
+    keys, found, size = find_videos(listing, pa.array([], pa.string()), own)
+    assert len(keys) == len(found) == len(size) == 0
