@@ -84,15 +84,15 @@ def measure(url: str, options: dict) -> dict:
             parts = list(pool.map(part, files))
         return np.unique(np.concatenate(parts)) if parts else np.empty(0, KEY_DTYPE)
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     before = keys_only()
-    old = time.perf_counter() - started
+    old, old_cpu = time.perf_counter() - started, time.process_time() - cpu
     videos: dict = {}
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     after = done_keys(run, layout, fs, videos)
-    new = time.perf_counter() - started
+    new, new_cpu = time.perf_counter() - started, time.process_time() - cpu
     assert len(after) == len(before) and videos["regenerate"] == 0, (len(after), len(before), videos)
-    return {"old": old, "new": new, "rows": len(before)}
+    return {"old": old, "new": new, "old_cpu": old_cpu, "new_cpu": new_cpu, "rows": len(before)}
 
 
 def main() -> None:
@@ -100,11 +100,16 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--part-rows", type=int, default=1000)
     parser.add_argument("--store", choices=["local", "s3"], default="local")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="local store only: make the output in this folder and keep it; when it is already there "
+                             "(from an earlier --keep run of the same --rows), measure it again without remaking it")
     args = parser.parse_args()
     proc = None
     with tempfile.TemporaryDirectory(prefix="latte-ray-video-check-") as tmp:
+        made = False
         if args.store == "local":
-            url, options = str(Path(tmp) / "out"), {}
+            url, options = str((args.keep or Path(tmp)) / "out"), {}
+            made = args.keep is not None and (args.keep / f"made-{args.rows}").exists()
         else:
             sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
             from conftest import free_port
@@ -123,16 +128,22 @@ def main() -> None:
             url, options = "s3://bench/out", {"endpoint_url": endpoint, "key": "k", "secret": "s"}
         try:
             started = time.perf_counter()
-            make_output(url, options, args.rows, args.part_rows)
+            if not made:
+                make_output(url, options, args.rows, args.part_rows)
+                if args.keep is not None:
+                    (args.keep / f"made-{args.rows}").touch()
             print(f"{machine()}; store {args.store}: {args.rows} ok rows in {args.rows // args.part_rows} parts and "
-                  f"{args.rows} video objects made in {time.perf_counter() - started:.0f} s")
+                  f"{args.rows} video objects " + (f"kept from an earlier run in {url}" if made else
+                                                   f"made in {time.perf_counter() - started:.0f} s"))
             m = measure(url, options)
         finally:
             if proc is not None:
                 proc.terminate()
                 proc.wait()
     check = m["new"] - m["old"]
-    print(f"manifest side of the pre-pass: {m['old']:.2f} s without the video check, {m['new']:.2f} s with it")
+    print(f"manifest side of the pre-pass: {m['old']:.2f} s without the video check, {m['new']:.2f} s with it "
+          f"(CPU of this process: {m['old_cpu']:.2f} s, {m['new_cpu']:.2f} s; load average after: "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())})")
     per_object = check / args.rows
     print(f"video check: {check:.2f} s ({per_object * 1e6:.1f} us per video) = {m['new'] / m['old']:.2f}x the "
           f"manifest side; projected at 1M videos: {per_object * 1e6:.0f} s, {per_object * 1e6 / PREPASS_1M_S:.2f}x "
