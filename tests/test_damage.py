@@ -590,3 +590,19 @@ def test_find_videos_gives_what_key_of_and_the_listing_give(tmp_path):
         assert size.tolist() == [1, 22, 1, 0, 0, 333, 0, 0, 0]
     keys, found, size = find_videos(listing, pa.array([], pa.string()), own)
     assert len(keys) == len(found) == len(size) == 0
+
+
+def test_key_set_is_numpys_sorted_unique_of_the_keys():
+    """plan/keys.key_set (the done set's sort, by np.lexsort) gives what np.unique gives: the order `contains`
+    searches in, one of each key; keys equal in one half and not the other stay apart."""
+    import numpy as np
+
+    from latte_ray.plan.keys import KEY_DTYPE, contains, key_set
+
+    rng = np.random.default_rng(0)
+    keys = np.empty(5000, KEY_DTYPE)
+    keys["hi"] = rng.integers(0, 50, 5000, dtype=np.uint64) << np.uint64(60)  # many equal hi, the top bit set
+    keys["lo"] = rng.integers(0, 2**64 - 1, 5000, dtype=np.uint64, endpoint=True) % np.uint64(300)
+    assert np.array_equal(key_set(keys), np.unique(keys))
+    assert contains(key_set(keys), keys).all()
+    assert key_set(keys[:0]).dtype == KEY_DTYPE and len(key_set(keys[:0])) == 0

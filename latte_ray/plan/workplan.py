@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from latte_ray.faults import injection as faults
-from latte_ray.plan.keys import KEY_DTYPE, contains, content_keys, id_keys
+from latte_ray.plan.keys import KEY_DTYPE, contains, content_keys, id_keys, key_set
 from latte_ray.plan.prompts import prepare_rows
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ def done_keys(run, layout, out_fs, videos: dict | None = None) -> np.ndarray:
     from latte_ray.record.storage import manifest_files, read_part
     from latte_ray.record.verify import find_videos, video_listing
 
-    def part_keys(path: str) -> tuple[np.ndarray, np.ndarray, pa.Array, np.ndarray]:
+    def part_keys(path: str) -> tuple[np.ndarray, np.ndarray, pa.ChunkedArray, np.ndarray]:
         table = retry.call(lambda: read_part(out_fs, path, ["id", "status", "video_uri", "bytes"]), f"read {path}",
                            retry.READ)
         keys = id_keys(table["id"].to_pylist())
@@ -186,8 +186,9 @@ def done_keys(run, layout, out_fs, videos: dict | None = None) -> np.ndarray:
             parts = list(pool.map(part_keys, files))
         listing = listing.result()
     # every part's ok rows looked up at once: one hash table of the listing, not one per part
-    names, present, size = find_videos(listing, pa.chunked_array([p[2] for p in parts], pa.string()),
-                                       f"{layout.url}/")
+    # (the parts' own chunks: pa.chunked_array of ChunkedArrays would convert every string through Python)
+    uris = pa.chunked_array([chunk for p in parts for chunk in p[2].chunks], pa.string())
+    names, present, size = find_videos(listing, uris, f"{layout.url}/")
     expected = np.concatenate([p[3] for p in parts]).astype(np.int64)
     fine = present & ((expected < 0) | (size == expected))
     done, unfit, start = [], [], 0
@@ -195,11 +196,11 @@ def done_keys(run, layout, out_fs, videos: dict | None = None) -> np.ndarray:
         there = np.ones(len(keys), bool)
         there[ok] = fine[start:start + len(recorded)]
         start += len(recorded)
-        done.append(np.unique(keys[there & ok if run.retry_errors else there]))
+        done.append(keys[there & ok if run.retry_errors else there])
         unfit.append(keys[ok & ~there])
-    done = np.unique(np.concatenate(done))
+    done = key_set(np.concatenate(done))
     if videos is not None:  # ok ids none of whose rows' videos is fine (a second sort of every ok id avoided)
-        videos["regenerate"] = int((~contains(done, np.unique(np.concatenate(unfit)))).sum())
+        videos["regenerate"] = int((~contains(done, key_set(np.concatenate(unfit)))).sum())
         videos["wrong_size"] = sorted(set(names.filter(pa.array(present & ~fine)).to_pylist()))
     return done
 
