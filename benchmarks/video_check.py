@@ -2,15 +2,19 @@
 
 Before it skips an ok id, a resuming run checks that the id's video is there with its recorded size, from
 listings of the videos/<shard>/ folders (record/verify.video_listing: one LIST per shard page, an Arrow
-table of (key, size); plan/workplan.done_keys looks every ok row up in it at once). This times, on one output
-of N ok rows (parts of --part-rows rows) and N video objects (a few bytes each: a LIST costs the same whatever the objects' sizes):
-  1. the manifest side of the pre-pass as it was: every part read (id, status) into sorted 128-bit keys;
-  2. the same with the video check: plus video_uri and bytes read, the shards listed, every ok row looked up;
-and prints the check's cost as a ratio of (1), and of the whole pre-pass at 1M rows (resume_scale.py).
+table of (key, size)), made while the manifest parts are read; plan/workplan.done_keys then looks every ok
+row up in it at once. This times, on one output of N ok rows (parts of --part-rows rows) and N video objects
+(a few bytes each: a LIST costs the same whatever the objects' sizes):
+  1. the manifest side of the pre-pass without the check: every part read (id, status) into sorted 128-bit keys;
+  2. the same with the video check (done_keys): plus video_uri and bytes read, the shards listed, every ok row
+     looked up;
+and prints the check's cost (2 - 1, wall and this process's CPU) as a ratio of (1), and of the whole pre-pass
+at 1M rows (resume_scale.py). On S3 it also times one LIST page alone and works out the LISTs at 1M videos.
 
-    .venv/bin/python benchmarks/video_check.py [--rows 1000000] [--store local|s3]
+    .venv/bin/python benchmarks/video_check.py [--rows 1000000] [--store local|s3] [--repeat 1] [--keep DIR]
 
---store s3 starts moto's standalone server on a loopback port (as the tests do) and writes there.
+--store s3 starts moto's standalone server on a loopback port (as the tests do) and writes there. --keep DIR
+makes the local output once and measures it again on later runs (1M files take minutes to make).
 """
 
 from __future__ import annotations
