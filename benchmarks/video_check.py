@@ -109,6 +109,17 @@ def measure(url: str, options: dict, repeat: int = 1) -> dict:
         for shard in sample:
             fs.ls(shard, detail=True, refresh=True)
         m["per_list"], m["shards"] = (time.perf_counter() - started) / len(sample), len(shards)
+        from latte_ray.record import verify
+
+        arrow_s3 = verify.arrow_s3
+        for name, client in (("arrow", arrow_s3), ("s3fs", lambda fs: None)):  # the whole listing, each client
+            verify.arrow_s3 = client
+            try:
+                started, cpu = time.perf_counter(), time.process_time()
+                listed = verify.video_listing(fs, layout).num_rows
+                m[name] = (time.perf_counter() - started, (time.process_time() - cpu) / max(listed, 1))
+            finally:
+                verify.arrow_s3 = arrow_s3
     return m
 
 
@@ -174,6 +185,10 @@ def main() -> None:
               f"1 + {shards} shards x ceil({per_shard}/1000) pages = {lists} LISTs, 16 at a time: "
               f"{-(-lists // 16)} x {m['per_list'] * 1e3:.0f} ms = {-(-lists // 16) * m['per_list']:.1f} s "
               f"= {-(-lists // 16) * m['per_list'] / PREPASS_1M_S:.2f}x the pre-pass at 1M ids")
+        for name, label in (("arrow", "Arrow's S3 client (what the check uses)"), ("s3fs", "s3fs")):
+            wall, cpu = m[name]
+            print(f"the listing alone through {label}: {wall:.2f} s, {cpu * 1e6:.1f} us of CPU per object: "
+                  f"{cpu * 1e6:.1f} s at 1M videos = {cpu * 1e6 / PREPASS_1M_S:.2f}x the pre-pass at 1M ids")
 
 
 if __name__ == "__main__":

@@ -606,3 +606,29 @@ def test_key_set_is_numpys_sorted_unique_of_the_keys():
     assert np.array_equal(key_set(keys), np.unique(keys))
     assert contains(key_set(keys), keys).all()
     assert key_set(keys[:0]).dtype == KEY_DTYPE and len(key_set(keys[:0])) == 0
+
+
+def test_arrow_lists_the_videos_of_an_s3_output_as_s3fs_does(s3_server, monkeypatch):
+    """record/verify.arrow_s3: Arrow's S3 client on the loopback server's endpoint and credentials, made from the
+    s3fs filesystem's own options, lists the shards as s3fs does (sizes, a killed writer's temp file and a
+    folder left out); local disk or an option it does not map (a profile) gets none. No model, no Ray."""
+    import uuid
+
+    from latte_ray.record import verify as record_verify
+
+    bucket = s3_server.make_bucket("arrow-" + uuid.uuid4().hex[:8])
+    url = f"s3://{bucket}/out"
+    fs, root = filesystem(url, s3_server.storage_options())
+    layout = OutputLayout(url, root)
+    fs.pipe({layout.path(f"videos/{s:02x}/id{i}.{i:032x}.mp4"): b"v" * (i + s) for s in range(3) for i in range(5)})
+    fs.pipe({layout.path("videos/00/id0.mp4.tmp-1"): b"half", layout.path("videos/01/sub/x.mp4"): b"x"})
+    assert record_verify.arrow_s3(fs) is not None
+    by_arrow = record_verify.video_listing(fs, layout).sort_by("key")
+    arrow_s3 = record_verify.arrow_s3
+    monkeypatch.setattr(record_verify, "arrow_s3", lambda fs: None)  # the s3fs listing, for comparison
+    by_s3fs = record_verify.video_listing(fs, layout).sort_by("key")
+    monkeypatch.setattr(record_verify, "arrow_s3", arrow_s3)
+    assert by_arrow.num_rows == 15 and by_arrow.equals(by_s3fs), (by_arrow.to_pylist(), by_s3fs.to_pylist())
+    assert record_verify.arrow_s3(filesystem(str(s3_server.log.parent), {})[0]) is None
+    profiled = type(fs)(**{**fs.storage_options, "profile": "nobody"}, skip_instance_cache=True)
+    assert record_verify.arrow_s3(profiled) is None

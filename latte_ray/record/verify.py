@@ -405,6 +405,7 @@ def video_listing(fs, layout: OutputLayout) -> pa.Table:
 
     shards = [e["name"] for e in retry.call(lambda: listing(layout.videos_dir), f"list {layout.videos_dir}",
                                             retry.READ) if e.get("type") == "directory"]
+    arrow = None if local else arrow_s3(fs)
 
     def shard(folder: str) -> pa.Table:
         name = folder.rstrip("/").rsplit("/", 1)[-1]
@@ -415,11 +416,25 @@ def video_listing(fs, layout: OutputLayout) -> pa.Table:
                 if size is not None:
                     names.append(info.base_name)
                     sizes.append(size)
-        else:  # fsspec's ls: one LIST per shard page
-            for e in retry.call(lambda: listing(folder), f"list {folder}", retry.READ):
-                if e.get("type") != "directory":
-                    names.append(e["name"].rsplit("/", 1)[-1])
-                    sizes.append(int(e.get("size") or 0))
+        else:  # one LIST per shard page: Arrow's S3 client where it can stand in for the fsspec one, else fsspec's
+            infos = None
+            if arrow is not None:
+                try:
+                    infos = arrow.get_file_info(pafs.FileSelector(folder))
+                except Exception as e:  # noqa: BLE001 - fsspec's listing, with its retries, says what is wrong
+                    log.debug("Arrow's S3 listing of %s failed (%s: %s); listing it with fsspec", folder,
+                              type(e).__name__, e)
+            if infos is not None:
+                for info in infos:
+                    size = info.size
+                    if size is not None:
+                        names.append(info.base_name)
+                        sizes.append(size)
+            else:
+                for e in retry.call(lambda: listing(folder), f"list {folder}", retry.READ):
+                    if e.get("type") != "directory":
+                        names.append(e["name"].rsplit("/", 1)[-1])
+                        sizes.append(int(e.get("size") or 0))
         names = pa.array(names, pa.string())
         keep = pc.invert(pc.match_substring(names, ".tmp-"))  # a killed writer's temp file
         keys = pc.binary_join_element_wise(f"videos/{name}/", names.filter(keep), "")
@@ -432,6 +447,43 @@ def video_listing(fs, layout: OutputLayout) -> pa.Table:
     if not parts:
         return LISTING_SCHEMA.empty_table()
     return pa.concat_tables(parts).combine_chunks()
+
+
+
+
+def arrow_s3(fs) -> "pafs.S3FileSystem | None":
+    """Arrow's S3 client on the endpoint, region, credentials and timeouts an s3fs filesystem was made with,
+    for listings; None for any other filesystem, or one made with a setting not mapped here (a profile, a
+    session, requester pays, ...), which s3fs then lists itself.
+
+    Why: s3fs parses a LIST page through botocore in Python, ~80 us of CPU per listed object under the GIL
+    (minutes at a million videos); Arrow parses it in C++ outside the GIL, ~7 us (benchmarks/README.md,
+    video_check). Credentials not given are left to the AWS SDK's own chain, as botocore's are."""
+    if type(fs).__module__.split(".")[0] != "s3fs":
+        return None
+    opts = dict(getattr(fs, "storage_options", None) or {})
+    client = dict(opts.pop("client_kwargs", None) or {})
+    config = dict(opts.pop("config_kwargs", None) or {})
+    endpoint = opts.pop("endpoint_url", None) or client.pop("endpoint_url", None)
+    region = client.pop("region_name", None) or os.environ.get("AWS_DEFAULT_REGION")
+    timeouts = {name: float(config.pop(key)) for key, name in (("connect_timeout", "connect_timeout"),
+                                                               ("read_timeout", "request_timeout")) if key in config}
+    key, secret, token, anon = (opts.pop(k, None) for k in ("key", "secret", "token", "anon"))
+    if opts or client or config or not (endpoint or region) or (key is None) != (secret is None):
+        return None  # unmapped settings, or an AWS bucket whose region only s3fs would find
+    kwargs: dict = {"anonymous": bool(anon), **timeouts}
+    if key is not None:
+        kwargs.update(access_key=key, secret_key=secret, session_token=token)
+    if endpoint:
+        scheme, _, host = str(endpoint).partition("://")
+        kwargs.update(endpoint_override=host, scheme=scheme) if host else kwargs.update(endpoint_override=scheme)
+    if region:
+        kwargs["region"] = region
+    try:
+        return pafs.S3FileSystem(**kwargs)
+    except Exception as e:  # noqa: BLE001 - fsspec lists instead
+        log.debug("no Arrow S3 client (%s: %s); listing with fsspec", type(e).__name__, e)
+        return None
 
 
 def video_keys(uris: pa.Array | pa.ChunkedArray) -> pa.Array:
