@@ -555,3 +555,80 @@ def test_resume_video_check_finds_missing_wrong_size_and_ignores_temp_files(tmp_
         done = done_keys(SimpleNamespace(retry_errors=retry_errors), layout, fs, videos)
         assert contains(done, id_keys(ids)).tolist() == [i in skipped for i in range(7)]
         assert videos == {"regenerate": 3, "wrong_size": [keys[1]]}
+
+
+def test_find_videos_gives_what_key_of_and_the_listing_give(tmp_path):
+    """record/verify.find_videos (the resume check's lookup: a slice for the URIs under the output's own URI, the
+    regular expression for the rest) gives for every URI the key OutputLayout.key_of gives and the listed
+    size; a folder inside a shard is not a video. No model, no Ray."""
+    from latte_ray.record.verify import find_videos, video_listing
+
+    url = str(tmp_path / "out")
+    fs, root = filesystem(url, {})
+    layout = OutputLayout(url, root)
+    listed = {"videos/ab/a.mp4": 1, "videos/ab/b.mp4": 22, "videos/cd/c.npy": 333, "videos/cd/notes.txt": 4}
+    for key, size in listed.items():
+        Path(layout.path(key)).parent.mkdir(parents=True, exist_ok=True)
+        Path(layout.path(key)).write_bytes(b"x" * size)
+    Path(layout.path("videos/cd/d.mp4")).mkdir()  # a folder with a video's name: not a video
+    listing = video_listing(fs, layout)
+    assert dict(zip(listing["key"].to_pylist(), listing["size"].to_pylist())) == listed
+
+    own = f"{layout.url}/"
+    uris = [own + "videos/ab/a.mp4",  # the slice
+            "s3://elsewhere/copy/videos/ab/b.mp4",  # an output copied elsewhere: the regular expression
+            own + "videos/ab/a.mp4/",  # a trailing slash
+            own + "videos/cd/notes.txt",  # listed, but not a video's name
+            own + "videos/cd/d.mp4",  # a folder
+            own + "x/videos/cd/c.npy",  # the last three segments
+            own + "videos/zz/a.mp4",  # not listed
+            "junk", None]
+    for prefix in (own, None, "s3://another/"):
+        keys, found, size = find_videos(listing, pa.array(uris), prefix)
+        assert keys.to_pylist() == [OutputLayout.key_of(u) if u else None for u in uris]
+        assert found.tolist() == [True, True, True, False, False, True, False, False, False]
+        assert size.tolist() == [1, 22, 1, 0, 0, 333, 0, 0, 0]
+    keys, found, size = find_videos(listing, pa.array([], pa.string()), own)
+    assert len(keys) == len(found) == len(size) == 0
+
+
+def test_key_set_is_numpys_sorted_unique_of_the_keys():
+    """plan/keys.key_set (the done set's sort, by np.lexsort) gives what np.unique gives: the order `contains`
+    searches in, one of each key; keys equal in one half and not the other stay apart."""
+    import numpy as np
+
+    from latte_ray.plan.keys import KEY_DTYPE, contains, key_set
+
+    rng = np.random.default_rng(0)
+    keys = np.empty(5000, KEY_DTYPE)
+    keys["hi"] = rng.integers(0, 50, 5000, dtype=np.uint64) << np.uint64(60)  # many equal hi, the top bit set
+    keys["lo"] = rng.integers(0, 2**64 - 1, 5000, dtype=np.uint64, endpoint=True) % np.uint64(300)
+    assert np.array_equal(key_set(keys), np.unique(keys))
+    assert contains(key_set(keys), keys).all()
+    assert key_set(keys[:0]).dtype == KEY_DTYPE and len(key_set(keys[:0])) == 0
+
+
+def test_arrow_lists_the_videos_of_an_s3_output_as_s3fs_does(s3_server, monkeypatch):
+    """record/verify.arrow_s3: Arrow's S3 client on the loopback server's endpoint and credentials, made from the
+    s3fs filesystem's own options, lists the shards as s3fs does (sizes, a killed writer's temp file and a
+    folder left out); local disk or an option it does not map (a profile) gets none. No model, no Ray."""
+    import uuid
+
+    from latte_ray.record import verify as record_verify
+
+    bucket = s3_server.make_bucket("arrow-" + uuid.uuid4().hex[:8])
+    url = f"s3://{bucket}/out"
+    fs, root = filesystem(url, s3_server.storage_options())
+    layout = OutputLayout(url, root)
+    fs.pipe({layout.path(f"videos/{s:02x}/id{i}.{i:032x}.mp4"): b"v" * (i + s) for s in range(3) for i in range(5)})
+    fs.pipe({layout.path("videos/00/id0.mp4.tmp-1"): b"half", layout.path("videos/01/sub/x.mp4"): b"x"})
+    assert record_verify.arrow_s3(fs) is not None
+    by_arrow = record_verify.video_listing(fs, layout).sort_by("key")
+    arrow_s3 = record_verify.arrow_s3
+    monkeypatch.setattr(record_verify, "arrow_s3", lambda fs: None)  # the s3fs listing, for comparison
+    by_s3fs = record_verify.video_listing(fs, layout).sort_by("key")
+    monkeypatch.setattr(record_verify, "arrow_s3", arrow_s3)
+    assert by_arrow.num_rows == 15 and by_arrow.equals(by_s3fs), (by_arrow.to_pylist(), by_s3fs.to_pylist())
+    assert record_verify.arrow_s3(filesystem(str(s3_server.log.parent), {})[0]) is None
+    profiled = type(fs)(**{**fs.storage_options, "profile": "nobody"}, skip_instance_cache=True)
+    assert record_verify.arrow_s3(profiled) is None

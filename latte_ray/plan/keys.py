@@ -32,8 +32,15 @@ def content_keys(*columns: Iterable[object]) -> np.ndarray:
 
 
 def key_set(keys: np.ndarray) -> np.ndarray:
-    """Sorted unique keys, ready for `contains`."""
-    return np.unique(keys)
+    """Sorted unique keys, ready for `contains`: ordered by (hi, lo) as numbers, the order numpy's comparison of
+    the structured keys gives, but sorted by np.lexsort over the two uint64 fields (np.unique compares the
+    structured keys field by field per comparison: about twice the time at a million keys)."""
+    if len(keys) == 0:
+        return np.empty(0, keys.dtype)
+    ordered = keys[np.lexsort((keys["lo"], keys["hi"]))]
+    first = np.ones(len(ordered), bool)
+    first[1:] = (ordered["hi"][1:] != ordered["hi"][:-1]) | (ordered["lo"][1:] != ordered["lo"][:-1])
+    return ordered[first]
 
 
 def contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from latte_ray.faults import injection as faults
-from latte_ray.plan.keys import KEY_DTYPE, contains, content_keys, id_keys
+from latte_ray.plan.keys import KEY_DTYPE, contains, content_keys, id_keys, key_set
 from latte_ray.plan.prompts import prepare_rows
 
 log = logging.getLogger(__name__)
@@ -153,10 +153,13 @@ def done_keys(run, layout, out_fs, videos: dict | None = None) -> np.ndarray:
 
     Streams the manifest part by part (in parallel), keeping 16 bytes per id; see done_ids. Whether a video
     is there comes from listings of the videos/ shards (record/verify.video_listing: one LIST per shard page,
-    a (key, size) table), never one request per video; the ok rows' keys come from their video_uri by a
-    string kernel and are looked up all at once, so the check adds no Python work per row. `videos`, when given, receives the count
-    of ok ids made again because their video is missing or of another size ("regenerate"), and the keys of
-    the objects of another size ("wrong_size", which the run moves aside before it writes them again).
+    a (key, size) table), never one request per video. The listing needs nothing from the manifest, so it
+    runs while the parts are read: its LISTs wait on the store and its stats run outside the GIL, while the
+    manifest side is mostly Python hashing ids under it. The ok rows' video_uri and bytes come in the same
+    read as their ids and are looked up in the listing all at once (record/verify.find_videos), so the check
+    adds no Python work per row. `videos`, when given, receives the count of ok ids made again because their
+    video is missing or of another size ("regenerate"), and the keys of the objects of another size
+    ("wrong_size", which the run moves aside before it writes them again).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -164,26 +167,28 @@ def done_keys(run, layout, out_fs, videos: dict | None = None) -> np.ndarray:
 
     from latte_ray.faults import retry
     from latte_ray.record.storage import manifest_files, read_part
-    from latte_ray.record.verify import lookup, video_keys, video_listing
+    from latte_ray.record.verify import find_videos, video_listing
 
-    listing = video_listing(out_fs, layout)
-
-    def part_keys(path: str) -> tuple[np.ndarray, np.ndarray, pa.Array, np.ndarray]:
+    def part_keys(path: str) -> tuple[np.ndarray, np.ndarray, pa.ChunkedArray, np.ndarray]:
         table = retry.call(lambda: read_part(out_fs, path, ["id", "status", "video_uri", "bytes"]), f"read {path}",
                            retry.READ)
         keys = id_keys(table["id"].to_pylist())
         ok = pc.equal(table["status"], "ok").fill_null(False)
-        ok_rows = table.filter(ok)
-        return keys, ok.to_numpy(), video_keys(ok_rows["video_uri"]), ok_rows["bytes"].fill_null(-1).to_numpy()
+        ok_rows = table if pc.all(ok).as_py() else table.filter(ok)  # most parts: all ok, no copy of the URIs
+        return keys, ok.to_numpy(), ok_rows["video_uri"], ok_rows["bytes"].fill_null(-1).to_numpy()
 
     files = retry.call(lambda: manifest_files(out_fs, layout), f"list {layout.manifest_dir}", retry.READ)
     if not files:
         return np.empty(0, KEY_DTYPE)
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        parts = list(pool.map(part_keys, files))
+    with ThreadPoolExecutor(max_workers=1) as lister:
+        listing = lister.submit(video_listing, out_fs, layout)
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            parts = list(pool.map(part_keys, files))
+        listing = listing.result()
     # every part's ok rows looked up at once: one hash table of the listing, not one per part
-    names = pa.chunked_array([p[2] for p in parts], pa.string())
-    present, size = lookup(listing, names)
+    # (the parts' own chunks: pa.chunked_array of ChunkedArrays would convert every string through Python)
+    uris = pa.chunked_array([chunk for p in parts for chunk in p[2].chunks], pa.string())
+    names, present, size = find_videos(listing, uris, f"{layout.url}/")
     expected = np.concatenate([p[3] for p in parts]).astype(np.int64)
     fine = present & ((expected < 0) | (size == expected))
     done, unfit, start = [], [], 0
@@ -191,11 +196,11 @@ def done_keys(run, layout, out_fs, videos: dict | None = None) -> np.ndarray:
         there = np.ones(len(keys), bool)
         there[ok] = fine[start:start + len(recorded)]
         start += len(recorded)
-        done.append(np.unique(keys[there & ok if run.retry_errors else there]))
+        done.append(keys[there & ok if run.retry_errors else there])
         unfit.append(keys[ok & ~there])
-    done = np.unique(np.concatenate(done))
+    done = key_set(np.concatenate(done))
     if videos is not None:  # ok ids none of whose rows' videos is fine (a second sort of every ok id avoided)
-        videos["regenerate"] = int((~contains(done, np.unique(np.concatenate(unfit)))).sum())
+        videos["regenerate"] = int((~contains(done, key_set(np.concatenate(unfit)))).sum())
         videos["wrong_size"] = sorted(set(names.filter(pa.array(present & ~fine)).to_pylist()))
     return done
 

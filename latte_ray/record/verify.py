@@ -335,8 +335,7 @@ def _check_videos(out: Output, report: VerifyReport, rows: pa.Table, deep: bool,
         return
     ok = latest_rows(rows.filter(pc.equal(rows["status"], "ok")))
     report.ok_ids = ok.num_rows
-    keys = video_keys(ok["video_uri"])
-    found, size = lookup(listing, keys)
+    keys, found, size = find_videos(listing, ok["video_uri"], f"{layout.url}/")
     recorded = ok["bytes"].fill_null(-1).to_numpy()
     named = keys.is_valid().to_numpy(zero_copy_only=False)
     bad = ~named | ~found | ((recorded >= 0) & (size != recorded))
@@ -406,19 +405,40 @@ def video_listing(fs, layout: OutputLayout) -> pa.Table:
 
     shards = [e["name"] for e in retry.call(lambda: listing(layout.videos_dir), f"list {layout.videos_dir}",
                                             retry.READ) if e.get("type") == "directory"]
+    arrow = None if local else arrow_s3(fs)
 
     def shard(folder: str) -> pa.Table:
         name = folder.rstrip("/").rsplit("/", 1)[-1]
+        names, sizes = [], []
         if local:  # Arrow's local filesystem: readdir and a stat per file in C++, without the GIL
-            files = [(i.base_name, i.size) for i in pafs.LocalFileSystem().get_file_info(pafs.FileSelector(folder))
-                     if i.type == pafs.FileType.File and ".tmp-" not in i.base_name]
-        else:  # fsspec's ls: one LIST per shard page
-            files = [(e["name"].rsplit("/", 1)[-1], int(e.get("size") or 0))
-                     for e in retry.call(lambda: listing(folder), f"list {folder}", retry.READ)
-                     if e.get("type") != "directory" and ".tmp-" not in e["name"]]
-        names, sizes = zip(*files) if files else ((), ())
-        keys = pc.binary_join_element_wise(f"videos/{name}/", pa.array(names, pa.string()), "")
-        return pa.table([keys, pa.array(sizes, pa.int64())], schema=LISTING_SCHEMA)
+            for info in pafs.LocalFileSystem().get_file_info(pafs.FileSelector(folder)):
+                size = info.size  # None for a folder (comparing FileType enums costs more than the stat)
+                if size is not None:
+                    names.append(info.base_name)
+                    sizes.append(size)
+        else:  # one LIST per shard page: Arrow's S3 client where it can stand in for the fsspec one, else fsspec's
+            infos = None
+            if arrow is not None:
+                try:
+                    infos = arrow.get_file_info(pafs.FileSelector(folder))
+                except Exception as e:  # noqa: BLE001 - fsspec's listing, with its retries, says what is wrong
+                    log.debug("Arrow's S3 listing of %s failed (%s: %s); listing it with fsspec", folder,
+                              type(e).__name__, e)
+            if infos is not None:
+                for info in infos:
+                    size = info.size
+                    if size is not None:
+                        names.append(info.base_name)
+                        sizes.append(size)
+            else:
+                for e in retry.call(lambda: listing(folder), f"list {folder}", retry.READ):
+                    if e.get("type") != "directory":
+                        names.append(e["name"].rsplit("/", 1)[-1])
+                        sizes.append(int(e.get("size") or 0))
+        names = pa.array(names, pa.string())
+        keep = pc.invert(pc.match_substring(names, ".tmp-"))  # a killed writer's temp file
+        keys = pc.binary_join_element_wise(f"videos/{name}/", names.filter(keep), "")
+        return pa.table([keys, pa.array(sizes, pa.int64()).filter(keep)], schema=LISTING_SCHEMA)
 
     # local: the stats run outside the GIL, a few threads are enough (more only contend for it); remote: a LIST
     # per shard page waits on the network
@@ -427,6 +447,43 @@ def video_listing(fs, layout: OutputLayout) -> pa.Table:
     if not parts:
         return LISTING_SCHEMA.empty_table()
     return pa.concat_tables(parts).combine_chunks()
+
+
+
+
+def arrow_s3(fs) -> "pafs.S3FileSystem | None":
+    """Arrow's S3 client on the endpoint, region, credentials and timeouts an s3fs filesystem was made with,
+    for listings; None for any other filesystem, or one made with a setting not mapped here (a profile, a
+    session, requester pays, ...), which s3fs then lists itself.
+
+    Why: s3fs parses a LIST page through botocore in Python, ~80 us of CPU per listed object under the GIL
+    (minutes at a million videos); Arrow parses it in C++ outside the GIL, ~7 us (benchmarks/README.md,
+    video_check). Credentials not given are left to the AWS SDK's own chain, as botocore's are."""
+    if type(fs).__module__.split(".")[0] != "s3fs":
+        return None
+    opts = dict(getattr(fs, "storage_options", None) or {})
+    client = dict(opts.pop("client_kwargs", None) or {})
+    config = dict(opts.pop("config_kwargs", None) or {})
+    endpoint = opts.pop("endpoint_url", None) or client.pop("endpoint_url", None)
+    region = client.pop("region_name", None) or os.environ.get("AWS_DEFAULT_REGION")
+    timeouts = {name: float(config.pop(key)) for key, name in (("connect_timeout", "connect_timeout"),
+                                                               ("read_timeout", "request_timeout")) if key in config}
+    key, secret, token, anon = (opts.pop(k, None) for k in ("key", "secret", "token", "anon"))
+    if opts or client or config or not (endpoint or region) or (key is None) != (secret is None):
+        return None  # unmapped settings, or an AWS bucket whose region only s3fs would find
+    kwargs: dict = {"anonymous": bool(anon), **timeouts}
+    if key is not None:
+        kwargs.update(access_key=key, secret_key=secret, session_token=token)
+    if endpoint:
+        scheme, _, host = str(endpoint).partition("://")
+        kwargs.update(endpoint_override=host, scheme=scheme) if host else kwargs.update(endpoint_override=scheme)
+    if region:
+        kwargs["region"] = region
+    try:
+        return pafs.S3FileSystem(**kwargs)
+    except Exception as e:  # noqa: BLE001 - fsspec lists instead
+        log.debug("no Arrow S3 client (%s: %s); listing with fsspec", type(e).__name__, e)
+        return None
 
 
 def video_keys(uris: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -441,11 +498,9 @@ def video_keys(uris: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 def lookup(listing: pa.Table, wanted) -> tuple[np.ndarray, np.ndarray]:
     """(present mask, listed size; 0 where absent) of the objects at the keys `wanted` (videos/<shard>/<name>;
-    an Arrow string array or a list; null or "" is never present), by one hash lookup of all of them in the
-    listing (pyarrow.compute.index_in)."""
-    if isinstance(wanted, pa.ChunkedArray):
-        wanted = wanted.combine_chunks()
-    elif not isinstance(wanted, pa.Array):
+    an Arrow string array, chunked or not, or a list; null or "" is never present), by one hash lookup of all
+    of them in the listing (pyarrow.compute.index_in: one hash table, whatever the chunks)."""
+    if not isinstance(wanted, (pa.Array, pa.ChunkedArray)):
         wanted = pa.array(wanted, pa.string())
     n = len(wanted)
     if n == 0 or listing.num_rows == 0:
@@ -453,8 +508,43 @@ def lookup(listing: pa.Table, wanted) -> tuple[np.ndarray, np.ndarray]:
     at = pc.index_in(wanted, value_set=listing["key"].combine_chunks())
     found = at.is_valid().to_numpy(zero_copy_only=False)
     size = np.zeros(n, np.int64)
-    size[found] = listing["size"].combine_chunks().take(at.drop_null()).to_numpy()
+    size[found] = pc.take(listing["size"].combine_chunks(), at.drop_null()).to_numpy()
     return found, size
+
+
+def find_videos(listing: pa.Table, uris, prefix: str | None = None) -> tuple[pa.ChunkedArray, np.ndarray, np.ndarray]:
+    """(key, present mask, listed size; 0 where absent) of the object each manifest video_uri names (an Arrow
+    string array, chunked or not, or a list); the keys are video_keys(uris) exactly.
+
+    A run writes every video_uri as its output's URI + "/" + key, so for the URIs under `prefix` (that URI +
+    "/") the key is a slice, found by one hash lookup of all of them in the listing: a listed key is
+    videos/<shard>/<name> with no further slash, so a found one with a video's suffix is what key_of gives.
+    Only the rest (other URIs, and what is not listed) go through video_keys' regular expression and a second
+    lookup: at a million clean rows, none (the expression costs ~0.5 us a URI, the slice a tenth of that)."""
+    if isinstance(uris, pa.Array):
+        uris = pa.chunked_array([uris])
+    elif not isinstance(uris, pa.ChunkedArray):
+        uris = pa.chunked_array([pa.array(uris, pa.string())], pa.string())
+    uris = uris.cast(pa.string())
+    n = len(uris)
+    if prefix and n:
+        keys = pc.utf8_slice_codeunits(uris, len(prefix))
+        under = pc.starts_with(uris, prefix)
+        if not pc.all(under).as_py():
+            keys = pc.if_else(under, keys, pa.scalar(None, pa.string()))
+        found, size = lookup(listing, keys)
+        video = pc.or_(pc.ends_with(keys, ".mp4"), pc.ends_with(keys, ".npy")).fill_null(False)
+        found &= video.to_numpy(zero_copy_only=False)
+    else:
+        keys, found, size = pa.chunked_array([pa.nulls(n, pa.string())]), np.zeros(n, bool), np.zeros(n, np.int64)
+    slow_rows = ~found
+    rest = np.flatnonzero(slow_rows)
+    if len(rest):
+        slow = video_keys(uris.take(pa.array(rest)))
+        found[rest], size[rest] = lookup(listing, slow)
+        keys = pa.chunked_array([slow if len(rest) == n else
+                                 pc.replace_with_mask(keys.combine_chunks(), pa.array(slow_rows), slow)])
+    return keys, found, size
 
 
 def _check_runs(out: Output, report: VerifyReport, record: dict | None) -> None:
