@@ -30,6 +30,12 @@ from tests.invariants import (
 GENERATION_ACTOR = "ray::GenerationServer"  # fleet/servers.py (the pooled stage: ray::MapWorker(MapBatches(DenoiseStage)))
 
 
+# The GCS declares a node dead after this many failed health checks this far apart (Ray's defaults: 5 every
+# 3 s). A killed raylet refuses the check at once, so its node is declared dead ~3 s after the kill rather than
+# ~15 s (its actors are restarted only then); a live one has each check's timeout (Ray's default, 10 s) to answer.
+HEALTH_CHECKS = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+
+
 @pytest.fixture(scope="module")
 def cluster(model_cache):
     """Head (0 CPUs) + two 1-CPU workers. Ray's files (and the ray_current_cluster address file that
@@ -42,7 +48,8 @@ def cluster(model_cache):
     nodes = None
     try:
         nodes = Cluster(initialize_head=True, connect=False,
-                        head_node_args={"num_cpus": 0, "include_dashboard": False, "dashboard_port": free_port()})
+                        head_node_args={"num_cpus": 0, "include_dashboard": False, "dashboard_port": free_port(),
+                                        "_system_config": HEALTH_CHECKS})
         for _ in range(2):
             nodes.add_node(num_cpus=1)
         nodes.wait_for_nodes()
