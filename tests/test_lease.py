@@ -283,8 +283,9 @@ def test_lease_terms_are_checked_in_the_spec():
 
 # ------------------------------------------------------------------------- real `latte-ray` processes
 #
-# The drivers join the session's Ray (RAY_ADDRESS), as `ray job submit` drivers join one cluster; the null
-# engine stands in for the model (the lease is about the control plane). A `hang` fault rule on one batch
+# The drivers join the session's Ray (RAY_ADDRESS), as `ray job submit` drivers join one cluster. The
+# one-writer tests run for every model family, each family's tiny model generating (what is guarded is the
+# family's output); elsewhere the null engine stands in for the model. A `hang` fault rule on one batch
 # (read by every worker of the session: conftest.faults_file) holds a run mid-way for as long as the test
 # needs, with its heartbeat alive, instead of timing a kill against a run's speed.
 

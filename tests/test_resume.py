@@ -131,8 +131,11 @@ def test_crash_ledger_counts_attempts_that_never_finished(tmp_path):
 @pytest.fixture(scope="module", params=FAMILIES)
 def failures_run(request, tmp_path_factory, ray_local, faults_file):
     """For each model family: one run in which an actor dies mid-batch, a prompt always raises, a prompt
-    always kills its worker, and storage fails transiently (tests/invariants.py failures_run)."""
-    return failures_run_of(request.param, tmp_path_factory, faults_file)
+    always kills its worker, and storage fails transiently (tests/invariants.py failures_run). Every test
+    reading it reads that family's output: its record names the family."""
+    run = failures_run_of(request.param, tmp_path_factory, faults_file)
+    assert_made_by(run.out, request.param, run.spec)
+    return run
 
 
 def test_an_actor_that_dies_mid_batch_is_restarted_and_its_batch_retried(failures_run):
@@ -169,7 +172,6 @@ def test_a_row_that_kills_its_worker_every_time_becomes_an_error_row(failures_ru
 
 def test_exactly_once_after_failures(failures_run):
     assert_exactly_once(failures_run.out, set(FAILURE_IDS) - FAILING, errors=FAILING)
-    assert_made_by(failures_run.out, failures_run.family, failures_run.spec)
 
 
 def test_status_counts_per_id_against_the_input(failures_run):

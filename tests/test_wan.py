@@ -26,7 +26,7 @@ from latte_ray.model.families import wan
 from latte_ray.spec import SpecError, load_pipeline_spec, parse_pipeline_spec
 from latte_ray.stages.encode import decode_mp4, encode_mp4
 from tests.conftest import write_prompts
-from tests.invariants import failures_run, manifest, wan_spec
+from tests.invariants import assert_made_by, failures_run, manifest, wan_spec
 
 DATA = Path(__file__).parent / "data" / "wan"
 WAN_SPECS = ["wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-ti2v-5b", "wan2.2-t2v-a14b"]
@@ -198,13 +198,14 @@ def test_engine_batch_of_one_is_the_stock_pipeline_and_batch_of_three_within_one
 # with a worker that died once and had its batch retried; its error rows, exactly once and resume are
 # test_resume.py's tests for every family. Here: its videos against diffusers' own pipeline and this process.
 
-CHECKED = ["row-1", "row-2", "row-3", "die-once", "flaky-1"]  # negative prompt, non-ASCII, own seed, retried x2
+CHECKED = ["row-1", "row-2", "die-once"]  # a negative prompt; non-ASCII and a seed of its own; its worker died
 
 
 @pytest.fixture(scope="module")
 def wan_run(tmp_path_factory, ray_local, faults_file):
     run = failures_run("wan", tmp_path_factory, faults_file)
     assert run.spec.execution.batch_size == 1  # each recorded video is a function of its row alone
+    assert_made_by(run.out, "wan", run.spec)
     return run
 
 
@@ -216,7 +217,7 @@ def _videos(out: Path) -> dict[str, tuple[bytes, dict]]:
 def test_wan_run_videos_equal_the_stock_pipeline_within_one_level(wan_run, engine):
     videos = _videos(wan_run.out)
     rows = {vid: videos[vid][1] for vid in CHECKED}
-    assert (rows["row-1"]["negative_prompt"], rows["row-2"]["prompt"], rows["row-3"]["seed"]) == \
+    assert (rows["row-1"]["negative_prompt"], rows["row-2"]["prompt"], rows["row-2"]["seed"]) == \
         ("blurry", "ein Hund läuft 🐕 im Park", 2**40)  # what the table held, as the run read it
     for vid, row in rows.items():
         frames = decode_mp4(videos[vid][0])
@@ -233,7 +234,7 @@ def test_wan_regenerated_in_another_process_is_byte_identical(wan_run, engine):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for vid in ["row-2", "row-3"]:
+        for vid in ["row-1", "row-2"]:
             row = videos[vid][1]
             frames, _ = engine.generate([row["prompt"]], [row["negative_prompt"] or ""], [row["seed"]])
             data = encode_mp4(frames[0], wan_run.spec.video)
