@@ -27,7 +27,9 @@ from latte_ray.record.storage import OutputLayout, filesystem, read_manifest, wr
 from latte_ray.errors import InputError, LeaseHeld
 from latte_ray.spec import SpecError, parse_pipeline_spec
 from tests.conftest import write_prompts
-from tests.invariants import assert_exactly_once, cli_env, fast_spec, kill_run, start_cli, write_spec
+from tests.invariants import (
+    FAMILIES, assert_exactly_once, assert_made_by, cli_env, family_spec, fast_spec, kill_run, start_cli, write_spec,
+)
 from tests.test_liveness import fault_rules, null_spec
 
 TERMS = leases.Terms(heartbeat_s=0.05, expiry_s=5.0)
@@ -281,18 +283,22 @@ def test_lease_terms_are_checked_in_the_spec():
 
 # ------------------------------------------------------------------------- real `latte-ray` processes
 #
-# The drivers join the session's Ray (RAY_ADDRESS), as `ray job submit` drivers join one cluster; the null
-# engine stands in for the model (the lease is about the control plane). A `hang` fault rule on one batch
+# The drivers join the session's Ray (RAY_ADDRESS), as `ray job submit` drivers join one cluster. The
+# one-writer tests run for every model family, each family's tiny model generating (what is guarded is the
+# family's output); elsewhere the null engine stands in for the model. A `hang` fault rule on one batch
 # (read by every worker of the session: conftest.faults_file) holds a run mid-way for as long as the test
 # needs, with its heartbeat alive, instead of timing a kill against a run's speed.
 
 
-def _lease_spec(tmp_path: Path, heartbeat_s: float, expiry_s: float) -> Path:
+def _lease_spec(tmp_path: Path, heartbeat_s: float, expiry_s: float, family: str | None = None):
     """One actor per stage at 0.25 CPU each: a frozen holder's actors (0.75 CPU) leave room on 2 CPUs for
-    the run that takes over (1 CPU with its read tasks)."""
-    spec = null_spec(lease_heartbeat_s=heartbeat_s, lease_expiry_s=expiry_s, cpu_stage_max_actors=1,
+    the run that takes over (1 CPU with its read tasks). With `family`, that family's tiny model generates
+    (the one-writer tests run for every family: tests/invariants.py FAMILIES); without, the null engine.
+    Returns (the spec's file, the spec)."""
+    execution = dict(lease_heartbeat_s=heartbeat_s, lease_expiry_s=expiry_s, cpu_stage_max_actors=1,
                      num_cpus_per_actor=0.25, num_cpus_per_cpu_task=0.25)
-    return write_spec(tmp_path / "spec.yaml", spec)
+    spec = null_spec(**execution) if family is None else family_spec(family).with_overrides(**execution)
+    return write_spec(tmp_path / "spec.yaml", spec), spec
 
 
 def _ray_address(ray_local) -> str:
@@ -346,7 +352,8 @@ def _status(out, *options: str) -> str:
 LOCAL_IDS = ["a-0", "a-1", "a-2", "a-3", "lease-hold", "a-4", "a-5", "a-6"]
 
 
-def test_one_writer_per_local_output(tmp_path, model_cache, ray_local, faults_file):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_writer_per_local_output(tmp_path, model_cache, ray_local, faults_file, family):
     """Two `latte-ray run` on one output at the same moment: one generates, the other exits 2 naming it, and
     `status` shows the holder `running (heartbeat Ns ago)`. The holder's driver is then frozen (SIGSTOP:
     alive, but no heartbeat, as a driver cut off from storage or stuck would be): once its heartbeat is older
@@ -355,8 +362,8 @@ def test_one_writer_per_local_output(tmp_path, model_cache, ray_local, faults_fi
     committing nothing more."""
     table = write_prompts(tmp_path / "p.parquet", {"id": LOCAL_IDS, "prompt": [f"a lighthouse {i}" for i in LOCAL_IDS]})
     out = tmp_path / "out"
-    args = ["run", "--pipeline", str(_lease_spec(tmp_path, 0.2, 2.0)), "--prompts", str(table),
-            "--output", str(out)]
+    spec_file, spec = _lease_spec(tmp_path, 0.2, 2.0, family)
+    args = ["run", "--pipeline", str(spec_file), "--prompts", str(table), "--output", str(out)]
     env = cli_env(model_cache, RAY_ADDRESS=_ray_address(ray_local))
     with fault_rules(faults_file, "point=generate match=lease-hold action=hang times=1"):
         holder, log = _started_together(args, env, [tmp_path / "first.log", tmp_path / "second.log"])
@@ -390,9 +397,11 @@ def test_one_writer_per_local_output(tmp_path, model_cache, ray_local, faults_fi
     assert f"{first}  lost-lease: lease lost" in _status(out)
     # Each run deleted its own lease object, and only it; the taker's mark on the first run's generation stays.
     assert sorted(p.name for p in (out / "lease").glob("*.json")) == ["000000000001.taken.json"]
+    assert_made_by(out, family, spec)
 
 
-def test_one_writer_per_s3_output(tmp_path, model_cache, ray_local, faults_file, s3_server):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_writer_per_s3_output(tmp_path, model_cache, ray_local, faults_file, s3_server, family):
     """The same on an s3:// output (lease objects created with a conditional PUT): two runs at once, one
     refused; the holder SIGKILLed once under way; the next run on this host sees its process gone, takes the
     output over at once and finishes: every id exactly once, the killed run recorded `died`."""
@@ -401,8 +410,8 @@ def test_one_writer_per_s3_output(tmp_path, model_cache, ray_local, faults_file,
     ids = ["s-0", "s-1", "s3-hold", "s-2", "s-3"]
     table = write_prompts(tmp_path / "p.parquet", {"id": ids, "prompt": [f"a harbour {i}" for i in ids]})
     options = [f"--storage-option={k}={v}" for k, v in s3_server.storage_options().items()]
-    args = ["run", "--pipeline", str(_lease_spec(tmp_path, 0.2, 60.0)), "--prompts", str(table),
-            "--output", url, *options]
+    spec_file, spec = _lease_spec(tmp_path, 0.2, 60.0, family)
+    args = ["run", "--pipeline", str(spec_file), "--prompts", str(table), "--output", url, *options]
     fs, root = filesystem(url, s3_server.storage_options())
     layout = OutputLayout(url, root)
     ok = lambda: {r["id"] for r in read_manifest(fs, layout, ["id", "status"]).to_pylist() if r["status"] == "ok"}  # noqa: E731
@@ -428,6 +437,7 @@ def test_one_writer_per_s3_output(tmp_path, model_cache, ray_local, faults_file,
                                                                                    refresh=True))}
     assert sorted(runs) == ["died", "ok"] and "its process on this host is gone" in runs["died"]["reason"]
     assert leases.generations(fs, leases.lease_dir(root)) == [1]  # the dead run's; the taker released its own
+    assert_made_by(url, family, spec, s3_server.storage_options())
 
 
 def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, model_cache, ray_local, faults_file):
@@ -438,7 +448,7 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, model_cache, ray_local, fa
     out = tmp_path / "out"
     ids = ["sigterm-hold", "t-0", "t-1", "t-2"]
     table = write_prompts(tmp_path / "p.parquet", {"id": ids, "prompt": [f"a lighthouse {i}" for i in ids]})
-    args = ["run", "--pipeline", str(_lease_spec(tmp_path, 0.2, 60.0)), "--prompts", str(table), "--output",
+    args = ["run", "--pipeline", str(_lease_spec(tmp_path, 0.2, 60.0)[0]), "--prompts", str(table), "--output",
             str(out), "--no-report"]
     log = tmp_path / "run.log"
     with fault_rules(faults_file, "point=generate match=sigterm-hold action=hang times=1") as state:

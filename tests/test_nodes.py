@@ -2,7 +2,7 @@
 cores), each its own raylet (`ray.cluster_utils.Cluster`), shared by the tests of this module.
 
 The node holding the generation actor is killed mid-run without draining, as a spot GPU preemption does,
-and a replacement node joins: the run must finish by itself, every id exactly once, every video matching
+and a replacement node joins (for each model family: the tiny Latte and the tiny Wan): the run must finish by itself, every id exactly once, every video matching
 its sha256. The run keeps its generation actor for the whole run, as the production spec does
 (execution.keep_model_actors): the actor killed is the generation server that holds the model; Ray
 restarts it on the replacement node, and the lost batch takes a slot of a loaded server (fleet/servers.py).
@@ -23,9 +23,17 @@ import yaml
 
 from latte_ray.spec import load_pipeline_spec, parse_pipeline_spec
 from tests.conftest import free_port, write_prompts
-from tests.invariants import assert_exactly_once, cli_env, fast_spec, kill_run, manifest, start_cli, write_spec
+from tests.invariants import (
+    FAMILIES, assert_exactly_once, assert_made_by, cli_env, family_spec, kill_run, manifest, start_cli, write_spec,
+)
 
 GENERATION_ACTOR = "ray::GenerationServer"  # fleet/servers.py (the pooled stage: ray::MapWorker(MapBatches(DenoiseStage)))
+
+
+# The GCS declares a node dead after this many failed health checks this far apart (Ray's defaults: 5 every
+# 3 s). A killed raylet refuses the check at once, so its node is declared dead ~3 s after the kill rather than
+# ~15 s (its actors are restarted only then); a live one has each check's timeout (Ray's default, 10 s) to answer.
+HEALTH_CHECKS = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +48,8 @@ def cluster(model_cache):
     nodes = None
     try:
         nodes = Cluster(initialize_head=True, connect=False,
-                        head_node_args={"num_cpus": 0, "include_dashboard": False, "dashboard_port": free_port()})
+                        head_node_args={"num_cpus": 0, "include_dashboard": False, "dashboard_port": free_port(),
+                                        "_system_config": HEALTH_CHECKS})
         for _ in range(2):
             nodes.add_node(num_cpus=1)
         nodes.wait_for_nodes()
@@ -79,8 +88,9 @@ def _ok_rows(out: Path) -> int:
     return sum(1 for r in manifest(out) if r["status"] == "ok")
 
 
-def test_losing_the_generation_node_mid_run_is_ridden_out(cluster, model_cache, tmp_path):
-    spec = fast_spec(batch_size=2, num_inference_steps=10)  # ~0.3 s per video: the kill lands mid-run
+@pytest.mark.parametrize("family", FAMILIES)
+def test_losing_the_generation_node_mid_run_is_ridden_out(cluster, model_cache, tmp_path, family):
+    spec = family_spec(family, batch_size=2, num_inference_steps=10)  # 0.2-0.3 s per video: the kill lands mid-run
     spec = spec.with_overrides(keep_model_actors=True)
     ids = [f"node-{i:02d}" for i in range(24)]
     table = write_prompts(tmp_path / "p.parquet", {"id": ids, "prompt": [f"a ship at sea {i}" for i in ids]})
@@ -109,6 +119,7 @@ def test_losing_the_generation_node_mid_run_is_ridden_out(cluster, model_cache, 
     assert f"{len(ids)} ok, 0 error" in log.read_text()
     assert not psutil.pid_exists(pid)
     assert_exactly_once(out, set(ids))
+    assert_made_by(out, family, spec)
 
 
 def _sim_spec(**sim):

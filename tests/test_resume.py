@@ -10,11 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -33,8 +31,10 @@ from latte_ray.stages.write import WriteStage
 from latte_ray.plan.workplan import reduce_keys
 from tests.conftest import own_output, write_prompts
 from tests.invariants import (
-    assert_exactly_once, assert_ok_rows_match_their_objects, cli_env, fast_spec, kill_run, manifest, start_cli, write_spec,
+    FAILING, FAILURE_IDS, FAMILIES, assert_exactly_once, assert_made_by, assert_ok_rows_match_their_objects, cli_env,
+    fast_spec, kill_run, manifest, start_cli, write_spec,
 )
+from tests.invariants import failures_run as failures_run_of
 
 # ---------------------------------------------------------------------------------------- units
 
@@ -128,37 +128,14 @@ def test_crash_ledger_counts_attempts_that_never_finished(tmp_path):
 
 # ------------------------------------------------------------------ failures inside one real run
 
-FAILURE_RULES = """
-point=denoise match=die-once action=exit times=1
-point=generate match=poison action=error
-point=generate match=pill action=exit
-point=write match=*/videos/*/flaky-* action=oserror times=2
-point=write match=*/manifest/* action=oserror times=2
-"""
-FAILURE_IDS = [f"row-{i}" for i in range(6)] + ["die-once", "poison", "pill", "flaky-1", "flaky-2"]
-FAILING = {"poison", "pill"}
-
-
-@pytest.fixture(scope="module")
-def failures_run(tmp_path_factory, ray_local, faults_file):
-    """One run in which an actor dies mid-batch, a prompt always raises, a prompt always kills its worker,
-    and storage fails transiently; with the production spec's generation servers kept for the run
-    (execution.keep_model_actors: Ray restarts a dead server and retries the call, the ledger counts it)."""
-    tmp = tmp_path_factory.mktemp("failures")
-    table = write_prompts(tmp / "prompts" / "date=2026-11-01" / "part-0.parquet",
-                          {"id": FAILURE_IDS, "prompt": [f"a scene {i}" for i in FAILURE_IDS]})
-    state = Path(f"{faults_file}.state")
-    shutil.rmtree(state, ignore_errors=True)
-    faults_file.write_text(FAILURE_RULES)
-    try:
-        summary = runner.run(RunSpec(pipeline=fast_spec().with_overrides(keep_model_actors=True),
-                                     prompts=[str(table)], output=str(tmp / "out")))
-    finally:
-        faults_file.write_text("")
-    fired = faults.fired(str(state))
-    died = faults.firings(str(state), 0)
-    shutil.rmtree(state, ignore_errors=True)
-    return SimpleNamespace(out=tmp / "out", table=table, summary=summary, fired=fired, died=died, tmp=tmp)
+@pytest.fixture(scope="module", params=FAMILIES)
+def failures_run(request, tmp_path_factory, ray_local, faults_file):
+    """For each model family: one run in which an actor dies mid-batch, a prompt always raises, a prompt
+    always kills its worker, and storage fails transiently (tests/invariants.py failures_run). Every test
+    reading it reads that family's output: its record names the family."""
+    run = failures_run_of(request.param, tmp_path_factory, faults_file)
+    assert_made_by(run.out, request.param, run.spec)
+    return run
 
 
 def test_an_actor_that_dies_mid_batch_is_restarted_and_its_batch_retried(failures_run):
@@ -215,7 +192,7 @@ def test_status_counts_per_id_against_the_input(failures_run):
 
 def test_rerun_without_retrying_errors_does_nothing(failures_run):
     parts = sorted(p.name for p in (failures_run.out / "manifest").glob("*.parquet"))
-    summary = runner.run(RunSpec(pipeline=fast_spec(), prompts=[str(failures_run.table)],
+    summary = runner.run(RunSpec(pipeline=failures_run.base, prompts=[str(failures_run.table)],
                                  output=str(failures_run.out), retry_errors=False))
     assert (summary.ok, summary.error, summary.skipped_done) == (0, 0, len(FAILURE_IDS))
     assert sorted(p.name for p in (failures_run.out / "manifest").glob("*.parquet")) == parts
@@ -227,7 +204,7 @@ def test_backfill_generates_only_what_lacks_an_ok_row_and_then_nothing(failures_
     tmp, out = failures_run.tmp, failures_run.out
     write_prompts(tmp / "prompts" / "date=2026-11-02" / "part-0.parquet",
                   {"id": ["new-1", "row-0", "new-2"], "prompt": ["a new day", "a scene row-0", "a new night"]})
-    args = ["backfill", "--pipeline", str(write_spec(tmp / "spec.yaml", fast_spec())),
+    args = ["backfill", "--pipeline", str(write_spec(tmp / "spec.yaml", failures_run.base)),
             "--prompts", f"{tmp}/prompts/date=2026-11-*/", "--output", str(out), "--no-report"]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
@@ -238,6 +215,7 @@ def test_backfill_generates_only_what_lacks_an_ok_row_and_then_nothing(failures_
     assert "nothing to do (14 rows already done)" in second.output
     assert sorted(p.name for p in (out / "manifest").glob("*.parquet")) == parts
     assert_exactly_once(out, set(FAILURE_IDS) | {"new-1", "new-2"})
+    assert_made_by(out, failures_run.family, failures_run.base)
 
 
 # --------------------------------------------------------------- commit protocol: crash, resume

@@ -1,9 +1,9 @@
 """The Wan family (latte_ray/model/families/wan.py) under the same contracts as Latte.
 
 Cheap checks first (specs against the published configs in tests/data/wan/, refusals before any model loads,
-the engine against diffusers' own WanPipeline.__call__ in this process), then ONE real run on local Ray of the
-tiny offline Wan (lossless codec, batch 3, a worker that dies once, a prompt that always fails) whose output
-several tests read: reference equality, byte-identical regeneration, error rows, exactly once, resume.
+the engine against diffusers' own WanPipeline.__call__ in this process), then the videos of the Wan variant of
+the failures run that test_resume.py's contract tests read for every family (error rows, exactly once, resume;
+the lease: test_lease.py, node loss: test_nodes.py): reference equality and byte-identical regeneration.
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,43 +19,27 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from latte_ray import runner
 from latte_ray.cli import app
-from latte_ray.faults import injection as faults
 from latte_ray.model.configs import ModelConfigs, check_model
 from latte_ray.model.families import check_supported
 from latte_ray.model.families import wan
-from latte_ray.spec import RunSpec, SpecError, load_pipeline_spec, parse_pipeline_spec
+from latte_ray.spec import SpecError, load_pipeline_spec, parse_pipeline_spec
 from latte_ray.stages.encode import decode_mp4, encode_mp4
 from tests.conftest import write_prompts
-from tests.invariants import assert_exactly_once, manifest
+from tests.invariants import assert_made_by, failures_run, manifest, wan_spec
 
 DATA = Path(__file__).parent / "data" / "wan"
 WAN_SPECS = ["wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2-ti2v-5b", "wan2.2-t2v-a14b"]
 PROMPTS = {
-    "id": ["fox", "cat", "waves", "unicode", "die-once", "poison"],
-    "prompt": ["a red fox runs through snow", "a cat", "waves on a beach at sunset, slow motion",
-               "ein Hund läuft 🐕 im Park", "a bird flying over a lake", "a scene that always fails"],
-    "negative_prompt": [None, "blurry", None, None, None, None],
-    "seed": [1, 2, 3, 2**40, 5, 6],
+    "prompt": ["a red fox runs through snow", "a cat", "waves on a beach at sunset, slow motion"],
+    "negative_prompt": [None, "blurry", None],
+    "seed": [1, 2, 3],
 }
-RULES = """
-point=denoise match=die-once action=exit times=1
-point=generate match=poison action=error
-"""
 
 
 def published(repo: str, rel: str) -> dict | None:
     path = DATA / repo.replace("/", "--") / rel
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def wan_spec(batch_size: int = 3, **sampling):
-    raw = yaml.safe_load(load_pipeline_spec("tiny-cpu-wan").model_dump_json())
-    raw["sampling"].update(sampling)
-    raw["video"].update(codec="libx264rgb", crf=0)  # lossless: decoded frames are the generated ones
-    raw["execution"].update(batch_size=batch_size, concurrency=1)
-    return parse_pipeline_spec(raw)
 
 
 # ----------------------------------------------------------------- specs and published configs
@@ -164,22 +146,11 @@ def test_pipelines_lists_every_wan_spec():
 def engine(model_cache):
     from latte_ray.model.choose import make_engine
 
-    return make_engine(wan_spec(num_inference_steps=6), cache_dir=str(model_cache))
-
-
-_REFERENCES: dict = {}
+    return make_engine(wan_spec(), cache_dir=str(model_cache))  # the failures run's sampling
 
 
 def reference(pipe, spec, prompt: str, negative: str, seed: int) -> np.ndarray:
-    """diffusers' own WanPipeline.__call__ for one prompt, as uint8 frames (F, H, W, 3) (computed once per
-    module: the engine test and the run's tests compare with the same references)."""
-    key = (spec.spec_hash(), prompt, negative, seed)
-    if key not in _REFERENCES:
-        _REFERENCES[key] = _reference(pipe, spec, prompt, negative, seed)
-    return _REFERENCES[key]
-
-
-def _reference(pipe, spec, prompt: str, negative: str, seed: int) -> np.ndarray:
+    """diffusers' own WanPipeline.__call__ for one prompt, as uint8 frames (F, H, W, 3)."""
     s = spec.sampling
     video = pipe(prompt=prompt, negative_prompt=negative, height=s.height, width=s.width,
                  num_frames=s.video_length, num_inference_steps=s.num_inference_steps,
@@ -221,26 +192,21 @@ def test_engine_batch_of_one_is_the_stock_pipeline_and_batch_of_three_within_one
     assert capture["latents"].shape == (3, 16, 5, 8, 8)  # 17 frames -> 5 latent frames, 64 px -> 8
 
 
-# ----------------------------------------------------------------- one real run, read by several tests
+# ------------------------------------------------- the videos of a real run (test_resume.py's failures run)
+#
+# The Wan variant of the failures run (tests/invariants.py failures_run) made its videos on local Ray at batch 1,
+# with a worker that died once and had its batch retried; its error rows, exactly once and resume are
+# test_resume.py's tests for every family. Here: its videos against diffusers' own pipeline and this process.
+
+CHECKED = ["row-1", "row-2", "die-once"]  # a negative prompt; non-ASCII and a seed of its own; its worker died
 
 
 @pytest.fixture(scope="module")
-def wan_run(tmp_path_factory, ray_local, faults_file, model_cache):
-    tmp = tmp_path_factory.mktemp("wan")
-    table = write_prompts(tmp / "prompts.parquet", PROMPTS)
-    state = Path(f"{faults_file}.state")
-    shutil.rmtree(state, ignore_errors=True)
-    faults_file.write_text(RULES)
-    # Batch size 1: each recorded video is then a function of its row alone (whatever Ray batches it with),
-    # so this process can regenerate it byte for byte; batch 3 against batch 1 is the engine test above.
-    spec = wan_spec(batch_size=1, num_inference_steps=6)
-    try:
-        summary = runner.run(RunSpec(pipeline=spec, prompts=[str(table)], output=str(tmp / "out")))
-    finally:
-        faults_file.write_text("")
-    fired = faults.fired(str(state))
-    shutil.rmtree(state, ignore_errors=True)
-    return SimpleNamespace(out=tmp / "out", table=table, spec=spec, summary=summary, fired=fired)
+def wan_run(tmp_path_factory, ray_local, faults_file):
+    run = failures_run("wan", tmp_path_factory, faults_file)
+    assert run.spec.execution.batch_size == 1  # each recorded video is a function of its row alone
+    assert_made_by(run.out, "wan", run.spec)
+    return run
 
 
 def _videos(out: Path) -> dict[str, tuple[bytes, dict]]:
@@ -250,11 +216,12 @@ def _videos(out: Path) -> dict[str, tuple[bytes, dict]]:
 
 def test_wan_run_videos_equal_the_stock_pipeline_within_one_level(wan_run, engine):
     videos = _videos(wan_run.out)
-    assert set(videos) == {"fox", "cat", "waves", "unicode", "die-once"}
-    for i, vid in enumerate(PROMPTS["id"][:5]):
+    rows = {vid: videos[vid][1] for vid in CHECKED}
+    assert (rows["row-1"]["negative_prompt"], rows["row-2"]["prompt"], rows["row-2"]["seed"]) == \
+        ("blurry", "ein Hund läuft 🐕 im Park", 2**40)  # what the table held, as the run read it
+    for vid, row in rows.items():
         frames = decode_mp4(videos[vid][0])
-        ref = reference(engine.pipe, wan_run.spec, PROMPTS["prompt"][i], PROMPTS["negative_prompt"][i] or "",
-                        PROMPTS["seed"][i])
+        ref = reference(engine.pipe, wan_run.spec, row["prompt"], row["negative_prompt"] or "", row["seed"])
         assert frames.shape == ref.shape
         assert np.abs(frames.astype(np.int16) - ref).max() <= 1, vid
 
@@ -262,37 +229,18 @@ def test_wan_run_videos_equal_the_stock_pipeline_within_one_level(wan_run, engin
 def test_wan_regenerated_in_another_process_is_byte_identical(wan_run, engine):
     """The same prompt, seed and spec (batch 1, one torch thread as in a Ray actor), generated in this process
     and encoded: the bytes the run recorded."""
+    assert engine.spec.sampling == wan_run.spec.sampling
     videos = _videos(wan_run.out)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for vid in ["fox", "unicode"]:
-            r = PROMPTS["id"].index(vid)
-            frames, _ = engine.generate([PROMPTS["prompt"][r]], [PROMPTS["negative_prompt"][r] or ""],
-                                        [PROMPTS["seed"][r]])
+        for vid in ["row-1", "row-2"]:
+            row = videos[vid][1]
+            frames, _ = engine.generate([row["prompt"]], [row["negative_prompt"] or ""], [row["seed"]])
             data = encode_mp4(frames[0], wan_run.spec.video)
-            assert hashlib.sha256(data).hexdigest() == videos[vid][1]["sha256"], vid
+            assert hashlib.sha256(data).hexdigest() == row["sha256"], vid
     finally:
         torch.set_num_threads(threads)
-
-
-def test_wan_failures_error_rows_and_exactly_once(wan_run):
-    assert wan_run.fired.get(0) == 1  # the actor holding die-once exited; Ray restarted it, the batch ran again
-    (poison,) = [r for r in manifest(wan_run.out) if r["id"] == "poison"]
-    assert poison["status"] == "error" and "InjectedFault" in poison["error"]
-    assert (wan_run.summary.ok, wan_run.summary.error) == (5, 1)
-    assert_exactly_once(wan_run.out, set(PROMPTS["id"]) - {"poison"}, errors={"poison"})
-    binding = json.loads((wan_run.out / "latte-ray.json").read_text())
-    assert binding["spec_hash"] == wan_run.spec.spec_hash() and binding["pipeline"]["model"]["family"] == "wan"
-    assert binding["model_identity"] == {"kind": "tiny", "source": "tiny", "version": "v1", "family": "wan"}
-
-
-def test_wan_resume_skips_every_recorded_id_and_writes_nothing(wan_run):
-    parts = sorted(p.name for p in (wan_run.out / "manifest").glob("*.parquet"))
-    again = runner.run(RunSpec(pipeline=wan_run.spec, prompts=[str(wan_run.table)], output=str(wan_run.out),
-                               retry_errors=False))
-    assert (again.ok, again.error, again.skipped_done) == (0, 0, 6)
-    assert sorted(p.name for p in (wan_run.out / "manifest").glob("*.parquet")) == parts
 
 
 # ----------------------------------------------------------------- FLOP and memory figures
