@@ -167,6 +167,34 @@ def set_inductor_cache_dir(path: str) -> str:
     return path
 
 
+class Engine:
+    """What the stages ask of every family's engine (the seam's interface): `encode_text` for the text-encode
+    stage, `denoise` for the generation actors given that stage's TextBatch, and `generate`, the two in one
+    actor. A family's engine (families/<family>_engine.py) subclasses this and sets, when built: spec,
+    sampling, pipe, device, dtype, load_seconds, and after each denoise last_transformer_calls (per video: the
+    manifest's transformer_calls column)."""
+
+    spec: PipelineSpec
+    pipe: Any
+    device: torch.device
+    dtype: torch.dtype
+
+    def encode_text(self, prompts: list[str], negative_prompts: list[str]) -> TextBatch:
+        raise NotImplementedError
+
+    def denoise(self, text: TextBatch, seeds: list[int], steps: int | None = None,
+                capture: dict | None = None) -> np.ndarray:
+        """uint8 frames (B, F, H, W, 3); row i depends only on (text row i, seeds[i], spec). `capture`, when
+        given, receives "latents": the final denoised latents on the CPU (for the sidecars)."""
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], negative_prompts: list[str], seeds: list[int], steps: int | None = None,
+                 capture: dict | None = None) -> tuple[np.ndarray, TextBatch]:
+        text = self.encode_text(prompts, negative_prompts)
+        return self.denoise(text, seeds, steps=steps, capture=capture), text
+
+
 def make_engine(spec: PipelineSpec, **kwargs):
     """The spec's engine (latte_ray/model/choose.py, which the denoise stage calls without importing torch)."""
     from latte_ray.model.choose import make_engine as choose

@@ -15,8 +15,8 @@ import time
 import numpy as np
 import torch
 
-from latte_ray.model.engine import (CudaGraphOutputs, TextBatch, inductor_cache_dir, pad_batch, set_inductor_cache_dir,
-                                    start_pipeline)
+from latte_ray.model.engine import (CudaGraphOutputs, Engine, TextBatch, inductor_cache_dir, pad_batch,
+                                    set_inductor_cache_dir, start_pipeline)
 from latte_ray.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def use_default_attention(transformer: torch.nn.Module) -> int:
     return len(layers)
 
 
-class LatteEngine:
+class LatteEngine(Engine):
     """Owns one pipeline on one device: loaded, optionally compiled, warmed up, then reused."""
 
     def __init__(
@@ -183,14 +183,6 @@ class LatteEngine:
         return hidden, mask
 
     # ---- denoise + decode --------------------------------------------------------------------
-
-    @torch.inference_mode()
-    def generate(
-        self, prompts: list[str], negative_prompts: list[str], seeds: list[int], steps: int | None = None,
-        capture: dict | None = None,
-    ) -> tuple[np.ndarray, TextBatch]:
-        text = self.encode_text(prompts, negative_prompts)
-        return self.denoise(text, seeds, steps=steps, capture=capture), text
 
     @torch.inference_mode()
     def denoise(self, text: TextBatch, seeds: list[int], steps: int | None = None,

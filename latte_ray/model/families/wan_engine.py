@@ -16,7 +16,8 @@ import time
 import numpy as np
 import torch
 
-from latte_ray.model.engine import TextBatch, inductor_cache_dir, pad_batch, set_inductor_cache_dir, start_pipeline
+from latte_ray.model.engine import (Engine, TextBatch, inductor_cache_dir, pad_batch, set_inductor_cache_dir,
+                                    start_pipeline)
 from latte_ray.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def use_math_attention(experts: list[torch.nn.Module]) -> None:
             expert.set_attention_backend("_native_math")
 
 
-class WanEngine:
+class WanEngine(Engine):
     """Owns one WanPipeline on one device: loaded, LoRA fused, optionally quantized and compiled, then reused."""
 
     def __init__(self, spec: PipelineSpec, cache_dir: str | None = None, storage_options: dict | None = None,
@@ -102,12 +103,6 @@ class WanEngine:
                          truncated=[n > length for n in full])
 
     # ---- denoise + decode --------------------------------------------------------------------
-
-    @torch.inference_mode()
-    def generate(self, prompts: list[str], negative_prompts: list[str], seeds: list[int], steps: int | None = None,
-                 capture: dict | None = None) -> tuple[np.ndarray, TextBatch]:
-        text = self.encode_text(prompts, negative_prompts)
-        return self.denoise(text, seeds, steps=steps, capture=capture), text
 
     @torch.inference_mode()
     def denoise(self, text: TextBatch, seeds: list[int], steps: int | None = None,
