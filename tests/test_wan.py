@@ -98,6 +98,7 @@ def test_published_and_tiny_configs_share_their_structure():
     ({"sampling": {"video_length": 16}}, "sampling.video_length 16: a Wan video has 4k + 1 frames"),
     ({"sampling": {"height": 72}}, "sampling.height 72: Wan needs a multiple of 16"),
     ({"model": {"channels_last": True}}, "model.channels_last applies to Latte's 2D VAE"),
+    ({"model": {"compile": {"enabled": True, "mode": "reduce-overhead"}}}, "model.compile.mode 'reduce-overhead' replays CUDA graphs"),
     ({"model": {"family": "latte", "lora": [{"source": "x/y"}]}}, "model.lora is not supported for model.family 'latte'"),
     ({"model": {"family": "latte"}, "sampling": {"guidance_scale_2": 3.0}}, "sampling.guidance_scale_2 applies to"),
 ])

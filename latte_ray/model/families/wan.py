@@ -31,6 +31,11 @@ def check_spec(spec) -> None:
             raise SpecError(f"sampling.{name} {getattr(s, name)}: Wan needs a multiple of {SPATIAL_MULTIPLE}")
     if model.channels_last:
         raise SpecError("model.channels_last applies to Latte's 2D VAE; Wan's VAE is 3D: set it to false")
+    if model.compile.uses_cuda_graphs:
+        # WanPipeline's UniPC scheduler keeps model outputs across steps, which a CUDA-graph replay overwrites; the
+        # Latte engine clones every compiled output for that (engine.CudaGraphOutputs), Wan's is not wrapped yet.
+        raise SpecError(f"model.compile.mode '{model.compile.mode}' replays CUDA graphs, which the Wan engine does not "
+                        "support yet: use 'max-autotune-no-cudagraphs' (the built-in Wan specs' mode) or 'default'")
 
 
 def tiny_configs() -> dict[str, dict]:
