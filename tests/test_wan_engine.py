@@ -166,3 +166,38 @@ def test_quantization_reaches_both_experts_after_their_loras(two_experts, model_
     assert type(engine.pipe.text_encoder.encoder.block[0].layer[0].SelfAttention.q.weight).__name__ == "Parameter"
     frames, _ = engine.generate(PROMPTS[:1], [""], SEEDS[:1])
     assert frames.std() > 5
+
+
+def test_wan_loads_alike_from_a_folder_a_hub_id_at_its_revision_and_an_s3_mirror(model_cache, s3_server, tmp_path):
+    """The three model sources a Wan spec can name go through the same loader as Latte's: a local folder, a hub
+    id at a pinned revision (read from this session's offline hub cache, where only that commit is there: no
+    branch points at it) and an s3:// mirror (copied once under the cache folder). The same weights from all
+    three, every component, and both load WanPipeline."""
+    import uuid
+
+    from conftest import HUB_CACHE
+    from hubcache import write_hub_cache
+    from latte_ray.model.loading import load_pipeline
+    from latte_ray.model.tiny_wan import ensure_tiny_wan
+    from latte_ray.record.storage import filesystem
+    from latte_ray.spec import ModelSpec
+
+    tiny = ensure_tiny_wan(model_cache)
+    repo, commit = "latte-ray-tests/tiny-wan", "0123456789abcdef0123456789abcdef01234567"
+    write_hub_cache(HUB_CACHE, repo, {"": tiny}, commit=commit, branch=None)
+    bucket = s3_server.make_bucket("wan-models-" + uuid.uuid4().hex[:8])
+    fs, _ = filesystem(f"s3://{bucket}", s3_server.storage_options())
+    fs.put(str(tiny), f"{bucket}/models/tiny-wan", recursive=True)
+
+    pipes = {
+        "folder": load_pipeline(ModelSpec(family="wan", source=str(tiny))),
+        "hub": load_pipeline(ModelSpec(family="wan", source=repo, revision=commit)),
+        "s3": load_pipeline(ModelSpec(family="wan", source=f"s3://{bucket}/models/tiny-wan/"), cache_dir=str(tmp_path),
+                            storage_options=s3_server.storage_options()),
+    }
+    assert {type(p).__name__ for p in pipes.values()} == {"WanPipeline"}
+    for name in ("transformer", "vae", "text_encoder"):
+        ref = getattr(pipes["folder"], name).state_dict()
+        for source in ("hub", "s3"):
+            got = getattr(pipes[source], name).state_dict()
+            assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref), (source, name)
