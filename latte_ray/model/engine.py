@@ -8,6 +8,7 @@ Each family's engine is its own module under latte_ray/model/families/ (latte_en
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,6 +179,17 @@ class Engine:
     pipe: Any
     device: torch.device
     dtype: torch.dtype
+
+    def __init__(self, spec: PipelineSpec, cache_dir: str | None = None, storage_options: dict | None = None,
+                 with_text_encoder: bool = True, with_denoiser: bool = True, pipe=None):
+        """The start every family's engine shares (start_pipeline); the family's __init__ then configures its
+        denoiser and sets load_seconds from self.started. `pipe`: an already built pipeline to use instead of
+        loading spec.model.source (benchmarks/gpu.py passes full-size random weights this way)."""
+        self.spec, self.cache_dir, self.sampling = spec, cache_dir, spec.sampling
+        self.started = time.perf_counter()
+        ready = start_pipeline(spec, cache_dir, storage_options, with_text_encoder, with_denoiser, pipe)
+        self.device, self.dtype, self.lora, self.pipe = ready.device, ready.dtype, ready.lora, ready.pipe
+        self.last_transformer_calls: list[int] = []  # per video of the last denoise call (manifest column)
 
     def encode_text(self, prompts: list[str], negative_prompts: list[str]) -> TextBatch:
         raise NotImplementedError

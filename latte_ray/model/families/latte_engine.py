@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from latte_ray.model.engine import (CudaGraphOutputs, Engine, TextBatch, inductor_cache_dir, pad_batch,
-                                    set_inductor_cache_dir, start_pipeline)
+                                    set_inductor_cache_dir)
 from latte_ray.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
@@ -53,23 +53,14 @@ class LatteEngine(Engine):
         with_denoiser: bool = True,
         pipe=None,
     ):
-        """`pipe`: an already built LattePipeline to use instead of loading spec.model.source
-        (benchmarks/gpu.py passes full-size random weights this way)."""
-        self.spec = spec
-        self.cache_dir = cache_dir
-        self.sampling = spec.sampling
-        started = time.perf_counter()
-        ready = start_pipeline(spec, cache_dir, storage_options, with_text_encoder, with_denoiser, pipe)
-        self.device, self.dtype, self.lora, pipe = ready.device, ready.dtype, ready.lora, ready.pipe
-        pipe._current_timestep = None  # read by cache hooks through pipe.current_timestep; set per step
-        self.pipe = pipe
-        self.transformer = pipe.transformer
+        super().__init__(spec, cache_dir, storage_options, with_text_encoder, with_denoiser, pipe)
+        self.pipe._current_timestep = None  # read by cache hooks through pipe.current_timestep; set per step
+        self.transformer = self.pipe.transformer
         self.teacache = None  # latte_ray/model/teacache.py when model.cache.kind is teacache
-        self.last_transformer_calls: list[int] = []  # per video of the last denoise call (manifest column)
         if with_denoiser:
             self._check_model_shapes()
             self._configure_denoiser()
-        self.load_seconds = time.perf_counter() - started
+        self.load_seconds = time.perf_counter() - self.started
 
     # ---- setup -------------------------------------------------------------------------------
 

@@ -16,8 +16,7 @@ import time
 import numpy as np
 import torch
 
-from latte_ray.model.engine import (Engine, TextBatch, inductor_cache_dir, pad_batch, set_inductor_cache_dir,
-                                    start_pipeline)
+from latte_ray.model.engine import Engine, TextBatch, inductor_cache_dir, pad_batch, set_inductor_cache_dir
 from latte_ray.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
@@ -41,19 +40,12 @@ class WanEngine(Engine):
 
     def __init__(self, spec: PipelineSpec, cache_dir: str | None = None, storage_options: dict | None = None,
                  with_text_encoder: bool = True, with_denoiser: bool = True, pipe=None):
-        self.spec = spec
-        self.cache_dir = cache_dir
-        self.sampling = spec.sampling
-        started = time.perf_counter()
-        ready = start_pipeline(spec, cache_dir, storage_options, with_text_encoder, with_denoiser, pipe)
-        self.device, self.dtype, self.lora, pipe = ready.device, ready.dtype, ready.lora, ready.pipe
-        self.pipe = pipe
-        self.last_transformer_calls: list[int] = []
+        super().__init__(spec, cache_dir, storage_options, with_text_encoder, with_denoiser, pipe)
         if with_denoiser and spec.model.attention == "default":
             use_math_attention(self._experts())
         if with_denoiser and spec.model.compile.enabled:
             self._compile()
-        self.load_seconds = time.perf_counter() - started
+        self.load_seconds = time.perf_counter() - self.started
 
     # ---- setup -------------------------------------------------------------------------------
 
