@@ -3,8 +3,9 @@
 1. Key scan (Ray tasks over files or row groups, streaming each table with pyarrow): every input row goes
    through the same `prepare_rows` as in the prepare stage and is reduced to its id's 128-bit key, a
    64-bit hash of its content (prompt, negative prompt, seed) and its file's index: 28 bytes per row.
-2. One reduce task sorts those keys together with the done set (ids with an ok row, streamed from the
-   manifest; see done_ids) and returns small sorted key arrays:
+2. One reduce task sorts those keys together with the done set (ids with an ok row whose video is there,
+   streamed from the manifest and checked against listings of videos/; see done_keys, made by a task of its
+   own while the input is scanned) and returns small sorted key arrays:
    - skip:      ids that are done (resume): the prepare stage drops their rows;
    - conflicts: ids that appear with different content: every copy becomes an error row naming the id,
                 and nothing is generated for it;
@@ -235,14 +236,22 @@ def done_ids(run, layout, out_fs) -> "pa.Array":
     return pc.unique(rows["id"])
 
 
-def _reduce_task(run, *scans: dict) -> tuple[np.ndarray, dict, np.ndarray, dict]:
+def _done_task(run) -> tuple[np.ndarray, dict]:
+    """The done set and what the video check found (done_keys), for the reduce task. A task of its own, started
+    with the scan tasks: it reads only the output, so the manifest read and the video listing run while the
+    input is scanned instead of after it."""
     from latte_ray.record.storage import OutputLayout, filesystem
 
-    done = np.empty(0, KEY_DTYPE)
     videos = {"regenerate": 0, "wrong_size": []}
-    if run.resume:
-        out_fs, root = filesystem(run.output, run.storage_options)
-        done = done_keys(run, OutputLayout(url=run.output.rstrip("/"), root=root.rstrip("/")), out_fs, videos)
+    if not run.resume:
+        return np.empty(0, KEY_DTYPE), videos
+    out_fs, root = filesystem(run.output, run.storage_options)
+    done = done_keys(run, OutputLayout(url=run.output.rstrip("/"), root=root.rstrip("/")), out_fs, videos)
+    return done, videos
+
+
+def _reduce_task(run, done: tuple[np.ndarray, dict], *scans: dict) -> tuple[np.ndarray, dict, np.ndarray, dict]:
+    done, videos = done
     arrays, counts = reduce_keys(_concat(list(scans)), done)
     counts["dup_files"] = arrays["dup_files"]
     counts["videos_regenerated"] = videos["regenerate"]
@@ -298,9 +307,10 @@ def plan_work(run, in_fs, files: list[str], read_input, without_id: list[str] = 
     cpu = ex.num_cpus_per_cpu_task
     scan = ray.remote(scan_keys).options(num_cpus=cpu)
     tasks = min(MAX_SCAN_TASKS, max(1, int(ray.cluster_resources().get("CPU", 1))))
+    done = ray.remote(_done_task).options(num_cpus=cpu).remote(run)
     scans = [scan.remote(in_fs, units, negative, seed) for units in scan_units(files, tasks)]
     reduce = ray.remote(_reduce_task).options(num_returns=4, num_cpus=cpu)
-    skip_ref, conflicts_ref, dups_ref, counts_ref = reduce.remote(run, *scans)
+    skip_ref, conflicts_ref, dups_ref, counts_ref = reduce.remote(run, done, *scans)
     counts = ray.get(counts_ref)
     dup_files = counts.pop("dup_files")
     plan = WorkPlan(**counts, without_id=list(without_id))
