@@ -39,14 +39,17 @@ from pathlib import Path
 from _common import MotoServer, RcloneS3Server, machine, tiny_spec
 
 
-def make_output(url: str, options: dict, rows: int, part_rows: int) -> None:
+def make_output(url: str, options: dict, rows: int, part_rows: int, ids: list[str] | None = None) -> None:
+    """An output whose manifest records `rows` ok ids (id-00000000, ... unless `ids` are given) in parts of
+    `part_rows`, each with its video object (8 bytes: a listing costs the same whatever the sizes)."""
     import pyarrow as pa
 
     from latte_ray.record.storage import MANIFEST_SCHEMA, OutputLayout, filesystem, is_local, write_manifest_part
 
     fs, root = filesystem(url, options)
     layout = OutputLayout(url, root)
-    ids = [f"id-{i:08d}" for i in range(rows)]
+    ids = list(ids) if ids is not None else [f"id-{i:08d}" for i in range(rows)]
+    rows = len(ids)
     keys = [layout.video_key(i, f"{n:064x}") for n, i in enumerate(ids)]
     for start in range(0, rows, part_rows):
         chunk = slice(start, start + part_rows)

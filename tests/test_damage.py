@@ -591,6 +591,16 @@ def test_find_videos_gives_what_key_of_and_the_listing_give(tmp_path):
     keys, found, size = find_videos(listing, pa.array([], pa.string()), own)
     assert len(keys) == len(found) == len(size) == 0
 
+    # check_videos, the one check behind the resume pre-pass, verify and status: fine = listed with the size
+    # the row recorded, or listed at all where the row recorded none (-1)
+    from latte_ray.record.verify import check_videos
+
+    recorded = [1, 21, 1, -1, 4, 333, 0, -1, -1]
+    check = check_videos(listing, pa.array(uris), recorded, own)
+    assert check.keys.to_pylist() == [OutputLayout.key_of(u) if u else None for u in uris]
+    assert check.present.tolist() == [True, True, True, False, False, True, False, False, False]
+    assert check.fine.tolist() == [True, False, True, False, False, True, False, False, False]
+
 
 def test_key_set_is_numpys_sorted_unique_of_the_keys():
     """plan/keys.key_set (the done set's sort, by np.lexsort) gives what np.unique gives: the order `contains`

@@ -161,16 +161,16 @@ def damage(fs, layout, latest, manifest, record: dict) -> dict:
     """Ok ids whose video is missing or of another size (one listing per videos/ shard, record/verify.py),
     and a record that disagrees with its rows or with the spec it holds; for status and the report.
     `latest` needs id, status, video_uri, bytes; `manifest` spec_hash."""
-    from latte_ray.record.verify import lookup, spec_hash_of, video_keys, video_listing
+    from latte_ray.record.verify import check_videos, spec_hash_of, video_listing
 
     found = {"videos_missing": 0, "videos_wrong_size": 0, "damaged_ids": [], "record_disagrees": None}
     ok = latest.filter(pc.equal(latest["status"], "ok"))
     if ok.num_rows:
-        present, size = lookup(video_listing(fs, layout), video_keys(ok["video_uri"]))
-        recorded = ok["bytes"].fill_null(-1).to_numpy()
-        wrong = present & (recorded >= 0) & (size != recorded)
-        found["videos_missing"], found["videos_wrong_size"] = int((~present).sum()), int(wrong.sum())
-        found["damaged_ids"] = ok["id"].take(np.flatnonzero(~present | wrong)[:SHOWN_IDS]).to_pylist()
+        check = check_videos(video_listing(fs, layout), ok["video_uri"], ok["bytes"].fill_null(-1).to_numpy(),
+                             f"{layout.url}/")
+        found["videos_missing"] = int((~check.present).sum())
+        found["videos_wrong_size"] = int((check.present & ~check.fine).sum())
+        found["damaged_ids"] = ok["id"].take(np.flatnonzero(~check.fine)[:SHOWN_IDS]).to_pylist()
     bound = record.get("spec_hash")
     own = spec_hash_of(record.get("pipeline"))
     if bound and own and own != bound:

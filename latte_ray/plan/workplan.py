@@ -157,7 +157,7 @@ def done_keys(run, layout, out_fs, videos: dict | None = None) -> np.ndarray:
     a (key, size) table), never one request per video. The listing needs nothing from the manifest, so it
     runs while the parts are read: its LISTs wait on the store and its stats run outside the GIL, while the
     manifest side is mostly Python hashing ids under it. The ok rows' video_uri and bytes come in the same
-    read as their ids and are looked up in the listing all at once (record/verify.find_videos), so the check
+    read as their ids and are looked up in the listing all at once (record/verify.check_videos), so the check
     adds no Python work per row. `videos`, when given, receives the count of ok ids made again because their
     video is missing or of another size ("regenerate"), and the keys of the objects of another size
     ("wrong_size", which the run moves aside before it writes them again).
@@ -168,7 +168,7 @@ def done_keys(run, layout, out_fs, videos: dict | None = None) -> np.ndarray:
 
     from latte_ray.faults import retry
     from latte_ray.record.storage import manifest_files, read_part
-    from latte_ray.record.verify import find_videos, video_listing
+    from latte_ray.record.verify import check_videos, video_listing
 
     def part_keys(path: str) -> tuple[np.ndarray, np.ndarray, pa.ChunkedArray, np.ndarray]:
         table = retry.call(lambda: read_part(out_fs, path, ["id", "status", "video_uri", "bytes"]), f"read {path}",
@@ -189,9 +189,8 @@ def done_keys(run, layout, out_fs, videos: dict | None = None) -> np.ndarray:
     # every part's ok rows looked up at once: one hash table of the listing, not one per part
     # (the parts' own chunks: pa.chunked_array of ChunkedArrays would convert every string through Python)
     uris = pa.chunked_array([chunk for p in parts for chunk in p[2].chunks], pa.string())
-    names, present, size = find_videos(listing, uris, f"{layout.url}/")
-    expected = np.concatenate([p[3] for p in parts]).astype(np.int64)
-    fine = present & ((expected < 0) | (size == expected))
+    check = check_videos(listing, uris, np.concatenate([p[3] for p in parts]), f"{layout.url}/")
+    fine = check.fine
     done, unfit, start = [], [], 0
     for keys, ok, _, recorded in parts:
         there = np.ones(len(keys), bool)
@@ -202,7 +201,7 @@ def done_keys(run, layout, out_fs, videos: dict | None = None) -> np.ndarray:
     done = key_set(np.concatenate(done))
     if videos is not None:  # ok ids none of whose rows' videos is fine (a second sort of every ok id avoided)
         videos["regenerate"] = int((~contains(done, key_set(np.concatenate(unfit)))).sum())
-        videos["wrong_size"] = sorted(set(names.filter(pa.array(present & ~fine)).to_pylist()))
+        videos["wrong_size"] = sorted(set(check.keys.filter(pa.array(check.present & ~fine)).to_pylist()))
     return done
 
 

@@ -335,10 +335,11 @@ def _check_videos(out: Output, report: VerifyReport, rows: pa.Table, deep: bool,
         return
     ok = latest_rows(rows.filter(pc.equal(rows["status"], "ok")))
     report.ok_ids = ok.num_rows
-    keys, found, size = find_videos(listing, ok["video_uri"], f"{layout.url}/")
     recorded = ok["bytes"].fill_null(-1).to_numpy()
+    check = check_videos(listing, ok["video_uri"], recorded, f"{layout.url}/")
+    keys, found, size = check.keys, check.present, check.size
     named = keys.is_valid().to_numpy(zero_copy_only=False)
-    bad = ~named | ~found | ((recorded >= 0) & (size != recorded))
+    bad = ~check.fine  # a row naming no video key is never listed
     to_hash = np.flatnonzero(~bad).tolist() if deep else []
     # Python objects only when anything is damaged or hashed: at a million clean rows, none
     ids, names = (ok["id"].to_pylist(), keys.to_pylist()) if bad.any() or to_hash else ([], [])
@@ -545,6 +546,25 @@ def find_videos(listing: pa.Table, uris, prefix: str | None = None) -> tuple[pa.
         keys = pa.chunked_array([slow if len(rest) == n else
                                  pc.replace_with_mask(keys.combine_chunks(), pa.array(slow_rows), slow)])
     return keys, found, size
+
+
+@dataclass
+class VideoCheck:
+    """What the listing says of the videos of some ok rows, row by row (check_videos)."""
+
+    keys: pa.ChunkedArray  # the key each row's video_uri names (videos/<shard>/<name>); null where it names none
+    present: np.ndarray  # listed
+    size: np.ndarray  # the listed size; 0 where absent
+    fine: np.ndarray  # listed with the size its row recorded (any size where the row recorded none)
+
+
+def check_videos(listing: pa.Table, uris, recorded: np.ndarray, prefix: str | None = None) -> VideoCheck:
+    """Are the videos that ok rows name (`uris`, their video_uri) in the listing with the sizes they recorded
+    (`recorded`, their bytes; -1 where none)? One lookup of all of them (find_videos): the one check behind a
+    resuming run's pre-pass, `verify` and `status`."""
+    keys, present, size = find_videos(listing, uris, prefix)
+    recorded = np.asarray(recorded, np.int64)
+    return VideoCheck(keys, present, size, present & ((recorded < 0) | (size == recorded)))
 
 
 def _check_runs(out: Output, report: VerifyReport, record: dict | None) -> None:
