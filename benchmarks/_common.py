@@ -185,15 +185,19 @@ class MotoServer:
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "moto.server"]
         self.proc = subprocess.Popen([*cmd, "-H", "127.0.0.1", "-p", str(port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return self._answering(lambda: urllib.request.urlopen(self.endpoint, timeout=2).close(), "moto_server")
+
+    def _answering(self, probe, name: str):
+        """self, once `probe()` stops raising OSError (within 60 s, while the server runs); else stopped."""
         deadline = time.monotonic() + 60
         while True:
             try:
-                urllib.request.urlopen(self.endpoint, timeout=2).close()
+                probe()
                 break
             except OSError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     self.__exit__()
-                    raise RuntimeError("moto_server did not start")
+                    raise RuntimeError(f"{name} did not start")
                 time.sleep(0.1)
         os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
         return self
@@ -244,18 +248,8 @@ class RcloneS3Server(MotoServer):
         self.proc = subprocess.Popen([exe, "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key",
                                       f"{self.KEY},{self.SECRET}", "--etag-hash", "", "--copy-links", str(self.root)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    self.__exit__()
-                    raise RuntimeError("rclone serve s3 did not start")
-                time.sleep(0.1)
-        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-        return self
+        return self._answering(lambda: socket.create_connection(("127.0.0.1", port), timeout=2).close(),
+                               "rclone serve s3")
 
     def make_bucket(self, name: str) -> None:
         (self.root / name).mkdir(parents=True, exist_ok=True)
