@@ -267,6 +267,34 @@ def test_a_holder_that_ends_between_a_takers_read_and_its_check_is_not_taken_ove
     taker.release()
 
 
+def test_a_lease_folder_removed_while_a_taker_makes_it_is_made_again(tmp_path, monkeypatch):
+    """The interleaving CI hit with a waiting taker: its os.makedirs of lease/ found the folder there (EEXIST),
+    then the holder's release removed the empty folder before makedirs checked that it is a folder, and
+    makedirs raised FileExistsError out of the taker's thread. The taker now looks again and takes the lease."""
+    url = str(tmp_path / "out")
+    fs, root = filesystem(url)
+    folder = leases.lease_dir(root)
+    os.makedirs(folder)
+    real_mkdir, removed = os.mkdir, []
+
+    def mkdir(path, *args, **kwargs):
+        if os.fspath(path) == folder and not removed:
+            removed.append(path)
+            try:
+                return real_mkdir(path, *args, **kwargs)  # EEXIST: the folder is there ...
+            finally:
+                os.rmdir(folder)  # ... and the holder's release removes it now
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    lease = leases.acquire(fs, root, url, "run-b", "run", TERMS)
+    assert removed and lease.run_id == "run-b" and lease.generation == 1
+    lease.release()
+    (tmp_path / "lease-file").write_text("not a folder")  # a file where the folder belongs is still an error
+    with pytest.raises(FileExistsError):
+        write_exclusive(fs, str(tmp_path / "lease-file" / "00000001.json"), b"{}")
+
+
 def test_a_store_without_create_only_writes_needs_no_lease():
     fs, root = filesystem("memory://lease-test/out")
     with pytest.raises(InputError, match=r"memory:// storage has no create-only write .* run with --no-lease"):

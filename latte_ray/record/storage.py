@@ -19,6 +19,7 @@ a nondeterministic kernel) either writes identical bytes under the same key or a
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import inspect
 import io
@@ -330,7 +331,14 @@ def write_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bo
     faults.point("write", path)
     if is_local(fs):
         parent = path.rsplit("/", 1)[0]
-        os.makedirs(parent, exist_ok=True)
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except FileExistsError:
+            if os.path.lexists(parent):  # a file where the folder belongs
+                raise
+            # os.makedirs found the folder there (EEXIST), then it was removed before makedirs checked that it
+            # is a folder: a run releasing its lease removes its empty lease/ folder. Gone: the caller looks again.
+            raise FileNotFoundError(errno.ENOENT, "removed while it was being made", parent) from None
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         try:
             with open(tmp, "wb") as f:
