@@ -99,6 +99,65 @@ def test_activation_estimate_grows_with_batch_cfg_frames_and_decode_chunk():
     assert unfused.denoise == base.denoise + 2 * 4 * 16 * 16 * tokens**2 * 2 and unfused.vae_decode == base.vae_decode
 
 
+def _held(model) -> tuple[int, dict]:
+    """Bytes a loaded model holds, by dtype, torchao's quantized weights counted by the tensors inside them."""
+    by: dict[str, int] = {}
+
+    def add(t) -> None:
+        if hasattr(t, "__tensor_flatten__"):  # a tensor subclass (torchao's Int8Tensor, Float8Tensor)
+            for name in t.__tensor_flatten__()[0]:
+                add(getattr(t, name))
+            return
+        key = str(t.dtype).removeprefix("torch.")
+        by[key] = by.get(key, 0) + t.numel() * t.element_size()
+
+    for t in [*model.parameters(), *model.buffers()]:
+        add(t)
+    return sum(by.values()), by
+
+
+@pytest.mark.parametrize("kind", ["int8_weight_only", "int8_dynamic", "float8_weight_only"])
+def test_quantized_weights_are_counted_as_torchao_holds_them(model_cache, kind):
+    """model.quantization's kinds that torchao makes on the CPU: the tiny Latte's transformer and T5 and the tiny
+    Wan's transformer, loaded, then quantized by the engines' own quantize_pipeline, hold what memory.py counts
+    from their configs, by dtype; the dry run's memory line counts them so (the float8 kinds run on CUDA only,
+    float8_dynamic cannot be made here: its rule is read from torchao's source)."""
+    from types import SimpleNamespace
+
+    import torch
+    from diffusers import LatteTransformer3DModel, WanTransformer3DModel
+    from transformers import T5EncoderModel
+
+    from latte_ray.model.quantize import quantize_pipeline
+    from latte_ray.model.tiny import ensure_tiny_model
+    from latte_ray.model.tiny_wan import ensure_tiny_wan
+    from latte_ray.spec import QuantizationSpec
+
+    latte, wan = ensure_tiny_model(model_cache), ensure_tiny_wan(model_cache)
+    q = QuantizationSpec(kind=kind, components=("transformer", "text_encoder"))
+    for dtype in (torch.bfloat16, torch.float16):
+        pipe = SimpleNamespace(transformer=LatteTransformer3DModel.from_pretrained(latte / "transformer", dtype=dtype),
+                               text_encoder=T5EncoderModel.from_pretrained(latte / "text_encoder", dtype=dtype))
+        plain = _held(pipe.transformer)[0]
+        linears = {n: sum(isinstance(m, torch.nn.Linear) for m in getattr(pipe, n).modules())
+                   for n in ("transformer", "text_encoder")}
+        assert quantize_pipeline(pipe, q) == linears and min(linears.values()) > 0
+        counted = memory.diffusers_weights("transformer", json.loads((latte / "transformer" / "config.json").read_text()),
+                                           dtype, kind)
+        assert _held(pipe.transformer) == (counted.bytes, counted.by_dtype), (dtype, kind)
+        assert counted.bytes < plain
+        counted = memory.t5_encoder_weights(json.loads((latte / "text_encoder" / "config.json").read_text()), dtype,
+                                            quantization=kind)
+        assert _held(pipe.text_encoder) == (counted.bytes, counted.by_dtype), (dtype, kind)
+        wan_pipe = SimpleNamespace(transformer=WanTransformer3DModel.from_pretrained(wan / "transformer", dtype=dtype))
+        config = {"_class_name": "WanTransformer3DModel", **json.loads((wan / "transformer" / "config.json").read_text())}
+        counted = memory.diffusers_weights("transformer", config, dtype)  # its norms and rope kept in float32
+        assert _held(wan_pipe.transformer) == (counted.bytes, counted.by_dtype) and "float32" in counted.by_dtype
+        quantize_pipeline(wan_pipe, q)
+        counted = memory.diffusers_weights("transformer", config, dtype, kind)
+        assert _held(wan_pipe.transformer) == (counted.bytes, counted.by_dtype), (dtype, kind)
+
+
 def test_dry_run_memory_line_reads_the_sources_configs(model_cache):
     """A GPU spec's dry run prints weights computed from its source's own configs (read by diffusers' and
     transformers' config loaders) and the activation estimate; a source it cannot read says why."""
@@ -113,6 +172,10 @@ def test_dry_run_memory_line_reads_the_sources_configs(model_cache):
     line = memory.dry_run_line(spec)
     assert line.startswith("GPU memory per generation actor") and "estimate" in line, line
     assert line == memory.memory_plan(spec, *saved).line()
+    quantized = parse_pipeline_spec({**raw, "model": {**raw["model"], "quantization": {
+        "kind": "int8_weight_only", "components": ["transformer", "text_encoder"]}}})
+    assert memory.memory_plan(quantized, *saved).weights_bytes < memory.memory_plan(spec, *saved).weights_bytes
+    assert memory.dry_run_line(quantized) == memory.memory_plan(quantized, *saved).line()
     raw["model"]["source"] = "tiny"
     assert "not computed for a tiny model.source" in memory.dry_run_line(parse_pipeline_spec(raw))
 

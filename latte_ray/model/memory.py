@@ -24,6 +24,10 @@ the measured peak by benchmarks/gpu.py, which prints both:
   tensors are the last up-blocks' at H x W with the widest channel count there (256 for the SD VAE), a few
   alive at once: ~VAE_FACTOR x chunk x H x W x channels values.
 The two do not overlap (decode runs after the last step), so the peak is weights + the larger of the two.
+
+Quantization (`model.quantization`): torchao's `quantize_` turns the weight of every Linear layer of the chosen
+components into a tensor of its own (QUANTIZED_LINEAR: one byte per element, plus a scale per output row or
+per layer); biases, norms and the rest keep their dtype.
 """
 
 from __future__ import annotations
@@ -35,6 +39,26 @@ GB = 1e9
 DENOISE_FACTOR = 14  # residual, norm, q, k, v, attention out (6 x hidden) + feed-forward 4 x hidden in and out (8)
 UNFUSED_SCORES = 2  # diffusers' AttnProcessor: baddbmm scores, then their softmax, alive together
 VAE_FACTOR = 4  # input, group-norm output, conv output and the skip path of a resnet at full resolution
+
+
+# What torchao (the pinned release) makes of a Linear weight of (out, in) elements, per model.quantization kind:
+# (the data's dtype, bytes per element; float32 bytes per output row, int8 bytes per output row (zero points),
+# float32 bytes per layer). int8 kinds: Int8Tensor, int8 data with a float32 scale and an int8 zero point per
+# row; float8_weight_only: Float8Tensor, PerRow by default, one float32 scale per row (those three quantized on
+# the CPU and counted in tests/test_memory.py); float8_dynamic: Float8Tensor, PerTensor by default
+# (torchao/float8/inference.py _normalize_granularity): one float32 scale (needs CUDA >= 8.9 to be made).
+QUANTIZED_LINEAR = {
+    "int8_weight_only": ("int8", 1, 4, 1, 0),
+    "int8_dynamic": ("int8", 1, 4, 1, 0),
+    "float8_weight_only": ("float8_e4m3fn", 1, 4, 0, 0),
+    "float8_dynamic": ("float8_e4m3fn", 1, 0, 0, 4),
+}
+
+
+def quantized(model_spec, component: str) -> str | None:
+    """The quantization kind `component` (transformer, text_encoder) loads with under `model_spec`, or None."""
+    q = getattr(model_spec, "quantization", None)
+    return q.kind if q is not None and component in q.components else None
 
 
 @dataclass
@@ -51,41 +75,55 @@ class Weights:
         return self.bytes / GB
 
 
-def _count(component: str, model, default_dtype, keep_fp32) -> Weights:
+def _count(component: str, model, default_dtype, keep_fp32, quantization: str | None = None) -> Weights:
     """Sum `model`'s parameters (`keep_fp32(name)` ones in float32, others in default_dtype) and buffers. Buffers
     keep the dtype they are built with: from_pretrained casts what it loads, and the buffers a model makes in its
-    __init__ (Latte's sin-cos position embeddings) stay float32 (tests/test_memory.py loads and compares)."""
+    __init__ (Latte's sin-cos position embeddings) stay float32 (tests/test_memory.py loads and compares). With
+    `quantization` (a model.quantization kind), Linear weights are counted as torchao holds them."""
     import torch
 
     out = Weights(component, 0, 0)
+
+    def add(dtype_name: str, size: int) -> None:
+        out.bytes += size
+        out.by_dtype[dtype_name] = out.by_dtype.get(dtype_name, 0) + size
+
+    linear = {f"{name}.weight": m.out_features for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear)} if quantization else {}
     params = {name for name, _ in model.named_parameters()}
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        out.params += tensor.numel() if name in params else 0
+        if name in linear:
+            data, per_element, scale_row, zero_row, per_layer = QUANTIZED_LINEAR[quantization]
+            add(data, tensor.numel() * per_element)
+            add("float32", linear[name] * scale_row + per_layer)
+            if zero_row:
+                add("int8", linear[name] * zero_row)
+            continue
         dtype = tensor.dtype
         if name in params and tensor.is_floating_point():
             dtype = torch.float32 if keep_fp32(name) else default_dtype
-        size = tensor.numel() * dtype.itemsize
-        out.params += tensor.numel() if name in params else 0
-        out.bytes += size
-        key = str(dtype).removeprefix("torch.")
-        out.by_dtype[key] = out.by_dtype.get(key, 0) + size
+        add(str(dtype).removeprefix("torch."), tensor.numel() * dtype.itemsize)
     return out
 
 
-def diffusers_weights(component: str, config: dict, dtype) -> Weights:
+def diffusers_weights(component: str, config: dict, dtype, quantization: str | None = None) -> Weights:
     """A diffusers model (`config["_class_name"]`: LatteTransformer3DModel, AutoencoderKL, ...) built with
-    `from_config` on the meta device. diffusers keeps `_keep_in_fp32_modules` in float32 when it loads in
-    float16, as transformers does."""
+    `from_config` on the meta device. diffusers keeps a class's `_keep_in_fp32_modules` (Wan's rope, norms,
+    time embedder, modulation) in float32 whatever dtype it loads in (`load_model_dict_into_meta`); Latte's
+    classes keep none."""
     import diffusers
     import torch
 
     cls = getattr(diffusers, config["_class_name"])
     with torch.device("meta"):
         model = cls.from_config(config)
-    kept = set(getattr(cls, "_keep_in_fp32_modules", None) or ()) if dtype == torch.float16 else set()
-    return _count(component, model, dtype, lambda name: bool(kept & set(name.split("."))))
+    kept = set(getattr(cls, "_keep_in_fp32_modules", None) or ())
+    return _count(component, model, dtype, lambda name: bool(kept & set(name.split("."))), quantization)
 
 
-def t5_encoder_weights(config: dict, dtype, component: str = "text_encoder") -> Weights:
+def t5_encoder_weights(config: dict, dtype, component: str = "text_encoder", quantization: str | None = None
+                       ) -> Weights:
     """transformers' T5EncoderModel from its config on the meta device, with the dtype plan its
     `from_pretrained(dtype=...)` applies (`wo` in float32 for float16)."""
     import re
@@ -97,15 +135,17 @@ def t5_encoder_weights(config: dict, dtype, component: str = "text_encoder") -> 
         model = T5EncoderModel(T5Config(**{k: v for k, v in config.items() if not k.startswith("_")}))
     plan = model._get_dtype_plan(dtype)  # {module name pattern: torch.float32}
     kept = [re.compile(rf"(^|\.){re.escape(p)}(\.|$)") for p, d in plan.items() if d == torch.float32]
-    return _count(component, model, dtype, lambda name: any(k.search(name) for k in kept))
+    return _count(component, model, dtype, lambda name: any(k.search(name) for k in kept), quantization)
 
 
-def pipeline_weights(transformer: dict, text_encoder: dict | None, vae: dict, dtype) -> list[Weights]:
+def pipeline_weights(transformer: dict, text_encoder: dict | None, vae: dict, dtype, model_spec=None
+                     ) -> list[Weights]:
     """Every weighted component of a LattePipeline from its configs (text_encoder None: not loaded, as in a
-    generation actor behind a text-encode stage)."""
-    out = [diffusers_weights("transformer", transformer, dtype), diffusers_weights("vae", vae, dtype)]
+    generation actor behind a text-encode stage), quantized as `model_spec` (a ModelSpec) asks."""
+    out = [diffusers_weights("transformer", transformer, dtype, quantized(model_spec, "transformer")),
+           diffusers_weights("vae", vae, dtype)]
     if text_encoder is not None:
-        out.insert(0, t5_encoder_weights(text_encoder, dtype))
+        out.insert(0, t5_encoder_weights(text_encoder, dtype, quantization=quantized(model_spec, "text_encoder")))
     return out
 
 
@@ -207,7 +247,7 @@ def memory_plan(spec, transformer: dict, text_encoder: dict | None, vae: dict) -
     dtype = getattr(torch, spec.model.dtype)
     encoder = None if spec.execution.text_encode_stage else text_encoder
     return MemoryPlan(
-        weights=pipeline_weights(transformer, encoder, vae, dtype),
+        weights=pipeline_weights(transformer, encoder, vae, dtype, spec.model),
         activations=activations(transformer, vae, spec.sampling, spec.execution.batch_size, dtype,
                                 unfused_attention=spec.model.attention == "default"),
     )

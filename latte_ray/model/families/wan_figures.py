@@ -8,7 +8,8 @@ the model for the prompt and for the negative prompt separately; Wan 2.2 A14B's 
 a step costs the same whichever runs it), and one VAE decode of the whole latent video.
 
 Memory: weights counted as model/memory.py counts Latte's (every parameter and buffer at its loaded dtype, the
-libraries' keep-in-fp32 rules applied), both experts of A14B held at once (WanPipeline keeps both on the device);
+libraries' keep-in-fp32 rules applied, Linear weights as torchao holds them under model.quantization), both
+experts of A14B held at once (WanPipeline keeps both on the device);
 activations estimated as for Latte (model/memory.py: DENOISE_FACTOR x rows x tokens x hidden, one row per
 video and call since WanPipeline never stacks the CFG halves), plus the VAE decode's full-resolution tensors.
 """
@@ -93,7 +94,7 @@ def figures(spec, transformer: dict, text_encoder: dict | None, vae: dict | None
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from latte_ray.model.memory import diffusers_weights, _count
+    from latte_ray.model.memory import _count, diffusers_weights, quantized
 
     dtype = getattr(torch, spec.model.dtype)
     s = spec.sampling
@@ -118,14 +119,16 @@ def figures(spec, transformer: dict, text_encoder: dict | None, vae: dict | None
         decode = count.get_total_flops()
     calls = s.num_inference_steps * (2 if s.guidance_scale > 1.0 else 1)
 
-    weights = [diffusers_weights("transformer", {"_class_name": "WanTransformer3DModel", **_clean(transformer)}, dtype)]
+    weights = [diffusers_weights("transformer", {"_class_name": "WanTransformer3DModel", **_clean(transformer)}, dtype,
+                                 quantized(spec.model, "transformer"))]  # transformer_2 is quantized alike
     if experts == 2:
         weights.append(Weights("transformer_2", weights[0].params, weights[0].bytes, dict(weights[0].by_dtype)))
     if v is not None:
         weights.append(diffusers_weights("vae", {"_class_name": "AutoencoderKLWan", **_clean(vae)}, dtype))
     if e is not None and not spec.execution.text_encode_stage:
         kept = set(getattr(e, "_keep_in_fp32_modules", None) or ()) if dtype == torch.float16 else set()
-        weights.insert(0, _count("text_encoder", e, dtype, lambda name: bool(kept & set(name.split(".")))))
+        weights.insert(0, _count("text_encoder", e, dtype, lambda name: bool(kept & set(name.split("."))),
+                                 quantized(spec.model, "text_encoder")))
     itemsize = dtype.itemsize
     patch = t.config.patch_size
     tokens = frames * (s.height // spatial // patch[1]) * (s.width // spatial // patch[2])
