@@ -158,6 +158,37 @@ def test_quantized_weights_are_counted_as_torchao_holds_them(model_cache, kind):
         assert _held(wan_pipe.transformer) == (counted.bytes, counted.by_dtype), (dtype, kind)
 
 
+def test_wan_figures_count_what_the_tiny_wan_loads(model_cache):
+    """wan_figures' weights (the dry run's memory line for Wan) for the tiny Wan's UMT5 and transformer, from
+    their configs, equal what transformers and diffusers load, by dtype, in fp16 (UMT5's wo kept in fp32) and
+    bf16, plain and quantized (int8_weight_only of both)."""
+    from types import SimpleNamespace
+
+    import torch
+    from diffusers import WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    from latte_ray.model.families.wan_figures import figures
+    from latte_ray.model.quantize import quantize_pipeline
+    from latte_ray.model.tiny_wan import ensure_tiny_wan
+
+    wan = ensure_tiny_wan(model_cache)
+    configs = [json.loads((wan / c / "config.json").read_text()) for c in ("transformer", "text_encoder", "vae")]
+    raw = yaml.safe_load(load_pipeline_spec("tiny-cpu-wan").model_dump_json())
+    for dtype in ("float16", "bfloat16"):
+        for quantization in (None, {"kind": "int8_weight_only", "components": ["transformer", "text_encoder"]}):
+            raw["model"].update(dtype=dtype, quantization=quantization)
+            spec = parse_pipeline_spec(raw)
+            counted = {w.component: (w.bytes, w.by_dtype) for w in figures(spec, *configs).weights}
+            pipe = SimpleNamespace(
+                transformer=WanTransformer3DModel.from_pretrained(wan / "transformer", dtype=getattr(torch, dtype)),
+                text_encoder=UMT5EncoderModel.from_pretrained(wan / "text_encoder", dtype=getattr(torch, dtype)))
+            if quantization:
+                quantize_pipeline(pipe, spec.model.quantization)
+            for component in ("transformer", "text_encoder"):
+                assert _held(getattr(pipe, component)) == counted[component], (dtype, quantization, component)
+
+
 def test_dry_run_memory_line_reads_the_sources_configs(model_cache):
     """A GPU spec's dry run prints weights computed from its source's own configs (read by diffusers' and
     transformers' config loaders) and the activation estimate; a source it cannot read says why."""
