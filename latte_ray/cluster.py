@@ -12,7 +12,9 @@ def init_ray() -> None:
     runs on the machine: another `ray start --head`, or a stale `ray_current_cluster` file left by one that
     died, would otherwise be joined (and `num_cpus` refused). It gets the machine's real CPUs, as Ray
     detects them: the plan fits a node with one CPU beyond a generation actor's share (plan/fit.py), so no
-    extra logical CPUs are needed.
+    extra logical CPUs are needed. It starts without Ray's dashboard: the command prints its own progress and
+    the private Ray ends with it, so the dashboard's processes would only take CPU and start-up time from the
+    run (a cluster started with `ray start --head` has its own).
     """
     import os
 
@@ -23,7 +25,7 @@ def init_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=logging.WARNING)
         return
-    ray.init(address="local", logging_level=logging.WARNING)
+    ray.init(address="local", logging_level=logging.WARNING, include_dashboard=False)
 
 
 def cluster_line() -> str:

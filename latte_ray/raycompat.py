@@ -35,3 +35,34 @@ def autoscaler_status_key() -> str:
     from ray._private import ray_constants
 
     return ray_constants.DEBUG_AUTOSCALING_STATUS
+
+
+# Ray Data's Parquet reader (datasource v2) reads every input file's footer on a pool of FooterReader actors,
+# 32 of them unless RAY_DATA_PARQUET_FOOTER_NUM_ACTORS says otherwise, each a new worker process, each with 128
+# concurrent reads. The pool is made for every read: for a prompt table of a few files that is several worker
+# processes started (and most killed before they read anything) on every run and resume, seconds of CPU on a
+# small head node. One actor per FILES_PER_FOOTER_READER files keeps a large table's footers read in parallel.
+FOOTER_READERS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+FILES_PER_FOOTER_READER = 1024
+MAX_FOOTER_READERS = 32
+
+
+def footer_readers(num_files: int) -> int:
+    """How many FooterReader actors a read of `num_files` Parquet files gets (1 to 32)."""
+    return max(1, min(MAX_FOOTER_READERS, -(-num_files // FILES_PER_FOOTER_READER)))
+
+
+def read_parquet_sized(num_files: int, **read_args):
+    """ray.data.read_parquet with its footer-reader pool sized to the number of files. Ray reads the setting from
+    the environment when the read is planned, here in this process; a value the user set is kept."""
+    import os
+
+    import ray
+
+    if os.environ.get(FOOTER_READERS_ENV):
+        return ray.data.read_parquet(**read_args)
+    os.environ[FOOTER_READERS_ENV] = str(footer_readers(num_files))
+    try:
+        return ray.data.read_parquet(**read_args)
+    finally:
+        os.environ.pop(FOOTER_READERS_ENV, None)

@@ -26,7 +26,7 @@ from latte_ray.spec import RunSpec
 from tests.conftest import free_port, write_prompts
 from tests.test_liveness import null_spec
 
-OUTAGE_S = 20.0
+OUTAGE_S = 8.0  # with the retry scale of test_a_short_outage_is_ridden_out: a 40 s outage
 
 
 class TcpProxy:
@@ -164,9 +164,9 @@ def test_a_short_outage_is_ridden_out(ray_local, s3_server, proxy, tmp_path, ret
     times: dict = {}
     watcher = _outage_when_committed(direct, layout, proxy, OUTAGE_S, times)
     started = time.time()
-    # Delays and budgets / 2 (videos 60 s, manifest parts 150 s: still 3x the outage), so that the first
-    # retry after the endpoint is back comes within ~8 s instead of ~16 s.
-    retry_scale_file.write_text("0.5")
+    # Delays and budgets / 5 (videos 24 s, manifest parts 60 s: still 3x the outage), so that the first
+    # retry after the endpoint is back comes within ~3 s instead of ~16 s.
+    retry_scale_file.write_text("0.2")
     try:
         summary = runner.run(RunSpec(pipeline=spec, prompts=[str(table)], output=output, storage_options=options))
     finally:

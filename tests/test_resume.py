@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from latte_ray import runner, scheduler
+from latte_ray import raycompat, runner, scheduler
 from latte_ray.faults import injection as faults
 from latte_ray.faults import retry
 from latte_ray.cli import app
@@ -206,9 +206,12 @@ def test_backfill_generates_only_what_lacks_an_ok_row_and_then_nothing(failures_
                   {"id": ["new-1", "row-0", "new-2"], "prompt": ["a new day", "a scene row-0", "a new night"]})
     args = ["backfill", "--pipeline", str(write_spec(tmp / "spec.yaml", failures_run.base)),
             "--prompts", f"{tmp}/prompts/date=2026-11-*/", "--output", str(out), "--no-report"]
+    readers = _footer_readers()
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
     assert "4 ok, 0 error, 10 already done" in first.output  # poison and pill (retried), new-1, new-2
+    # The run read its two input files once, with one FooterReader actor (Ray Data's default pool is 32).
+    assert _footer_readers() - readers == raycompat.footer_readers(2) == 1
     parts = sorted(p.name for p in (out / "manifest").glob("*.parquet"))
     second = CliRunner().invoke(app, args)
     assert second.exit_code == 0, second.output
@@ -216,6 +219,15 @@ def test_backfill_generates_only_what_lacks_an_ok_row_and_then_nothing(failures_
     assert sorted(p.name for p in (out / "manifest").glob("*.parquet")) == parts
     assert_exactly_once(out, set(FAILURE_IDS) | {"new-1", "new-2"})
     assert_made_by(out, failures_run.family, failures_run.base)
+
+
+def _footer_readers() -> int:
+    """How many of Ray Data's FooterReader actors this cluster has made so far."""
+    return sum(a["ActorClassName"] == "FooterReader" for a in raycompat.actor_table().values())
+
+
+def test_the_footer_reader_pool_grows_with_the_files_read():
+    assert [raycompat.footer_readers(n) for n in (1, 1024, 1025, 10_000, 10**6)] == [1, 1, 2, 10, 32]
 
 
 # --------------------------------------------------------------- commit protocol: crash, resume

@@ -217,9 +217,9 @@ def _arrow_filesystem(fs):
 def read_input(run, in_fs, files: list[str]):
     """The input tables as a Ray Data dataset, with each row's file and a deterministic row hash (the
     pre-pass and the main pass read through this one function so that their row hashes agree)."""
-    import ray
+    from latte_ray.raycompat import read_parquet_sized
 
-    return ray.data.read_parquet(
-        files, filesystem=_arrow_filesystem(in_fs), include_paths=True, include_row_hash=True,
+    return read_parquet_sized(
+        len(files), paths=files, filesystem=_arrow_filesystem(in_fs), include_paths=True, include_row_hash=True,
         num_cpus=run.pipeline.execution.num_cpus_per_cpu_task,
     )
