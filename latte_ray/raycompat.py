@@ -52,17 +52,18 @@ def footer_readers(num_files: int) -> int:
     return max(1, min(MAX_FOOTER_READERS, -(-num_files // FILES_PER_FOOTER_READER)))
 
 
-def read_parquet_sized(num_files: int, **read_args):
-    """ray.data.read_parquet with its footer-reader pool sized to the number of files. Ray reads the setting from
-    the environment when the read is planned, here in this process; a value the user set is kept."""
+def read_parquet_sized(paths: list[str], **read_args):
+    """ray.data.read_parquet of `paths` with its footer-reader pool sized to their number. Ray reads the setting
+    from the environment when the read is planned, here in this process; a value the user set is kept."""
     import os
 
     import ray
 
-    if os.environ.get(FOOTER_READERS_ENV):
-        return ray.data.read_parquet(**read_args)
-    os.environ[FOOTER_READERS_ENV] = str(footer_readers(num_files))
+    ours = not os.environ.get(FOOTER_READERS_ENV)
+    if ours:
+        os.environ[FOOTER_READERS_ENV] = str(footer_readers(len(paths)))
     try:
-        return ray.data.read_parquet(**read_args)
+        return ray.data.read_parquet(paths, **read_args)
     finally:
-        os.environ.pop(FOOTER_READERS_ENV, None)
+        if ours:
+            os.environ.pop(FOOTER_READERS_ENV, None)

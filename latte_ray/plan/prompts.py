@@ -220,6 +220,6 @@ def read_input(run, in_fs, files: list[str]):
     from latte_ray.raycompat import read_parquet_sized
 
     return read_parquet_sized(
-        len(files), paths=files, filesystem=_arrow_filesystem(in_fs), include_paths=True, include_row_hash=True,
+        files, filesystem=_arrow_filesystem(in_fs), include_paths=True, include_row_hash=True,
         num_cpus=run.pipeline.execution.num_cpus_per_cpu_task,
     )
